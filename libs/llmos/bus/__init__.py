@@ -1,0 +1,1 @@
+"""The NATS JetStream bus: subjects, streams, KV buckets, protobuf codec, handlers and DLQ."""

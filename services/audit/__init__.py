@@ -1,0 +1,1 @@
+"""Audit service: a tamper-evident, hash-chained log of who did what."""

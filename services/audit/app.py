@@ -1,0 +1,33 @@
+"""How the audit service is assembled: the chained store, its consumer and its gRPC API."""
+
+from __future__ import annotations
+
+from llmos.bus.broker import Bus
+from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
+from llmos.v1 import audit_pb2, audit_pb2_grpc
+from services.audit.core import AuditStore
+from services.audit.handlers import subscriptions
+from services.audit.servicer import AuditServicer
+from services.audit.settings import AuditSettings
+
+
+async def build(settings: AuditSettings, bus: Bus) -> ServiceParts:
+    store = AuditStore(settings.audit_db_path)
+
+    async def close() -> None:
+        store.close()
+
+    return ServiceParts(
+        grpc=[
+            GrpcBinding(
+                audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+                AuditServicer(store, settings.audit_max_page_size),
+                audit_pb2_grpc.add_AuditServiceServicer_to_server,
+            )
+        ],
+        subscriptions=subscriptions(store),
+        close=close,
+    )
+
+
+DEFINITION = ServiceDefinition("audit", AuditSettings, build)

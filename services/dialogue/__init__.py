@@ -1,0 +1,1 @@
+"""Sessions, intents, grounded answers with citations, summaries and voice turns."""

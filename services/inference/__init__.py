@@ -1,0 +1,1 @@
+"""Text generation and embeddings on ONNX Runtime, behind one scheduler."""

@@ -1,0 +1,1 @@
+"""Hybrid search, recommendations and document lookup over Qdrant."""

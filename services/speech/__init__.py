@@ -1,0 +1,1 @@
+"""Speech recognition (PocketSphinx) and synthesis (Kokoro, espeak-ng), Riva-shaped."""

@@ -1,0 +1,1 @@
+"""Tokenizer service: the generation model's tokenizer and chat template over gRPC."""

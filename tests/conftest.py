@@ -1,0 +1,131 @@
+"""Fixtures shared by the test tiers: a real nats-server, built models, and a running stack."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from llmos.cli.stack import nats_server_binary, port_open, stop_pids, wait_until_serving
+from llmos.settings import SERVICE_NAMES, PlatformSettings
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_API_KEY = "test-admin-key"
+TEST_SERVICE_KEY = "test-service-key"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class NatsServer:
+    url: str
+    monitor_port: int
+    store: Path
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A real `nats-server -js` on a free port in a temp folder, torn down after the session."""
+    store = tmp_path_factory.mktemp("jetstream")
+    port, monitor_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [nats_server_binary(), "--jetstream", "--store_dir", str(store), "--addr", "127.0.0.1",
+         "--port", str(port), "--http_port", str(monitor_port), "--max_payload", "8MB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if port_open("127.0.0.1", port):
+                break
+            if process.poll() is not None:
+                raise RuntimeError("nats-server exited at start")
+            time.sleep(0.05)
+        yield NatsServer(f"nats://127.0.0.1:{port}", monitor_port, store)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def models_home() -> Path:
+    """The folder holding built models (`llmos models build`), built here when missing."""
+    from llmos.models import build_models, models_built
+
+    home = Path(os.environ.get("LLMOS_TEST_MODELS_HOME", REPO / ".llmos")).resolve()
+    if not models_built(home):
+        build_models(home)
+    return home
+
+
+def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
+    """Environment for services under test: free ports, this NATS, a private home."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
+    env.update(
+        {
+            "LLMOS_HOME": str(home),
+            "LLMOS_NATS_URL": nats.url,
+            "LLMOS_BIND_HOST": "127.0.0.1",
+            "LLMOS_API_KEYS": f"{TEST_API_KEY}=tester:acme:admin,{TEST_SERVICE_KEY}=platform:platform:service,"
+            "user-key-globex=bob:globex:user",
+            "LLMOS_SERVICE_API_KEY": TEST_SERVICE_KEY,
+            "LLMOS_LOG_LEVEL": "INFO",
+        }
+    )
+    for name in SERVICE_NAMES:
+        env[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+    return env
+
+
+@dataclass
+class RunningStack:
+    env: dict[str, str]
+    settings: PlatformSettings
+    home: Path
+
+    def addr(self, service: str) -> str:
+        return self.settings.service_addr(service)
+
+
+def _settings_from(env: dict[str, str]) -> PlatformSettings:
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return PlatformSettings(_env_file=None)  # type: ignore[call-arg]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def stack(nats_server: NatsServer, models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """All seven services as real processes against the session's nats-server."""
+    home = tmp_path_factory.mktemp("llmos-home")
+    (home / "models").symlink_to(models_home / "models", target_is_directory=True)
+    env = platform_environment(nats_server, home)
+    settings = _settings_from(env)
+    logs = home / "logs"
+    logs.mkdir()
+    processes = {}
+    for name in SERVICE_NAMES:
+        with (logs / f"{name}.log").open("wb") as log:
+            processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+    try:
+        wait_until_serving(settings, processes, timeout_s=120)
+        yield RunningStack(env, settings, home)
+    finally:
+        stop_pids([process.pid for process in processes.values()], timeout_s=15)
