@@ -1,0 +1,1 @@
+"""Ingest service: accept documents, normalize, de-duplicate, chunk by tokens, publish chunks."""

@@ -1,0 +1,56 @@
+"""How the ingest service is assembled: core, tokenizer client, gRPC servicer, bus handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from llmos.audit import AuditLog
+from llmos.bus.broker import Bus
+from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.status import error_from_rpc
+from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
+from llmos.v1 import ingest_pb2, ingest_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from services.ingest.core import DocumentStatusStore, IngestCore
+from services.ingest.handlers import subscriptions
+from services.ingest.servicer import IngestServicer
+from services.ingest.settings import IngestSettings
+
+TOKENIZE_TIMEOUT_S = 30.0
+
+
+async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
+    channel = open_channel(settings.tokenizer_addr, settings.service_api_key)
+    tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+
+    async def token_offsets(text: str) -> Sequence[tuple[int, int]]:
+        try:
+            response = await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), timeout=TOKENIZE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "tokenizer") from None
+        return [(offset.start, offset.end) for offset in response.offsets]
+
+    core = IngestCore(
+        bus,
+        DocumentStatusStore(bus),
+        AuditLog(bus),
+        token_offsets,
+        settings.ingest_chunk_tokens,
+        settings.ingest_chunk_overlap_tokens,
+        settings.ingest_max_document_bytes,
+    )
+    return ServiceParts(
+        grpc=[
+            GrpcBinding(
+                ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+                IngestServicer(core),
+                ingest_pb2_grpc.add_IngestServiceServicer_to_server,
+            )
+        ],
+        subscriptions=subscriptions(core),
+        close=channel.close,
+    )
+
+
+DEFINITION = ServiceDefinition("ingest", IngestSettings, build)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmos import errors
+from llmos.auth import ApiKeyAuthenticator, Principal, acting_as, effective_tenant
+from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.InvalidArgument("text", "must not be empty"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.NotFound("no such document"), grpc.StatusCode.NOT_FOUND),
+        (errors.PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED),
+        (errors.Unauthenticated("who?"), grpc.StatusCode.UNAUTHENTICATED),
+        (errors.ResourceExhausted("queue full", 2.5), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.Unimplemented("later"), grpc.StatusCode.UNIMPLEMENTED),
+        (errors.Unavailable("down"), grpc.StatusCode.UNAVAILABLE),
+        (errors.FailedPrecondition("build models"), grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+def test_each_error_maps_to_its_status(error: errors.LlmosError, code: grpc.StatusCode) -> None:
+    assert status_for(error) == code
+
+
+def test_invalid_argument_names_the_field() -> None:
+    assert errors.InvalidArgument("max_new_tokens", "must be 1..2048").message == "max_new_tokens: must be 1..2048"
+
+
+def test_resource_exhausted_tells_when_to_retry() -> None:
+    error = errors.ResourceExhausted("queue full", 2.5)
+    assert "retry after 2.5 s" in error.message
+    assert trailing_metadata_for(error) == ((RETRY_AFTER_MS_KEY, "2500"),)
+
+
+AUTH = ApiKeyAuthenticator.from_spec("k1=alice:acme:admin,k2=bob:globex:user|operator")
+
+
+def test_valid_keys_resolve_to_their_principal() -> None:
+    assert AUTH.authenticate("Bearer k1") == Principal("alice", "acme", frozenset({"admin"}))
+    assert AUTH.authenticate("bearer k2").roles == frozenset({"user", "operator"})
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [(None, "missing credentials"), ("Basic abc", "must be 'Bearer"), ("Bearer nope", "unknown or revoked")],
+)
+def test_bad_credentials_are_unauthenticated(header: str | None, message: str) -> None:
+    with pytest.raises(errors.Unauthenticated, match=message):
+        AUTH.authenticate(header)
+
+
+def test_malformed_key_spec_fails_fast() -> None:
+    with pytest.raises(errors.InvalidArgument, match="LLMOS_API_KEYS"):
+        ApiKeyAuthenticator.from_spec("k1=alice")
+
+
+def test_tenant_comes_from_the_principal_unless_an_admin_names_another() -> None:
+    with acting_as(Principal("bob", "globex", frozenset({"user"})), None):
+        assert effective_tenant("") == "globex"
+        assert effective_tenant("globex") == "globex"
+        with pytest.raises(errors.PermissionDenied, match="only administrators"):
+            effective_tenant("acme")
+    with acting_as(Principal("alice", "acme", frozenset({"admin"})), None):
+        assert effective_tenant("globex") == "globex"
+
+
+def test_no_principal_outside_a_request() -> None:
+    with pytest.raises(errors.Unauthenticated):
+        effective_tenant("")
