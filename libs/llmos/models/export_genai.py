@@ -54,14 +54,21 @@ def gguf_chat_template(gguf_path: Path) -> str:
 
 
 def gguf_to_hf(gguf_path: Path, hf_dir: Path, log: Log) -> None:
-    """Write a Hugging Face checkpoint (fp32 weights, tokenizer) from the GGUF file."""
+    """Write a Hugging Face checkpoint (fp32 weights, tokenizer) from the GGUF file.
+
+    dequantize=True unpacks every weight into a plain dense model: transformers 5 can otherwise
+    keep GGUF blocks packed, and a model loaded that way refuses save_pretrained.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
     )
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)

@@ -1,0 +1,107 @@
+"""`llmos demo`: start the embedded stack, walk through the flows that exist, stop it.
+
+Each step calls the public APIs exactly as a user would: gRPC with an API key, then the trace
+of the document submission read back from the local span file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+
+from llmos.cli.stack import Stack
+from llmos.cli.tracetree import render_tree, trace_spans
+from llmos.grpcutil.client import bearer
+from llmos.settings import PlatformSettings
+from llmos.telemetry import SPAN_FILE, read_spans
+from llmos.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    common_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+DEMO_KB = Path(__file__).resolve().parents[3] / "demo" / "kb"
+
+
+def _demo_key(settings: PlatformSettings) -> str:
+    """The first administrator key configured, as a user of the demo would use it."""
+    for entry in settings.api_keys.split(","):
+        key, _, identity = entry.strip().partition("=")
+        if "admin" in identity.rpartition(":")[2].split("|"):
+            return key
+    raise RuntimeError("no admin key in LLMOS_API_KEYS; the demo needs one (see .env)")
+
+
+async def _tour(settings: PlatformSettings) -> None:
+    metadata = (("authorization", bearer(_demo_key(settings))),)
+    async with grpc.aio.insecure_channel(settings.tokenizer_addr) as channel:
+        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        print("\n== tokenizer: the model's own chat template and token counts")
+        templated = await tokenizer.ApplyChatTemplate(
+            tokenizer_pb2.ApplyChatTemplateRequest(
+                messages=[common_pb2.ChatMessage(role="user", content="Where is my order NW-204518?")],
+                add_generation_prompt=True,
+            ),
+            metadata=metadata,
+        )
+        print(templated.prompt.rstrip())
+        print(f"-> {templated.token_count} tokens")
+
+    async with grpc.aio.insecure_channel(settings.ingest_addr) as channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        print(f"\n== ingest: the Northwind help centre ({DEMO_KB})")
+        for article in sorted(DEMO_KB.glob("*.md")):
+            response = await ingest.SubmitDocument(
+                ingest_pb2.SubmitDocumentRequest(
+                    document_id=article.stem,
+                    title=article.read_text().splitlines()[0].lstrip("# "),
+                    mime_type="text/markdown",
+                    content=article.read_bytes(),
+                    source=f"demo/kb/{article.name}",
+                ),
+                metadata=metadata,
+            )
+            status = await ingest.GetDocumentStatus(
+                ingest_pb2.GetDocumentStatusRequest(document_id=article.stem), metadata=metadata
+            )
+            stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
+            note = "unchanged since last run" if response.unchanged else f"{status.chunk_count} chunks"
+            print(f"  {article.stem:<10} {stage:<8} {note}  sha256 {response.content_hash[:12]}")
+
+    await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
+    async with grpc.aio.insecure_channel(settings.audit_addr) as channel:
+        audit = audit_pb2_grpc.AuditServiceStub(channel)
+        print("\n== audit: who did what, chained by SHA-256")
+        async for record in audit.Query(audit_pb2.QueryAuditRequest(page=common_pb2.PageRequest(page_size=5)), metadata=metadata):
+            event = record.event
+            print(f"  #{record.sequence:<3} {event.principal:<8} {event.action:<14} {event.resource:<20} {record.hash[:12]}")
+        verdict = await audit.Verify(audit_pb2.VerifyAuditRequest(), metadata=metadata)
+        print(f"  chain intact: {verdict.intact} ({verdict.records_checked} records)")
+
+    spans = read_spans(settings.telemetry_dir / SPAN_FILE)
+    submissions = [span for span in spans if span["name"] == "llmos.v1.IngestService/SubmitDocument"]
+    if submissions:
+        latest = max(submissions, key=lambda span: span["start_ns"])
+        print(f"\n== trace of the last submission ({latest['trace_id']}; `llmos trace --last`)")
+        print("\n".join(render_tree(trace_spans(spans, latest["trace_id"]))))
+
+
+def run_demo(settings: PlatformSettings) -> int:
+    stack = Stack(settings)
+    print("starting the embedded stack …")
+    elapsed = stack.start()
+    print(f"seven services SERVING after {elapsed:.1f} s")
+    try:
+        asyncio.run(_tour(settings))
+        time.sleep(0.6)  # let the last spans flush before the trace is read again by a user
+    finally:
+        print("\nstopping the stack")
+        stack.stop()
+    return 0

@@ -1,0 +1,69 @@
+"""The embedded stack through its public command line: up, status, a call, trace, down."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmos.v1 import ingest_pb2, ingest_pb2_grpc
+from tests.conftest import TEST_API_KEY, NatsServer, free_port, platform_environment
+
+pytestmark = pytest.mark.e2e
+
+
+def llmos(env: dict[str, str], cwd: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmos.cli.main", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(models_home / "models", target_is_directory=True)
+    nats_port = free_port()
+    env = platform_environment(NatsServer(f"nats://127.0.0.1:{nats_port}", free_port(), tmp_path), home)
+    env["LLMOS_NATS_MONITOR_PORT"] = str(free_port())
+
+    started = time.monotonic()
+    up = llmos(env, tmp_path, "up", "--detach")
+    startup_s = time.monotonic() - started
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "all services SERVING" in up.stdout
+        print(f"stack startup: {startup_s:.1f} s")
+
+        status = llmos(env, tmp_path, "status", timeout=30)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("SERVING") == 7
+        assert "INGEST" in status.stdout and "audit-llmos-audit-all" in status.stdout
+
+        async def submit() -> None:
+            async with grpc.aio.insecure_channel(env["LLMOS_INGEST_ADDR"]) as channel:
+                await ingest_pb2_grpc.IngestServiceStub(channel).SubmitDocument(
+                    ingest_pb2.SubmitDocumentRequest(document_id="e2e", content=b"End to end."),
+                    metadata=(("authorization", f"Bearer {TEST_API_KEY}"),),
+                )
+
+        asyncio.run(submit())
+        for _ in range(50):
+            trace = llmos(env, tmp_path, "trace", "--last", timeout=30)
+            if "tokenizer" in trace.stdout and "audit" in trace.stdout:
+                break
+            time.sleep(0.2)
+        assert trace.returncode == 0, trace.stderr
+        assert "IngestService/SubmitDocument" in trace.stdout and "TokenizerService/Tokenize" in trace.stdout
+    finally:
+        down = llmos(env, tmp_path, "down", timeout=60)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert not (home / "run" / "stack.json").exists()
+    again = llmos(env, tmp_path, "status", timeout=30)
+    assert again.returncode == 1 and "UNREACHABLE" in again.stdout
+    for log in ("nats", "ingest", "tokenizer", "audit"):
+        assert (home / "logs" / f"{log}.log").exists()

@@ -1,0 +1,48 @@
+"""Reading the bus directly from tests: the last message on a subject, with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.js.errors import NotFoundError
+
+from llmos.bus.subjects import stream_for
+
+
+async def last_message(nats_url: str, subject: str, timeout_s: float = 10.0, after_seq: int = 0):  # type: ignore[no-untyped-def]
+    """The newest message on `subject` with a stream sequence above `after_seq`, waiting for it."""
+    connection = await nats.connect(nats_url)
+    try:
+        js = connection.jetstream()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                message = await js.get_last_msg(stream_for(subject).name, subject)
+                if message.seq > after_seq:
+                    return message
+            except NotFoundError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"no message on {subject} after sequence {after_seq} within {timeout_s} s")
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+async def last_sequence(nats_url: str, subject: str) -> int:
+    connection = await nats.connect(nats_url)
+    try:
+        return (await connection.jetstream().get_last_msg(stream_for(subject).name, subject)).seq
+    except NotFoundError:
+        return 0
+    finally:
+        await connection.close()
+
+
+async def publish(nats_url: str, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+    connection = await nats.connect(nats_url)
+    try:
+        await connection.jetstream().publish(subject, payload, headers=headers)
+    finally:
+        await connection.close()

@@ -1,0 +1,86 @@
+"""Every service starts against a real nats-server, reports SERVING and answers its API."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from llmos.settings import SERVICE_NAMES
+from llmos.v1 import (
+    dialogue_pb2,
+    dialogue_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+    speech_pb2,
+    speech_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+from tests.conftest import RunningStack
+from tests.grpc_helpers import ADMIN
+
+pytestmark = pytest.mark.integration
+
+FULL_NAMES = {name: f"llmos.v1.{name.capitalize()}Service" for name in SERVICE_NAMES}
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+async def test_service_is_serving_and_reflects_its_api(stack: RunningStack, service: str) -> None:
+    async with grpc.aio.insecure_channel(stack.addr(service)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", FULL_NAMES[service]):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        async for response in responses:
+            listed = {service.name for service in response.list_services_response.service}
+            assert {FULL_NAMES[service], "grpc.health.v1.Health"} <= listed
+            break
+
+
+async def test_calls_without_a_key_are_unauthenticated(stack: RunningStack) -> None:
+    async with grpc.aio.insecure_channel(stack.addr("tokenizer")) as channel:
+        stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.CountTokens(tokenizer_pb2.CountTokensRequest(texts=["hello"]), timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.CountTokens(
+                tokenizer_pb2.CountTokensRequest(texts=["hello"]), metadata=(("authorization", "Bearer wrong"),), timeout=5
+            )
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("service", "call"),
+    [
+        ("inference", lambda channel: inference_pb2_grpc.InferenceServiceStub(channel).Embed(
+            inference_pb2.EmbedRequest(texts=["x"]), metadata=ADMIN, timeout=5)),
+        ("retrieval", lambda channel: retrieval_pb2_grpc.RetrievalServiceStub(channel).Search(
+            retrieval_pb2.SearchRequest(query="x"), metadata=ADMIN, timeout=5)),
+        ("speech", lambda channel: speech_pb2_grpc.SpeechServiceStub(channel).ListVoices(
+            speech_pb2.ListVoicesRequest(), metadata=ADMIN, timeout=5)),
+        ("dialogue", lambda channel: dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
+            dialogue_pb2.GetSessionRequest(session_id="s"), metadata=ADMIN, timeout=5)),
+    ],
+)
+async def test_apis_not_built_yet_say_so(stack: RunningStack, service: str, call) -> None:  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(stack.addr(service)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(channel)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not available yet" in error.value.details()
+
+
+async def test_streaming_rpc_not_built_yet_says_so(stack: RunningStack) -> None:
+    async with grpc.aio.insecure_channel(stack.addr("inference")) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi"), metadata=ADMIN, timeout=5):
+                pass
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
