@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos.cli.stack import nats_server_binary, port_open, stop_pids, wait_until_serving
+from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +37,10 @@ class NatsServer:
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A real `nats-server -js` on a free port in a temp folder, torn down after the session."""
-    store = tmp_path_factory.mktemp("jetstream")
+    store = tmp_path_factory.mktemp("nats") / "jetstream"
     port, monitor_port = free_port(), free_port()
     process = subprocess.Popen(
-        [nats_server_binary(), "--jetstream", "--store_dir", str(store), "--addr", "127.0.0.1",
-         "--port", str(port), "--http_port", str(monitor_port), "--max_payload", "8MB"],
+        nats_command(store, "127.0.0.1", port, monitor_port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -33,6 +33,8 @@ from llmos.models.manifest import (
     write_json_atomic,
 )
 
+pytestmark = pytest.mark.unit
+
 GENERATION = "smollm2-135m-instruct"
 EMBEDDING = "all-minilm-l6-v2"
 

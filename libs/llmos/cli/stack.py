@@ -52,22 +52,32 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def start_nats(settings: PlatformSettings, log_path: Path) -> subprocess.Popen[bytes]:
-    store = settings.data_dir / "jetstream"
+# Matches deploy/nats/nats-server.conf: documents travel whole on the bus.
+NATS_MAX_PAYLOAD = "8MB"
+
+
+def nats_command(store: Path, host: str, port: int, monitor_port: int) -> list[str]:
+    """A nats-server command line with JetStream on `store`; limits go in a config file beside it."""
     store.mkdir(parents=True, exist_ok=True)
+    config = store.parent / "nats-server.conf"
+    config.write_text(
+        f"max_payload: {NATS_MAX_PAYLOAD}\njetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
+    )
+    return [
+        nats_server_binary(),
+        "--config", str(config),
+        "--addr", host,
+        "--port", str(port),
+        "--http_port", str(monitor_port),
+    ]
+
+
+def start_nats(settings: PlatformSettings, log_path: Path) -> subprocess.Popen[bytes]:
     port = nats_port(settings.nats_url)
     host = urlparse(settings.nats_url).hostname or "127.0.0.1"
     if port_open(host, port):
         raise RuntimeError(f"port {port} is in use: another NATS or `llmos up` is running (try `llmos down`)")
-    command = [
-        nats_server_binary(),
-        "--jetstream",
-        "--store_dir", str(store),
-        "--addr", host,
-        "--port", str(port),
-        "--http_port", str(settings.nats_monitor_port),
-        "--max_payload", "8MB",
-    ]
+    command = nats_command(settings.data_dir / "jetstream", host, port, settings.nats_monitor_port)
     process = _spawn(command, log_path, os.environ)
     deadline = time.monotonic() + 15
     while not port_open(host, port):

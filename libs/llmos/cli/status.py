@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlparse
 
 import nats
-from nats.errors import NoServersError
 
 from llmos.bus.subjects import STREAMS
+from llmos.cli.stack import port_open
 from llmos.grpcutil.health_probe import check
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+
+
+async def _quiet(error: Exception) -> None:
+    """Connection errors are reported once, below, not as a traceback."""
 
 
 async def print_status(settings: PlatformSettings) -> int:
@@ -19,11 +24,12 @@ async def print_status(settings: PlatformSettings) -> int:
         status = await asyncio.to_thread(check, settings.service_addr(name), "", 1.0)
         healthy &= status == "SERVING"
         print(f"{name:<10} {settings.service_addr(name):<22} {status}")
-    try:
-        connection = await nats.connect(settings.nats_url, connect_timeout=2, max_reconnect_attempts=0)
-    except (NoServersError, OSError):
+    url = urlparse(settings.nats_url)
+    # nats-py keeps retrying a refused first connection, so look before connecting.
+    if not port_open(url.hostname or "127.0.0.1", url.port or 4222):
         print(f"\nnats: unreachable at {settings.nats_url}")
         return 1
+    connection = await asyncio.wait_for(nats.connect(settings.nats_url, error_cb=_quiet), timeout=5)
     try:
         js = connection.jetstream()
         print(f"\n{'stream':<9} {'messages':>9}  consumer (pending / waiting for ack)")

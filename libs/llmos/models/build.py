@@ -67,9 +67,12 @@ def build_models(
     root = models_root(home)
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / _LOCK_NAME, log):
-        for spec, variant in _wanted(cuda=cuda, int8=int8):
-            _ensure_artefact(home, spec, variant, force=force, log=log)
-        return refresh_index(home)
+        try:
+            for spec, variant in _wanted(cuda=cuda, int8=int8):
+                _ensure_artefact(home, spec, variant, force=force, log=log)
+        finally:
+            index = refresh_index(home)  # list what did get built, even when a later one failed
+    return index
 
 
 def _wanted(*, cuda: bool, int8: bool) -> Iterator[tuple[ModelSpec, str]]:
@@ -84,7 +87,7 @@ def _ensure_artefact(home: Path, spec: ModelSpec, variant: str, *, force: bool, 
     label = f"{spec.name}/{variant}"
     folder = spec.folder(home, variant)
     source = locate_source(spec)
-    reason = "forced" if force else stale_reason(folder, source)
+    reason = "forced" if force else _stale_reason(folder, source)
     if reason is None:
         log(f"{label}: up to date")
         return
@@ -98,7 +101,7 @@ def _ensure_artefact(home: Path, spec: ModelSpec, variant: str, *, force: bool, 
     log(f"{label}: built in {time.monotonic() - started:.1f} s, {size_mb:.1f} MB in {folder}")
 
 
-def stale_reason(folder: Path, source: SourceFiles) -> str | None:
+def _stale_reason(folder: Path, source: SourceFiles) -> str | None:
     """Why the artefact in `folder` must be (re)built, or None when it is current."""
     if not folder.exists():
         return "not built yet"
@@ -119,13 +122,13 @@ def _manifest_for(spec: ModelSpec, variant: str, source: SourceFiles, folder: Pa
         source_package=source.package,
         source_version=source.version,
         licence=spec.licence,
-        builders=tool_versions(),
+        builders=_tool_versions(),
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         files=describe_files(folder),
     )
 
 
-def tool_versions() -> dict[str, str]:
+def _tool_versions() -> dict[str, str]:
     versions = {}
     for package in TOOL_PACKAGES:
         try:
@@ -142,6 +145,7 @@ def _staging(target: Path) -> Iterator[tuple[Path, Path]]:
     _remove_leftovers(target)
     prefix = f".{target.name}.{_STAGING}-"
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; services may run as another user
     scratch = Path(tempfile.mkdtemp(prefix=prefix, suffix="-scratch", dir=target.parent))
     try:
         yield staging, scratch

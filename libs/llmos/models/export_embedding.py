@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ TOKENIZER_NAME = "tokenizer.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 OPSET = 17
-# Quantizing weights to int8 costs a little accuracy; fp32 must match torch to rounding error.
+# fp32 must match torch to rounding error; int8 weights measured 0.991-0.996 on these sentences.
 MIN_COSINE = {"fp32": 0.9999, "int8": 0.99}
 # Different lengths, so the check covers padding, and one past max_seq_length, for truncation.
 VERIFY_SENTENCES = (
@@ -52,47 +53,68 @@ def build_int8(source: SourceFiles, out: Path, scratch: Path, log: Log) -> None:
     model = load_encoder(source.path)
     fp32_path = scratch / MODEL_NAME
     export_onnx(model, fp32_path, log)
-    quantize_dynamic(fp32_path, out / MODEL_NAME, weight_type=QuantType.QInt8)
+    # Per-channel weight scales: per-tensor int8 drops cosine to fp32 to about 0.92-0.97.
+    quantize_dynamic(fp32_path, out / MODEL_NAME, weight_type=QuantType.QInt8, per_channel=True)
     _write_serving_files(source.path, out)
     verify(model, out, MIN_COSINE["int8"], log)
 
 
 def load_encoder(checkpoint: Path) -> torch.nn.Module:
-    """The checkpoint's encoder in eval mode, without the unused pooler head.
-
-    Its forward takes (input_ids, attention_mask, token_type_ids) positionally and, lacking the
-    pooler, returns last_hidden_state alone; eager attention exports to plain ONNX ops.
-    """
+    """The checkpoint's encoder in eval mode, with plain (eager) attention that exports to ONNX ops."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(checkpoint, add_pooling_layer=False, attn_implementation="eager").eval()
+    return AutoModel.from_pretrained(checkpoint, attn_implementation="eager").eval()
 
 
 def export_onnx(model: torch.nn.Module, path: Path, log: Log) -> None:
-    """Export with dynamic batch and sequence axes; the graph returns only last_hidden_state."""
+    """Trace to ONNX with dynamic batch and sequence axes; the graph returns last_hidden_state only.
+
+    Uses the TorchScript exporter (dynamo=False), which needs no onnxscript. Its tracer warnings
+    are silenced because `verify` checks the result numerically on padded, truncated batches.
+    """
     import torch
 
+    class LastHiddenState(torch.nn.Module):
+        # The tracer passes inputs positionally; transformers 5's BertModel.forward wants keywords.
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+            return self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
     started = time.monotonic()
-    example = _example_inputs(batch=2, length=16)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
-    torch.onnx.export(
-        model,
-        example,
-        str(path),
-        input_names=list(INPUT_NAMES),
-        output_names=[OUTPUT_NAME],
-        dynamic_axes=dynamic_axes,
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # Advanced indexing is only used with non-negative position indices here.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        torch.onnx.export(
+            # eval(): the exporter restores the wrapper's mode afterwards, and a new Module is in
+            # training mode, which would leave dropout on in the encoder.
+            LastHiddenState().eval(),
+            _example_inputs(),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
     log(f"  exported {path.name} in {time.monotonic() - started:.1f} s")
 
 
-def _example_inputs(batch: int, length: int) -> tuple[torch.Tensor, ...]:
+def _example_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A padded batch: with an all-ones mask transformers may skip masking, and the trace with it."""
     import torch
 
-    ids = torch.randint(1000, 2000, (batch, length), dtype=torch.int64)
-    return ids, torch.ones_like(ids), torch.zeros_like(ids)
+    ids = torch.randint(1000, 2000, (2, 16), dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    return ids * mask, mask, torch.zeros_like(ids)
 
 
 def _write_serving_files(checkpoint: Path, out: Path) -> None:

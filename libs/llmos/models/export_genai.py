@@ -118,13 +118,14 @@ def smoke_test(out: Path, log: Log) -> None:
     tokenizer = og.Tokenizer(model)
     messages = json.dumps([{"role": "user", "content": SMOKE_PROMPT}])
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    input_ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(tokenizer.encode(prompt)) + SMOKE_TOKENS)
+    params.set_search_options(do_sample=False, max_length=len(input_ids) + SMOKE_TOKENS)
     generator = og.Generator(model, params)
-    generator.append_tokens(tokenizer.encode(prompt))
+    generator.append_tokens(input_ids)
     while not generator.is_done():
         generator.generate_next_token()
-    text = tokenizer.decode(generator.get_sequence(0)[len(tokenizer.encode(prompt)) :])
+    text = tokenizer.decode(generator.get_sequence(0)[len(input_ids) :])
     if not text.strip():
         raise BuildFailed(f"{out} loads but generated no text for {SMOKE_PROMPT!r}")
     log(f"  smoke test: {SMOKE_PROMPT!r} -> {text.strip()!r}")

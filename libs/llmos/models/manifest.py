@@ -51,12 +51,6 @@ class ArtefactManifest:
         fields["builders"] = dict(data["builders"])
         return cls(**fields)
 
-    def file(self, path: str) -> FileEntry:
-        for entry in self.files:
-            if entry.path == path:
-                return entry
-        raise KeyError(f"{self.name}/{self.variant} has no file {path!r}")
-
 
 @dataclass(frozen=True)
 class ModelsManifest:

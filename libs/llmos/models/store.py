@@ -23,7 +23,7 @@ from llmos.models.manifest import (
 _BUILD_FLAGS = {"cuda-fp16": "--cuda", "int8": "--int8"}
 
 
-def build_command(variant: str) -> str:
+def _build_command(variant: str) -> str:
     """The command that builds `variant`, for error messages."""
     flag = _BUILD_FLAGS.get(variant)
     return f"llmos models build {flag}" if flag else "llmos models build"
@@ -41,7 +41,7 @@ def artefact_dir(home: Path, name: str, variant: str | None = None) -> Path:
     if problems:
         raise ModelsNotBuilt(
             f"model {name} ({variant}) is not built in {folder}: {problems[0]}; "
-            f"run `{build_command(variant)}`"
+            f"run `{_build_command(variant)}`"
         )
     return folder
 
