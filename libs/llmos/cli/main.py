@@ -89,7 +89,7 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     from llmos.models import build_models
 
     settings = _settings()
-    build_models(settings.home, cuda=args.cuda, force=args.force)
+    build_models(settings.home, cuda=args.cuda, int8=args.int8, force=args.force)
     return 0
 
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="served model artefacts").add_subparsers(dest="models_command", required=True)
     build = models.add_parser("build", help="turn packaged weights into served artefacts (idempotent)")
     build.add_argument("--cuda", action="store_true", help="also build the fp16 CUDA generation model")
+    build.add_argument("--int8", action="store_true", help="also build the int8 embedding model")
     build.add_argument("--force", action="store_true", help="rebuild even when artefacts are up to date")
     build.set_defaults(run=cmd_models_build)
 

