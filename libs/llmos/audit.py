@@ -7,20 +7,51 @@ service loses nothing.
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.auth import Principal
-from llmos.bus.broker import Bus
 from llmos.bus.subjects import audit_subject
 from llmos.telemetry import current_trace_id
 from llmos.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from llmos.bus.broker import Bus
 
 ALLOW = events_pb2.AUDIT_DECISION_ALLOW
 DENY = events_pb2.AUDIT_DECISION_DENY
 
 
+def audit_event(
+    service: str,
+    principal: str,
+    tenant: str,
+    action: str,
+    resource: str,
+    decision: events_pb2.AuditDecision.ValueType,
+    reason: str = "",
+) -> events_pb2.AuditEvent:
+    """An event stamped with a fresh id, the current time and the current trace."""
+    time = Timestamp()
+    time.GetCurrentTime()
+    return events_pb2.AuditEvent(
+        event_id=uuid.uuid4().hex,
+        time=time,
+        principal=principal,
+        tenant=tenant,
+        service=service,
+        action=action,
+        resource=resource,
+        decision=decision,
+        reason=reason,
+        trace_id=current_trace_id(),
+    )
+
+
 class AuditLog:
+    """Publishes the audit events of one service."""
+
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
 
@@ -33,18 +64,5 @@ class AuditLog:
         decision: events_pb2.AuditDecision.ValueType = ALLOW,
         reason: str = "",
     ) -> None:
-        time = Timestamp()
-        time.GetCurrentTime()
-        event = events_pb2.AuditEvent(
-            event_id=uuid.uuid4().hex,
-            time=time,
-            principal=principal.subject,
-            tenant=tenant,
-            service=self._bus.service,
-            action=action,
-            resource=resource,
-            decision=decision,
-            reason=reason,
-            trace_id=current_trace_id(),
-        )
+        event = audit_event(self._bus.service, principal.subject, tenant, action, resource, decision, reason)
         await self._bus.publish(audit_subject(self._bus.service), event, msg_id=event.event_id)

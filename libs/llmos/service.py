@@ -39,6 +39,11 @@ class GrpcBinding:
     servicer: Any
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
+    @classmethod
+    def of(cls, module: Any, service_name: str, servicer: Any, add_to_server: Callable[[Any, grpc.aio.Server], None]) -> GrpcBinding:
+        """Bind `servicer` as `service_name` of a generated `*_pb2` module."""
+        return cls(module.DESCRIPTOR.services_by_name[service_name].full_name, servicer, add_to_server)
+
 
 @dataclass
 class ServiceParts:
@@ -122,12 +127,10 @@ def unbuilt_service(
     It starts, reports SERVING, declares its consumers (so messages wait for it) and answers
     every RPC with UNIMPLEMENTED and `reason`.
     """
-    descriptor = module.DESCRIPTOR.services_by_name[service_name]
-
     async def build(settings: PlatformSettings, bus: Bus) -> ServiceParts:
-        servicer = unimplemented_servicer(servicer_base, descriptor, reason)
+        servicer = unimplemented_servicer(servicer_base, module.DESCRIPTOR.services_by_name[service_name], reason)
         return ServiceParts(
-            grpc=[GrpcBinding(descriptor.full_name, servicer, add_to_server)],
+            grpc=[GrpcBinding.of(module, service_name, servicer, add_to_server)],
             reserved_subjects=reserved_subjects,
         )
 

@@ -19,8 +19,9 @@ async def build(settings: AuditSettings, bus: Bus) -> ServiceParts:
 
     return ServiceParts(
         grpc=[
-            GrpcBinding(
-                audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            GrpcBinding.of(
+                audit_pb2,
+                "AuditService",
                 AuditServicer(store, settings.audit_max_page_size),
                 audit_pb2_grpc.add_AuditServiceServicer_to_server,
             )

@@ -42,8 +42,9 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
     )
     return ServiceParts(
         grpc=[
-            GrpcBinding(
-                ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+            GrpcBinding.of(
+                ingest_pb2,
+                "IngestService",
                 IngestServicer(core),
                 ingest_pb2_grpc.add_IngestServiceServicer_to_server,
             )

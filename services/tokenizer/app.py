@@ -18,8 +18,9 @@ async def build(settings: TokenizerSettings, bus: Bus) -> ServiceParts:
     core = TokenizerCore({model: tokenizer}, model, settings.tokenizer_max_text_chars, settings.tokenizer_max_batch)
     return ServiceParts(
         grpc=[
-            GrpcBinding(
-                tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name,
+            GrpcBinding.of(
+                tokenizer_pb2,
+                "TokenizerService",
                 TokenizerServicer(core),
                 tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server,
             )

@@ -13,21 +13,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic
 
 from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.api import AckPolicy as AckPolicyJS
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from llmos.audit import DENY, audit_event
 from llmos.bus.codec import (
     CONTENT_TYPE,
     CONTENT_TYPE_HEADER,
@@ -38,7 +40,7 @@ from llmos.bus.codec import (
     decode,
     encode,
 )
-from llmos.bus.subjects import BUCKETS, STREAMS, dead_letter_subject, stream_for
+from llmos.bus.subjects import BUCKETS, STREAMS, audit_subject, dead_letter_subject, stream_for
 from llmos.errors import InvalidArgument
 from llmos.telemetry import extract_context, inject_context
 from llmos.v1 import events_pb2
@@ -67,6 +69,9 @@ class Bus:
         self.max_deliveries = max_deliveries
         self.broker = NatsBroker(nats_url, logger=logging.getLogger(f"llmos.bus.{service}"))
         self._tracer = trace.get_tracer("llmos.bus")
+        self._duration = metrics.get_meter("llmos.bus").create_histogram(
+            "messaging.process.duration", unit="ms", description="time to handle one bus message, by subject and outcome"
+        )
         self._buckets: dict[str, KeyValue] = {}
 
     def durable_name(self, subject: str) -> str:
@@ -153,33 +158,50 @@ class Bus:
                     "llmos.service": self.service,
                 },
             )
+            started = time.perf_counter()
+            outcome = "ack"
             with trace.use_span(span, end_on_exit=True):
                 try:
                     message = decode(subscription.message_type, raw.data)
                     await subscription.handler(message)
                 except InvalidArgument as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.message))
-                    await self._dead_letter(raw.subject, raw.data, headers, exc.message, deliveries)
+                    outcome = "dead-letter"
+                    await self._dead_letter(subscription.message_type, raw.subject, raw.data, headers, exc.message, deliveries)
                     await msg.ack()
                 except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                     if deliveries >= self.max_deliveries:
+                        outcome = "dead-letter"
                         logger.exception("giving up on %s after %d deliveries", raw.subject, deliveries)
-                        await self._dead_letter(raw.subject, raw.data, headers, repr(exc), deliveries)
+                        await self._dead_letter(subscription.message_type, raw.subject, raw.data, headers, repr(exc), deliveries)
                         await msg.ack()
                     else:
+                        outcome = "retry"
                         logger.warning("retrying %s (delivery %d): %r", raw.subject, deliveries, exc)
                         delay = RETRY_DELAYS_S[min(deliveries, len(RETRY_DELAYS_S)) - 1]
                         await msg.nack(delay=delay)
                 else:
                     await msg.ack()
+                finally:
+                    self._duration.record(
+                        (time.perf_counter() - started) * 1000,
+                        {"messaging.destination.name": subscription.subject, "outcome": outcome, "llmos.service": self.service},
+                    )
 
         return process
 
     async def _dead_letter(
-        self, subject: str, payload: bytes, headers: Mapping[str, str], error: str, deliveries: int
+        self,
+        message_type: type[Message],
+        subject: str,
+        payload: bytes,
+        headers: Mapping[str, str],
+        error: str,
+        deliveries: int,
     ) -> None:
+        """Move a message to `llmos.dlq.<subject>` with its error, and audit that it was dropped."""
         failed_at = Timestamp()
         failed_at.GetCurrentTime()
         letter = events_pb2.DeadLetter(
@@ -193,6 +215,19 @@ class Bus:
         )
         logger.error("dead-lettered a message from %s: %s", subject, error)
         await self.publish(dead_letter_subject(subject), letter)
+        tenant = _tenant_of(message_type, payload)
+        event = audit_event(self.service, f"bus:{subject}", tenant, "bus/dead-letter", f"subject/{subject}", DENY, error)
+        await self.publish(audit_subject(self.service), event, msg_id=event.event_id)
+
+
+def _tenant_of(message_type: type[Message], payload: bytes) -> str:
+    """The tenant a payload names, if it parses and its type has a tenant field."""
+    if "tenant" not in message_type.DESCRIPTOR.fields_by_name:
+        return ""
+    try:
+        return str(getattr(message_type.FromString(payload), "tenant"))
+    except DecodeError:
+        return ""
 
 
 async def declare_streams(broker: NatsBroker) -> None:

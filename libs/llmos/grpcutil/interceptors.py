@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmos import errors
@@ -77,6 +78,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._authenticator = authenticator
         self._tracer = trace.get_tracer("llmos.grpc")
+        self._duration = metrics.get_meter("llmos.grpc").create_histogram(
+            "rpc.server.duration", unit="ms", description="time to serve an RPC, by method and status"
+        )
 
     async def intercept_service(
         self,
@@ -165,6 +169,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]
     ) -> Any:
         span = self._start_span(method, context)
+        started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
                 principal, credentials = self._authenticate(context, span)
@@ -176,6 +181,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort(context, span, exc)
             except Exception as exc:  # noqa: BLE001 - any other failure is reported as INTERNAL
                 await self._abort_internal(context, span, method, exc)
+            finally:
+                self._record(method, started, span)
 
     async def _stream(
         self,
@@ -184,6 +191,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         open_stream: Callable[[], Any],
     ) -> AsyncIterator[Any]:
         span = self._start_span(method, context)
+        started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
                 principal, credentials = self._authenticate(context, span)
@@ -199,6 +207,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort(context, span, exc)
             except Exception as exc:  # noqa: BLE001 - any other failure is reported as INTERNAL
                 await self._abort_internal(context, span, method, exc)
+            finally:
+                self._record(method, started, span)
+
+    def _record(self, method: str, started: float, span: trace.Span) -> None:
+        attributes = getattr(span, "attributes", None) or {}
+        self._duration.record(
+            (time.perf_counter() - started) * 1000,
+            {
+                "rpc.method": method.lstrip("/"),
+                "rpc.grpc.status_code": attributes.get("rpc.grpc.status_code", grpc.StatusCode.UNKNOWN.value[0]),
+                "llmos.service": self._service,
+            },
+        )
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, error: errors.LlmosError) -> None:
