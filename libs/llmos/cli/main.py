@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import sys
 import time
@@ -11,6 +12,9 @@ from collections.abc import Callable
 
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
 from llmos.telemetry import SPAN_FILE, read_spans
+
+# Modules that add subcommands of their area: each exposes `register(commands)`.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _settings() -> PlatformSettings:
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=cmd_models_build)
 
     commands.add_parser("demo", help="start the stack, show the main flows, stop it").set_defaults(run=cmd_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 
