@@ -13,7 +13,8 @@ from collections.abc import Callable
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
 from llmos.telemetry import SPAN_FILE, read_spans
 
-# Modules that add subcommands of their area: each exposes `register(commands)`.
+# Modules that add subcommands of their area: each exposes `register(commands, evals)`, adding
+# its commands to `commands` and its `llmos eval <task>` evaluations to `evals`.
 COMMAND_MODULES: tuple[str, ...] = ()
 
 
@@ -126,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=cmd_models_build)
 
     commands.add_parser("demo", help="start the stack, show the main flows, stop it").set_defaults(run=cmd_demo)
+    evals = commands.add_parser("eval", help="measure quality on a data folder, beside published references")
+    eval_tasks = evals.add_subparsers(dest="eval_task", required=True, metavar="TASK")
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(commands)
+        importlib.import_module(module).register(commands, eval_tasks)
     return parser
 
 
