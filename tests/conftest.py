@@ -19,6 +19,14 @@ from llmos.settings import SERVICE_NAMES, PlatformSettings
 REPO = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-admin-key"
 TEST_SERVICE_KEY = "test-service-key"
+# Static keys of the services under test: key -> subject:tenant:roles.
+TEST_KEYS = {
+    TEST_API_KEY: "tester:acme:admin",
+    TEST_SERVICE_KEY: "platform:platform:service",
+    "user-key-acme": "alice:acme:user",
+    "operator-key-acme": "olga:acme:operator",
+    "user-key-globex": "bob:globex:user",
+}
 
 
 def free_port() -> int:
@@ -76,8 +84,7 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
             "LLMOS_HOME": str(home),
             "LLMOS_NATS_URL": nats.url,
             "LLMOS_BIND_HOST": "127.0.0.1",
-            "LLMOS_API_KEYS": f"{TEST_API_KEY}=tester:acme:admin,{TEST_SERVICE_KEY}=platform:platform:service,"
-            "user-key-globex=bob:globex:user",
+            "LLMOS_API_KEYS": ",".join(f"{key}={identity}" for key, identity in TEST_KEYS.items()),
             "LLMOS_SERVICE_API_KEY": TEST_SERVICE_KEY,
             "LLMOS_LOG_LEVEL": "INFO",
         }

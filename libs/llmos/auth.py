@@ -1,7 +1,7 @@
-"""Who is calling: principals, API-key authentication and the request's identity context.
+"""Who is calling: principals and the identity context of the request being served.
 
 Every RPC carries `authorization: Bearer <api key>` metadata. The gRPC server resolves it to a
-`Principal` before the servicer runs and keeps it in a context variable, so core logic asks
+`Principal` (see `llmos.keys`) before the servicer runs and keeps it in a context variable, so core logic asks
 `current_principal()` instead of trusting a tenant named in the request. Outgoing calls made
 while serving a request forward the caller's credentials, so the next service sees the same
 principal.
@@ -10,16 +10,13 @@ principal.
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from llmos.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from llmos.errors import PermissionDenied, Unauthenticated
 
 AUTHORIZATION_HEADER = "authorization"
-_BEARER = "bearer "
 
 
 @dataclass(frozen=True)
@@ -83,45 +80,3 @@ def effective_tenant(requested: str) -> str:
         f"principal {principal.subject!r} of tenant {principal.tenant!r} may not act on tenant "
         f"{requested!r}; only administrators act across tenants"
     )
-
-
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
-
-
-class ApiKeyAuthenticator:
-    """Resolves bearer API keys to principals.
-
-    Keys come from `LLMOS_API_KEYS` as comma-separated `key=subject:tenant:role|role` entries and
-    are kept only as SHA-256 digests, compared in constant time.
-    """
-
-    def __init__(self, keys: dict[bytes, Principal]) -> None:
-        self._keys = keys
-
-    @classmethod
-    def from_spec(cls, spec: str) -> ApiKeyAuthenticator:
-        keys: dict[bytes, Principal] = {}
-        for entry in filter(None, (part.strip() for part in spec.split(","))):
-            key, sep, identity = entry.partition("=")
-            parts = identity.split(":")
-            if not sep or not key or len(parts) != 3 or not parts[0] or not parts[1]:
-                raise InvalidArgument(
-                    "LLMOS_API_KEYS", f"entry {entry.split('=')[0][:4]}… is not key=subject:tenant:roles"
-                )
-            subject, tenant, roles = parts
-            keys[_digest(key)] = Principal(subject, tenant, frozenset(filter(None, roles.split("|"))))
-        return cls(keys)
-
-    def authenticate(self, authorization: str | None) -> Principal:
-        if not authorization:
-            raise Unauthenticated(
-                "missing credentials: send metadata 'authorization: Bearer <api key>'"
-            )
-        if not authorization.lower().startswith(_BEARER):
-            raise Unauthenticated("authorization metadata must be 'Bearer <api key>'")
-        presented = _digest(authorization[len(_BEARER):].strip())
-        for digest, principal in self._keys.items():
-            if hmac.compare_digest(digest, presented):
-                return principal
-        raise Unauthenticated("unknown or revoked API key")

@@ -20,13 +20,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmos.auth import ApiKeyAuthenticator
 from llmos.bus.broker import Bus, Subscription
+from llmos.bus.subjects import audit_subject
 from llmos.grpcutil.client import MAX_MESSAGE_BYTES
 from llmos.grpcutil.interceptors import ServerInterceptor
 from llmos.grpcutil.unimplemented import unimplemented_servicer
+from llmos.keys import KEYS_BUCKET, KeyAuthenticator, KeyStore, parse_static_keys
 from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
 from llmos.telemetry import setup_logging, setup_telemetry
+from llmos.v1 import events_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,11 @@ class ServiceProcess(Generic[SettingsT]):
         await self.bus.start()
         for subject in self.parts.reserved_subjects:
             await self.bus.reserve(subject)
+        authenticator = KeyAuthenticator(
+            parse_static_keys(self.settings.api_keys), KeyStore(await self.bus.key_value(KEYS_BUCKET))
+        )
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(name, ApiKeyAuthenticator.from_spec(self.settings.api_keys))],
+            interceptors=[ServerInterceptor(name, authenticator, self._publish_audit_event)],
             options=(
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -108,6 +113,9 @@ class ServiceProcess(Generic[SettingsT]):
         for service_name in ("", *service_names):
             await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("%s serving on %s", name, self.settings.listen_addr(name))
+
+    async def _publish_audit_event(self, event: events_pb2.AuditEvent) -> None:
+        await self.bus.publish(audit_subject(self.definition.name), event, msg_id=event.event_id)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()

@@ -4,7 +4,8 @@ import grpc
 import pytest
 
 from llmos import errors
-from llmos.auth import ApiKeyAuthenticator, Principal, acting_as, effective_tenant
+from llmos.auth import Principal, acting_as, effective_tenant
+from llmos.keys import KeyAuthenticator, parse_static_keys
 from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
 
 pytestmark = pytest.mark.unit
@@ -37,26 +38,28 @@ def test_resource_exhausted_tells_when_to_retry() -> None:
     assert trailing_metadata_for(error) == ((RETRY_AFTER_MS_KEY, "2500"),)
 
 
-AUTH = ApiKeyAuthenticator.from_spec("k1=alice:acme:admin,k2=bob:globex:user|operator")
+AUTH = KeyAuthenticator(parse_static_keys("k1=alice:acme:admin,k2=bob:globex:user|operator"))
 
 
-def test_valid_keys_resolve_to_their_principal() -> None:
-    assert AUTH.authenticate("Bearer k1") == Principal("alice", "acme", frozenset({"admin"}))
-    assert AUTH.authenticate("bearer k2").roles == frozenset({"user", "operator"})
+async def test_valid_keys_resolve_to_their_principal() -> None:
+    assert await AUTH.authenticate("Bearer k1") == Principal("alice", "acme", frozenset({"admin"}))
+    assert (await AUTH.authenticate("bearer k2")).roles == frozenset({"user", "operator"})
 
 
 @pytest.mark.parametrize(
     ("header", "message"),
     [(None, "missing credentials"), ("Basic abc", "must be 'Bearer"), ("Bearer nope", "unknown or revoked")],
 )
-def test_bad_credentials_are_unauthenticated(header: str | None, message: str) -> None:
+async def test_bad_credentials_are_unauthenticated(header: str | None, message: str) -> None:
     with pytest.raises(errors.Unauthenticated, match=message):
-        AUTH.authenticate(header)
+        await AUTH.authenticate(header)
 
 
 def test_malformed_key_spec_fails_fast() -> None:
     with pytest.raises(errors.InvalidArgument, match="LLMOS_API_KEYS"):
-        ApiKeyAuthenticator.from_spec("k1=alice")
+        parse_static_keys("k1=alice")
+    with pytest.raises(errors.InvalidArgument, match="roles"):
+        parse_static_keys("k1=alice:acme:superuser")
 
 
 def test_tenant_comes_from_the_principal_unless_an_admin_names_another() -> None:

@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.api import AckPolicy as AckPolicyJS
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -59,6 +60,11 @@ class Subscription(Generic[MessageT]):
     message_type: type[MessageT]
     handler: Handler[MessageT]
     batch_size: int = 1
+    # Messages handled at once; above 1 a handler can gather work from several messages.
+    max_workers: int = 1
+    # A second durable consumer on the same subject (e.g. "interactive"): its own position in
+    # the stream, so its messages never wait behind another lane's backlog.
+    lane: str = ""
 
 
 class Bus:
@@ -74,13 +80,14 @@ class Bus:
         )
         self._buckets: dict[str, KeyValue] = {}
 
-    def durable_name(self, subject: str) -> str:
-        """The consumer shared by every replica of this service for `subject`."""
-        return f"{self.service}-{subject.replace('.', '-').replace('>', 'all').replace('*', 'any')}"
+    def durable_name(self, subject: str, lane: str = "") -> str:
+        """The consumer shared by every replica of this service for `subject` (and `lane`)."""
+        name = f"{self.service}-{subject.replace('.', '-').replace('>', 'all').replace('*', 'any')}"
+        return f"{name}-{lane}" if lane else name
 
-    def consumer_config(self, subject: str) -> ConsumerConfig:
+    def consumer_config(self, subject: str, lane: str = "") -> ConsumerConfig:
         return ConsumerConfig(
-            durable_name=self.durable_name(subject),
+            durable_name=self.durable_name(subject, lane),
             filter_subject=subject,
             ack_policy=AckPolicyJS.EXPLICIT,
             max_deliver=self.max_deliveries + 1,  # one spare: the last failure is ours to dead-letter
@@ -99,7 +106,7 @@ class Bus:
     def subscribe(self, subscription: Subscription[Any]) -> None:
         """Register a handler before `start`; it consumes from the subject's stream."""
         spec = stream_for(subscription.subject)
-        durable = self.durable_name(subscription.subject)
+        durable = self.durable_name(subscription.subject, subscription.lane)
         process = self._processor(subscription)
 
         async def on_message(body: bytes, msg: NatsMessage) -> None:
@@ -110,8 +117,9 @@ class Bus:
             stream=JStream(spec.name, declare=False),
             durable=durable,
             pull_sub=PullSub(batch_size=subscription.batch_size, timeout=1.0),
+            max_workers=subscription.max_workers,
             ack_policy=AckPolicy.MANUAL,
-            config=self.consumer_config(subscription.subject),
+            config=self.consumer_config(subscription.subject, subscription.lane),
         )(on_message)
 
     async def start(self) -> None:
@@ -246,6 +254,10 @@ async def declare_streams(broker: NatsBroker) -> None:
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+    await declare_buckets(js)
+
+
+async def declare_buckets(js: JetStreamContext) -> None:
     for bucket in BUCKETS:
         try:
             await js.key_value(bucket.name)

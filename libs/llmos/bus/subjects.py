@@ -61,6 +61,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec("dialogue_sessions", 24 * 3600, "multi-turn dialogue state, expiring when idle"),
     BucketSpec("user_profiles", 0, "documents each user read or asked about, for recommendations"),
     BucketSpec("document_status", 0, "each document's stage in the ingestion pipeline"),
+    BucketSpec("api_keys", 0, "issued API keys by SHA-256 digest (never the keys themselves)"),
 )
 
 

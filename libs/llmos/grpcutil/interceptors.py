@@ -1,9 +1,11 @@
 """Server and client interceptors applied to every gRPC call of the platform.
 
 On the server, one interceptor wraps each handler so that, in order: the caller's trace context
-is extracted from metadata and a SERVER span opened; a malformed request becomes
-INVALID_ARGUMENT instead of an internal error; the caller is authenticated and kept as the
-request's principal; and platform errors are mapped to status codes (`llmos.grpcutil.status`).
+is extracted from metadata and a SERVER span opened; the caller is authenticated and authorized
+for the method (`llmos.policy`), every refusal and every call touching a tenant's data is
+audited, and the principal is kept for the request; a malformed request becomes
+INVALID_ARGUMENT instead of an internal error; and platform errors are mapped to status codes
+(`llmos.grpcutil.status`).
 On the client, the current trace context and the caller's credentials travel in metadata.
 """
 
@@ -13,7 +15,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,9 +23,12 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmos import errors
-from llmos.auth import AUTHORIZATION_HEADER, ApiKeyAuthenticator, acting_as, current_credentials
+from llmos.audit import ALLOW, DENY, audit_event
+from llmos.auth import AUTHORIZATION_HEADER, Principal, acting_as, current_credentials
 from llmos.grpcutil.status import status_for, trailing_metadata_for
+from llmos.policy import DATA_PERMISSIONS, authorize
 from llmos.telemetry import extract_context, inject_context
+from llmos.v1 import events_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +76,30 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _checked(request)
 
 
+AuditSink = Callable[[events_pb2.AuditEvent], Awaitable[None]]
+# Request fields that name what a call touches, in order of preference, for the audit trail.
+_RESOURCE_FIELDS = ("document_id", "session_id", "user_id")
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Principal: ...
+
+
+def _resource_of(request: Any) -> str:
+    fields = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+    for name in _RESOURCE_FIELDS:
+        if name in fields and getattr(request, name):
+            return f"{name.removesuffix('_id')}/{getattr(request, name)}"
+    return ""
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Tracing, request validation, authentication and error mapping for every RPC."""
 
-    def __init__(self, service: str, authenticator: ApiKeyAuthenticator) -> None:
+    def __init__(self, service: str, authenticator: Authenticator, audit_sink: AuditSink | None = None) -> None:
         self._service = service
         self._authenticator = authenticator
+        self._audit_sink = audit_sink
         self._tracer = trace.get_tracer("llmos.grpc")
         self._duration = metrics.get_meter("llmos.grpc").create_histogram(
             "rpc.server.duration", unit="ms", description="time to serve an RPC, by method and status"
@@ -102,7 +125,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 async def run() -> Any:
                     return await behaviour(_checked(request), context)
 
-                return await call(method, context, run)
+                return await call(method, context, run, request)
 
             return handler._replace(
                 unary_unary=unary_unary,
@@ -112,7 +135,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             behaviour = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async for response in self._stream(method, context, lambda: behaviour(_checked(request), context)):
+                async for response in self._stream(
+                    method, context, lambda: behaviour(_checked(request), context), request
+                ):
                     yield response
 
             return handler._replace(
@@ -126,7 +151,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 async def run() -> Any:
                     return await behaviour(_checked_stream(requests), context)
 
-                return await call(method, context, run)
+                return await call(method, context, run, None)
 
             return handler._replace(
                 stream_unary=stream_unary,
@@ -135,7 +160,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in self._stream(method, context, lambda: behaviour(_checked_stream(requests), context)):
+            async for response in self._stream(
+                method, context, lambda: behaviour(_checked_stream(requests), context), None
+            ):
                 yield response
 
         return handler._replace(
@@ -158,21 +185,52 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             },
         )
 
-    def _authenticate(self, context: grpc.aio.ServicerContext, span: trace.Span) -> tuple[Any, str | None]:
-        credentials = dict(context.invocation_metadata() or ()).get(AUTHORIZATION_HEADER)
-        principal = self._authenticator.authenticate(credentials if isinstance(credentials, str) else None)
-        span.set_attribute("enduser.id", principal.subject)
-        span.set_attribute("llmos.tenant", principal.tenant)
-        return principal, credentials if isinstance(credentials, str) else None
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext, span: trace.Span, request: Any
+    ) -> tuple[Principal, str | None]:
+        """Authenticate and authorize the call; every refusal is audited before it is returned."""
+        value = dict(context.invocation_metadata() or ()).get(AUTHORIZATION_HEADER)
+        credentials = value if isinstance(value, str) else None
+        principal: Principal | None = None
+        try:
+            principal = await self._authenticator.authenticate(credentials)
+            span.set_attribute("enduser.id", principal.subject)
+            span.set_attribute("llmos.tenant", principal.tenant)
+            permission = authorize(principal, method)
+        except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+            await self._audit(method, principal, request, DENY, exc.message)
+            raise
+        if permission in DATA_PERMISSIONS:
+            await self._audit(method, principal, request, ALLOW, "")
+        return principal, credentials
+
+    async def _audit(
+        self, method: str, principal: Principal | None, request: Any, decision: events_pb2.AuditDecision.ValueType, reason: str
+    ) -> None:
+        if self._audit_sink is None:
+            return
+        event = audit_event(
+            self._service,
+            principal.subject if principal else "anonymous",
+            principal.tenant if principal else "",
+            method.lstrip("/"),
+            _resource_of(request),
+            decision,
+            reason,
+        )
+        try:
+            await self._audit_sink(event)
+        except Exception:  # noqa: BLE001 - a lost audit publish is logged, the call itself goes on
+            logger.exception("could not publish the audit event of %s", method)
 
     async def _call(
-        self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]]
+        self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]], request: Any
     ) -> Any:
         span = self._start_span(method, context)
         started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
-                principal, credentials = self._authenticate(context, span)
+                principal, credentials = await self._admit(method, context, span, request)
                 with acting_as(principal, credentials):
                     result = await run()
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
@@ -189,12 +247,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str,
         context: grpc.aio.ServicerContext,
         open_stream: Callable[[], Any],
+        request: Any,
     ) -> AsyncIterator[Any]:
         span = self._start_span(method, context)
         started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
-                principal, credentials = self._authenticate(context, span)
+                principal, credentials = await self._admit(method, context, span, request)
                 with acting_as(principal, credentials):
                     responses = open_stream()
                     if inspect.isasyncgen(responses):

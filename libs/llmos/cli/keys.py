@@ -1,0 +1,70 @@
+"""`llmos keys create|list|revoke`: API keys in the platform's key store (NATS KV)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import nats
+
+from llmos.bus.broker import declare_buckets
+from llmos.keys import KEYS_BUCKET, KeyStore
+from llmos.policy import ROLES
+from llmos.settings import PlatformSettings, load_settings
+
+
+async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
+    settings = load_settings(PlatformSettings)
+    connection = await nats.connect(settings.nats_url, connect_timeout=3, allow_reconnect=False)
+    try:
+        js = connection.jetstream()
+        await declare_buckets(js)
+        return await action(KeyStore(await js.key_value(KEYS_BUCKET)))
+    finally:
+        await connection.close()
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    async def create(store: KeyStore) -> int:
+        record, key = await store.create(args.subject, args.tenant, tuple(args.role))
+        print(f"key id {record.key_id} for {record.subject} in tenant {record.tenant} ({', '.join(record.roles)})")
+        print(key)
+        print("the key is shown once; it is stored only as a SHA-256 digest")
+        return 0
+
+    return asyncio.run(_with_store(create))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def show(store: KeyStore) -> int:
+        print(f"{'key id':<14} {'subject':<16} {'tenant':<12} {'roles':<20} created")
+        for _, record in await store.records():
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
+            print(f"{record.key_id:<14} {record.subject:<16} {record.tenant:<12} {','.join(record.roles):<20} {created}")
+        return 0
+
+    return asyncio.run(_with_store(show))
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    async def revoke(store: KeyStore) -> int:
+        record = await store.revoke(args.key_id)
+        print(f"revoked {record.key_id} ({record.subject}, tenant {record.tenant}); services drop it within seconds")
+        return 0
+
+    return asyncio.run(_with_store(revoke))
+
+
+def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="issue, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="issue a key (printed once)")
+    create.add_argument("--subject", required=True, help="who the key is for")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", action="append", choices=ROLES, required=True, help="repeat for several roles")
+    create.set_defaults(run=cmd_create)
+    keys.add_parser("list", help="issued keys (ids and principals, never the keys)").set_defaults(run=cmd_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_revoke)

@@ -1,0 +1,144 @@
+"""API keys: issued once, stored only as SHA-256 digests in the `api_keys` KV bucket.
+
+A key reads `llmos_<key id>_<secret>`; the key id names it for listing and revocation, the
+digest of the whole key finds its principal. Services cache a resolved key for a few seconds,
+so a revocation takes effect within `CACHE_TTL_S` everywhere without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass
+
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from llmos.auth import Principal
+from llmos.errors import InvalidArgument, NotFound, Unauthenticated
+from llmos.policy import ROLES
+
+KEYS_BUCKET = "api_keys"
+KEY_PREFIX = "llmos_"
+CACHE_TTL_S = 5.0
+_BEARER = "bearer "
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    subject: str
+    tenant: str
+    roles: tuple[str, ...]
+    created_at: float
+
+    def principal(self) -> Principal:
+        return Principal(self.subject, self.tenant, frozenset(self.roles))
+
+
+def check_identity(subject: str, tenant: str, roles: tuple[str, ...]) -> None:
+    if not subject:
+        raise InvalidArgument("subject", "is required")
+    if not tenant:
+        raise InvalidArgument("tenant", "is required")
+    unknown = [role for role in roles if role not in ROLES]
+    if not roles or unknown:
+        raise InvalidArgument("roles", f"give one or more of {', '.join(ROLES)} (unknown: {', '.join(unknown) or 'none given'})")
+
+
+class KeyStore:
+    """Issued keys in a JetStream KV bucket, shared by every service and replica."""
+
+    def __init__(self, bucket: KeyValue) -> None:
+        self._bucket = bucket
+
+    async def create(self, subject: str, tenant: str, roles: tuple[str, ...]) -> tuple[ApiKeyRecord, str]:
+        """A new key for the principal; the key itself is returned once and never stored."""
+        check_identity(subject, tenant, roles)
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
+        record = ApiKeyRecord(key_id, subject, tenant, tuple(sorted(roles)), time.time())
+        await self._bucket.create(key_digest(key), json.dumps(asdict(record)).encode())
+        return record, key
+
+    async def lookup(self, key: str) -> ApiKeyRecord | None:
+        try:
+            entry = await self._bucket.get(key_digest(key))
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        data = json.loads(entry.value)
+        return ApiKeyRecord(**{**data, "roles": tuple(data["roles"])})
+
+    async def records(self) -> list[tuple[str, ApiKeyRecord]]:
+        try:
+            digests = await self._bucket.keys()
+        except NoKeysError:
+            return []
+        found = []
+        for digest in digests:
+            entry = await self._bucket.get(digest)
+            if entry.value:
+                data = json.loads(entry.value)
+                found.append((digest, ApiKeyRecord(**{**data, "roles": tuple(data["roles"])})))
+        return sorted(found, key=lambda item: item[1].created_at)
+
+    async def revoke(self, key_id: str) -> ApiKeyRecord:
+        for digest, record in await self.records():
+            if record.key_id == key_id:
+                await self._bucket.purge(digest)
+                return record
+        raise NotFound(f"no key with id {key_id!r}")
+
+
+def parse_static_keys(spec: str) -> dict[str, Principal]:
+    """`LLMOS_API_KEYS`: comma-separated `key=subject:tenant:role|role`, kept as digests."""
+    keys: dict[str, Principal] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, identity = entry.partition("=")
+        parts = identity.split(":")
+        if not sep or not key or len(parts) != 3:
+            raise InvalidArgument("LLMOS_API_KEYS", f"entry {key[:4]}… is not key=subject:tenant:role|role")
+        subject, tenant, roles = parts
+        role_tuple = tuple(filter(None, roles.split("|")))
+        check_identity(subject, tenant, role_tuple)
+        keys[key_digest(key)] = Principal(subject, tenant, frozenset(role_tuple))
+    return keys
+
+
+class KeyAuthenticator:
+    """Resolves `authorization: Bearer <key>` against static keys, then the key store."""
+
+    def __init__(self, static_keys: dict[str, Principal], store: KeyStore | None = None) -> None:
+        self._static = static_keys
+        self._store = store
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        if not authorization:
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <api key>'")
+        if not authorization.lower().startswith(_BEARER):
+            raise Unauthenticated("authorization metadata must be 'Bearer <api key>'")
+        key = authorization[len(_BEARER):].strip()
+        digest = key_digest(key)
+        for known, principal in self._static.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        cached = self._cache.get(digest)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        record = await self._store.lookup(key) if self._store and key.startswith(KEY_PREFIX) else None
+        if record is None:
+            self._cache.pop(digest, None)
+            raise Unauthenticated("unknown or revoked API key")
+        principal = record.principal()
+        self._cache[digest] = (time.monotonic() + CACHE_TTL_S, principal)
+        return principal
