@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from llmos.errors import LlmosError
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
 from llmos.telemetry import SPAN_FILE, read_spans
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 2
+    except LlmosError as exc:
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return 1
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 1
