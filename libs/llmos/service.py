@@ -73,7 +73,9 @@ class ServiceProcess(Generic[SettingsT]):
     def __init__(self, definition: ServiceDefinition[SettingsT], settings: SettingsT) -> None:
         self.definition = definition
         self.settings = settings
-        self.bus = Bus(settings.nats_url, definition.name, settings.max_deliveries)
+        self.bus = Bus(
+            settings.nats_url, definition.name, settings.max_deliveries, settings.nats_user, settings.nats_password
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.parts: ServiceParts | None = None

@@ -54,6 +54,9 @@ class PlatformSettings(BaseSettings):
     home: Path = Path(".llmos")
     nats_url: str
     nats_monitor_port: int = 8222
+    # NATS user of this process; empty when the server has no authorization configured.
+    nats_user: str = ""
+    nats_password: str = ""
     bind_host: str = "127.0.0.1"
     ingest_addr: str
     tokenizer_addr: str

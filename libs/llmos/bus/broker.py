@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 from faststream import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, PullSub
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.api import AckPolicy as AckPolicyJS
@@ -70,10 +70,16 @@ class Subscription(Generic[MessageT]):
 class Bus:
     """Publishing, consuming and key-value state on NATS JetStream for one service."""
 
-    def __init__(self, nats_url: str, service: str, max_deliveries: int) -> None:
+    def __init__(
+        self, nats_url: str, service: str, max_deliveries: int, user: str = "", password: str = ""
+    ) -> None:
         self.service = service
         self.max_deliveries = max_deliveries
-        self.broker = NatsBroker(nats_url, logger=logging.getLogger(f"llmos.bus.{service}"))
+        self.broker = NatsBroker(
+            nats_url,
+            security=NatsUserPassword(user, password) if user else None,
+            logger=logging.getLogger(f"llmos.bus.{service}"),
+        )
         self._tracer = trace.get_tracer("llmos.bus")
         self._duration = metrics.get_meter("llmos.bus").create_histogram(
             "messaging.process.duration", unit="ms", description="time to handle one bus message, by subject and outcome"

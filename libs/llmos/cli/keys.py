@@ -7,17 +7,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import nats
-
 from llmos.bus.broker import declare_buckets
 from llmos.keys import KEYS_BUCKET, KeyStore
+from llmos.natsauth import connect_cli
 from llmos.policy import ROLES
 from llmos.settings import PlatformSettings, load_settings
 
 
 async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
     settings = load_settings(PlatformSettings)
-    connection = await nats.connect(settings.nats_url, connect_timeout=3, allow_reconnect=False)
+    connection = await connect_cli(settings, connect_timeout=3, allow_reconnect=False)
     try:
         js = connection.jetstream()
         await declare_buckets(js)

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llmos.grpcutil.health_probe import check
+from llmos.natsauth import authorization_block, credentials_path, new_credentials, write_credentials
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 STACK_FILE = "stack.json"
@@ -56,13 +57,15 @@ def port_open(host: str, port: int) -> bool:
 NATS_MAX_PAYLOAD = "8MB"
 
 
-def nats_command(store: Path, host: str, port: int, monitor_port: int) -> list[str]:
-    """A nats-server command line with JetStream on `store`; limits go in a config file beside it."""
+def nats_command(store: Path, host: str, port: int, monitor_port: int, authorization: str = "") -> list[str]:
+    """A nats-server command line with JetStream on `store`; limits and users go in a config file."""
     store.mkdir(parents=True, exist_ok=True)
     config = store.parent / "nats-server.conf"
-    config.write_text(
-        f"max_payload: {NATS_MAX_PAYLOAD}\njetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
-    )
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold passwords
+    with os.fdopen(fd, "w") as handle:
+        handle.write(
+            f"max_payload: {NATS_MAX_PAYLOAD}\njetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n{authorization}"
+        )
     return [
         nats_server_binary(),
         "--config", str(config),
@@ -72,12 +75,12 @@ def nats_command(store: Path, host: str, port: int, monitor_port: int) -> list[s
     ]
 
 
-def start_nats(settings: PlatformSettings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -> subprocess.Popen[bytes]:
     port = nats_port(settings.nats_url)
     host = urlparse(settings.nats_url).hostname or "127.0.0.1"
     if port_open(host, port):
         raise RuntimeError(f"port {port} is in use: another NATS or `llmos up` is running (try `llmos down`)")
-    command = nats_command(settings.data_dir / "jetstream", host, port, settings.nats_monitor_port)
+    command = nats_command(settings.data_dir / "jetstream", host, port, settings.nats_monitor_port, authorization)
     process = _spawn(command, log_path, os.environ)
     deadline = time.monotonic() + 15
     while not port_open(host, port):
@@ -101,10 +104,12 @@ def start_service(name: str, settings: PlatformSettings, env: Mapping[str, str])
     return _spawn([sys.executable, "-m", f"services.{name}"], settings.logs_dir / f"{name}.log", env)
 
 
-def service_env(settings: PlatformSettings) -> dict[str, str]:
-    """The environment of every service: ours, with LLMOS_HOME made absolute."""
+def service_env(settings: PlatformSettings, service: str, credentials: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a service: ours, LLMOS_HOME made absolute, and its own NATS user."""
     env = dict(os.environ)
     env["LLMOS_HOME"] = str(settings.home.resolve())
+    env["LLMOS_NATS_USER"] = service
+    env["LLMOS_NATS_PASSWORD"] = credentials[service]
     return env
 
 
@@ -188,6 +193,7 @@ def stop_stack(settings: PlatformSettings) -> list[str]:
     stop_pids([process.pid for process in services], settings.shutdown_grace_s + 5)
     stop_pids([process.pid for process in processes if process.name == "nats"], 10)
     stack_file(settings).unlink(missing_ok=True)
+    credentials_path(settings.home).unlink(missing_ok=True)
     return [process.name for process in processes]
 
 
@@ -201,11 +207,14 @@ class Stack:
     def start(self) -> float:
         """Start NATS and every service; returns seconds until all were SERVING."""
         started = time.monotonic()
-        self.processes["nats"] = start_nats(self.settings, self.settings.logs_dir / "nats.log")
-        env = service_env(self.settings)
+        credentials = new_credentials()
+        write_credentials(credentials_path(self.settings.home), credentials)
+        self.processes["nats"] = start_nats(
+            self.settings, self.settings.logs_dir / "nats.log", authorization_block(credentials)
+        )
         try:
             for name in SERVICE_NAMES:
-                self.processes[name] = start_service(name, self.settings, env)
+                self.processes[name] = start_service(name, self.settings, service_env(self.settings, name, credentials))
             self._record()
             wait_until_serving(
                 self.settings, {name: self.processes[name] for name in SERVICE_NAMES}, READY_TIMEOUT_S

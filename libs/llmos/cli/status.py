@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlparse
 
-import nats
 
 from llmos.bus.subjects import STREAMS
 from llmos.cli.stack import port_open
 from llmos.grpcutil.health_probe import check
+from llmos.natsauth import connect_cli
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 
@@ -29,7 +29,7 @@ async def print_status(settings: PlatformSettings) -> int:
     if not port_open(url.hostname or "127.0.0.1", url.port or 4222):
         print(f"\nnats: unreachable at {settings.nats_url}")
         return 1
-    connection = await asyncio.wait_for(nats.connect(settings.nats_url, error_cb=_quiet), timeout=5)
+    connection = await asyncio.wait_for(connect_cli(settings, error_cb=_quiet), timeout=5)
     try:
         js = connection.jetstream()
         print(f"\n{'stream':<9} {'messages':>9}  consumer (pending / waiting for ack)")
