@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 
 from llmos.bus.broker import Bus, Subscription
 from llmos.bus.subjects import audit_subject
-from llmos.grpcutil.client import MAX_MESSAGE_BYTES
+from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
 from llmos.grpcutil.interceptors import ServerInterceptor
+from llmos.grpcutil.tls import TlsFiles, caller_credentials, server_credentials
 from llmos.grpcutil.unimplemented import unimplemented_servicer
 from llmos.keys import KEYS_BUCKET, KeyAuthenticator, KeyStore, parse_static_keys
 from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
@@ -83,6 +84,8 @@ class ServiceProcess(Generic[SettingsT]):
 
     async def start(self) -> None:
         name = self.definition.name
+        # Before the service builds its clients, so that they dial over TLS when configured.
+        use_transport_credentials(caller_credentials(self.settings, name))
         self.parts = await self.definition.build(self.settings, self.bus)
         for subscription in self.parts.subscriptions:
             self.bus.subscribe(subscription)
@@ -107,7 +110,12 @@ class ServiceProcess(Generic[SettingsT]):
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.settings.listen_addr(name))
+        listen = self.settings.listen_addr(name)
+        if self.settings.tls_dir:
+            files = TlsFiles(self.settings.tls_dir, name)
+            self.port = self.server.add_secure_port(listen, server_credentials(files, self.settings.tls_mutual))
+        else:
+            self.port = self.server.add_insecure_port(listen)
         if not self.port:
             raise RuntimeError(f"{name}: cannot listen on {self.settings.listen_addr(name)}")
         await self.server.start()

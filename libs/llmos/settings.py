@@ -72,6 +72,10 @@ class PlatformSettings(BaseSettings):
     api_keys: str = ""
     # The key a service uses for calls it makes on its own behalf (bus handlers, background work).
     service_api_key: str = ""
+    # gRPC over TLS when set: a folder made by `llmos certs` (ca.pem, <service>.pem, …).
+    tls_dir: Path | None = None
+    # With TLS, also require client certificates signed by the CA (mutual TLS).
+    tls_mutual: bool = False
     # A bus message that fails this many times goes to the dead-letter subject.
     max_deliveries: int = 3
     # How long a service waits for in-flight work when asked to stop.

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from llmos.errors import LlmosError
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
@@ -99,6 +100,15 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from llmos.grpcutil.tls import CLIENT_NAME, make_certificates
+
+    make_certificates(args.out, (*SERVICE_NAMES, CLIENT_NAME), tuple(args.host))
+    print(f"CA and certificates for {', '.join(SERVICE_NAMES)} and {CLIENT_NAME} in {args.out}")
+    print(f"serve TLS with LLMOS_TLS_DIR={args.out} (and LLMOS_TLS_MUTUAL=true for mutual TLS)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmos.cli.demo import run_demo
 
@@ -126,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--int8", action="store_true", help="also build the int8 embedding model")
     build.add_argument("--force", action="store_true", help="rebuild even when artefacts are up to date")
     build.set_defaults(run=cmd_models_build)
+
+    certs = commands.add_parser("certs", help="make a development CA and a certificate per service")
+    certs.add_argument("--out", type=Path, required=True, help="folder for ca.pem, <service>.pem, <service>-key.pem")
+    certs.add_argument("--host", action="append", default=["localhost", "127.0.0.1"], help="extra host names or IPs")
+    certs.set_defaults(run=cmd_certs)
 
     commands.add_parser("demo", help="start the stack, show the main flows, stop it").set_defaults(run=cmd_demo)
     evals = commands.add_parser("eval", help="measure quality on a data folder, beside published references")

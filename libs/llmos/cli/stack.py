@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llmos.grpcutil.health_probe import check
+from llmos.grpcutil.tls import caller_credentials
 from llmos.natsauth import authorization_block, credentials_path, new_credentials, write_credentials
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
@@ -123,7 +124,7 @@ def wait_until_serving(settings: PlatformSettings, processes: Mapping[str, subpr
                 log = settings.logs_dir / f"{name}.log"
                 raise RuntimeError(f"{name} exited with code {process.returncode}; last lines of {log}:\n{tail(log)}")
             if status[name] != "SERVING":
-                status[name] = check(settings.service_addr(name), timeout_s=0.5)
+                status[name] = check(settings.service_addr(name), timeout_s=0.5, credentials=caller_credentials(settings))
         if all(value == "SERVING" for value in status.values()):
             return status
         time.sleep(0.2)

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 from llmos.bus.subjects import STREAMS
 from llmos.cli.stack import port_open
 from llmos.grpcutil.health_probe import check
+from llmos.grpcutil.tls import caller_credentials
 from llmos.natsauth import connect_cli
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
@@ -21,7 +22,7 @@ async def print_status(settings: PlatformSettings) -> int:
     healthy = True
     print(f"{'service':<10} {'address':<22} health")
     for name in SERVICE_NAMES:
-        status = await asyncio.to_thread(check, settings.service_addr(name), "", 1.0)
+        status = await asyncio.to_thread(check, settings.service_addr(name), "", 1.0, caller_credentials(settings))
         healthy &= status == "SERVING"
         print(f"{name:<10} {settings.service_addr(name):<22} {status}")
     url = urlparse(settings.nats_url)

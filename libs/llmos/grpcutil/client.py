@@ -14,14 +14,23 @@ CHANNEL_OPTIONS = (
 )
 
 
+# The transport security of this process's outgoing calls, set once at start (None: plaintext).
+_transport_credentials: grpc.ChannelCredentials | None = None
+
+
+def use_transport_credentials(credentials: grpc.ChannelCredentials | None) -> None:
+    global _transport_credentials
+    _transport_credentials = credentials
+
+
 def bearer(api_key: str) -> str:
     return f"Bearer {api_key}"
 
 
 def open_channel(addr: str, service_api_key: str = "") -> grpc.aio.Channel:
-    """An insecure channel to `addr`; calls carry the caller's credentials or the service's key."""
-    return grpc.aio.insecure_channel(
-        addr,
-        options=CHANNEL_OPTIONS,
-        interceptors=client_interceptors(bearer(service_api_key) if service_api_key else None),
-    )
+    """A channel to another service (TLS when configured); calls carry the caller's credentials
+    or the service's own key."""
+    interceptors = client_interceptors(bearer(service_api_key) if service_api_key else None)
+    if _transport_credentials is not None:
+        return grpc.aio.secure_channel(addr, _transport_credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
