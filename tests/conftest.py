@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
+from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,7 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
             "LLMOS_BIND_HOST": "127.0.0.1",
             "LLMOS_API_KEYS": ",".join(f"{key}={identity}" for key, identity in TEST_KEYS.items()),
             "LLMOS_SERVICE_API_KEY": TEST_SERVICE_KEY,
+            "LLMOS_ENCRYPTION_KEYS": new_key_entry("test"),
             "LLMOS_LOG_LEVEL": "INFO",
         }
     )

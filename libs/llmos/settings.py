@@ -72,6 +72,8 @@ class PlatformSettings(BaseSettings):
     api_keys: str = ""
     # The key a service uses for calls it makes on its own behalf (bus handlers, background work).
     service_api_key: str = ""
+    # Keys sealing data at rest (AES-GCM), `key_id:base64key,...`; the first one seals.
+    encryption_keys: str = ""
     # gRPC over TLS when set: a folder made by `llmos certs` (ca.pem, <service>.pem, …).
     tls_dir: Path | None = None
     # With TLS, also require client certificates signed by the CA (mutual TLS).

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from llmos.bus.broker import declare_buckets
+from llmos.crypto import new_key_entry
 from llmos.keys import KEYS_BUCKET, KeyStore
 from llmos.natsauth import connect_cli
 from llmos.policy import ROLES
@@ -56,6 +57,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return asyncio.run(_with_store(revoke))
 
 
+def cmd_data_key(args: argparse.Namespace) -> int:
+    print(new_key_entry())
+    print("put it first in LLMOS_ENCRYPTION_KEYS to seal new data with it; keep older keys after it to read old data")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="issue, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="issue a key (printed once)")
@@ -67,3 +74,4 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_revoke)
+    keys.add_parser("data-key", help="a new key for LLMOS_ENCRYPTION_KEYS (data at rest)").set_defaults(run=cmd_data_key)
