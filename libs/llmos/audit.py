@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.auth import Principal
 from llmos.bus.subjects import audit_subject
+from llmos.redaction import redact
 from llmos.telemetry import current_trace_id
 from llmos.v1 import events_pb2
 
@@ -32,7 +33,8 @@ def audit_event(
     decision: events_pb2.AuditDecision.ValueType,
     reason: str = "",
 ) -> events_pb2.AuditEvent:
-    """An event stamped with a fresh id, the current time and the current trace."""
+    """An event stamped with a fresh id, the current time and the current trace; free text in it
+    (resource, reason) has personal data redacted."""
     time = Timestamp()
     time.GetCurrentTime()
     return events_pb2.AuditEvent(
@@ -42,9 +44,9 @@ def audit_event(
         tenant=tenant,
         service=service,
         action=action,
-        resource=resource,
+        resource=redact(resource),
         decision=decision,
-        reason=reason,
+        reason=redact(reason),
         trace_id=current_trace_id(),
     )
 

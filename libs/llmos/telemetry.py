@@ -27,6 +27,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from llmos.redaction import RedactingLogFilter, RedactingSpanExporter
+
 SPAN_FILE = "spans.jsonl"
 METRICS_FILE = "metrics.jsonl"
 _METRICS_INTERVAL_MS = 10_000
@@ -122,7 +124,9 @@ class Telemetry:
         resource = Resource.create({"service.name": service, "service.namespace": "llmos"})
         self.tracer_provider = TracerProvider(resource=resource)
         self.tracer_provider.add_span_processor(
-            BatchSpanProcessor(_span_exporter(otlp_endpoint, telemetry_dir), schedule_delay_millis=500)
+            BatchSpanProcessor(
+                RedactingSpanExporter(_span_exporter(otlp_endpoint, telemetry_dir)), schedule_delay_millis=500
+            )
         )
         reader = PeriodicExportingMetricReader(
             _metric_exporter(otlp_endpoint, telemetry_dir), export_interval_millis=_METRICS_INTERVAL_MS
@@ -147,6 +151,8 @@ def setup_logging(service: str, level: str) -> None:
         level=level.upper(),
         format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingLogFilter())
 
 
 def inject_context(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from llmos.bus.codec import encode
 from llmos.errors import InvalidArgument
+from llmos.redaction import redact
 from llmos.v1 import events_pb2
 
 GENESIS_HASH = "0" * 64
@@ -80,9 +81,13 @@ class AuditStore:
         self._db.close()
 
     def append(self, event: events_pb2.AuditEvent) -> StoredRecord:
-        """Append `event`; a redelivered event (same id) is stored once and returned as stored."""
+        """Append `event`; a redelivered event (same id) is stored once and returned as stored.
+
+        Free text is redacted again here: events reach the bus from any publisher.
+        """
         if not event.event_id:
             raise InvalidArgument("event_id", "an audit event needs an id")
+        event.resource, event.reason = redact(event.resource), redact(event.reason)
         payload = encode(event)
         self._db.execute("BEGIN IMMEDIATE")
         try:

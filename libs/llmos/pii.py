@@ -1,0 +1,162 @@
+"""Personal data redaction: emails, phone numbers, payment card numbers and IBANs.
+
+Shared by ingest (documents are redacted before they are chunked) and audit. A `Redactor` is
+built from one tenant's policy (the kinds to redact); `redact(text)` returns the text with each
+finding replaced by a placeholder such as `[EMAIL]`, and the findings with their spans in the
+original text. Card numbers must pass the Luhn check and IBANs their ISO 7064 mod-97 checksum,
+so order numbers and other long digit runs are left alone.
+
+Policies come from a spec string (`LLMOS_INGEST_PII_POLICY`): comma-separated
+`tenant=kind|kind` entries, `*` for every tenant not named, `none` for no redaction, e.g.
+`*=email|phone|card|iban,lab=none`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from llmos.errors import InvalidArgument
+
+
+class PiiKind(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+    CARD = "card"
+    IBAN = "iban"
+
+
+ALL_KINDS = frozenset(PiiKind)
+DEFAULT_TENANT = "*"
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# 13 to 19 digits, optionally grouped by single spaces or dashes.
+_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Country code, check digits, then 11 to 30 letters or digits, optionally in groups of four.
+_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])")
+# An optional +country code, an optional (area code), then digit groups joined by separators.
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DECIMAL = re.compile(r"^\d+\.\d+$")
+MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 7, 15
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum used by payment card numbers."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char)
+        if position % 2 == 1:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def iban_valid(candidate: str) -> bool:
+    """ISO 13616 IBAN: letters to numbers, first four characters moved to the end, mod 97 == 1."""
+    compact = candidate.replace(" ", "")
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: PiiKind
+    start: int  # character offsets into the text given to `redact`
+    end: int
+
+
+@dataclass(frozen=True)
+class Redaction:
+    text: str
+    findings: tuple[Finding, ...]
+
+
+def _digits(text: str) -> str:
+    return "".join(char for char in text if char.isdigit())
+
+
+def _candidates(text: str, kinds: frozenset[PiiKind]) -> Iterator[Finding]:
+    """Every validated match, most specific kinds first (overlaps are resolved by the caller)."""
+    if PiiKind.EMAIL in kinds:
+        for match in _EMAIL.finditer(text):
+            yield Finding(PiiKind.EMAIL, match.start(), match.end())
+    if PiiKind.IBAN in kinds:
+        for match in _IBAN.finditer(text):
+            if iban_valid(match.group()):
+                yield Finding(PiiKind.IBAN, match.start(), match.end())
+    if PiiKind.CARD in kinds:
+        for match in _CARD.finditer(text):
+            if luhn_valid(_digits(match.group())):
+                yield Finding(PiiKind.CARD, match.start(), match.end())
+    if PiiKind.PHONE in kinds:
+        for match in _PHONE.finditer(text):
+            value = match.group()
+            if _ISO_DATE.match(value) or _DECIMAL.match(value):
+                continue
+            if MIN_PHONE_DIGITS <= len(_digits(value)) <= MAX_PHONE_DIGITS:
+                yield Finding(PiiKind.PHONE, match.start(), match.end())
+
+
+class Redactor:
+    """Redacts the kinds of personal data one policy names."""
+
+    def __init__(self, kinds: frozenset[PiiKind]) -> None:
+        self.kinds = kinds
+
+    def find(self, text: str) -> tuple[Finding, ...]:
+        """Non-overlapping findings in text order; the first kind to claim a span keeps it."""
+        taken: list[Finding] = []
+        for finding in _candidates(text, self.kinds):
+            if all(finding.end <= other.start or finding.start >= other.end for other in taken):
+                taken.append(finding)
+        return tuple(sorted(taken, key=lambda finding: finding.start))
+
+    def redact(self, text: str) -> Redaction:
+        findings = self.find(text)
+        if not findings:
+            return Redaction(text, ())
+        parts: list[str] = []
+        cursor = 0
+        for finding in findings:
+            parts.append(text[cursor:finding.start])
+            parts.append(f"[{finding.kind.value.upper()}]")
+            cursor = finding.end
+        parts.append(text[cursor:])
+        return Redaction("".join(parts), findings)
+
+
+class PiiPolicy:
+    """Which kinds each tenant redacts; tenants not named follow the `*` entry."""
+
+    def __init__(self, kinds_by_tenant: Mapping[str, frozenset[PiiKind]]) -> None:
+        self._kinds = dict(kinds_by_tenant)
+        self._redactors = {tenant: Redactor(kinds) for tenant, kinds in self._kinds.items()}
+        self._none = Redactor(frozenset())
+
+    @classmethod
+    def parse(cls, spec: str) -> PiiPolicy:
+        kinds_by_tenant: dict[str, frozenset[PiiKind]] = {}
+        for entry in filter(None, (part.strip() for part in spec.split(","))):
+            tenant, sep, kinds = entry.partition("=")
+            if not sep or not tenant.strip():
+                raise InvalidArgument("pii_policy", f"entry {entry!r} is not tenant=kind|kind")
+            names = [name.strip().lower() for name in kinds.split("|") if name.strip()]
+            if names == ["none"]:
+                kinds_by_tenant[tenant.strip()] = frozenset()
+                continue
+            unknown = sorted(set(names) - {kind.value for kind in PiiKind})
+            if unknown or not names:
+                raise InvalidArgument(
+                    "pii_policy",
+                    f"entry {entry!r} names unknown kinds {unknown}; use {', '.join(k.value for k in PiiKind)} or none",
+                )
+            kinds_by_tenant[tenant.strip()] = frozenset(PiiKind(name) for name in names)
+        return cls(kinds_by_tenant)
+
+    def redactor(self, tenant: str) -> Redactor:
+        return self._redactors.get(tenant) or self._redactors.get(DEFAULT_TENANT) or self._none
