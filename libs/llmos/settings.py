@@ -70,6 +70,8 @@ class PlatformSettings(BaseSettings):
     log_level: str = "INFO"
     execution_provider: ExecutionProvider = ExecutionProvider.AUTO
     api_keys: str = ""
+    # The key command-line tools present (`llmos audit`, `llmos search`, …).
+    api_key: str = ""
     # The key a service uses for calls it makes on its own behalf (bus handlers, background work).
     service_api_key: str = ""
     # Keys sealing data at rest (AES-GCM), `key_id:base64key,...`; the first one seals.

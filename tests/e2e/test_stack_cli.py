@@ -59,6 +59,15 @@ def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
         assert trace.returncode == 0, trace.stderr
         assert "IngestService/SubmitDocument" in trace.stdout and "TokenizerService/Tokenize" in trace.stdout
+
+        for _ in range(50):
+            audit = llmos(env, tmp_path, "audit", "query", "--action", "llmos.v1.IngestService/SubmitDocument", timeout=30)
+            if "document/e2e" in audit.stdout:
+                break
+            time.sleep(0.2)
+        assert audit.returncode == 0 and "tester" in audit.stdout and "allow" in audit.stdout, audit.stdout + audit.stderr
+        verify = llmos(env, tmp_path, "audit", "verify", timeout=30)
+        assert verify.returncode == 0 and verify.stdout.startswith("intact"), verify.stdout + verify.stderr
     finally:
         down = llmos(env, tmp_path, "down", timeout=60)
     assert down.returncode == 0 and "stopped" in down.stdout

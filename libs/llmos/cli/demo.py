@@ -10,11 +10,9 @@ import asyncio
 import time
 from pathlib import Path
 
-import grpc
-
+from llmos.cli.client import channel, metadata
 from llmos.cli.stack import Stack
 from llmos.cli.tracetree import render_tree, trace_spans
-from llmos.grpcutil.client import bearer
 from llmos.settings import PlatformSettings
 from llmos.telemetry import SPAN_FILE, read_spans
 from llmos.v1 import (
@@ -30,32 +28,23 @@ from llmos.v1 import (
 DEMO_KB = Path(__file__).resolve().parents[3] / "demo" / "kb"
 
 
-def _demo_key(settings: PlatformSettings) -> str:
-    """The first administrator key configured, as a user of the demo would use it."""
-    for entry in settings.api_keys.split(","):
-        key, _, identity = entry.strip().partition("=")
-        if "admin" in identity.rpartition(":")[2].split("|"):
-            return key
-    raise RuntimeError("no admin key in LLMOS_API_KEYS; the demo needs one (see .env)")
-
-
 async def _tour(settings: PlatformSettings) -> None:
-    metadata = (("authorization", bearer(_demo_key(settings))),)
-    async with grpc.aio.insecure_channel(settings.tokenizer_addr) as channel:
-        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+    md = metadata(settings)
+    async with channel(settings, "tokenizer") as tokenizer_channel:
+        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tokenizer_channel)
         print("\n== tokenizer: the model's own chat template and token counts")
         templated = await tokenizer.ApplyChatTemplate(
             tokenizer_pb2.ApplyChatTemplateRequest(
                 messages=[common_pb2.ChatMessage(role="user", content="Where is my order NW-204518?")],
                 add_generation_prompt=True,
             ),
-            metadata=metadata,
+            metadata=md,
         )
         print(templated.prompt.rstrip())
         print(f"-> {templated.token_count} tokens")
 
-    async with grpc.aio.insecure_channel(settings.ingest_addr) as channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+    async with channel(settings, "ingest") as ingest_channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         print(f"\n== ingest: the Northwind help centre ({DEMO_KB})")
         for article in sorted(DEMO_KB.glob("*.md")):
             response = await ingest.SubmitDocument(
@@ -66,23 +55,23 @@ async def _tour(settings: PlatformSettings) -> None:
                     content=article.read_bytes(),
                     source=f"demo/kb/{article.name}",
                 ),
-                metadata=metadata,
+                metadata=md,
             )
             status = await ingest.GetDocumentStatus(
-                ingest_pb2.GetDocumentStatusRequest(document_id=article.stem), metadata=metadata
+                ingest_pb2.GetDocumentStatusRequest(document_id=article.stem), metadata=md
             )
             stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
             note = "unchanged since last run" if response.unchanged else f"{status.chunk_count} chunks"
             print(f"  {article.stem:<10} {stage:<8} {note}  sha256 {response.content_hash[:12]}")
 
     await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
-    async with grpc.aio.insecure_channel(settings.audit_addr) as channel:
-        audit = audit_pb2_grpc.AuditServiceStub(channel)
+    async with channel(settings, "audit") as audit_channel:
+        audit = audit_pb2_grpc.AuditServiceStub(audit_channel)
         print("\n== audit: who did what, chained by SHA-256")
-        async for record in audit.Query(audit_pb2.QueryAuditRequest(page=common_pb2.PageRequest(page_size=5)), metadata=metadata):
+        async for record in audit.Query(audit_pb2.QueryAuditRequest(page=common_pb2.PageRequest(page_size=5)), metadata=md):
             event = record.event
             print(f"  #{record.sequence:<3} {event.principal:<8} {event.action:<14} {event.resource:<20} {record.hash[:12]}")
-        verdict = await audit.Verify(audit_pb2.VerifyAuditRequest(), metadata=metadata)
+        verdict = await audit.Verify(audit_pb2.VerifyAuditRequest(), metadata=md)
         print(f"  chain intact: {verdict.intact} ({verdict.records_checked} records)")
 
     spans = read_spans(settings.telemetry_dir / SPAN_FILE)

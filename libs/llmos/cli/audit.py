@@ -1,0 +1,97 @@
+"""`llmos audit tail|query|verify`: read and check the audit trail through AuditService."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from datetime import datetime, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from llmos.cli.client import Metadata, channel, metadata
+from llmos.settings import PlatformSettings, load_settings
+from llmos.v1 import audit_pb2, audit_pb2_grpc, common_pb2, events_pb2
+
+PAGE_SIZE = 200
+
+
+def _line(record: audit_pb2.AuditRecord) -> str:
+    event = record.event
+    when = datetime.fromtimestamp(event.time.ToSeconds(), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    decision = events_pb2.AuditDecision.Name(event.decision).removeprefix("AUDIT_DECISION_").lower()
+    reason = f"  ({event.reason})" if event.reason else ""
+    return f"#{record.sequence:<6} {when} {event.tenant:<10} {event.principal:<14} {decision:<5} {event.action} {event.resource}{reason}"
+
+
+def _request(args: argparse.Namespace, page_token: str) -> audit_pb2.QueryAuditRequest:
+    request = audit_pb2.QueryAuditRequest(
+        tenant=args.tenant, principal=args.principal, action=args.action,
+        page=common_pb2.PageRequest(page_size=PAGE_SIZE, page_token=page_token),
+    )
+    if args.since:
+        since = Timestamp()
+        since.FromDatetime(datetime.fromisoformat(args.since).replace(tzinfo=timezone.utc))
+        request.start_time.CopyFrom(since)
+    return request
+
+
+async def _pages(stub: audit_pb2_grpc.AuditServiceStub, args: argparse.Namespace, md: Metadata, token: str) -> tuple[list[audit_pb2.AuditRecord], str]:
+    records = [record async for record in stub.Query(_request(args, token), metadata=md)]
+    return records, str(records[-1].sequence) if records else token
+
+
+async def _query(settings: PlatformSettings, args: argparse.Namespace, follow: bool) -> int:
+    async with channel(settings, "audit") as audit_channel:
+        stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
+        md = metadata(settings, args.key)
+        token = ""
+        while True:
+            records, token = await _pages(stub, args, md, token)
+            for record in records:
+                print(_line(record), flush=True)
+            if len(records) < PAGE_SIZE:
+                if not follow:
+                    return 0
+                await asyncio.sleep(1.0)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    return asyncio.run(_query(load_settings(PlatformSettings), args, follow=False))
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_query(load_settings(PlatformSettings), args, follow=True))
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    async def verify() -> int:
+        settings = load_settings(PlatformSettings)
+        async with channel(settings, "audit") as audit_channel:
+            result = await audit_pb2_grpc.AuditServiceStub(audit_channel).Verify(
+                audit_pb2.VerifyAuditRequest(), metadata=metadata(settings, args.key)
+            )
+        if result.intact:
+            print(f"intact: {result.records_checked} records chained")
+            return 0
+        print(f"BROKEN at record {result.first_broken_sequence}: {result.reason} ({result.records_checked} good before it)")
+        return 1
+
+    return asyncio.run(verify())
+
+
+def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
+    audit = commands.add_parser("audit", help="read and verify the audit trail").add_subparsers(dest="audit_command", required=True)
+    for name, run, help_text in (("query", cmd_query, "records matching filters"), ("tail", cmd_tail, "follow new records")):
+        parser = audit.add_parser(name, help=help_text)
+        parser.add_argument("--tenant", default="", help="administrators: another tenant")
+        parser.add_argument("--principal", default="")
+        parser.add_argument("--action", default="", help="e.g. llmos.v1.IngestService/SubmitDocument")
+        parser.add_argument("--since", default="", help="ISO time, UTC (e.g. 2026-11-29T06:00)")
+        parser.add_argument("--key", default="", help="API key (default: LLMOS_API_KEY)")
+        parser.set_defaults(run=run)
+    verify = audit.add_parser("verify", help="walk the hash chain; exit 1 if broken")
+    verify.add_argument("--key", default="")
+    verify.set_defaults(run=cmd_verify)
