@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -51,6 +51,13 @@ test-integration: models
 
 test-e2e: models
 	$(PYTHON) -m pytest -m e2e
+
+test-security: models
+	$(PYTHON) -m pytest -m security
+
+# Benchmarks: each prints a table and writes bench/results/<area>.json.
+bench-inference: models
+	$(PYTHON) -m bench.inference
 
 clean:
 	rm -rf .llmos .pytest_cache

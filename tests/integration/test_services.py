@@ -11,12 +11,8 @@ from llmos.settings import SERVICE_NAMES
 from llmos.v1 import (
     dialogue_pb2,
     dialogue_pb2_grpc,
-    inference_pb2,
-    inference_pb2_grpc,
     retrieval_pb2,
     retrieval_pb2_grpc,
-    speech_pb2,
-    speech_pb2_grpc,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
@@ -59,12 +55,8 @@ async def test_calls_without_a_key_are_unauthenticated(stack: RunningStack) -> N
 @pytest.mark.parametrize(
     ("service", "call"),
     [
-        ("inference", lambda channel: inference_pb2_grpc.InferenceServiceStub(channel).Embed(
-            inference_pb2.EmbedRequest(texts=["x"]), metadata=ADMIN, timeout=5)),
         ("retrieval", lambda channel: retrieval_pb2_grpc.RetrievalServiceStub(channel).Search(
             retrieval_pb2.SearchRequest(query="x"), metadata=ADMIN, timeout=5)),
-        ("speech", lambda channel: speech_pb2_grpc.SpeechServiceStub(channel).ListVoices(
-            speech_pb2.ListVoicesRequest(), metadata=ADMIN, timeout=5)),
         ("dialogue", lambda channel: dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
             dialogue_pb2.GetSessionRequest(session_id="s"), metadata=ADMIN, timeout=5)),
     ],
@@ -75,12 +67,3 @@ async def test_apis_not_built_yet_say_so(stack: RunningStack, service: str, call
             await call(channel)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "not available yet" in error.value.details()
-
-
-async def test_streaming_rpc_not_built_yet_says_so(stack: RunningStack) -> None:
-    async with grpc.aio.insecure_channel(stack.addr("inference")) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi"), metadata=ADMIN, timeout=5):
-                pass
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED

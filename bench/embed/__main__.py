@@ -1,0 +1,114 @@
+"""Sentences/s for N texts through the inference service's Embed against sentence-transformers
+on the same checkpoint (torch CPU, same threads), with the cosine between the two.
+
+Texts: BANKING77 training queries and SciFact abstracts from /work/shared/data (short and long,
+as the platform sees them: queries and chunks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
+from llmos.embedding import EmbeddingModel
+from llmos.models.catalog import get_spec, locate_source
+from llmos.models.store import artefact_dir
+from llmos.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+DATA = Path("/work/shared/data")
+CALL_TEXTS = 64
+
+
+def load_texts(count: int) -> list[str]:
+    with (DATA / "banking77" / "train.csv").open(encoding="utf-8", newline="") as handle:
+        queries = [row["text"] for row in csv.DictReader(handle)]
+    with (DATA / "scifact" / "corpus.jsonl").open(encoding="utf-8") as handle:
+        abstracts = [json.loads(line)["text"] for line in handle]
+    half = count // 2
+    return queries[:half] + abstracts[:count - half]
+
+
+async def embed_through_service(addr: str, texts: list[str], concurrency: int) -> np.ndarray:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        limit = asyncio.Semaphore(concurrency)
+
+        async def call(part: list[str]) -> list[list[float]]:
+            async with limit:
+                response = await stub.Embed(
+                    inference_pb2.EmbedRequest(texts=part, priority=common_pb2.PRIORITY_BATCH), metadata=METADATA, timeout=600
+                )
+            return [list(e.values) for e in response.embeddings]
+
+        await call(texts[:8])  # warm-up
+        parts = [texts[i:i + CALL_TEXTS] for i in range(0, len(texts), CALL_TEXTS)]
+        results = await asyncio.gather(*(call(part) for part in parts))
+    return np.array([vector for part in results for vector in part], dtype=np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.embed")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--home", type=Path, default=REPO / ".llmos")
+    args, _ = parser.parse_known_args(argv)
+    texts = load_texts(args.count)
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    reference_model = SentenceTransformer(str(locate_source(get_spec("all-minilm-l6-v2")).path), device="cpu")
+    reference_model.encode(texts[:8])
+    started = time.perf_counter()
+    reference = reference_model.encode(texts, batch_size=64, normalize_embeddings=True)
+    reference_s = time.perf_counter() - started
+
+    direct_model = EmbeddingModel.from_dir(artefact_dir(args.home, "all-minilm-l6-v2"), threads=args.threads)
+    direct_model.embed(texts[:8])
+    started = time.perf_counter()
+    direct = direct_model.embed_sorted(texts, batch_size=64)
+    direct_s = time.perf_counter() - started
+    del direct_model
+
+    with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads)}) as addr:
+        started = time.perf_counter()
+        served = asyncio.run(embed_through_service(addr, texts, concurrency=4))
+        served_s = time.perf_counter() - started
+
+    def cosine(vectors: np.ndarray) -> float:
+        return float((vectors * reference).sum(axis=1).min())
+
+    rows = [
+        ("sentence-transformers (torch CPU)", f"{len(texts) / reference_s:.0f}", "1.00x", "1.000000"),
+        ("EmbeddingModel fp32, length-sorted (no service)", f"{len(texts) / direct_s:.0f}",
+         f"{reference_s / direct_s:.2f}x", f"{cosine(direct):.6f}"),
+        ("inference service Embed, fp32 (served)", f"{len(texts) / served_s:.0f}",
+         f"{reference_s / served_s:.2f}x", f"{cosine(served):.6f}"),
+    ]
+    print_table(f"Embeddings: {len(texts)} texts, {args.threads} threads (targets: served fp32 >= 1.5x at cosine >= 0.999)",
+                ("path", "sentences/s", "vs reference", "min cosine"), rows)
+    path = write_results("embed", {
+        "texts": len(texts), "threads": args.threads,
+        "reference_sentences_per_s": len(texts) / reference_s,
+        "direct_sentences_per_s": len(texts) / direct_s,
+        "served_sentences_per_s": len(texts) / served_s,
+        "served_speedup": reference_s / served_s,
+        "served_min_cosine": cosine(served), "direct_min_cosine": cosine(direct),
+        "served_variant": "fp32",
+    })
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

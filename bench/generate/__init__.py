@@ -1,0 +1,1 @@
+"""Generation through the inference service against llama.cpp (`python -m bench.generate`)."""

@@ -1,0 +1,1 @@
+"""Inference benchmarks: `python -m bench.inference` runs bench.embed then bench.generate."""

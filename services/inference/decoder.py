@@ -1,0 +1,144 @@
+"""The built decoder (`model.onnx` of the onnxruntime-genai artefact) run with plain ONNX Runtime.
+
+onnxruntime-genai's Generator batches only statically, so the continuous-batching scheduler
+drives the graph itself. The KV cache lives in one preallocated buffer per layer and tensor,
+shaped (max_batch, kv_heads, max_context, head_size): row r is the cache of the sequence in
+slot r. The same memory is bound as both `past_key_values.*` and `present.*`, so
+GroupQueryAttention writes each new token's keys and values in place (no per-step copies).
+
+A prompt is prefilled alone into its row; a decode step runs the first `n` rows together with
+each row's attention mask holding ones for its own length plus the new token and zeros after,
+which is how GroupQueryAttention learns where each sequence's new token goes (right padding;
+left padding gives wrong text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    num_layers: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def load(cls, folder: Path) -> DecoderConfig:
+        model = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        decoder = model["decoder"]
+        eos = model["eos_token_id"]
+        return cls(
+            num_layers=int(decoder["num_hidden_layers"]),
+            kv_heads=int(decoder["num_key_value_heads"]),
+            head_size=int(decoder["head_size"]),
+            vocab_size=int(model["vocab_size"]),
+            context_length=int(model["context_length"]),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
+        )
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """Keys and values of a prompt's first tokens, shaped (layers, kv_heads, tokens, head_size)."""
+
+    token_ids: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+
+class Decoder:
+    """One model session plus the slot KV cache; not thread-safe (the scheduler thread owns it)."""
+
+    def __init__(
+        self, folder: Path, providers: Sequence[str], threads: int, max_batch: int, max_context: int
+    ) -> None:
+        self.config = DecoderConfig.load(folder)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
+        inputs = {node.name: node for node in self.session.get_inputs()}
+        dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
+        self.max_batch = max_batch
+        self.max_context = min(max_context, self.config.context_length)
+        shape = (max_batch, self.config.kv_heads, self.max_context, self.config.head_size)
+        self.keys = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _run(self, rows: slice, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output("logits")  # first, so it is output 0
+        for layer in range(self.config.num_layers):
+            for kind, buffers in (("key", self.keys), ("value", self.values)):
+                cache = ort.OrtValue.ortvalue_from_numpy(buffers[layer][rows])
+                binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", cache)
+                binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def prefill(self, row: int, token_ids: Sequence[int], cached: int = 0) -> np.ndarray:
+        """Run a prompt into slot `row` whose first `cached` tokens are already in place.
+
+        Returns the logits (vocab_size,) for the token after the prompt.
+        """
+        total = len(token_ids)
+        input_ids = np.asarray(token_ids[cached:], dtype=np.int64)[None, :]
+        attention_mask = np.ones((1, total), dtype=np.int64)
+        logits = self._run(slice(row, row + 1), input_ids, attention_mask)
+        return logits[0, -1].astype(np.float32)
+
+    def decode(self, token_ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+        """One step for rows 0..n-1: row i holds `lengths[i]` tokens and gets `token_ids[i]`.
+
+        Returns logits (n, vocab_size).
+        """
+        n = len(token_ids)
+        lengths_array = np.asarray(lengths, dtype=np.int64)
+        width = int(lengths_array.max()) + 1
+        attention_mask = (np.arange(width)[None, :] <= lengths_array[:, None]).astype(np.int64)
+        input_ids = np.asarray(token_ids, dtype=np.int64)[:, None]
+        logits = self._run(slice(0, n), input_ids, attention_mask)
+        return logits[:, -1].astype(np.float32)
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        """Copy a sequence's cache to another slot (compaction when a sequence leaves)."""
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target, :, :length] = layer[source, :, :length]
+
+    def save_prefix(self, row: int, token_ids: Sequence[int]) -> CachedPrefix:
+        length = len(token_ids)
+        return CachedPrefix(
+            np.asarray(token_ids, dtype=np.int64),
+            np.stack([layer[row, :, :length] for layer in self.keys]),
+            np.stack([layer[row, :, :length] for layer in self.values]),
+        )
+
+    def load_prefix(self, row: int, prefix: CachedPrefix, length: int) -> None:
+        """Put the first `length` tokens of a cached prefix into slot `row`."""
+        for index in range(self.config.num_layers):
+            self.keys[index][row, :, :length] = prefix.keys[index, :, :length]
+            self.values[index][row, :, :length] = prefix.values[index, :, :length]

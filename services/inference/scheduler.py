@@ -1,0 +1,444 @@
+"""Continuous batching of generation requests over the decoder's slot KV cache.
+
+One thread owns the decoder. Each turn of its loop it drops cancelled or expired work, admits
+waiting requests into free slots (each prompt prefilled alone, reusing a cached prompt prefix
+when one matches), then runs one decode step for every running sequence together. A request
+joins at the next step and leaves the moment it finishes or its caller goes away.
+
+Each priority class has its own bounded queue. Admission order: interactive before standard before batch; within a class, the tenant with the
+fewest running sequences first (fair share), then the oldest request. `reserved_interactive`
+slots are never given to batch work, so a bulk job cannot make a chat wait for a whole
+generation to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from opentelemetry import metrics
+
+from llmos.errors import DeadlineExceeded, LlmosError, ResourceExhausted, Unavailable
+from llmos.tokenization import ModelTokenizer
+from services.inference.batching import PRIORITY_NAMES, priority_rank
+from services.inference.decoder import CachedPrefix, Decoder
+
+logger = logging.getLogger(__name__)
+
+# Prompts are prefilled in pieces of this many tokens: bounds the logits tensor of a long prompt.
+PREFILL_CHUNK_TOKENS = 256
+# A prefill piece is never a single token: the int4 MatMulNBits kernels take another path for one
+# row (the decode path) whose rounding differs, and a cached prefix must give exactly the logits
+# of an uncached prompt.
+MIN_PREFILL_PIECE = 2
+INCOMPLETE_CHARACTER = "\ufffd"
+BATCH_RANK = 2
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: Sequence[int]
+    sampling: SamplingConfig
+    tenant: str
+    priority: int
+    deadline_s: float | None = None  # seconds from submission; None: no deadline
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    generated_tokens: int
+    cached_prompt_tokens: int
+    queue_ms: float
+    time_to_first_token_ms: float
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    delta: str
+    token_ids: tuple[int, ...]
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+
+
+def sample(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then top-k, then top-p (nucleus)."""
+    if config.temperature == 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / config.temperature
+    candidates = np.arange(scaled.size)
+    if 0 < config.top_k < scaled.size:
+        candidates = np.argpartition(-scaled, config.top_k)[:config.top_k]
+    chosen = scaled[candidates]
+    probs = np.exp(chosen - chosen.max())
+    probs /= probs.sum()
+    if 0.0 < config.top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), config.top_p)) + 1]
+        candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
+    return int(rng.choice(candidates, p=probs))
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request while the scheduler holds it."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[StreamEvent | LlmosError]
+    arrived: float
+    rng: np.random.Generator
+    deadline: float | None
+    rank: int = 1
+    cancelled: bool = False
+    row: int = -1
+    length: int = 0  # tokens in this sequence's KV cache
+    next_token: int = 0  # sampled, not yet fed to the model
+    admitted: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    unsent_ids: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+
+    def send(self, event: StreamEvent | LlmosError) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class PrefixCache:
+    """Recent prompts' KV caches; any prefix of one is the exact cache of that prefix."""
+
+    def __init__(self, max_tokens: int, min_tokens: int) -> None:
+        self._entries: OrderedDict[int, CachedPrefix] = OrderedDict()
+        self._max_tokens = max_tokens
+        self.min_tokens = min_tokens
+        self._next_key = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(entry.token_ids) for entry in self._entries.values())
+
+    def lookup(self, prompt: np.ndarray) -> tuple[CachedPrefix | None, int]:
+        """The entry sharing the longest prefix with `prompt`, and that prefix's length."""
+        best: tuple[CachedPrefix | None, int, int] = (None, 0, -1)
+        for key, entry in self._entries.items():
+            n = min(len(entry.token_ids), len(prompt))
+            differs = np.flatnonzero(entry.token_ids[:n] != prompt[:n])
+            common = int(differs[0]) if differs.size else n
+            if common > best[1]:
+                best = (entry, common, key)
+        entry, common, key = best
+        if entry is None or common < self.min_tokens:
+            return None, 0
+        self._entries.move_to_end(key)
+        return entry, common
+
+    def add(self, entry: CachedPrefix) -> None:
+        if self._max_tokens <= 0 or len(entry.token_ids) > self._max_tokens:
+            return
+        self._entries[self._next_key] = entry
+        self._next_key += 1
+        while self.tokens > self._max_tokens:
+            self._entries.popitem(last=False)
+
+
+class GenerationScheduler:
+    def __init__(
+        self,
+        decoder: Decoder,
+        tokenizer: ModelTokenizer,
+        queue_size: int,
+        reserved_interactive: int,
+        prefix_cache: PrefixCache,
+    ) -> None:
+        self._decoder = decoder
+        self._tokenizer = tokenizer
+        self._max_batch = decoder.max_batch
+        self._queue_size = queue_size
+        self._reserved_interactive = min(reserved_interactive, self._max_batch - 1)
+        self._prefix_cache = prefix_cache
+        self._stop_ids = frozenset(
+            {*decoder.config.eos_token_ids, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])}
+        )
+        self._waiting: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # running[i].row == i
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Seconds a request holds a slot, smoothed: the basis of the retry hint when the queue is full.
+        self._service_time_s = 2.0
+        meter = metrics.get_meter("llmos.inference")
+        self._ttft = meter.create_histogram(
+            "llmos.inference.time_to_first_token", unit="ms", description="arrival to first generated token"
+        )
+        self._inter_token = meter.create_histogram(
+            "llmos.inference.inter_token_latency", unit="ms", description="time between a stream's tokens"
+        )
+        self._queue_time = meter.create_histogram(
+            "llmos.inference.queue_time", unit="ms", description="arrival to admission into a decode slot"
+        )
+        self._batch_size = meter.create_histogram(
+            "llmos.inference.batch_size", unit="{sequence}", description="sequences per decode step"
+        )
+        self._tokens = meter.create_counter(
+            "llmos.inference.tokens_generated", unit="{token}", description="tokens generated"
+        )
+        meter.create_observable_gauge(
+            "llmos.inference.requests_running",
+            callbacks=[lambda _: [metrics.Observation(len(self._running))]],
+            description="sequences holding a decode slot",
+        )
+        meter.create_observable_gauge(
+            "llmos.inference.requests_waiting",
+            callbacks=[lambda _: [metrics.Observation(len(self._waiting))]],
+            description="requests waiting for a decode slot",
+        )
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="generation-scheduler", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Queue `request` and stream its events; closing the stream early cancels it."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        sequence = _Sequence(
+            request=request,
+            loop=loop,
+            events=asyncio.Queue(),
+            arrived=now,
+            rng=np.random.default_rng(request.sampling.seed),
+            deadline=now + request.deadline_s if request.deadline_s is not None else None,
+            rank=priority_rank(request.priority),
+        )
+        with self._condition:
+            if self._stopping:
+                raise Unavailable("the generation scheduler is shutting down")
+            # Each priority class has its own bound, so a full bulk queue never refuses a chat.
+            same_class = sum(1 for waiting in self._waiting if waiting.rank == sequence.rank)
+            if same_class >= self._queue_size:
+                retry = (len(self._waiting) / self._max_batch + 1) * self._service_time_s
+                raise ResourceExhausted(
+                    f"the {PRIORITY_NAMES[sequence.rank]} generation queue is full "
+                    f"({same_class} waiting, limit {self._queue_size})",
+                    retry_after_s=retry,
+                )
+            self._waiting.append(sequence)
+            self._condition.notify()
+        finished = False
+        try:
+            while True:
+                event = await sequence.events.get()
+                if isinstance(event, LlmosError):
+                    finished = True
+                    raise event
+                finished = event.finish is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._condition:
+                    sequence.cancelled = True  # the scheduler frees its slot at the next turn
+                    self._condition.notify()
+
+    # The scheduler thread.
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._condition.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            try:
+                for sequence in admitted:
+                    self._prefill(sequence)
+                self._retire_cancelled()
+                if self._running:
+                    self._step()
+            except Exception:  # noqa: BLE001 - fail the requests in flight, keep serving
+                logger.exception("generation step failed")
+                for sequence in list(self._running):
+                    sequence.send(Unavailable("generation failed; retry the request"))
+                    self._remove(sequence)
+        self._cancel_all()
+
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting requests into free slots (called with the condition held)."""
+        now = time.monotonic()
+        for sequence in list(self._waiting):
+            if sequence.cancelled:
+                self._waiting.remove(sequence)
+            elif sequence.deadline is not None and now >= sequence.deadline:
+                self._waiting.remove(sequence)
+                sequence.send(DeadlineExceeded("the deadline passed while the request waited for a slot"))
+        admitted: list[_Sequence] = []
+        while self._waiting:
+            free = self._max_batch - len(self._running) - len(admitted)
+            if free <= 0:
+                break
+            best_rank = min(sequence.rank for sequence in self._waiting)
+            if best_rank == BATCH_RANK and free <= self._reserved_interactive:
+                break
+            tenants = Counter(sequence.request.tenant for sequence in (*self._running, *admitted))
+            chosen = min(
+                (sequence for sequence in self._waiting if sequence.rank == best_rank),
+                key=lambda sequence: (tenants[sequence.request.tenant], sequence.arrived),
+            )
+            self._waiting.remove(chosen)
+            admitted.append(chosen)
+        return admitted
+
+    def _prefill(self, sequence: _Sequence) -> None:
+        sequence.admitted = time.monotonic()
+        self._queue_time.record(
+            (sequence.admitted - sequence.arrived) * 1000, {"priority": PRIORITY_NAMES[sequence.rank]}
+        )
+        sequence.row = len(self._running)
+        self._running.append(sequence)
+        prompt = np.asarray(sequence.request.prompt_ids, dtype=np.int64)
+        entry, common = self._prefix_cache.lookup(prompt)
+        cached = max(0, min(common, len(prompt) - MIN_PREFILL_PIECE))
+        if entry is not None:
+            self._decoder.load_prefix(sequence.row, entry, cached)
+        sequence.cached_tokens = cached
+        done = cached
+        while done < len(prompt):
+            end = min(done + PREFILL_CHUNK_TOKENS, len(prompt))
+            if 0 < len(prompt) - end < MIN_PREFILL_PIECE:
+                end = len(prompt) - MIN_PREFILL_PIECE
+            logits = self._decoder.prefill(sequence.row, prompt[:end], cached=done)
+            done = end
+        if len(prompt) >= self._prefix_cache.min_tokens and common < len(prompt):
+            self._prefix_cache.add(self._decoder.save_prefix(sequence.row, prompt))
+        sequence.length = len(prompt)
+        self._accept(sequence, sample(logits, sequence.request.sampling, sequence.rng))
+
+    def _step(self) -> None:
+        running = list(self._running)
+        self._batch_size.record(len(running))
+        logits = self._decoder.decode(
+            [sequence.next_token for sequence in running], [sequence.length for sequence in running]
+        )
+        for sequence, row_logits in zip(running, logits, strict=True):
+            sequence.length += 1
+            self._accept(sequence, sample(row_logits, sequence.request.sampling, sequence.rng))
+
+    def _accept(self, sequence: _Sequence, token: int) -> None:
+        """Record a sampled token, stream what text is final, and finish the sequence if done."""
+        now = time.monotonic()
+        if sequence.first_token_at == 0.0:
+            sequence.first_token_at = now
+            self._ttft.record((now - sequence.arrived) * 1000, {"priority": PRIORITY_NAMES[sequence.rank]})
+        else:
+            self._inter_token.record((now - sequence.last_token_at) * 1000)
+        sequence.last_token_at = now
+        self._tokens.add(1)
+        config = sequence.request.sampling
+        finish: FinishReason | None = None
+        if token in self._stop_ids:
+            finish = FinishReason.STOP
+        else:
+            sequence.generated.append(token)
+            sequence.unsent_ids.append(token)
+            sequence.next_token = token
+        text = self._tokenizer.decode(sequence.generated)
+        stop_at = min((i for i in (text.find(stop, max(0, sequence.sent_chars - len(stop))) for stop in config.stop) if i >= 0), default=-1)
+        if stop_at >= 0:
+            text, finish = text[:stop_at], FinishReason.STOP
+        if finish is None and (
+            len(sequence.generated) >= config.max_new_tokens or sequence.length + 1 >= self._decoder.max_context
+        ):
+            finish = FinishReason.LENGTH
+        if finish is None and sequence.deadline is not None and now >= sequence.deadline:
+            self._remove(sequence)
+            sequence.send(DeadlineExceeded("the deadline passed during generation"))
+            return
+        if finish is None:
+            # Hold back an incomplete character and any tail that could begin a stop string.
+            holdback = max((len(stop) - 1 for stop in config.stop), default=0)
+            final = len(text) - holdback
+            if text.endswith(INCOMPLETE_CHARACTER) or final <= sequence.sent_chars:
+                return
+            sequence.send(StreamEvent(text[sequence.sent_chars:final], tuple(sequence.unsent_ids)))
+            sequence.sent_chars, sequence.unsent_ids = final, []
+            return
+        self._remove(sequence)
+        elapsed = now - sequence.admitted
+        usage = Usage(
+            prompt_tokens=len(sequence.request.prompt_ids),
+            generated_tokens=len(sequence.generated),
+            cached_prompt_tokens=sequence.cached_tokens,
+            queue_ms=(sequence.admitted - sequence.arrived) * 1000,
+            time_to_first_token_ms=(sequence.first_token_at - sequence.arrived) * 1000,
+            tokens_per_second=len(sequence.generated) / elapsed if elapsed > 0 else 0.0,
+        )
+        self._service_time_s = 0.8 * self._service_time_s + 0.2 * (now - sequence.admitted)
+        sequence.send(StreamEvent(text[sequence.sent_chars:], tuple(sequence.unsent_ids), finish, usage))
+
+    def _remove(self, sequence: _Sequence) -> None:
+        """Free a slot at once: the last running sequence moves into it."""
+        last = self._running[-1]
+        if last is not sequence:
+            self._decoder.move_row(last.row, sequence.row, last.length)
+            last.row = sequence.row
+            self._running[sequence.row] = last
+        self._running.pop()
+        sequence.row = -1
+
+    def _retire_cancelled(self) -> None:
+        for sequence in [sequence for sequence in self._running if sequence.cancelled]:
+            self._remove(sequence)
+
+    def _cancel_all(self) -> None:
+        with self._condition:
+            pending = [*self._running, *self._waiting]
+            self._running.clear()
+            self._waiting.clear()
+        for sequence in pending:
+            sequence.send(StreamEvent("", (), FinishReason.CANCELLED, Usage(
+                len(sequence.request.prompt_ids), len(sequence.generated), sequence.cached_tokens,
+                0.0, 0.0, 0.0,
+            )))

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from llmos.settings import PlatformSettings
+
+
+class InferenceSettings(PlatformSettings):
+    # ONNX Runtime intra-op threads per model session; 0 lets ONNX Runtime use every core.
+    inference_threads: int = 0
+
+    # Embeddings: dynamic batching.
+    inference_embed_max_batch: int = 64           # texts per model call
+    inference_embed_max_delay_ms: float = 5.0     # how long a lone text waits for company
+    inference_embed_max_request_texts: int = 256  # texts in one Embed call
+    inference_embed_max_text_chars: int = 32_768
+    inference_embed_queue_size: int = 4096        # texts waiting; beyond it RESOURCE_EXHAUSTED
+    inference_chunk_workers: int = 32             # chunks.created messages embedded at once (bulk lane)
+
+    # Generation: continuous batching.
+    inference_max_batch: int = 8                  # sequences decoded together
+    inference_queue_size: int = 64                # requests waiting for a slot
+    inference_max_new_tokens: int = 1024          # the highest max_new_tokens a request may ask for
+    inference_default_max_new_tokens: int = 256
+    inference_max_context: int = 2048             # prompt + generated tokens per sequence
+    inference_prefix_cache_tokens: int = 4096     # prompt tokens kept with their KV cache (~46 KB each)
+    inference_prefix_cache_min_tokens: int = 32   # shorter shared prefixes are not worth reusing
+    # Decode slots batch-class requests may not take, so bulk work cannot hold every slot.
+    inference_reserved_interactive_slots: int = 1

@@ -1,0 +1,175 @@
+"""The continuous-batching scheduler over a fake decoder: order, fairness, finishes, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+
+from llmos.tokenization import ModelTokenizer
+from llmos.v1 import common_pb2
+from services.inference.decoder import CachedPrefix, DecoderConfig
+from services.inference.scheduler import (
+    FinishReason,
+    GenerationRequest,
+    GenerationScheduler,
+    PrefixCache,
+    SamplingConfig,
+    StreamEvent,
+)
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 50  # id 0 is the end-of-sequence token, ids 1..49 are the words w1..w49
+
+
+class CountingDecoder:
+    """Predicts "previous token + 1" (w49 is followed by end-of-sequence); records what it ran."""
+
+    def __init__(self, max_batch: int, step_s: float = 0.001) -> None:
+        self.config = DecoderConfig(1, 1, 4, VOCAB, 512, (0,))
+        self.max_batch = max_batch
+        self.max_context = 512
+        self.step_s = step_s
+        self.prefilled: list[list[int]] = []
+        self.batch_sizes: list[int] = []
+
+    def _logits(self, token: int) -> np.ndarray:
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        logits[(token + 1) % VOCAB] = 1.0
+        return logits
+
+    def prefill(self, row: int, token_ids: Sequence[int], cached: int = 0) -> np.ndarray:
+        self.prefilled.append(list(token_ids))
+        return self._logits(int(token_ids[-1]))
+
+    def decode(self, token_ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
+        self.batch_sizes.append(len(token_ids))
+        time.sleep(self.step_s)
+        return np.stack([self._logits(token) for token in token_ids])
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        pass
+
+    def save_prefix(self, row: int, token_ids: Sequence[int]) -> CachedPrefix:
+        empty = np.zeros((1, 1, len(token_ids), 4), np.float32)
+        return CachedPrefix(np.asarray(token_ids), empty, empty)
+
+    def load_prefix(self, row: int, prefix: CachedPrefix, length: int) -> None:
+        pass
+
+
+def word_tokenizer() -> ModelTokenizer:
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<eos>"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return ModelTokenizer(tokenizer, "", {"eos_token": "<eos>"})
+
+
+def scheduler(decoder: CountingDecoder, reserved: int = 0, queue: int = 16) -> GenerationScheduler:
+    return GenerationScheduler(decoder, word_tokenizer(), queue, reserved, PrefixCache(0, 32))  # type: ignore[arg-type]
+
+
+async def run(engine: GenerationScheduler, prompt: list[int], max_new: int = 10, stop: tuple[str, ...] = (),
+              tenant: str = "t", priority: int = common_pb2.PRIORITY_STANDARD) -> list[StreamEvent]:
+    request = GenerationRequest(prompt, SamplingConfig(max_new, stop=stop), tenant, priority)
+    return [event async for event in engine.submit(request)]
+
+
+async def test_tokens_stream_then_stop_at_end_of_sequence_or_length() -> None:
+    engine = scheduler(CountingDecoder(4))
+    engine.start()
+    events = await run(engine, [45])
+    assert [t for e in events for t in e.token_ids] == [46, 47, 48, 49]
+    assert "".join(e.delta for e in events) == "w46 w47 w48 w49"
+    assert events[-1].finish is FinishReason.STOP and all(e.finish is None for e in events[:-1])
+    usage = events[-1].usage
+    assert usage is not None and (usage.prompt_tokens, usage.generated_tokens) == (1, 4)
+    limited = await run(engine, [10], max_new=3)
+    assert limited[-1].finish is FinishReason.LENGTH and "".join(e.delta for e in limited) == "w11 w12 w13"
+    await engine.stop()
+
+
+async def test_generation_stops_before_a_stop_string_without_leaking_it() -> None:
+    engine = scheduler(CountingDecoder(4))
+    engine.start()
+    events = await run(engine, [10], stop=("w14",))
+    assert "".join(e.delta for e in events) == "w11 w12 w13 "
+    assert events[-1].finish is FinishReason.STOP
+    await engine.stop()
+
+
+async def test_priority_then_fair_share_decide_admission() -> None:
+    decoder = CountingDecoder(2)
+    engine = scheduler(decoder)
+    # Queued before the scheduler runs, so one admission decision sees them all.
+    streams = [
+        asyncio.ensure_future(run(engine, [1], max_new=2, tenant="a")),
+        asyncio.ensure_future(run(engine, [2], max_new=2, tenant="a")),
+        asyncio.ensure_future(run(engine, [3], max_new=2, tenant="a")),
+        asyncio.ensure_future(run(engine, [4], max_new=2, tenant="b")),
+        asyncio.ensure_future(run(engine, [5], max_new=2, tenant="c", priority=common_pb2.PRIORITY_BATCH)),
+        asyncio.ensure_future(run(engine, [6], max_new=2, tenant="a", priority=common_pb2.PRIORITY_INTERACTIVE)),
+    ]
+    await asyncio.sleep(0.01)
+    engine.start()
+    await asyncio.gather(*streams)
+    order = [prompt[0] for prompt in decoder.prefilled]
+    assert order[:2] == [6, 4]  # interactive first, then tenant b, which has nothing running
+    assert order[-1] == 5  # batch last
+    await engine.stop()
+
+
+async def test_reserved_slots_are_kept_for_interactive_work() -> None:
+    decoder = CountingDecoder(3)
+    engine = scheduler(decoder, reserved=1)
+    engine.start()
+    await asyncio.gather(*(run(engine, [1], max_new=5, priority=common_pb2.PRIORITY_BATCH) for _ in range(4)))
+    assert max(decoder.batch_sizes) == 2
+    await engine.stop()
+
+
+async def test_a_stream_closed_early_frees_its_slot_at_once() -> None:
+    decoder = CountingDecoder(1, step_s=0.01)
+    engine = scheduler(decoder)
+    engine.start()
+    # Prompt w1 would generate 48 words; the caller leaves after the first.
+    stream = engine.submit(GenerationRequest([1], SamplingConfig(100), "t", common_pb2.PRIORITY_STANDARD))
+    await anext(stream)
+    await stream.aclose()
+    started = time.monotonic()
+    events = await run(engine, [30], max_new=2)
+    assert events[-1].finish is FinishReason.LENGTH
+    assert time.monotonic() - started < 0.3  # not after the 47 remaining steps of the first
+    await engine.stop()
+
+
+async def test_a_full_class_queue_is_refused_and_shutdown_cancels_what_is_left() -> None:
+    from llmos.errors import ResourceExhausted
+
+    engine = scheduler(CountingDecoder(1), queue=1)  # not started: everything waits
+    waiting = asyncio.ensure_future(run(engine, [1]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted):
+        await run(engine, [2])
+    await run_interactive_is_still_queued(engine)
+    engine.start()
+    await engine.stop()
+    events = await waiting
+    assert events[-1].finish in (FinishReason.CANCELLED, FinishReason.LENGTH)
+
+
+async def run_interactive_is_still_queued(engine: GenerationScheduler) -> None:
+    stream = engine.submit(GenerationRequest([3], SamplingConfig(1), "t", common_pb2.PRIORITY_INTERACTIVE))
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.01)
+    assert engine.waiting == 2
+    pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await stream.aclose()
