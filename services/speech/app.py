@@ -1,16 +1,111 @@
-"""How the speech service is assembled. Its API is declared; its logic is not built yet."""
+"""How the speech service is assembled: recognizer pool, voices, domain corpus, transports."""
 
 from __future__ import annotations
 
-from llmos.service import unbuilt_service
-from llmos.v1 import speech_pb2, speech_pb2_grpc
+import logging
+from pathlib import Path
 
-DEFINITION = unbuilt_service(
-    "speech",
-    speech_pb2,
-    "SpeechService",
-    speech_pb2_grpc.SpeechServiceServicer,
-    speech_pb2_grpc.add_SpeechServiceServicer_to_server,
-    reason="recognition and synthesis arrive with the speech work (issue 6)",
-    reserved_subjects=(),
-)
+import grpc
+
+from llmos.audio import EndpointConfig
+from llmos.audit import AuditLog
+from llmos.bus.broker import Bus
+from llmos.errors import FailedPrecondition, InvalidArgument
+from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.status import error_from_rpc
+from llmos.models import artefact_dir
+from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
+from llmos.settings import ExecutionProvider
+from llmos.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, speech_pb2, speech_pb2_grpc
+from services.speech.asr import AsrEngine
+from services.speech.core import RecognitionLimits, SpeechCore
+from services.speech.domain import DomainCorpus, read_seed
+from services.speech.handlers import subscriptions
+from services.speech.servicer import SpeechServicer
+from services.speech.settings import SpeechSettings
+from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice, VoiceCatalog, espeak_available
+
+logger = logging.getLogger(__name__)
+
+GET_DOCUMENT_TIMEOUT_S = 30.0
+KOKORO = "kokoro-82m"
+
+
+def parse_seed(spec: str) -> dict[str, list[Path]]:
+    """`tenant=path[;path…],…` -> paths by tenant."""
+    seeds: dict[str, list[Path]] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        tenant, sep, paths = entry.partition("=")
+        if not sep or not tenant or not paths:
+            raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", f"entry {entry!r} is not tenant=path[;path…]")
+        for path in (Path(p) for p in paths.split(";") if p):
+            if not path.exists():
+                raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", f"{path} does not exist")
+            seeds.setdefault(tenant, []).append(path)
+    return seeds
+
+
+def _providers(settings: SpeechSettings) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if settings.execution_provider is not ExecutionProvider.CPU and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def voice_catalog(settings: SpeechSettings) -> VoiceCatalog:
+    if not espeak_available():
+        raise FailedPrecondition("espeak-ng is not installed: `apt-get install espeak-ng` (Kokoro needs its phonemes too)")
+    model = KokoroModel(artefact_dir(settings.home, KOKORO), _providers(settings), settings.speech_tts_threads)
+    logger.info("kokoro on %s", ", ".join(model.providers))
+    voices = [KokoroVoice(model, name) for name in sorted(model.styles)]
+    return VoiceCatalog([*voices, EspeakVoice("en-us"), EspeakVoice("en-gb")], settings.speech_default_voice)
+
+
+async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
+    seeds = parse_seed(settings.speech_domain_seed)
+    channel = open_channel(settings.retrieval_addr, settings.service_api_key)
+    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+
+    async def document_text(tenant: str, document_id: str) -> str:
+        """The document's text, page by page of its chunks, from the retrieval service."""
+        texts: list[str] = []
+        token = ""
+        while True:
+            request = retrieval_pb2.GetDocumentRequest(
+                tenant=tenant, document_id=document_id, page=common_pb2.PageRequest(page_token=token)
+            )
+            try:
+                response = await retrieval.GetDocument(request, timeout=GET_DOCUMENT_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, "retrieval") from None
+            texts.extend(chunk.text for chunk in response.chunks)
+            token = response.page.next_page_token
+            if not token:
+                return "\n".join(texts)
+
+    endpointing = EndpointConfig(
+        settings.speech_start_history_ms, settings.speech_start_threshold,
+        settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
+    ).validated()
+    core = SpeechCore(
+        bus,
+        AuditLog(bus),
+        AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence),
+        DomainCorpus(settings.home / "speech" / "corpus"),
+        voice_catalog(settings),
+        RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
+        settings.speech_max_text_chars,
+        document_text,
+    )
+    for tenant, paths in seeds.items():
+        await core.seed(tenant, [document for path in paths for document in read_seed(path)])
+    return ServiceParts(
+        grpc=[GrpcBinding.of(speech_pb2, "SpeechService", SpeechServicer(core), speech_pb2_grpc.add_SpeechServiceServicer_to_server)],
+        subscriptions=subscriptions(core),
+        close=channel.close,
+    )
+
+
+DEFINITION = ServiceDefinition("speech", SpeechSettings, build)

@@ -37,6 +37,13 @@ def path(method: MethodDescriptor) -> str:
 
 async def call(stack: RunningStack, service: str, method: MethodDescriptor, key: str | None, request: Any = None) -> grpc.StatusCode:
     """Call any RPC with an empty (or given) request; the status it ends with."""
+    return (await call_result(stack, service, method, key, request))[0]
+
+
+async def call_result(
+    stack: RunningStack, service: str, method: MethodDescriptor, key: str | None, request: Any = None
+) -> tuple[grpc.StatusCode, str]:
+    """The status and details a call ends with."""
     request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
     response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
     request = request if request is not None else request_type()
@@ -56,8 +63,8 @@ async def call(stack: RunningStack, service: str, method: MethodDescriptor, key:
             else:
                 await rpc
         except grpc.aio.AioRpcError as error:
-            return error.code()
-    return grpc.StatusCode.OK
+            return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 def test_every_rpc_has_an_access_policy() -> None:

@@ -18,7 +18,7 @@ from llmos.bus.subjects import AUDIT_ALL, CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_
 from llmos.settings import SERVICE_NAMES
 from tests.conftest import RunningStack
 from tests.integration.bus_helpers import publish
-from tests.security.test_access_matrix import all_rpcs, call
+from tests.security.test_access_matrix import all_rpcs, call_result
 
 pytestmark = pytest.mark.security
 
@@ -31,6 +31,7 @@ DELIBERATE = {
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
 }
+CLIENT_RACE = "Internal error from Core"
 TEXT = st.text(max_size=40)
 SCALARS: dict[int, st.SearchStrategy[Any]] = {
     FieldDescriptor.TYPE_STRING: TEXT,
@@ -118,9 +119,14 @@ async def test_random_field_values_on_every_rpc(stack: RunningStack) -> None:
         @given(values=message_values(method.input_type))
         def fuzz(values: dict[str, Any]) -> None:
             request = build(method.input_type, values)
-            status = asyncio.run_coroutine_threadsafe(call(stack, service, method, "test-admin-key", request), loop).result(timeout=30)
+            status, details = asyncio.run_coroutine_threadsafe(
+                call_result(stack, service, method, "test-admin-key", request), loop
+            ).result(timeout=30)
             outcomes[status.name] = outcomes.get(status.name, 0) + 1
-            assert status in DELIBERATE, f"{method.full_name} answered {status.name} to {request}"
+            # grpc/grpc#36066: when a server ends a client-streaming call before the client has
+            # sent everything, the asyncio client replaces the server's status with this one.
+            client_side_race = method.client_streaming and (status, details) == (grpc.StatusCode.INTERNAL, CLIENT_RACE)
+            assert status in DELIBERATE or client_side_race, f"{method.full_name} answered {status.name} to {request}"
 
         await asyncio.to_thread(fuzz)
     assert await all_serving(stack)

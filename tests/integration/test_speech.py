@@ -1,0 +1,282 @@
+"""The speech service over gRPC, in-process against a real nats-server, real models, real recordings."""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from llmos.audio import decode_clip, Encoding, encode_wav, resample
+from llmos.bus.subjects import DOCS_INDEXED, SPEECH_RECOGNIZED, SPEECH_SYNTHESIZED, dead_letter_subject
+from llmos.service import ServiceProcess
+from llmos.v1 import events_pb2, speech_pb2, speech_pb2_grpc
+from services.speech.app import DEFINITION
+from services.speech.settings import SpeechSettings
+from tests.conftest import REPO, NatsServer, platform_environment
+from tests.grpc_helpers import ADMIN
+from tests.integration.bus_helpers import last_message, last_sequence
+
+pytestmark = pytest.mark.integration
+
+DATA = REPO.parent / "shared" / "data" / "speech"
+LJ = DATA / "ljspeech_coqui-ai_TTS"
+TENANT = "acme"  # the tenant of the ADMIN test key
+
+
+def clip(path: Path) -> tuple[np.ndarray, int]:
+    decoded = decode_clip(path.read_bytes(), Encoding.WAV, 0)
+    return decoded.samples, decoded.sample_rate
+
+
+def words(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'").lower() for w in text.split() if w.strip(".,;:!?\"'")]
+
+
+def word_errors(reference: list[str], hypothesis: list[str]) -> int:
+    row = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        previous, row[0] = row[:], i
+        for j, hyp in enumerate(hypothesis, 1):
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ref != hyp))
+    return row[-1]
+
+
+@pytest.fixture(scope="module")
+def speech_settings(nats_server: NatsServer, models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechSettings]:
+    home = tmp_path_factory.mktemp("speech-home")
+    (home / "models").symlink_to(models_home / "models", target_is_directory=True)
+    env = platform_environment(nats_server, home)
+    env["LLMOS_SPEECH_DOMAIN_SEED"] = f"{TENANT}={REPO / 'demo' / 'kb'};{REPO / 'demo' / 'intents.yaml'}"
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield SpeechSettings(_env_file=None)  # type: ignore[call-arg]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+async def speech(speech_settings: SpeechSettings) -> AsyncIterator[speech_pb2_grpc.SpeechServiceStub]:
+    process = ServiceProcess(DEFINITION, speech_settings)
+    await process.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
+            yield speech_pb2_grpc.SpeechServiceStub(channel)
+    finally:
+        await process.stop()
+
+
+def streaming_requests(config: speech_pb2.StreamingRecognitionConfig, samples: np.ndarray, rate: int, chunk_ms: int = 100
+                       ) -> Iterator[speech_pb2.StreamingRecognizeRequest]:
+    yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+    step = rate * chunk_ms // 1000
+    for start in range(0, len(samples), step):
+        yield speech_pb2.StreamingRecognizeRequest(audio_content=samples[start:start + step].astype("<i2").tobytes())
+
+
+async def test_recognize_a_recording_with_word_offsets_inside_the_clip(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+    path = LJ / "LJ001-0001.wav"
+    samples, rate = clip(path)
+    before = await last_sequence(speech_settings.nats_url, SPEECH_RECOGNIZED)
+    response = await speech.Recognize(
+        speech_pb2.RecognizeRequest(
+            config=speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_WAV, enable_word_time_offsets=True, model="general"),
+            audio=path.read_bytes(),
+        ),
+        metadata=ADMIN,
+    )
+    transcript = " ".join(r.alternatives[0].transcript for r in response.results)
+    reference = "printing in the only sense with which we are at present concerned differs from most if not from all the arts and crafts represented in the exhibition"
+    assert word_errors(words(reference), words(transcript)) / len(words(reference)) < 0.25
+    duration_ms = len(samples) * 1000 // rate
+    offsets = [(w.start_ms, w.end_ms) for r in response.results for w in r.alternatives[0].words]
+    assert len(offsets) == len(words(transcript))
+    assert all(0 <= start <= end <= duration_ms for start, end in offsets)
+    assert all(a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))
+    assert all(r.is_final and 0 < r.alternatives[0].confidence <= 1 for r in response.results)
+    event = events_pb2.SpeechRecognized.FromString((await last_message(speech_settings.nats_url, SPEECH_RECOGNIZED, after_seq=before)).data)
+    assert event.tenant == TENANT and event.transcript == response.results[-1].alternatives[0].transcript
+
+
+async def test_streaming_gives_interims_then_a_final_per_utterance(speech) -> None:  # type: ignore[no-untyped-def]
+    first, rate = clip(LJ / "LJ001-0004.wav")
+    second, rate2 = clip(LJ / "LJ001-0008.wav")
+    assert rate == rate2
+    pause = np.zeros(rate * 3 // 2, np.int16)
+    audio = np.concatenate([first, pause, second, pause])
+    config = speech_pb2.StreamingRecognitionConfig(
+        config=speech_pb2.RecognitionConfig(
+            encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, sample_rate_hertz=rate, enable_word_time_offsets=True, model="general"
+        ),
+        interim_results=True,
+        endpointing=speech_pb2.EndpointingConfig(start_history_ms=240, stop_history_ms=600),
+    )
+    results = [r async for response in speech.StreamingRecognize(streaming_requests(config, audio, rate), metadata=ADMIN)
+               for r in response.results]
+    finals = [r for r in results if r.is_final]
+    assert len(finals) == 2
+    first_final = results.index(finals[0])
+    assert any(not r.is_final for r in results[:first_final]), "interim results come before the first final"
+    assert any(not r.is_final for r in results[first_final + 1:]), "and before the second"
+    assert all(0.0 <= r.stability <= 1.0 for r in results if not r.is_final)
+    processed = [r.audio_processed_ms for r in results]
+    assert processed == sorted(processed)
+    assert "printed book" in finals[0].alternatives[0].transcript
+    assert "surpassed" in finals[1].alternatives[0].transcript
+    first_end_ms = len(first) * 1000 // rate
+    second_start_ms = (len(first) + len(pause)) * 1000 // rate
+    offsets = [(w.start_ms, w.end_ms) for f in finals for w in f.alternatives[0].words]
+    assert all(a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))
+    assert finals[0].alternatives[0].words[-1].end_ms <= first_end_ms + 300
+    assert finals[1].alternatives[0].words[0].start_ms >= second_start_ms - 300
+    assert offsets[-1][1] <= len(audio) * 1000 // rate
+
+
+def stereo_wav() -> bytes:
+    mono = encode_wav(np.zeros(1600, np.int16), 16000)
+    return mono[:22] + (2).to_bytes(2, "little") + mono[24:]
+
+
+@pytest.mark.parametrize(
+    ("audio", "encoding", "rate", "expected"),
+    [
+        (b"", speech_pb2.AUDIO_ENCODING_WAV, 0, "no audio"),
+        (b"RIFX" + b"\x00" * 60, speech_pb2.AUDIO_ENCODING_WAV, 0, "RIFF/WAVE"),
+        (stereo_wav(), speech_pb2.AUDIO_ENCODING_WAV, 0, "only mono"),
+        (encode_wav(np.zeros(300, np.int16), 3000), speech_pb2.AUDIO_ENCODING_WAV, 0, "3000 Hz"),
+        (np.zeros(300, np.int16).tobytes(), speech_pb2.AUDIO_ENCODING_LINEAR_PCM, 3000, "3000 Hz"),
+    ],
+)
+async def test_bad_audio_is_invalid_argument_saying_what_is_accepted(speech, audio: bytes, encoding: int, rate: int, expected: str) -> None:  # type: ignore[no-untyped-def]
+    request = speech_pb2.RecognizeRequest(config=speech_pb2.RecognitionConfig(encoding=encoding, sample_rate_hertz=rate), audio=audio)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await speech.Recognize(request, metadata=ADMIN)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in error.value.details() and "accepted" in error.value.details()
+    stream_config = speech_pb2.StreamingRecognitionConfig(config=request.config)
+    chunks = [speech_pb2.StreamingRecognizeRequest(streaming_config=stream_config),
+              speech_pb2.StreamingRecognizeRequest(audio_content=audio)]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in speech.StreamingRecognize(iter(chunks), metadata=ADMIN)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stream_must_start_with_its_configuration(speech) -> None:  # type: ignore[no-untyped-def]
+    chunks = [speech_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x00" * 160)]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in speech.StreamingRecognize(iter(chunks), metadata=ADMIN)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "streaming_config" in error.value.details()
+
+
+async def test_synthesized_speech_is_recognized_back_with_the_domain_model(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+    questions = ["Where is my parcel?", "How long does a refund take to reach my card?"]
+    errors = 0
+    for question in questions:
+        before = await last_sequence(speech_settings.nats_url, SPEECH_SYNTHESIZED)
+        spoken = await speech.Synthesize(
+            speech_pb2.SynthesizeSpeechRequest(text=question, encoding=speech_pb2.AUDIO_ENCODING_WAV, sample_rate_hz=16000, voice_name="jm_kumo"),
+            metadata=ADMIN,
+        )
+        assert spoken.sample_rate_hz == 16000 and spoken.audio[:4] == b"RIFF" and 700 < spoken.duration_ms < 6000
+        event = events_pb2.SpeechSynthesized.FromString((await last_message(speech_settings.nats_url, SPEECH_SYNTHESIZED, after_seq=before)).data)
+        assert event.voice == "jm_kumo" and event.characters == len(question)
+        heard = await speech.Recognize(
+            speech_pb2.RecognizeRequest(config=speech_pb2.RecognitionConfig(model="domain"), audio=spoken.audio), metadata=ADMIN
+        )
+        errors += word_errors(words(question), words(" ".join(r.alternatives[0].transcript for r in heard.results)))
+    # Kokoro reading English through espeak phonemes, heard by PocketSphinx: most words, not all.
+    assert errors / sum(len(words(q)) for q in questions) <= 0.3
+
+
+async def test_synthesize_stream_speaks_sentence_by_sentence(speech) -> None:  # type: ignore[no-untyped-def]
+    text = "Your order has shipped. It arrives on Friday!"
+    pieces = [p async for p in speech.SynthesizeStream(
+        speech_pb2.SynthesizeSpeechRequest(text=text, voice_name="espeak-en-us", sample_rate_hz=8000), metadata=ADMIN)]
+    assert [p.text for p in pieces] == ["Your order has shipped.", "It arrives on Friday!"]
+    assert all(p.sample_rate_hz == 8000 and p.encoding == speech_pb2.AUDIO_ENCODING_LINEAR_PCM for p in pieces)
+    assert all(abs(len(p.audio) // 2 * 1000 // 8000 - p.duration_ms) <= 1 and p.duration_ms > 500 for p in pieces)
+
+
+async def test_voices_and_synthesis_limits(speech) -> None:  # type: ignore[no-untyped-def]
+    voices = (await speech.ListVoices(speech_pb2.ListVoicesRequest(), metadata=ADMIN)).voices
+    engines = {v.name: v.engine for v in voices}
+    assert engines["jm_kumo"] == "kokoro" and engines["espeak-en-us"] == "espeak-ng"
+    for request, field in [
+        (speech_pb2.SynthesizeSpeechRequest(text=""), "text"),
+        (speech_pb2.SynthesizeSpeechRequest(text="hi", voice_name="nobody"), "voice_name"),
+        (speech_pb2.SynthesizeSpeechRequest(text="hi", sample_rate_hz=96000), "sample_rate_hz"),
+        (speech_pb2.SynthesizeSpeechRequest(text="hi", speed=5), "speed"),
+        (speech_pb2.SynthesizeSpeechRequest(text="x" * 5001), "text"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await speech.Synthesize(request, metadata=ADMIN)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+
+
+async def test_domain_model_is_refused_for_a_tenant_without_one(speech) -> None:  # type: ignore[no-untyped-def]
+    request = speech_pb2.RecognizeRequest(
+        config=speech_pb2.RecognitionConfig(model="domain", tenant="nobody-has-text"), audio=encode_wav(np.zeros(1600, np.int16), 16000)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await speech.Recognize(request, metadata=ADMIN)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_bad_indexed_event_is_dead_lettered_and_service_goes_on(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+    import nats
+
+    url = speech_settings.nats_url
+    dlq = dead_letter_subject(DOCS_INDEXED)
+    before = await last_sequence(url, dlq)
+    connection = await nats.connect(url)
+    try:
+        await connection.jetstream().publish(DOCS_INDEXED, events_pb2.DocumentIndexed(document_id="no-tenant").SerializeToString())
+    finally:
+        await connection.close()
+    letter = events_pb2.DeadLetter.FromString((await last_message(url, dlq, after_seq=before, timeout_s=20)).data)
+    assert letter.service == "speech" and "tenant" in letter.error
+    assert (await speech.ListVoices(speech_pb2.ListVoicesRequest(), metadata=ADMIN)).voices
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+async def test_ten_minute_recording_streams_without_growing_memory(speech) -> None:  # type: ignore[no-untyped-def]
+    """Ten minutes at 16 kHz: a real utterance every 30 s, quiet room noise between."""
+    utterance, rate = clip(LJ / "LJ001-0008.wav")
+    utterance = resample(utterance, rate, 16000)
+    rng = np.random.default_rng(1)
+    period = 30 * 16000
+    minutes = 10
+    config = speech_pb2.StreamingRecognitionConfig(
+        config=speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, sample_rate_hertz=16000, model="general"),
+    )
+    samples: list[float] = []
+    finals = 0
+
+    def requests() -> Iterator[speech_pb2.StreamingRecognizeRequest]:
+        yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+        for index in range(minutes * 2):
+            block = rng.normal(0, 30, period).astype(np.int16)
+            block[16000:16000 + len(utterance)] = utterance
+            for start in range(0, period, 16000):  # one-second chunks
+                yield speech_pb2.StreamingRecognizeRequest(audio_content=block[start:start + 16000].tobytes())
+            samples.append(rss_mb())
+
+    async for response in speech.StreamingRecognize(requests(), metadata=ADMIN):
+        finals += sum(r.is_final for r in response.results)
+        assert all("surpassed" in r.alternatives[0].transcript for r in response.results)
+    assert finals == minutes * 2
+    # After warm-up (first two minutes), memory stays flat: no audio or lattices accumulate.
+    warm = max(samples[:4])
+    assert max(samples[4:]) - warm < 25, samples

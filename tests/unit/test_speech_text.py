@@ -1,0 +1,52 @@
+"""Speech text handling: spoken forms for domain models, ARPA building, sentences, phonemes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.speech.domain import DomainCorpus, build_arpa, number_words, spoken_sentences, spoken_words
+from services.speech.tts import kokoro_phonemes, split_sentences
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(0, "zero"), (14, "fourteen"), (40, "forty"), (105, "one hundred five"), (1450, "one thousand four hundred fifty"),
+     (2_000_000, "two million")],
+)
+def test_numbers_are_spelled_out(value: int, words: str) -> None:
+    assert " ".join(number_words(value)) == words
+
+
+def test_spoken_words_read_text_as_a_person_would() -> None:
+    assert spoken_words("Refunds take 14 days; 3% of 1,250.5 EUR & more.") == (
+        "refunds take fourteen days three percent of one thousand two hundred fifty point five eur and more".split()
+    )
+    assert spoken_words("Call 0800 now, it's free") == "call zero eight zero zero now it's free".split()
+    assert spoken_sentences("First one. Second one!\n\nThird") == ["first one", "second one", "third"]
+
+
+def test_domain_model_is_an_arpa_trigram_of_the_text(tmp_path: Path) -> None:
+    arpa = build_arpa(["where is my parcel", "where is my refund"])
+    assert "\\data\\" in arpa and "ngram 3=" in arpa and "\\end\\" in arpa
+    assert " parcel" in arpa and " refund" in arpa
+    corpus = DomainCorpus(tmp_path)
+    assert corpus.build("acme") is None
+    assert corpus.put("acme", "doc-1", "Where is my parcel? It ships in 2 days.")
+    assert not corpus.put("acme", "doc-1", "Where is my parcel? It ships in 2 days.")
+    path = corpus.build("acme")
+    assert path is not None and "two" in path.read_text()
+    assert corpus.sentences("globex") == []
+    assert corpus.remove("acme", "doc-1") and corpus.build("acme") is None and corpus.model_path("acme") is None
+
+
+def test_sentences_are_split_for_streaming() -> None:
+    assert split_sentences("Hello there. How are you?  Fine!\n\nBye") == ["Hello there.", "How are you?", "Fine!", "Bye"]
+
+
+def test_espeak_ipa_maps_to_kokoro_phonemes() -> None:
+    # "how long", "my", "page": diphthongs become misaki's single letters, length marks go.
+    assert kokoro_phonemes(["haʊ lˈɔːŋ", "maɪ pˈeɪdʒ"], "?") == "hW lˈɔŋ, mI pˈAʤ?"
