@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-inference: models
 
 bench-speech: models
 	$(PYTHON) -m bench.speech
+
+bench-ingest: models
+	$(PYTHON) -m bench.ingest
+	$(PYTHON) -m bench.ingest.embedded_qdrant
 
 clean:
 	rm -rf .llmos .pytest_cache

@@ -10,6 +10,7 @@ from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.grpcutil.client import open_channel
 from llmos.grpcutil.status import error_from_rpc
+from llmos.pii import PiiPolicy
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import ingest_pb2, ingest_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.ingest.core import DocumentStatusStore, IngestCore
@@ -39,6 +40,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap_tokens,
         settings.ingest_max_document_bytes,
+        PiiPolicy.parse(settings.ingest_pii_policy),
     )
     return ServiceParts(
         grpc=[
@@ -49,7 +51,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
                 ingest_pb2_grpc.add_IngestServiceServicer_to_server,
             )
         ],
-        subscriptions=subscriptions(core),
+        subscriptions=subscriptions(core, settings.ingest_bulk_workers),
         close=channel.close,
     )
 

@@ -1,34 +1,44 @@
 """Ingestion logic, shared by the gRPC API and the `llmos.ingest.requested` consumer.
 
-A document is validated, decoded, normalized and hashed; unchanged content is not processed
-twice; the text is cut into token-sized chunks whose ids derive from the document id and
+A document is validated, its text extracted (HTML without boilerplate, PDF text layer),
+normalized, redacted of personal data by its tenant's policy and hashed; unchanged content is
+not processed twice; the text is cut into token-sized chunks whose ids derive from the document id and
 position, so re-submitting a document replaces its chunks; the chunks go out on
 `llmos.chunks.created`. Each document's stage is kept in the `document_status` KV bucket.
-Failures are reported on `llmos.docs.failed` as well as to the caller.
+Failures are reported on `llmos.docs.failed` as well as to the caller. Later stages report
+back on the bus (`llmos.chunks.embedded`, `llmos.docs.indexed`) and `advance` moves the status
+forward, for the content it was about only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.bus.broker import Bus
 from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED, DOCS_FAILED
-from llmos.errors import InvalidArgument, LlmosError, NotFound
+from llmos.errors import InvalidArgument, LlmosError, NotFound, Unavailable
+from llmos.pii import PiiPolicy
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
 from services.ingest.chunking import chunk_spans, normalize
+from services.ingest.extract import SUPPORTED_MIME_TYPES, extract_text
 
-# Types this slice accepts; HTML boilerplate stripping and PDF text extraction come with the
-# knowledge-base work (issue 4).
-SUPPORTED_MIME_TYPES = ("text/plain", "text/markdown")
 MAX_ID_CHARS = 256
+# Stages a document moves through in order; a report never moves a status backwards.
+_PIPELINE_ORDER = (
+    common_pb2.DOCUMENT_STAGE_RECEIVED,
+    common_pb2.DOCUMENT_STAGE_CHUNKED,
+    common_pb2.DOCUMENT_STAGE_EMBEDDED,
+    common_pb2.DOCUMENT_STAGE_INDEXED,
+)
 
 TokenOffsets = Callable[[str], Awaitable[Sequence[tuple[int, int]]]]
 
@@ -48,7 +58,11 @@ STATUS_BUCKET = "document_status"
 
 
 class DocumentStatusStore:
-    """Each document's stage, in a KV bucket so it survives restarts and is shared by replicas."""
+    """Each document's stage, in a KV bucket so it survives restarts and is shared by replicas.
+
+    Reports from later stages arrive concurrently (embedded, indexed): `change` applies an
+    update as a compare-and-set on the entry's revision, retrying when another writer won.
+    """
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
@@ -58,17 +72,39 @@ class DocumentStatusStore:
         # KV keys allow a restricted alphabet; ids are free text.
         return hashlib.sha256(f"{tenant}\x00{document_id}".encode()).hexdigest()
 
-    async def get(self, tenant: str, document_id: str) -> ingest_pb2.DocumentStatus | None:
+    async def _entry(self, tenant: str, document_id: str) -> tuple[ingest_pb2.DocumentStatus | None, int | None]:
         try:
             entry = await (await self._bus.key_value(STATUS_BUCKET)).get(self._key(tenant, document_id))
         except KeyNotFoundError:
-            return None
-        return ingest_pb2.DocumentStatus.FromString(entry.value or b"")
+            return None, None
+        if not entry.value:  # a purged entry reads as empty
+            return None, entry.revision
+        return ingest_pb2.DocumentStatus.FromString(entry.value), entry.revision
+
+    async def get(self, tenant: str, document_id: str) -> ingest_pb2.DocumentStatus | None:
+        return (await self._entry(tenant, document_id))[0]
 
     async def put(self, status: ingest_pb2.DocumentStatus) -> None:
         status.updated_at.CopyFrom(now())
         bucket = await self._bus.key_value(STATUS_BUCKET)
         await bucket.put(self._key(status.tenant, status.document_id), status.SerializeToString())
+
+    async def change(
+        self, tenant: str, document_id: str, update: Callable[[ingest_pb2.DocumentStatus], bool], attempts: int = 10
+    ) -> bool:
+        """Apply `update` (which returns False to leave the entry alone) atomically."""
+        bucket = await self._bus.key_value(STATUS_BUCKET)
+        for _ in range(attempts):
+            status, revision = await self._entry(tenant, document_id)
+            if status is None or revision is None or not update(status):
+                return False
+            status.updated_at.CopyFrom(now())
+            try:
+                await bucket.update(self._key(tenant, document_id), status.SerializeToString(), last=revision)
+                return True
+            except KeyWrongLastSequenceError:
+                continue
+        raise Unavailable(f"status of document {document_id!r} kept changing under {attempts} attempts")
 
 
 @dataclass(frozen=True)
@@ -89,6 +125,7 @@ class IngestCore:
         chunk_tokens: int,
         overlap_tokens: int,
         max_document_bytes: int,
+        pii: PiiPolicy,
     ) -> None:
         self._bus = bus
         self._statuses = statuses
@@ -97,8 +134,9 @@ class IngestCore:
         self._chunk_tokens = chunk_tokens
         self._overlap_tokens = overlap_tokens
         self._max_document_bytes = max_document_bytes
+        self._pii = pii
 
-    def _validate(self, document: events_pb2.DocumentSubmitted) -> str:
+    def _validate(self, document: events_pb2.DocumentSubmitted) -> None:
         if not document.tenant:
             raise InvalidArgument("tenant", "every document belongs to a tenant")
         if len(document.document_id) > MAX_ID_CHARS:
@@ -114,23 +152,27 @@ class IngestCore:
             raise InvalidArgument(
                 "mime_type", f"{mime_type!r} is not supported; accepted: {', '.join(SUPPORTED_MIME_TYPES)}"
             )
-        try:
-            raw = document.content.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument("content", f"not valid UTF-8 (byte {exc.start})") from None
+
+    async def _text(self, document: events_pb2.DocumentSubmitted) -> tuple[str, int]:
+        """Normalized, redacted text and the number of personal-data findings removed."""
+        self._validate(document)
+        # PDF parsing is CPU-bound: keep the event loop (and the other lane) responsive.
+        raw = await asyncio.to_thread(extract_text, document.mime_type or "text/plain", document.content)
         text = normalize(raw)
         if not text:
             raise InvalidArgument("content", "the document has no text once whitespace is removed")
-        return text
+        redaction = self._pii.redactor(document.tenant).redact(text)
+        return redaction.text, len(redaction.findings)
 
     async def submit(self, principal: Principal, document: events_pb2.DocumentSubmitted) -> SubmitResult:
         if not document.document_id:
             document.document_id = uuid.uuid4().hex
         try:
-            text = self._validate(document)
+            text, redacted = await self._text(document)
             content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
             previous = await self._statuses.get(document.tenant, document.document_id)
             if previous is not None and previous.content_hash == content_hash and previous.stage not in (
+                common_pb2.DOCUMENT_STAGE_RECEIVED,
                 common_pb2.DOCUMENT_STAGE_FAILED,
                 common_pb2.DOCUMENT_STAGE_DELETED,
             ):
@@ -139,6 +181,17 @@ class IngestCore:
         except LlmosError as exc:
             await self._fail(document, exc.message)
             raise
+        # RECEIVED with the new hash first: reports about this content that come back before
+        # the CHUNKED update below then already find it (and a failed publish is redone).
+        await self._statuses.put(
+            ingest_pb2.DocumentStatus(
+                document_id=document.document_id,
+                tenant=document.tenant,
+                stage=common_pb2.DOCUMENT_STAGE_RECEIVED,
+                chunk_count=len(chunks),
+                content_hash=content_hash,
+            )
+        )
         await self._bus.publish(
             CHUNKS_CREATED,
             events_pb2.ChunksCreated(
@@ -151,16 +204,14 @@ class IngestCore:
             ),
             msg_id=f"{document.tenant}/{document.document_id}/{content_hash}",
         )
-        await self._statuses.put(
-            ingest_pb2.DocumentStatus(
-                document_id=document.document_id,
-                tenant=document.tenant,
-                stage=common_pb2.DOCUMENT_STAGE_CHUNKED,
-                chunk_count=len(chunks),
-                content_hash=content_hash,
-            )
+        await self.advance(document.tenant, document.document_id, content_hash, common_pb2.DOCUMENT_STAGE_CHUNKED, len(chunks))
+        await self._audit.record(
+            principal,
+            document.tenant,
+            "ingest/submit",
+            f"document/{document.document_id}",
+            reason=f"{redacted} personal data findings redacted" if redacted else "",
         )
-        await self._audit.record(principal, document.tenant, "ingest/submit", f"document/{document.document_id}")
         return SubmitResult(document.document_id, content_hash, common_pb2.DOCUMENT_STAGE_CHUNKED, unchanged=False)
 
     async def _chunks(self, document: events_pb2.DocumentSubmitted, text: str) -> list[common_pb2.Chunk]:
@@ -224,3 +275,22 @@ class IngestCore:
         await self._statuses.put(status)
         await self._audit.record(principal, tenant, "ingest/delete", f"document/{document_id}")
         return True
+
+    async def advance(
+        self, tenant: str, document_id: str, content_hash: str, stage: common_pb2.DocumentStage.ValueType, chunk_count: int
+    ) -> bool:
+        """Record that a later stage finished with this content; False when the report is stale.
+
+        Reports about older content (the document was re-submitted or deleted since) or about a
+        stage the document has already passed change nothing.
+        """
+        def forward(status: ingest_pb2.DocumentStatus) -> bool:
+            if status.content_hash != content_hash or status.stage not in _PIPELINE_ORDER:
+                return False
+            if _PIPELINE_ORDER.index(stage) <= _PIPELINE_ORDER.index(status.stage):
+                return False
+            status.stage = stage
+            status.chunk_count = chunk_count or status.chunk_count
+            return True
+
+        return await self._statuses.change(tenant, document_id, forward)

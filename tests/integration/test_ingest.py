@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-import grpc
-import pytest
+import asyncio
 
-from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED
+import grpc
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from llmos.bus.subjects import (
+    CHUNKS_CREATED,
+    CHUNKS_EMBEDDED,
+    DOCS_DELETED,
+    DOCS_FAILED,
+    DOCS_INDEXED,
+    INGEST_REQUESTED,
+    stream_for,
+)
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import RunningStack
 from tests.grpc_helpers import ADMIN, GLOBEX_USER
-from tests.integration.bus_helpers import last_message, last_sequence
+from tests.integration.bus_helpers import last_message, last_sequence, publish
+from tests.pdf_helpers import minimal_pdf
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +98,8 @@ async def test_delete_publishes_and_marks_the_document(ingest, stack: RunningSta
         ({"content": b"   \n\t "}, "no text"),
         ({"content": b"\xff\xfe bad"}, "not valid UTF-8"),
         ({"content": b"%PDF", "mime_type": "application/x-unknown"}, "mime_type"),
+        ({"content": b"%PDF-1.4 broken", "mime_type": "application/pdf"}, "not a readable PDF"),
+        ({"content": b"x" * (4 * 1024 * 1024 + 1)}, "over the limit"),
     ],
 )
 async def test_bad_documents_are_invalid_argument(ingest, request_fields: dict, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -92,3 +107,110 @@ async def test_bad_documents_are_invalid_argument(ingest, request_fields: dict, 
         await ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(document_id="bad", **request_fields), metadata=ADMIN)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.value.details()
+
+
+async def test_html_pdf_and_pii_reach_the_chunks_cleaned(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    url = stack.settings.nats_url
+    page = (
+        b"<html><body><nav>Home | Orders</nav><main><h1>Contact</h1><p>Mail help@acme.example or call "
+        b"+44 20 7946 0958. Card 4111 1111 1111 1111 on file.</p></main><footer>Acme Ltd</footer></body></html>"
+    )
+    before = await last_sequence(url, CHUNKS_CREATED)
+    await ingest.SubmitDocument(
+        ingest_pb2.SubmitDocumentRequest(document_id="contact", content=page, mime_type="text/html"), metadata=ADMIN
+    )
+    created = events_pb2.ChunksCreated.FromString((await last_message(url, CHUNKS_CREATED, after_seq=before)).data)
+    assert created.chunks[0].text == "Contact\n\nMail [EMAIL] or call [PHONE]. Card [CARD] on file."
+
+    before = await last_sequence(url, CHUNKS_CREATED)
+    pdf = minimal_pdf(["Warranty lasts two years.", "Pay to GB82 WEST 1234 5698 7654 32."])
+    await ingest.SubmitDocument(
+        ingest_pb2.SubmitDocumentRequest(document_id="warranty", content=pdf, mime_type="application/pdf"), metadata=ADMIN
+    )
+    created = events_pb2.ChunksCreated.FromString((await last_message(url, CHUNKS_CREATED, after_seq=before)).data)
+    assert created.chunks[0].text == "Warranty lasts two years.\nPay to [IBAN]."
+
+
+async def test_corrupt_pdf_on_the_bus_is_reported_and_dead_lettered(stack: RunningStack) -> None:
+    url = stack.settings.nats_url
+    failed_before = await last_sequence(url, DOCS_FAILED)
+    dlq = "llmos.dlq." + INGEST_REQUESTED
+    dlq_before = await last_sequence(url, dlq)
+    document = events_pb2.DocumentSubmitted(
+        document_id="broken-pdf", tenant="acme", mime_type="application/pdf", content=b"%PDF-1.7 truncated"
+    )
+    await publish(url, INGEST_REQUESTED, document.SerializeToString())
+    failed = events_pb2.DocumentFailed.FromString((await last_message(url, DOCS_FAILED, after_seq=failed_before)).data)
+    assert failed.document_id == "broken-pdf" and "not a readable PDF" in failed.reason
+    letter = events_pb2.DeadLetter.FromString((await last_message(url, dlq, after_seq=dlq_before)).data)
+    assert "not a readable PDF" in letter.error
+
+
+async def test_later_stages_move_the_status_forward_for_current_content_only(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    url = stack.settings.nats_url
+    submitted = await ingest.SubmitDocument(
+        ingest_pb2.SubmitDocumentRequest(document_id="tracked", content=b"Tracked document text."), metadata=ADMIN
+    )
+
+    async def stage() -> int:
+        return (await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="tracked"), metadata=ADMIN)).stage
+
+    async def wait_for(expected: int) -> None:
+        for _ in range(100):
+            if await stage() == expected:
+                return
+            await asyncio.sleep(0.05)
+        assert await stage() == expected
+
+    stale = events_pb2.DocumentIndexed(document_id="tracked", tenant="acme", content_hash="an-older-version", chunk_count=9)
+    await publish(url, DOCS_INDEXED, stale.SerializeToString())
+    embedded = events_pb2.ChunksEmbedded(document_id="tracked", tenant="acme", content_hash=submitted.content_hash)
+    await publish(url, CHUNKS_EMBEDDED, embedded.SerializeToString())
+    await wait_for(common_pb2.DOCUMENT_STAGE_EMBEDDED)
+    indexed = events_pb2.DocumentIndexed(document_id="tracked", tenant="acme", content_hash=submitted.content_hash, chunk_count=1)
+    await publish(url, DOCS_INDEXED, indexed.SerializeToString())
+    await wait_for(common_pb2.DOCUMENT_STAGE_INDEXED)
+    await publish(url, CHUNKS_EMBEDDED, embedded.SerializeToString(), headers={"Nats-Msg-Id": "late-embedded-report"})
+    await asyncio.sleep(0.5)
+    assert await stage() == common_pb2.DOCUMENT_STAGE_INDEXED  # a late report never moves it back
+
+
+async def test_interactive_documents_skip_the_bulk_backlog(stack: RunningStack) -> None:
+    url = stack.settings.nats_url
+    before = await last_sequence(url, CHUNKS_CREATED)
+    bulk_text = ("Bulk catalogue entry about garden furniture and its care. " * 60).encode()
+    live = events_pb2.DocumentSubmitted(
+        document_id="live-update", tenant="acme", content=b"Store closes at 6 pm today.", priority=common_pb2.PRIORITY_INTERACTIVE
+    )
+    connection = await nats.connect(url)
+    try:
+        js = connection.jetstream()
+        for number in range(200):
+            bulk = events_pb2.DocumentSubmitted(
+                document_id=f"bulk-{number}", tenant="acme", content=bulk_text + str(number).encode(),
+                priority=common_pb2.PRIORITY_BATCH,
+            )
+            await js.publish(INGEST_REQUESTED, bulk.SerializeToString())
+        await js.publish(INGEST_REQUESTED, live.SerializeToString())
+    finally:
+        await connection.close()
+    connection = await nats.connect(url)
+    try:
+        js = connection.jetstream()
+        order: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 60
+        sequence = before
+        while "live-update" not in order and asyncio.get_running_loop().time() < deadline:
+            try:
+                message = await js.get_msg(stream_for(CHUNKS_CREATED).name, sequence + 1)
+            except NotFoundError:
+                await asyncio.sleep(0.05)
+                continue
+            sequence += 1
+            if message.subject == CHUNKS_CREATED:
+                order.append(events_pb2.ChunksCreated.FromString(message.data).document_id)
+    finally:
+        await connection.close()
+    assert "live-update" in order
+    # The live document was chunked while most of the backlog still waited.
+    assert len([doc for doc in order if doc.startswith("bulk-")]) < 150, order

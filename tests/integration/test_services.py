@@ -11,8 +11,6 @@ from llmos.settings import SERVICE_NAMES
 from llmos.v1 import (
     dialogue_pb2,
     dialogue_pb2_grpc,
-    retrieval_pb2,
-    retrieval_pb2_grpc,
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
@@ -55,8 +53,6 @@ async def test_calls_without_a_key_are_unauthenticated(stack: RunningStack) -> N
 @pytest.mark.parametrize(
     ("service", "call"),
     [
-        ("retrieval", lambda channel: retrieval_pb2_grpc.RetrievalServiceStub(channel).Search(
-            retrieval_pb2.SearchRequest(query="x"), metadata=ADMIN, timeout=5)),
         ("dialogue", lambda channel: dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
             dialogue_pb2.GetSessionRequest(session_id="s"), metadata=ADMIN, timeout=5)),
     ],

@@ -1,0 +1,217 @@
+"""`make bench-ingest`: the live knowledge base under load, end to end.
+
+A private nats-server with the ingest, tokenizer, inference and retrieval services as real
+processes. A bulk load of documents (~2 KB each, SciFact abstracts) is published on
+`llmos.ingest.requested` at batch priority; documents/s is publish → last `docs.indexed`.
+While it runs, single documents are published at interactive priority, one at a time, and each
+one's publish → searchable latency (until RetrievalService.Search returns it) is recorded.
+
+    python -m bench.ingest [--documents 200] [--full] [--live 20] [--set LLMOS_NAME=VALUE ...]
+
+`--full` is the issue's size, 1,000 documents. Writes bench/results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import nats
+import numpy as np
+from nats.js.errors import NotFoundError
+
+from llmos.bus.subjects import DOCS_INDEXED, INGEST_REQUESTED, stream_for
+from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
+from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.v1 import common_pb2, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results" / "ingest.json"
+CORPUS = REPO.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+SERVICES = ("tokenizer", "inference", "retrieval", "ingest")
+BENCH_KEY = "bench-key"
+METADATA = (("authorization", f"Bearer {BENCH_KEY}"),)
+TENANT = "bench"
+TARGET_BYTES = 2048
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def documents(count: int) -> list[tuple[str, str]]:
+    """(title, ~2 KB text) pairs from the SciFact corpus, neighbouring abstracts joined."""
+    rows = [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+    out, position = [], 0
+    while len(out) < count:
+        title, text = rows[position % len(rows)]["title"], ""
+        while len(text.encode()) < TARGET_BYTES:
+            text += " " + rows[position % len(rows)]["text"]
+            position += 1
+        out.append((title, text.encode()[:TARGET_BYTES].decode("utf-8", "ignore")))
+    return out
+
+
+class PrivateStack:
+    """nats-server and the four services of the live flow, in a temporary home."""
+
+    def __init__(self, home: Path, models_home: Path, overrides: dict[str, str]) -> None:
+        (home / "models").symlink_to(models_home.resolve() / "models", target_is_directory=True)
+        (home / "logs").mkdir()
+        self.home = home
+        port = _free_port()
+        self.nats = subprocess.Popen(nats_command(home / "jetstream", "127.0.0.1", port, _free_port()),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not port_open("127.0.0.1", port):
+            time.sleep(0.05)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
+        env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
+        env.update({"LLMOS_HOME": str(home), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
+                    "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
+                    "PYTHONPATH": str(REPO), **overrides})
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            self.settings = PlatformSettings(_env_file=None)  # type: ignore[call-arg]
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        for name in SERVICES:
+            with (home / "logs" / f"{name}.log").open("wb") as log:
+                self.processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=home, env=env,
+                                                        stdout=log, stderr=subprocess.STDOUT)
+        wait_until_serving(self.settings, self.processes, timeout_s=180)
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        """Each service's peak resident memory so far (VmHWM)."""
+        peaks = {}
+        for name, process in self.processes.items():
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[name] = int(line.split()[1]) / 1024
+        return peaks
+
+    def stop(self) -> None:
+        stop_pids([process.pid for process in self.processes.values()], timeout_s=15)
+        self.nats.terminate()
+        self.nats.wait(timeout=10)
+
+
+async def wait_indexed(js: nats.js.JetStreamContext, after_seq: int, wanted: set[str], timeout_s: float) -> float:
+    """Seconds until every document in `wanted` has a `docs.indexed` event after `after_seq`."""
+    started, sequence, pending = time.perf_counter(), after_seq, set(wanted)
+    while pending:
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"{len(pending)} documents not indexed within {timeout_s:.0f} s")
+        try:
+            message = await js.get_msg(stream_for(DOCS_INDEXED).name, sequence + 1)
+        except NotFoundError:
+            await asyncio.sleep(0.05)
+            continue
+        sequence += 1
+        if message.subject == DOCS_INDEXED:
+            pending.discard(events_pb2.DocumentIndexed.FromString(message.data).document_id)
+    return time.perf_counter() - started
+
+
+async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout_s: float) -> dict[str, object]:
+    connection = await nats.connect(stack.settings.nats_url)
+    js = connection.jetstream()
+    start_seq = (await js.stream_info(stream_for(DOCS_INDEXED).name)).state.last_seq
+    channel = grpc.aio.insecure_channel(stack.settings.service_addr("retrieval"))
+    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+    try:
+        bulk = documents(bulk_count)
+        started = time.perf_counter()
+        for number, (title, text) in enumerate(bulk):
+            document = events_pb2.DocumentSubmitted(document_id=f"bulk-{number}", tenant=TENANT, title=title,
+                                                    content=text.encode(), priority=common_pb2.PRIORITY_BATCH)
+            document.submitted_at.GetCurrentTime()
+            await js.publish(INGEST_REQUESTED, document.SerializeToString())
+        bulk_done = asyncio.create_task(wait_indexed(js, start_seq, {f"bulk-{n}" for n in range(bulk_count)}, timeout_s))
+        latencies = []
+        for number in range(live_count):
+            if bulk_done.done():
+                break
+            document_id = f"live-{number}"
+            document = events_pb2.DocumentSubmitted(
+                document_id=document_id, tenant=TENANT, title="Store notice", priority=common_pb2.PRIORITY_INTERACTIVE,
+                content=f"Notice {number}: the Lindenstrasse store opens late on day {number} for stocktaking.".encode(),
+            )
+            document.submitted_at.GetCurrentTime()
+            published = time.perf_counter()
+            await js.publish(INGEST_REQUESTED, document.SerializeToString())
+            request = retrieval_pb2.SearchRequest(query="store opens late for stocktaking", top_k=1,
+                                                  mode=retrieval_pb2.SEARCH_MODE_SPARSE,
+                                                  filter=retrieval_pb2.SearchFilter(document_ids=[document_id]))
+            while not (await retrieval.Search(request, metadata=METADATA)).hits:
+                if time.perf_counter() - published > 60:
+                    raise TimeoutError(f"{document_id} not searchable within 60 s")
+                await asyncio.sleep(0.01)
+            latencies.append(time.perf_counter() - published)
+            print(f"  live document {number}: searchable after {latencies[-1] * 1000:.0f} ms", flush=True)
+            await asyncio.sleep(1.0)
+        await bulk_done
+        elapsed = time.perf_counter() - started
+    finally:
+        await channel.close()
+        await connection.close()
+    return {
+        "bulk_documents": bulk_count,
+        "document_bytes": TARGET_BYTES,
+        "bulk_seconds": elapsed,
+        "documents_per_s": bulk_count / elapsed,
+        "live_documents": len(latencies),
+        "live_p50_ms": float(np.percentile(latencies, 50) * 1000) if latencies else None,
+        "live_p95_ms": float(np.percentile(latencies, 95) * 1000) if latencies else None,
+        "live_max_ms": float(max(latencies) * 1000) if latencies else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=200, help="bulk documents (default: a quick run)")
+    parser.add_argument("--full", action="store_true", help="the issue's size: 1,000 bulk documents")
+    parser.add_argument("--live", type=int, default=20, help="interactive documents published during the bulk load")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--models-home", type=Path, default=REPO / ".llmos")
+    parser.add_argument("--set", action="append", default=[], metavar="LLMOS_NAME=VALUE",
+                        help="a setting for the services, e.g. LLMOS_INFERENCE_EMBED_MAX_BATCH=16 (repeatable)")
+    args = parser.parse_args(argv)
+    count = 1000 if args.full else args.documents
+    overrides = dict(item.split("=", 1) for item in args.set)
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-ingest-") as folder:
+        stack = PrivateStack(Path(folder), args.models_home, overrides)
+        try:
+            result = asyncio.run(measure(stack, count, args.live, args.timeout))
+            result["peak_rss_mb"] = stack.peak_rss_mb()
+        finally:
+            stack.stop()
+    print(f"\n{'bulk documents':<34}{result['bulk_documents']:>10}")
+    print(f"{'end to end (publish → indexed)':<34}{result['documents_per_s']:>10.1f} documents/s")
+    if result["live_documents"]:
+        print(f"{'interactive publish → searchable':<34}{result['live_p50_ms']:>10.0f} ms p50   {result['live_p95_ms']:.0f} ms p95 "
+              f"(target p95 <= 1000 ms; {result['live_documents']} documents)")
+    for name, peak in result["peak_rss_mb"].items():  # type: ignore[union-attr]
+        print(f"{'peak RSS ' + name:<34}{peak:>10.0f} MB")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "ingest", "settings": overrides, **result}, indent=2))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

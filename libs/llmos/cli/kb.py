@@ -1,0 +1,432 @@
+"""Knowledge-base commands: `llmos ingest PATH...`, `llmos search "query"` and
+`llmos eval retrieval --data DIR`, all through the running platform's public APIs.
+
+The evaluation sends a BEIR-style corpus through IngestService into a throwaway tenant, waits
+for `llmos.docs.indexed` on the bus, runs every query through RetrievalService.Search in each
+mode and scores documents by their best chunk: nDCG@10 and recall@100 beside published figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from nats.js.errors import NotFoundError
+
+from llmos.bus.subjects import DOCS_FAILED, DOCS_INDEXED, stream_for
+from llmos.cli.client import Metadata, channel, metadata
+from llmos.natsauth import connect_cli
+from llmos.settings import PlatformSettings, load_settings
+from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+
+T = TypeVar("T")
+MIME_TYPES = {
+    ".txt": "text/plain",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".pdf": "application/pdf",
+}
+MODES = {
+    "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID,
+    "dense": retrieval_pb2.SEARCH_MODE_DENSE,
+    "sparse": retrieval_pb2.SEARCH_MODE_SPARSE,
+}
+PRIORITIES = {
+    "interactive": common_pb2.PRIORITY_INTERACTIVE,
+    "standard": common_pb2.PRIORITY_STANDARD,
+    "batch": common_pb2.PRIORITY_BATCH,
+}
+# Published SciFact nDCG@10 (BEIR test split), printed beside ours.
+REFERENCE_NDCG10 = {"sparse": ("BM25 (BEIR)", 0.665), "dense": ("all-MiniLM-L6-v2", 0.65), "hybrid": ("Qdrant hybrid RRF", 0.718)}
+RPC_TIMEOUT_S = 60.0
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self._started = label, total, 0, time.perf_counter()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if not sys.stderr.isatty() and self.done < self.total:
+            return  # a log file gets the final line only
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        rate = self.done / max(time.perf_counter() - self._started, 1e-9)
+        print(f"\r{self.label:<10} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:6.1f}/s",
+              end="", file=sys.stderr, flush=True)
+        if self.done >= self.total:
+            print(file=sys.stderr)
+
+
+async def bounded(items: Sequence[T], concurrency: int, work: Callable[[T], Awaitable[object]]) -> list[object]:
+    """Run `work` over `items` with at most `concurrency` in flight; results in input order."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: T) -> object:
+        async with gate:
+            return await work(item)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+async def bus_position(settings: PlatformSettings) -> int:
+    """The last sequence of the DOCS stream: events after it are ours to watch."""
+    connection = await connect_cli(settings)
+    try:
+        return int((await connection.jetstream().stream_info(stream_for(DOCS_INDEXED).name)).state.last_seq)
+    finally:
+        await connection.close()
+
+
+@dataclass
+class Outcome:
+    indexed: set[str]
+    failed: dict[str, str]
+
+
+async def watch_documents(
+    settings: PlatformSettings, tenant: str, document_ids: Iterable[str], after_seq: int, timeout_s: float, progress: Progress | None
+) -> Outcome:
+    """Follow `docs.indexed` / `docs.failed` from `after_seq` until every document is settled."""
+    pending = set(document_ids)
+    outcome = Outcome(set(), {})
+    connection = await connect_cli(settings)
+    try:
+        js = connection.jetstream()
+        stream = stream_for(DOCS_INDEXED).name
+        sequence = after_seq
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            try:
+                message = await js.get_msg(stream, sequence + 1)
+            except NotFoundError:
+                await asyncio.sleep(0.1)
+                continue
+            sequence += 1
+            if message.subject == DOCS_INDEXED:
+                event = events_pb2.DocumentIndexed.FromString(message.data)
+                if event.tenant == tenant and event.document_id in pending:
+                    pending.discard(event.document_id)
+                    outcome.indexed.add(event.document_id)
+                    if progress:
+                        progress.advance()
+            elif message.subject == DOCS_FAILED:
+                failure = events_pb2.DocumentFailed.FromString(message.data)
+                if failure.tenant == tenant and failure.document_id in pending:
+                    pending.discard(failure.document_id)
+                    outcome.failed[failure.document_id] = failure.reason
+                    if progress:
+                        progress.advance()
+    finally:
+        await connection.close()
+    for document_id in pending:
+        outcome.failed[document_id] = f"not indexed within {timeout_s:.0f} s"
+    return outcome
+
+
+# llmos ingest ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileDocument:
+    path: Path
+    document_id: str
+    mime_type: str
+
+
+def collect_files(paths: Sequence[str]) -> list[FileDocument]:
+    """Supported files under `paths`; ids are paths relative to the folder given, without suffix."""
+    found: list[FileDocument] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            files = sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in MIME_TYPES)
+            found += [FileDocument(p, p.relative_to(given).with_suffix("").as_posix(), MIME_TYPES[p.suffix.lower()]) for p in files]
+        elif given.is_file():
+            if given.suffix.lower() not in MIME_TYPES:
+                raise RuntimeError(f"{given}: unsupported file type; accepted: {', '.join(sorted(MIME_TYPES))}")
+            found.append(FileDocument(given, given.stem, MIME_TYPES[given.suffix.lower()]))
+        else:
+            raise FileNotFoundError(f"{given}: no such file or folder")
+    return found
+
+
+def _title(document: FileDocument) -> str:
+    if document.mime_type == "text/markdown":
+        for line in document.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("# "):
+                return line[2:].strip()
+    return document.path.stem.replace("-", " ").replace("_", " ").capitalize()
+
+
+async def _ingest(args: argparse.Namespace, settings: PlatformSettings) -> int:
+    documents = collect_files(args.paths)
+    if not documents:
+        print("no supported files found", file=sys.stderr)
+        return 1
+    auth = metadata(settings, args.key)
+    start_seq = await bus_position(settings) if args.wait else 0
+    rows: dict[str, list[str]] = {}
+    progress = Progress("submitted", len(documents))
+    tenant = args.tenant
+    async with channel(settings, "ingest") as ingest_channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+
+        async def submit(document: FileDocument) -> None:
+            try:
+                response = await ingest.SubmitDocument(
+                    ingest_pb2.SubmitDocumentRequest(
+                        tenant=args.tenant, document_id=document.document_id, title=_title(document),
+                        mime_type=document.mime_type, content=document.path.read_bytes(), source=str(document.path),
+                        tags=args.tag, priority=PRIORITIES[args.priority],
+                    ),
+                    metadata=auth, timeout=RPC_TIMEOUT_S,
+                )
+                stage = "unchanged" if response.unchanged else common_pb2.DocumentStage.Name(response.stage).removeprefix("DOCUMENT_STAGE_").lower()
+                rows[document.document_id] = [str(document.path), document.document_id, stage, ""]
+            except grpc.aio.AioRpcError as exc:
+                rows[document.document_id] = [str(document.path), document.document_id, "failed", f"{exc.code().name}: {exc.details()}"]
+            progress.advance()
+
+        await bounded(documents, args.concurrency, submit)
+        waiting = [doc for doc, row in rows.items() if row[2] not in ("failed", "unchanged")]
+        if args.wait and waiting:
+            if not tenant:
+                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=waiting[0]), metadata=auth)
+                tenant = status.tenant
+            outcome = await watch_documents(settings, tenant, waiting, start_seq, args.timeout, Progress("indexed", len(waiting)))
+            for document_id in outcome.indexed:
+                rows[document_id][2] = "indexed"
+            for document_id, reason in outcome.failed.items():
+                rows[document_id][2:] = ["failed", reason]
+    print_table(["file", "document", "stage", "error"], sorted(rows.values()))
+    counts: dict[str, int] = {}
+    for row in rows.values():
+        counts[row[2]] = counts.get(row[2], 0) + 1
+    print("summary: " + ", ".join(f"{count} {stage}" for stage, count in sorted(counts.items())))
+    return 1 if counts.get("failed") else 0
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(header[i]), *(len(row[i]) for row in rows)]) for i in range(len(header))]
+    print("  ".join(name.ljust(width) for name, width in zip(header, widths)))
+    print("  ".join("-" * width for width in widths))
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    return asyncio.run(_ingest(args, load_settings(PlatformSettings)))
+
+
+# llmos search ------------------------------------------------------------------------------
+
+
+async def _search(args: argparse.Namespace, settings: PlatformSettings) -> int:
+    auth = metadata(settings, args.key)
+    async with channel(settings, "retrieval") as retrieval_channel:
+        response = await retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel).Search(
+            retrieval_pb2.SearchRequest(
+                tenant=args.tenant, query=args.query, top_k=args.top_k, mode=MODES[args.mode],
+                filter=retrieval_pb2.SearchFilter(document_ids=args.document, tags=args.tag, sources=args.source),
+            ),
+            metadata=auth, timeout=RPC_TIMEOUT_S,
+        )
+    rows = []
+    for rank, hit in enumerate(response.hits, start=1):
+        snippet = " ".join(hit.chunk.text.split())
+        rows.append([str(rank), f"{hit.score:.4f}", hit.chunk.document_id, hit.chunk.title,
+                     f"{hit.chunk.start_offset}-{hit.chunk.end_offset}", snippet[:80] + ("…" if len(snippet) > 80 else "")])
+    if not rows:
+        print("no results")
+        return 0
+    print_table(["#", "score", "document", "title", "chars", "text"], rows)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_search(args, load_settings(PlatformSettings)))
+    except grpc.aio.AioRpcError as exc:
+        print(f"llmos search: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+# llmos eval retrieval ----------------------------------------------------------------------
+
+
+def ndcg_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
+    """nDCG@k with graded gains (BEIR's definition: gain = relevance, log2 discount)."""
+    dcg = sum(relevant.get(doc, 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
+    ideal = sorted(relevant.values(), reverse=True)[:k]
+    idcg = sum(gain / math.log2(rank + 2) for rank, gain in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def recall_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
+    positives = {doc for doc, grade in relevant.items() if grade > 0}
+    return len(positives & set(ranked[:k])) / len(positives) if positives else 0.0
+
+
+def documents_by_best_chunk(hits: Iterable[retrieval_pb2.ScoredChunk]) -> list[str]:
+    """Document ids in the order of their best-ranked chunk."""
+    return list(dict.fromkeys(hit.chunk.document_id for hit in hits))
+
+
+@dataclass(frozen=True)
+class BeirData:
+    corpus: list[dict[str, str]]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_beir(folder: Path) -> BeirData:
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: a BEIR folder has corpus.jsonl, queries.jsonl and qrels.tsv")
+    corpus = [json.loads(line) for line in (folder / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    all_queries = {
+        str(q["_id"]): q["text"]
+        for q in map(json.loads, (folder / "queries.jsonl").read_text(encoding="utf-8").splitlines()) if q
+    }
+    qrels: dict[str, dict[str, int]] = {}
+    with (folder / "qrels.tsv").open(encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = int(row["score"])
+    queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
+    return BeirData(corpus, queries, qrels)
+
+
+async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) -> int:
+    data = load_beir(Path(args.data))
+    queries = dict(list(data.queries.items())[: args.max_queries or None])
+    tenant = f"eval-{uuid.uuid4().hex[:8]}"
+    auth = metadata(settings, args.key)
+    print(f"{args.data}: {len(data.corpus)} documents, {len(queries)} queries; throwaway tenant {tenant}")
+    start_seq = await bus_position(settings)
+    started = time.perf_counter()
+    async with channel(settings, "ingest") as ingest_channel, channel(settings, "retrieval") as retrieval_channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+        retrieval = retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel)
+        submitted = Progress("submitted", len(data.corpus))
+        watcher = asyncio.create_task(
+            watch_documents(settings, tenant, [str(doc["_id"]) for doc in data.corpus], start_seq, args.timeout,
+                            Progress("indexed", len(data.corpus)) if args.verbose else None)
+        )
+
+        async def submit(document: dict[str, str]) -> None:
+            # BEIR's convention for dense and sparse models alike: title, then text.
+            content = "\n\n".join(part for part in (document.get("title", ""), document.get("text", "")) if part)
+            await ingest.SubmitDocument(
+                ingest_pb2.SubmitDocumentRequest(
+                    tenant=tenant, document_id=str(document["_id"]), title=document.get("title", ""),
+                    content=content.encode("utf-8"), mime_type="text/plain", priority=common_pb2.PRIORITY_BATCH,
+                ),
+                metadata=auth, timeout=RPC_TIMEOUT_S,
+            )
+            submitted.advance()
+
+        try:
+            await bounded(data.corpus, args.concurrency, submit)
+            outcome = await watcher
+            ingest_s = time.perf_counter() - started
+            print(f"indexed {len(outcome.indexed)} of {len(data.corpus)} documents in {ingest_s:.0f} s "
+                  f"({len(outcome.indexed) / ingest_s:.1f} documents/s); {len(outcome.failed)} failed")
+            results: dict[str, dict[str, float]] = {}
+            for mode in args.modes:
+                progress = Progress(mode, len(queries))
+
+                async def run_query(item: tuple[str, str], mode: str = mode, progress: Progress = progress) -> tuple[str, list[str]]:
+                    query_id, text = item
+                    response = await retrieval.Search(
+                        retrieval_pb2.SearchRequest(tenant=tenant, query=text, top_k=args.top_chunks, mode=MODES[mode]),
+                        metadata=auth, timeout=RPC_TIMEOUT_S,
+                    )
+                    progress.advance()
+                    return query_id, documents_by_best_chunk(response.hits)
+
+                ranked = dict(await bounded(list(queries.items()), args.concurrency, run_query))  # type: ignore[arg-type]
+                results[mode] = {
+                    "ndcg@10": sum(ndcg_at_k(ranked[q], data.qrels[q], 10) for q in queries) / len(queries),
+                    "recall@100": sum(recall_at_k(ranked[q], data.qrels[q], 100) for q in queries) / len(queries),
+                }
+        finally:
+            if not args.keep:
+                await bounded(
+                    data.corpus, args.concurrency,
+                    lambda doc: _delete_quietly(ingest, tenant, str(doc["_id"]), auth),
+                )
+    rows = [
+        [mode, f"{r['ndcg@10']:.3f}", f"{r['recall@100']:.3f}", REFERENCE_NDCG10[mode][0], f"{REFERENCE_NDCG10[mode][1]:.3f}"]
+        for mode, r in results.items()
+    ]
+    print()
+    print_table(["mode", "nDCG@10", "recall@100", "reference", "ref nDCG@10"], rows)
+    print("references: BEIR SciFact test split; ours on the queries in --data (see its PROVENANCE.md)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(
+            {"data": str(args.data), "documents": len(data.corpus), "queries": len(queries), "indexed": len(outcome.indexed),
+             "ingest_seconds": ingest_s, "results": results, "references": REFERENCE_NDCG10}, indent=2))
+    return 0
+
+
+async def _delete_quietly(ingest: ingest_pb2_grpc.IngestServiceStub, tenant: str, document_id: str, auth: Metadata) -> None:
+    try:
+        await ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(tenant=tenant, document_id=document_id), metadata=auth)
+    except grpc.aio.AioRpcError:
+        pass  # a document that never made it in has nothing to delete
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    return asyncio.run(_eval_retrieval(args, load_settings(PlatformSettings)))
+
+
+def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ingest = commands.add_parser("ingest", help="submit files or folders to the knowledge base")
+    ingest.add_argument("paths", nargs="+", help=f"files or folders ({', '.join(sorted(MIME_TYPES))})")
+    ingest.add_argument("--tenant", default="", help="administrators only: another tenant")
+    ingest.add_argument("--tag", action="append", default=[], help="tag every document (repeatable)")
+    ingest.add_argument("--priority", choices=sorted(PRIORITIES), default="standard")
+    ingest.add_argument("--concurrency", type=int, default=4)
+    ingest.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted, before indexing")
+    ingest.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for indexing")
+    ingest.add_argument("--key", default="", help="API key; default: LLMOS_API_KEY, else the first admin key configured")
+    ingest.set_defaults(run=cmd_ingest)
+
+    search = commands.add_parser("search", help="search the knowledge base")
+    search.add_argument("query")
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--mode", choices=list(MODES), default="hybrid")
+    search.add_argument("--tenant", default="")
+    search.add_argument("--document", action="append", default=[], help="only these document ids (repeatable)")
+    search.add_argument("--tag", action="append", default=[], help="only chunks with any of these tags (repeatable)")
+    search.add_argument("--source", action="append", default=[], help="only these sources (repeatable)")
+    search.add_argument("--key", default="", help="API key (as for ingest)")
+    search.set_defaults(run=cmd_search)
+
+    retrieval = evals.add_parser("retrieval", help="nDCG@10 and recall@100 on a BEIR folder, through ingest and Search")
+    retrieval.add_argument("--data", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels.tsv")
+    retrieval.add_argument("--modes", nargs="+", choices=list(MODES), default=["sparse", "dense", "hybrid"])
+    retrieval.add_argument("--max-queries", type=int, default=0, help="0: every query with judgements")
+    retrieval.add_argument("--top-chunks", type=int, default=300, help="chunks per Search (enough for 100 documents)")
+    retrieval.add_argument("--concurrency", type=int, default=8)
+    retrieval.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the corpus to be indexed")
+    retrieval.add_argument("--keep", action="store_true", help="leave the throwaway tenant's documents in place")
+    retrieval.add_argument("--output", default="", help="also write the figures to this JSON file")
+    retrieval.add_argument("--verbose", action="store_true", help="show indexing progress")
+    retrieval.add_argument("--key", default="", help="API key of an administrator (it names the throwaway tenant)")
+    retrieval.set_defaults(run=cmd_eval_retrieval)

@@ -1,0 +1,292 @@
+"""Retrieval logic, shared by the gRPC API and the bus consumers.
+
+- Indexing (`index_embedded`): a `ChunksEmbedded` message is one document's chunks with their
+  dense vectors. Its chunks get BM25 sparse vectors and are upserted by chunk id (a redelivered
+  message writes the same points again); then every chunk of another version of the document
+  is removed, so a shorter re-submission leaves no stale chunks. A message older than the
+  version already stored (a late redelivery) changes nothing. The result is the
+  `DocumentIndexed` event to publish.
+- Search: dense (query embedded by the inference service), sparse (BM25 with IDF), or hybrid:
+  both candidate lists fused by reciprocal rank fusion. Always within one tenant.
+- Recommend: documents near the centroid of what the user read or was shown, leaving those out.
+- GetDocument: a document's chunks in order, page by page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from llmos.errors import InvalidArgument, NotFound
+from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
+from services.retrieval.index import ChunkFilter, ChunkIndex, Hit, IndexedChunk
+from services.retrieval.profiles import ProfileStore
+from services.retrieval.sparse import Bm25Encoder
+
+T = TypeVar("T")
+MAX_FILTER_VALUES = 256
+# Documents of a search remembered as "asked about" in the user's profile.
+ASKED_PER_SEARCH = 3
+# Read documents weigh more than documents a search only surfaced.
+READ_WEIGHT, ASKED_WEIGHT = 1.0, 0.5
+
+
+class QueryEmbedder(Protocol):
+    async def embed(self, texts: Sequence[str], tenant: str) -> np.ndarray:
+        """(len(texts), dimensions) L2-normalized vectors from the platform's embedding model."""
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    default_top_k: int
+    max_top_k: int
+    candidates: int  # depth of each list before fusion
+    rrf_k: int
+    max_query_chars: int
+    page_size: int
+    max_page_size: int
+
+
+def now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def rrf(rankings: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """Reciprocal rank fusion: each list adds 1 / (k + rank) to a chunk's score (rank from 1)."""
+    fused: dict[str, Hit] = {}
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            key = hit.chunk.chunk_id
+            fused.setdefault(key, hit)
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+    ordered = sorted(scores, key=lambda key: (-scores[key], key))
+    return [Hit(fused[key].chunk, scores[key], fused[key].content_hash, fused[key].submitted_at) for key in ordered]
+
+
+def _filter(tenant: str, request_filter: retrieval_pb2.SearchFilter) -> ChunkFilter:
+    for name in ("document_ids", "tags", "sources"):
+        if len(getattr(request_filter, name)) > MAX_FILTER_VALUES:
+            raise InvalidArgument(f"filter.{name}", f"at most {MAX_FILTER_VALUES} values")
+    return ChunkFilter(
+        tenant,
+        document_ids=list(request_filter.document_ids),
+        tags=list(request_filter.tags),
+        sources=list(request_filter.sources),
+    )
+
+
+def _normalized(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+class RetrievalCore:
+    def __init__(
+        self,
+        index: ChunkIndex,
+        bm25: Bm25Encoder,
+        embedder: QueryEmbedder,
+        profiles: ProfileStore,
+        dimensions: int,
+        limits: SearchLimits,
+    ) -> None:
+        self._index = index
+        self._bm25 = bm25
+        self._embedder = embedder
+        self._profiles = profiles
+        self._dimensions = dimensions
+        self._limits = limits
+        # One thread owns the index: the engines are blocking, and local mode is not thread-safe.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    # Indexing ---------------------------------------------------------------------------
+
+    def _validate(self, message: events_pb2.ChunksEmbedded) -> None:
+        if not message.tenant:
+            raise InvalidArgument("tenant", "every document belongs to a tenant")
+        if not message.document_id:
+            raise InvalidArgument("document_id", "is required")
+        if not message.content_hash:
+            raise InvalidArgument("content_hash", "is required to tell versions of a document apart")
+        if not message.chunks:
+            raise InvalidArgument("chunks", "a document has at least one chunk")
+        for position, embedded in enumerate(message.chunks):
+            chunk = embedded.chunk
+            if chunk.document_id != message.document_id or chunk.tenant != message.tenant:
+                raise InvalidArgument(f"chunks[{position}]", "belongs to another document or tenant")
+            if not chunk.chunk_id:
+                raise InvalidArgument(f"chunks[{position}].chunk_id", "is required")
+            if len(embedded.vector) != self._dimensions:
+                raise InvalidArgument(
+                    f"chunks[{position}].vector", f"has {len(embedded.vector)} dimensions; the index holds {self._dimensions}"
+                )
+            if not all(math.isfinite(value) for value in embedded.vector):
+                raise InvalidArgument(f"chunks[{position}].vector", "has a value that is not a finite number")
+
+    async def index_embedded(self, message: events_pb2.ChunksEmbedded) -> events_pb2.DocumentIndexed | None:
+        """Store a document's embedded chunks; the event to publish, or None for a stale message."""
+        self._validate(message)
+        submitted_at = message.submitted_at.ToNanoseconds() / 1e9 if message.HasField("submitted_at") else 0.0
+        items = [
+            IndexedChunk(embedded.chunk, message.content_hash, submitted_at, list(embedded.vector), self._bm25.document(embedded.chunk.text))
+            for embedded in message.chunks
+        ]
+        where = ChunkFilter(message.tenant, document_ids=(message.document_id,))
+
+        def store() -> int | None:
+            (stored,) = self._index.chunks(where, limit=1) or (None,)
+            if stored is not None and stored.content_hash != message.content_hash and stored.submitted_at > submitted_at:
+                return None  # a newer version is already indexed
+            self._index.upsert(items)
+            self._index.delete_document(message.tenant, message.document_id, keep_content_hash=message.content_hash)
+            return self._index.count(where)
+
+        chunk_count = await self._run(store)
+        if chunk_count is None:
+            return None
+        return events_pb2.DocumentIndexed(
+            document_id=message.document_id,
+            tenant=message.tenant,
+            content_hash=message.content_hash,
+            chunk_count=chunk_count,
+            indexed_at=now(),
+        )
+
+    async def delete_document(self, message: events_pb2.DocumentDeleted) -> None:
+        if not message.tenant or not message.document_id:
+            raise InvalidArgument("document_id" if message.tenant else "tenant", "is required")
+        await self._run(lambda: self._index.delete_document(message.tenant, message.document_id))
+
+    # Search -----------------------------------------------------------------------------
+
+    def _top_k(self, requested: int) -> int:
+        if requested < 0 or requested > self._limits.max_top_k:
+            raise InvalidArgument("top_k", f"must be between 1 and {self._limits.max_top_k} (0: {self._limits.default_top_k})")
+        return requested or self._limits.default_top_k
+
+    async def search(
+        self, tenant: str, request: retrieval_pb2.SearchRequest
+    ) -> retrieval_pb2.SearchResponse:
+        query = request.query.strip()
+        if not query:
+            raise InvalidArgument("query", "is empty")
+        if len(query) > self._limits.max_query_chars:
+            raise InvalidArgument("query", f"{len(query)} characters is over the limit of {self._limits.max_query_chars}")
+        top_k = self._top_k(request.top_k)
+        mode = request.mode or retrieval_pb2.SEARCH_MODE_HYBRID
+        if mode not in (retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_DENSE, retrieval_pb2.SEARCH_MODE_SPARSE):
+            raise InvalidArgument("mode", f"unknown search mode {mode}")
+        where = _filter(tenant, request.filter)
+        depth = max(top_k, self._limits.candidates)
+        rankings: list[list[Hit]] = []
+        if mode in (retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_DENSE):
+            vector = (await self._embedder.embed([query], tenant))[0]
+            rankings.append(await self._run(lambda: self._index.dense(vector.tolist(), where, depth)))
+        if mode in (retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_SPARSE):
+            sparse = self._bm25.query(query)
+            rankings.append(await self._run(lambda: self._index.sparse(sparse, where, depth)))
+        hits = (rrf(rankings, self._limits.rrf_k) if len(rankings) > 1 else rankings[0])[:top_k]
+        if request.user_id and hits:
+            asked = list(dict.fromkeys(hit.chunk.document_id for hit in hits))[:ASKED_PER_SEARCH]
+            await self._profiles.record_asked(tenant, request.user_id, asked)
+        return retrieval_pb2.SearchResponse(
+            hits=[retrieval_pb2.ScoredChunk(chunk=hit.chunk, score=hit.score) for hit in hits], mode=mode
+        )
+
+    # Recommend --------------------------------------------------------------------------
+
+    async def _document_vectors(self, tenant: str, document_ids: Sequence[str]) -> dict[str, tuple[str, np.ndarray]]:
+        """Each document's title and centroid of its chunk vectors."""
+        hits = await self._run(lambda: self._index.chunks(ChunkFilter(tenant, document_ids=document_ids), with_vectors=True))
+        grouped: dict[str, list[Hit]] = {}
+        for hit in hits:
+            if hit.vector is not None:
+                grouped.setdefault(hit.chunk.document_id, []).append(hit)
+        return {
+            document_id: (group[0].chunk.title or document_id, _normalized(np.mean([h.vector for h in group], axis=0)))
+            for document_id, group in grouped.items()
+        }
+
+    async def recommend(self, tenant: str, request: retrieval_pb2.RecommendRequest) -> retrieval_pb2.RecommendResponse:
+        if not request.user_id:
+            raise InvalidArgument("user_id", "is required: recommendations are for one user")
+        top_k = self._top_k(request.top_k)
+        profile = await self._profiles.get(tenant, request.user_id)
+        seeds = profile.seen()
+        if not seeds:
+            return retrieval_pb2.RecommendResponse()
+        vectors = await self._document_vectors(tenant, seeds)
+        if not vectors:
+            return retrieval_pb2.RecommendResponse()
+        read = set(profile.read)
+        weights = np.array([READ_WEIGHT if doc in read else ASKED_WEIGHT for doc in vectors])
+        centroid = _normalized(np.average(np.stack([v for _, v in vectors.values()]), axis=0, weights=weights))
+        exclude = () if request.include_seen else tuple(seeds)
+        # Several chunks per document come back: ask for enough to fill top_k documents.
+        hits = await self._run(
+            lambda: self._index.dense(
+                centroid.tolist(), ChunkFilter(tenant, exclude_document_ids=exclude), top_k * 8, with_vectors=True
+            )
+        )
+        best: dict[str, Hit] = {}
+        for hit in hits:
+            best.setdefault(hit.chunk.document_id, hit)
+        recommendations = []
+        for document_id, hit in list(best.items())[:top_k]:
+            vector = np.asarray(hit.vector if hit.vector is not None else centroid)
+            nearest_title = max(vectors.values(), key=lambda seed: float(seed[1] @ vector))[0]
+            recommendations.append(
+                retrieval_pb2.Recommendation(
+                    document_id=document_id, title=hit.chunk.title, score=hit.score, reason=f"similar to {nearest_title}"
+                )
+            )
+        return retrieval_pb2.RecommendResponse(recommendations=recommendations)
+
+    # Documents --------------------------------------------------------------------------
+
+    async def get_document(self, tenant: str, request: retrieval_pb2.GetDocumentRequest) -> retrieval_pb2.GetDocumentResponse:
+        if not request.document_id:
+            raise InvalidArgument("document_id", "is required")
+        page_size = request.page.page_size or self._limits.page_size
+        if not 0 < page_size <= self._limits.max_page_size:
+            raise InvalidArgument("page.page_size", f"must be between 1 and {self._limits.max_page_size}")
+        token = request.page.page_token or "0"
+        if not token.isdigit():
+            raise InvalidArgument("page.page_token", "is not a token this service returned")
+        start = int(token)
+        hits = await self._run(lambda: self._index.chunks(ChunkFilter(tenant, document_ids=(request.document_id,))))
+        if not hits:
+            raise NotFound(f"no indexed document {request.document_id!r} in tenant {tenant!r}")
+        chunks = sorted((hit.chunk for hit in hits), key=lambda chunk: chunk.index)
+        page = chunks[start:start + page_size]
+        following = start + page_size
+        if request.user_id:
+            await self._profiles.record_read(tenant, request.user_id, request.document_id)
+        first = chunks[0]
+        return retrieval_pb2.GetDocumentResponse(
+            document_id=request.document_id,
+            title=first.title,
+            source=first.source,
+            tags=list(first.tags),
+            chunk_count=len(chunks),
+            chunks=page,
+            page=common_pb2.PageResponse(next_page_token=str(following) if following < len(chunks) else ""),
+        )
+
+    def close(self) -> None:
+        self._executor.submit(self._index.close).result()
+        self._executor.shutdown()
+

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from llmos.settings import PlatformSettings
+
+
+class RetrievalSettings(PlatformSettings):
+    # The Qdrant collection (server) holding every tenant's chunks.
+    retrieval_collection: str = "llmos_chunks"
+    # Embedded engine when LLMOS_QDRANT_URL is empty: `edge` (qdrant-edge-py) or `local`
+    # (qdrant-client local mode); chosen by bench.ingest.embedded_qdrant, see the README.
+    retrieval_embedded_engine: Literal["edge", "local"] = "edge"
+    # This replica's name. With an embedded engine each replica keeps its own copy of the index
+    # under LLMOS_HOME/qdrant/<replica> and its own durable consumers, so it sees every message;
+    # give each replica a distinct, stable name. With a Qdrant server replicas share one consumer.
+    retrieval_replica: str = "0"
+    qdrant_api_key: str = ""
+    # Dense vector size: the embedding model's (all-MiniLM-L6-v2: 384).
+    retrieval_dimensions: int = 384
+    # BM25: expected document length in words for length normalization (Qdrant's default).
+    retrieval_bm25_avg_len: float = 256.0
+    retrieval_default_top_k: int = 10
+    retrieval_max_top_k: int = 1000
+    # Candidates taken from each of dense and sparse before reciprocal rank fusion.
+    retrieval_candidates: int = 100
+    retrieval_rrf_k: int = 60
+    retrieval_max_query_chars: int = 4096
+    retrieval_page_size: int = 20
+    retrieval_max_page_size: int = 200
+    # Documents remembered per user and kind (read, asked about) for Recommend.
+    retrieval_profile_items: int = 50
+    retrieval_embed_timeout_s: float = 10.0
