@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest bench-chat
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -62,6 +62,9 @@ bench-inference: models
 
 bench-speech: models
 	$(PYTHON) -m bench.speech
+
+bench-chat: models
+	$(PYTHON) -m bench.chat
 
 bench-ingest: models
 	$(PYTHON) -m bench.ingest

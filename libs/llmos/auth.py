@@ -31,6 +31,11 @@ class Principal:
     def is_admin(self) -> bool:
         return "admin" in self.roles
 
+    @property
+    def acts_across_tenants(self) -> bool:
+        """Administrators, and services acting on a bus event for the event's tenant."""
+        return self.is_admin or "service" in self.roles
+
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "llmos_principal", default=None
@@ -68,13 +73,13 @@ def acting_as(principal: Principal, credentials: str | None) -> Iterator[None]:
 def effective_tenant(requested: str) -> str:
     """The tenant a request acts on: the caller's own, or another one for administrators.
 
-    A tenant named in the request is never trusted by itself: only an administrator may name a
-    tenant other than its own.
+    A tenant named in the request is never trusted by itself: only an administrator (or a
+    service, acting for the tenant of a bus event) may name a tenant other than its own.
     """
     principal = current_principal()
     if not requested or requested == principal.tenant:
         return principal.tenant
-    if principal.is_admin:
+    if principal.acts_across_tenants:
         return requested
     raise PermissionDenied(
         f"principal {principal.subject!r} of tenant {principal.tenant!r} may not act on tenant "

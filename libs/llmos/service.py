@@ -25,7 +25,6 @@ from llmos.bus.subjects import audit_subject
 from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
 from llmos.grpcutil.interceptors import ServerInterceptor
 from llmos.grpcutil.tls import TlsFiles, caller_credentials, server_credentials
-from llmos.grpcutil.unimplemented import unimplemented_servicer
 from llmos.keys import KEYS_BUCKET, KeyAuthenticator, KeyStore, parse_static_keys
 from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
 from llmos.telemetry import setup_logging, setup_telemetry
@@ -134,25 +133,6 @@ class ServiceProcess(Generic[SettingsT]):
         await self.bus.close()
         if self.parts is not None and self.parts.close is not None:
             await self.parts.close()
-
-
-def unbuilt_service(
-    name: str, module: Any, service_name: str, servicer_base: type, add_to_server: Callable[[Any, grpc.aio.Server], None],
-    reason: str, reserved_subjects: Sequence[str] = (),
-) -> ServiceDefinition[PlatformSettings]:
-    """A service whose API is declared but whose logic comes with a later piece of work.
-
-    It starts, reports SERVING, declares its consumers (so messages wait for it) and answers
-    every RPC with UNIMPLEMENTED and `reason`.
-    """
-    async def build(settings: PlatformSettings, bus: Bus) -> ServiceParts:
-        servicer = unimplemented_servicer(servicer_base, module.DESCRIPTOR.services_by_name[service_name], reason)
-        return ServiceParts(
-            grpc=[GrpcBinding.of(module, service_name, servicer, add_to_server)],
-            reserved_subjects=reserved_subjects,
-        )
-
-    return ServiceDefinition(name, PlatformSettings, build)
 
 
 async def _serve(definition: ServiceDefinition[SettingsT], settings: SettingsT) -> None:

@@ -1,17 +1,76 @@
-"""How the dialogue service is assembled. Its API is declared; its logic is not built yet."""
+"""How the dialogue service is assembled: intent classifier, clients of the other services, core."""
 
 from __future__ import annotations
 
-from llmos.bus.subjects import DOCS_INDEXED
-from llmos.service import unbuilt_service
-from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from collections.abc import Sequence
 
-DEFINITION = unbuilt_service(
-    "dialogue",
-    dialogue_pb2,
-    "DialogueService",
-    dialogue_pb2_grpc.DialogueServiceServicer,
-    dialogue_pb2_grpc.add_DialogueServiceServicer_to_server,
-    reason="chat, voice turns and summaries arrive with the dialogue work (issue 5)",
-    reserved_subjects=(DOCS_INDEXED,),
-)
+import numpy as np
+
+from llmos.audit import AuditLog
+from llmos.bus.broker import Bus
+from llmos.grpcutil.client import open_channel
+from llmos.intents import ensure_intent_classifier
+from llmos.models import artefact_dir
+from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
+from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from services.dialogue.backends import Backends, GrpcEmbedder, GrpcGenerator, GrpcRetriever, GrpcTokenCounter, LocalEmbedder
+from services.dialogue.core import DialogueCore, DialogueLimits
+from services.dialogue.handlers import subscriptions
+from services.dialogue.servicer import DialogueServicer
+from services.dialogue.sessions import SessionStore
+from services.dialogue.settings import DialogueSettings
+from services.dialogue.slots import OrderBook
+
+
+def limits_of(settings: DialogueSettings) -> DialogueLimits:
+    return DialogueLimits(
+        max_message_chars=settings.dialogue_max_message_chars,
+        context_tokens=settings.dialogue_context_tokens,
+        answer_max_tokens=settings.dialogue_answer_max_tokens,
+        recent_turns=settings.dialogue_recent_turns,
+        top_k=settings.dialogue_top_k,
+        min_retrieval_score=settings.dialogue_min_retrieval_score,
+        call_timeout_s=settings.dialogue_call_timeout_s,
+        summary_words=settings.dialogue_summary_words,
+        max_summary_source_chars=settings.dialogue_max_summary_source_chars,
+    )
+
+
+async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
+    # The classifier is trained here when its artefact is missing, with the same MiniLM the
+    # inference service serves (loaded only then); at run time the inference service embeds.
+    async def embed_locally(texts: Sequence[str]) -> np.ndarray:
+        return await LocalEmbedder.from_dir(artefact_dir(settings.home, "all-minilm-l6-v2")).embed(texts)
+
+    classifier = await ensure_intent_classifier(
+        settings.home, settings.dialogue_intents_file, embed_locally, settings.dialogue_intent_target_accuracy
+    )
+    channels = [
+        open_channel(settings.inference_addr, settings.service_api_key),
+        open_channel(settings.retrieval_addr, settings.service_api_key),
+        open_channel(settings.tokenizer_addr, settings.service_api_key),
+    ]
+    inference, retrieval, tokenizer = channels
+    backends = Backends(GrpcEmbedder(inference), GrpcRetriever(retrieval), GrpcGenerator(inference), GrpcTokenCounter(tokenizer))
+    core = DialogueCore(
+        bus,
+        SessionStore(bus, settings.dialogue_session_idle_ttl_s),
+        AuditLog(bus),
+        classifier,
+        backends,
+        OrderBook.from_file(settings.dialogue_orders_file),
+        limits_of(settings),
+    )
+
+    async def close() -> None:
+        for channel in channels:
+            await channel.close()
+
+    return ServiceParts(
+        grpc=[GrpcBinding.of(dialogue_pb2, "DialogueService", DialogueServicer(core), dialogue_pb2_grpc.add_DialogueServiceServicer_to_server)],
+        subscriptions=subscriptions(core),
+        close=close,
+    )
+
+
+DEFINITION = ServiceDefinition("dialogue", DialogueSettings, build)

@@ -46,3 +46,26 @@ async def publish(nats_url: str, subject: str, payload: bytes, headers: dict[str
         await connection.jetstream().publish(subject, payload, headers=headers)
     finally:
         await connection.close()
+
+
+async def messages_after(nats_url: str, subject: str, after_seq: int) -> list[bytes]:
+    """Payloads of every message on `subject` stored after stream sequence `after_seq`."""
+    connection = await nats.connect(nats_url)
+    try:
+        js = connection.jetstream()
+        stream = stream_for(subject).name
+        try:
+            last = (await js.get_last_msg(stream, subject)).seq
+        except NotFoundError:
+            return []
+        payloads = []
+        for seq in range(after_seq + 1, last + 1):
+            try:
+                message = await js.get_msg(stream, seq)
+            except NotFoundError:
+                continue
+            if message.subject == subject:
+                payloads.append(message.data)
+        return payloads
+    finally:
+        await connection.close()

@@ -48,18 +48,3 @@ async def test_calls_without_a_key_are_unauthenticated(stack: RunningStack) -> N
                 tokenizer_pb2.CountTokensRequest(texts=["hello"]), metadata=(("authorization", "Bearer wrong"),), timeout=5
             )
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-@pytest.mark.parametrize(
-    ("service", "call"),
-    [
-        ("dialogue", lambda channel: dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
-            dialogue_pb2.GetSessionRequest(session_id="s"), metadata=ADMIN, timeout=5)),
-    ],
-)
-async def test_apis_not_built_yet_say_so(stack: RunningStack, service: str, call) -> None:  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(stack.addr(service)) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call(channel)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not available yet" in error.value.details()

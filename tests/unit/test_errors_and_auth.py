@@ -70,6 +70,11 @@ def test_tenant_comes_from_the_principal_unless_an_admin_names_another() -> None
             effective_tenant("acme")
     with acting_as(Principal("alice", "acme", frozenset({"admin"})), None):
         assert effective_tenant("globex") == "globex"
+    with acting_as(Principal("speech", "platform", frozenset({"service"})), None):
+        assert effective_tenant("globex") == "globex"
+    with acting_as(Principal("olga", "acme", frozenset({"operator"})), None):
+        with pytest.raises(errors.PermissionDenied):
+            effective_tenant("globex")
 
 
 def test_no_principal_outside_a_request() -> None:

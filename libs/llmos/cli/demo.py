@@ -1,4 +1,4 @@
-"""`llmos demo`: start the embedded stack, walk through the flows that exist, stop it.
+"""`llmos demo`: start the embedded stack, walk through the main flows, stop it.
 
 Each step calls the public APIs exactly as a user would: gRPC with an API key, then the trace
 of the document submission read back from the local span file.
@@ -10,7 +10,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from llmos.cli.client import channel, metadata
+from llmos.cli.client import Metadata, api_key, channel, metadata
+from llmos.cli.dialogue import demo_tour
 from llmos.cli.stack import Stack
 from llmos.cli.tracetree import render_tree, trace_spans
 from llmos.settings import PlatformSettings
@@ -26,6 +27,22 @@ from llmos.v1 import (
 )
 
 DEMO_KB = Path(__file__).resolve().parents[3] / "demo" / "kb"
+
+
+async def _wait_until_indexed(
+    ingest: ingest_pb2_grpc.IngestServiceStub, document_ids: list[str], md: Metadata, timeout_s: float = 300.0
+) -> None:
+    """Answers cite what is searchable: wait until every article is embedded and indexed."""
+    started = time.monotonic()
+    pending = set(document_ids)
+    while pending and time.monotonic() - started < timeout_s:
+        for document_id in sorted(pending):
+            status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=document_id), metadata=md)
+            if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
+                pending.discard(document_id)
+        await asyncio.sleep(0.5)
+    state = f"still not indexed: {', '.join(sorted(pending))}" if pending else "all indexed"
+    print(f"  {state} after {time.monotonic() - started:.1f} s")
 
 
 async def _tour(settings: PlatformSettings) -> None:
@@ -62,8 +79,10 @@ async def _tour(settings: PlatformSettings) -> None:
             )
             stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
             note = "unchanged since last run" if response.unchanged else f"{status.chunk_count} chunks"
-            print(f"  {article.stem:<10} {stage:<8} {note}  sha256 {response.content_hash[:12]}")
+            print(f"  {article.stem:<14} {stage:<8} {note}  sha256 {response.content_hash[:12]}")
+        await _wait_until_indexed(ingest, [article.stem for article in DEMO_KB.glob("*.md")], md)
 
+    await demo_tour(settings, api_key(settings))
     await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
     async with channel(settings, "audit") as audit_channel:
         audit = audit_pb2_grpc.AuditServiceStub(audit_channel)

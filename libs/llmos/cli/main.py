@@ -17,7 +17,7 @@ from llmos.telemetry import SPAN_FILE, read_spans
 
 # Modules that add subcommands of their area: each exposes `register(commands, evals)`, adding
 # its commands to `commands` and its `llmos eval <task>` evaluations to `evals`.
-COMMAND_MODULES: tuple[str, ...] = ("llmos.cli.keys", "llmos.cli.audit", "llmos.cli.speech", "llmos.cli.kb")
+COMMAND_MODULES: tuple[str, ...] = ("llmos.cli.keys", "llmos.cli.audit", "llmos.cli.speech", "llmos.cli.kb", "llmos.cli.dialogue")
 
 
 def _settings() -> PlatformSettings:

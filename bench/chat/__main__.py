@@ -1,0 +1,239 @@
+"""Chat turn latency per stage: N questions through DialogueService.Chat over gRPC, against the same
+turns run by the dialogue core inside this process without the platform around it.
+
+Both runs answer the same questions on the same demo knowledge base with the same classifier and
+the same retrieval and generation services. The in-process reference drops what the platform adds
+around the turn: the gRPC hop into the dialogue service with authentication and tracing, embedding
+and token counting through the inference and tokenizer services (done here with the same models in
+process), sessions in the KV bucket and events on the bus (kept in memory, not published). The
+difference between the two is the platform's own overhead.
+
+It starts a private embedded stack (free ports, temporary home sharing the built models), indexes
+`demo/kb`, runs both, prints the table and writes bench/results/chat.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+
+from llmos.audit import AuditLog
+from llmos.auth import Principal
+from llmos.cli.stack import Stack
+from llmos.errors import NotFound
+from llmos.grpcutil.client import bearer, open_channel
+from llmos.intents import ensure_intent_classifier
+from llmos.models import artefact_dir
+from llmos.settings import SERVICE_NAMES, load_settings
+from llmos.tokenization import ModelTokenizer
+from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from services.dialogue.app import limits_of
+from services.dialogue.backends import Backends, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
+from services.dialogue.core import DialogueCore
+from services.dialogue.sessions import StoredSession
+from services.dialogue.settings import DialogueSettings
+from services.dialogue.slots import OrderBook
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results" / "chat.json"
+BENCH_KEY = "bench-admin-key"
+STAGES = ("intent_ms", "retrieval_ms", "first_token_ms", "total_ms")
+
+
+def questions(count: int) -> list[str]:
+    """The answers-eval questions, then the same questions reworded, up to `count` (no two alike)."""
+    data = yaml.safe_load((REPO / "demo" / "questions.yaml").read_text(encoding="utf-8"))
+    base = [item["question"] for item in data["in_domain"]] + list(data["out_of_domain"])
+    asked = base + [f"Could you tell me: {question[0].lower()}{question[1:]}" for question in base]
+    if count > len(asked):
+        raise SystemExit(f"at most {len(asked)} questions")
+    return asked[:count]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def private_environment(home: Path) -> None:
+    (home / "models").symlink_to((REPO / ".llmos" / "models").resolve(), target_is_directory=True)
+    os.environ.update({
+        "LLMOS_HOME": str(home),
+        "LLMOS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "LLMOS_NATS_MONITOR_PORT": str(free_port()),
+        "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin,bench-service-key=platform:platform:service",
+        "LLMOS_SERVICE_API_KEY": "bench-service-key",
+        # Latency is measured, not limited: a slow machine must not turn into failed turns.
+        "LLMOS_DIALOGUE_CALL_TIMEOUT_S": "600",
+        # Both runs send identical prompts: without this, whichever runs second reuses the first's
+        # KV cache and its first token comes early, which says nothing about the platform.
+        "LLMOS_INFERENCE_PREFIX_CACHE_MIN_TOKENS": "1000000",
+    })
+    for name in SERVICE_NAMES:
+        os.environ[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+
+
+async def index_kb(settings: DialogueSettings, metadata: Sequence[tuple[str, str]]) -> None:
+    articles = sorted((REPO / "demo" / "kb").glob("*.md"))
+    async with grpc.aio.insecure_channel(settings.ingest_addr) as channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        for article in articles:
+            await ingest.SubmitDocument(
+                ingest_pb2.SubmitDocumentRequest(
+                    document_id=article.stem, title=article.read_text().splitlines()[0].lstrip("# "),
+                    mime_type="text/markdown", content=article.read_bytes(),
+                ),
+                metadata=metadata,
+            )
+        pending = {article.stem for article in articles}
+        deadline = time.monotonic() + 300
+        while pending and time.monotonic() < deadline:
+            for document_id in list(pending):
+                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=document_id), metadata=metadata)
+                if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
+                    pending.discard(document_id)
+            await asyncio.sleep(0.2)
+        if pending:
+            raise SystemExit(f"not indexed after 300 s: {sorted(pending)}")
+
+
+async def grpc_turn(stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], question: str) -> dict[str, float]:
+    started = time.perf_counter()
+    first = 0.0
+    latency = dialogue_pb2.TurnLatency()
+    async for response in stub.Chat(dialogue_pb2.ChatRequest(message=question), metadata=metadata, timeout=300):
+        if response.delta and not first:
+            first = (time.perf_counter() - started) * 1000
+        if response.final:
+            latency = response.latency
+    # Client-observed first token and total; the service's own intent and retrieval stages.
+    total = (time.perf_counter() - started) * 1000
+    return {"intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "first_token_ms": first, "total_ms": total}
+
+
+async def local_turn(core: DialogueCore, principal: Principal, question: str) -> dict[str, float]:
+    started = time.perf_counter()
+    first = 0.0
+    latency = dialogue_pb2.TurnLatency()
+    async for response in core.chat(principal, principal.tenant, dialogue_pb2.ChatRequest(message=question), None):
+        if response.delta and not first:
+            first = (time.perf_counter() - started) * 1000
+        if response.final:
+            latency = response.latency
+    total = (time.perf_counter() - started) * 1000
+    return {"intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "first_token_ms": first, "total_ms": total}
+
+
+class MemorySessions:
+    async def get(self, tenant: str, session_id: str) -> StoredSession:
+        raise NotFound(session_id)  # every benchmark turn starts a new session
+
+    async def put(self, stored: StoredSession) -> None:
+        return None
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        return None
+
+
+class NoBus:
+    service = "dialogue-bench"
+
+    async def publish(self, subject: str, message: object, msg_id: str | None = None) -> None:
+        return None
+
+
+async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str]], asked: list[str]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Each question once over gRPC and once in process, alternating which goes first, so neither
+    run systematically meets the other's warm caches (e.g. the inference service's prompt prefixes)."""
+    # One thread: an intra-op pool here would spin between calls and take CPU from the services.
+    embedder = LocalEmbedder.from_dir(artefact_dir(settings.home, "all-minilm-l6-v2"), threads=1)
+    classifier = await ensure_intent_classifier(
+        settings.home, settings.dialogue_intents_file, embedder.embed, settings.dialogue_intent_target_accuracy
+    )
+    tokens = LocalTokenCounter(ModelTokenizer.from_dir(artefact_dir(settings.home, "smollm2-135m-instruct")))
+    retrieval = open_channel(settings.retrieval_addr, BENCH_KEY)
+    inference = open_channel(settings.inference_addr, BENCH_KEY)
+    bus = NoBus()
+    core = DialogueCore(
+        bus,  # type: ignore[arg-type]
+        MemorySessions(),  # type: ignore[arg-type]
+        AuditLog(bus),  # type: ignore[arg-type]
+        classifier,
+        Backends(embedder, GrpcRetriever(retrieval), GrpcGenerator(inference), tokens),
+        OrderBook.from_file(settings.dialogue_orders_file),
+        limits_of(settings),
+    )
+    principal = Principal("bench", "bench", frozenset({"admin"}))
+    grpc_rows, local_rows = [], []
+    async with grpc.aio.insecure_channel(settings.dialogue_addr) as channel:
+        stub = dialogue_pb2_grpc.DialogueServiceStub(channel)
+        # One warm-up turn each, worded unlike the measured ones, so start-up is not measured.
+        await grpc_turn(stub, metadata, "Hello, what are your store opening hours?")
+        await local_turn(core, principal, "Hi, when are your stores open?")
+        for index, question in enumerate(asked):
+            if index % 2:
+                grpc_rows.append(await grpc_turn(stub, metadata, question))
+                local_rows.append(await local_turn(core, principal, question))
+            else:
+                local_rows.append(await local_turn(core, principal, question))
+                grpc_rows.append(await grpc_turn(stub, metadata, question))
+    await retrieval.close()
+    await inference.close()
+    return grpc_rows, local_rows
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {
+        stage: {"p50": float(np.percentile([row[stage] for row in rows], 50)), "p95": float(np.percentile([row[stage] for row in rows], 95))}
+        for stage in STAGES
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=50)
+    args = parser.parse_args()
+    asked = questions(args.questions)
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-chat-") as folder:
+        private_environment(Path(folder))
+        settings = load_settings(DialogueSettings)
+        stack = Stack(settings)
+        print(f"starting a private stack in {folder} …")
+        print(f"SERVING after {stack.start():.1f} s")
+        try:
+            metadata = (("authorization", bearer(BENCH_KEY)),)
+            asyncio.run(index_kb(settings, metadata))
+            grpc_rows, local_rows = asyncio.run(run_both(settings, metadata, asked))
+        finally:
+            stack.stop()
+    results = {
+        "questions": len(asked), "grpc": summary(grpc_rows), "in_process": summary(local_rows),
+        "turns": [{"question": q, "grpc": g, "in_process": local} for q, g, local in zip(asked, grpc_rows, local_rows, strict=True)],
+    }
+    total_grpc, total_local = results["grpc"]["total_ms"]["p50"], results["in_process"]["total_ms"]["p50"]
+    results["overhead_fraction_p50"] = (total_grpc - total_local) / total_grpc
+    print(f"\nchat turn latency, {len(asked)} questions (ms)")
+    print(f"{'stage':<16} {'gRPC p50':>9} {'gRPC p95':>9} {'in-proc p50':>12} {'in-proc p95':>12}")
+    for stage in STAGES:
+        g, local = results["grpc"][stage], results["in_process"][stage]
+        print(f"{stage:<16} {g['p50']:>9.1f} {g['p95']:>9.1f} {local['p50']:>12.1f} {local['p95']:>12.1f}")
+    print(f"platform overhead at p50 of the turn: {results['overhead_fraction_p50']:.1%} (target < 10%)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Intent classification: the intents file, the trainer, the calibrated classifier and its artefact.
+
+One implementation, used by the dialogue service (trained at start when the artefact is missing or
+the intents file changed) and by `llmos eval intents` (trained on a benchmark's train split).
+
+Features are the MiniLM sentence embedding (the vectors the inference service serves, computed by
+`llmos.embedding.EmbeddingModel`) next to word and character n-gram TF-IDF of the same text: the
+embedding carries meaning, the n-grams carry the exact wording that tells close intents apart
+(e.g. "card arrival" vs "card delivery estimate"). A linear SVM is trained on them.
+
+Out-of-scope detection: examples labelled `out_of_scope` are a class of their own, and a message
+whose calibrated confidence is under a threshold is out of scope too. The confidence is
+P(prediction correct | SVM margin), fitted (Platt) on out-of-fold predictions of the training
+data; the threshold is the highest one that keeps the out-of-fold in-scope accuracy at or above a
+target, so it is never tuned on the data a result is reported on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.sparse import csr_matrix, hstack, spmatrix
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import LinearSVC
+
+from llmos.errors import FailedPrecondition, InvalidArgument
+
+OUT_OF_SCOPE = "out_of_scope"
+# The embedding block is weighted against the TF-IDF blocks (each L2-normalized to 1).
+EMBEDDING_WEIGHT = 2.0
+SVM_C = 0.5
+CALIBRATION_FOLDS = 5
+ARTEFACT_FILE = "classifier.pkl"
+REPORT_FILE = "calibration.json"
+
+Embed = Callable[[Sequence[str]], Awaitable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class IntentData:
+    texts: list[str]
+    labels: list[str]  # OUT_OF_SCOPE for negative examples
+
+    @property
+    def intents(self) -> list[str]:
+        return sorted({label for label in self.labels if label != OUT_OF_SCOPE})
+
+
+def load_intents_file(path: Path) -> IntentData:
+    """Read a Rasa-NLU-like YAML: `intents: {name: [examples]}` and optional `out_of_scope: [examples]`."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FailedPrecondition(f"cannot read the intents file {path}: {exc}") from None
+    intents = document.get("intents") if isinstance(document, dict) else None
+    if not isinstance(intents, dict) or len(intents) < 2:
+        raise InvalidArgument(str(path), "needs an `intents:` mapping of at least two intents to example lists")
+    texts: list[str] = []
+    labels: list[str] = []
+    for name, examples in intents.items():
+        if name == OUT_OF_SCOPE:
+            raise InvalidArgument(str(path), f"`{OUT_OF_SCOPE}` is reserved; list those examples at the top level")
+        if not isinstance(examples, list) or len(examples) < CALIBRATION_FOLDS:
+            raise InvalidArgument(str(path), f"intent {name!r} needs at least {CALIBRATION_FOLDS} examples")
+        texts.extend(str(example) for example in examples)
+        labels.extend([str(name)] * len(examples))
+    negatives = document.get(OUT_OF_SCOPE) or []
+    texts.extend(str(example) for example in negatives)
+    labels.extend([OUT_OF_SCOPE] * len(negatives))
+    return IntentData(texts, labels)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    intent: str  # OUT_OF_SCOPE when the classifier is not confident enough
+    confidence: float  # calibrated probability that the best-scoring intent is right
+    best_intent: str  # the best-scoring class before the threshold was applied
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the threshold was chosen, from out-of-fold predictions on the training data."""
+
+    threshold: float
+    target_in_scope_accuracy: float
+    in_scope_accuracy: float  # out-of-fold, at the threshold
+    oos_recall: float  # out-of-fold, at the threshold; 0 when there were no negative examples
+    in_scope_examples: int
+    oos_examples: int
+
+
+class _Featurizer:
+    def __init__(self) -> None:
+        self._words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        self._chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2)
+
+    def fit_transform(self, texts: Sequence[str], vectors: np.ndarray) -> spmatrix:
+        words = self._words.fit_transform(texts)
+        chars = self._chars.fit_transform(texts)
+        return hstack([csr_matrix(vectors * EMBEDDING_WEIGHT), words, chars]).tocsr()
+
+    def transform(self, texts: Sequence[str], vectors: np.ndarray) -> spmatrix:
+        return hstack(
+            [csr_matrix(vectors * EMBEDDING_WEIGHT), self._words.transform(texts), self._chars.transform(texts)]
+        ).tocsr()
+
+
+def _fit(texts: Sequence[str], vectors: np.ndarray, labels: np.ndarray) -> tuple[_Featurizer, LinearSVC]:
+    featurizer = _Featurizer()
+    features = featurizer.fit_transform(texts, vectors)
+    return featurizer, LinearSVC(C=SVM_C).fit(features, labels)
+
+
+def _top(svm: LinearSVC, features: spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Best class and its margin over the runner-up, per row."""
+    scores = svm.decision_function(features)
+    order = np.argsort(scores, axis=1)
+    rows = np.arange(len(scores))
+    best = order[:, -1]
+    margin = scores[rows, best] - scores[rows, order[:, -2]]
+    return svm.classes_[best], margin
+
+
+class IntentClassifier:
+    def __init__(self, featurizer: _Featurizer, svm: LinearSVC, platt: LogisticRegression, calibration: Calibration) -> None:
+        self._featurizer = featurizer
+        self._svm = svm
+        self._platt = platt
+        self.calibration = calibration
+
+    @property
+    def intents(self) -> list[str]:
+        return [str(label) for label in self._svm.classes_ if label != OUT_OF_SCOPE]
+
+    def _confidence(self, margin: np.ndarray) -> np.ndarray:
+        return self._platt.predict_proba(margin.reshape(-1, 1))[:, 1]
+
+    def predict(self, texts: Sequence[str], vectors: np.ndarray, threshold: float | None = None) -> list[Prediction]:
+        """Classify; `threshold` overrides the calibrated one (e.g. to trace a recall curve)."""
+        if not texts:
+            return []
+        cut = self.calibration.threshold if threshold is None else threshold
+        best, margin = _top(self._svm, self._featurizer.transform(texts, vectors))
+        confidence = self._confidence(margin)
+        return [
+            Prediction(OUT_OF_SCOPE if score < cut else str(label), float(score), str(label))
+            for label, score in zip(best, confidence, strict=True)
+        ]
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{ARTEFACT_FILE}.partial"
+        with partial.open("wb") as handle:
+            pickle.dump((self._featurizer, self._svm, self._platt, self.calibration), handle)
+        partial.replace(folder / ARTEFACT_FILE)
+        (folder / REPORT_FILE).write_text(json.dumps(asdict(self.calibration), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> IntentClassifier:
+        # Only artefacts this module wrote under $LLMOS_HOME are loaded (pickle is trusted input here).
+        with (folder / ARTEFACT_FILE).open("rb") as handle:
+            featurizer, svm, platt, calibration = pickle.load(handle)
+        return cls(featurizer, svm, platt, calibration)
+
+
+def _choose_threshold(
+    correct: np.ndarray, confidence: np.ndarray, is_oos: np.ndarray, predicted_oos: np.ndarray, target: float
+) -> Calibration:
+    """The highest threshold whose in-scope accuracy stays >= target (more rejections, more OOS recall)."""
+    in_scope = ~is_oos
+    best = Calibration(0.0, target, float(correct[in_scope].mean()), float(predicted_oos[is_oos].mean()) if is_oos.any() else 0.0,
+                       int(in_scope.sum()), int(is_oos.sum()))
+    if not is_oos.any():
+        return best
+    for threshold in np.unique(confidence):
+        rejected = confidence < threshold
+        accuracy = float((correct & ~rejected)[in_scope].mean())
+        if accuracy < target:
+            break
+        recall = float((predicted_oos | rejected)[is_oos].mean())
+        best = Calibration(float(threshold), target, accuracy, recall, int(in_scope.sum()), int(is_oos.sum()))
+    return best
+
+
+def train_intent_classifier(
+    texts: Sequence[str], labels: Sequence[str], vectors: np.ndarray, target_in_scope_accuracy: float, seed: int = 0
+) -> IntentClassifier:
+    """Train on every example, calibrating confidence and threshold on out-of-fold predictions."""
+    y = np.asarray(labels)
+    texts = list(texts)
+    folds = StratifiedKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
+    predicted = np.empty(len(y), dtype=object)
+    margin = np.zeros(len(y))
+    for train, held in folds.split(texts, y):
+        featurizer, svm = _fit([texts[i] for i in train], vectors[train], y[train])
+        predicted[held], margin[held] = _top(svm, featurizer.transform([texts[i] for i in held], vectors[held]))
+    correct = predicted == y
+    # A tie (margin 0) is a coin toss: one anchor of each outcome there keeps the fit defined
+    # when every out-of-fold prediction was right (or wrong).
+    platt = LogisticRegression().fit(np.append(margin, [0.0, 0.0]).reshape(-1, 1), np.append(correct, [True, False]))
+    confidence = platt.predict_proba(margin.reshape(-1, 1))[:, 1]
+    is_oos = y == OUT_OF_SCOPE
+    calibration = _choose_threshold(correct, confidence, is_oos, predicted == OUT_OF_SCOPE, target_in_scope_accuracy)
+    featurizer, svm = _fit(texts, vectors, y)
+    return IntentClassifier(featurizer, svm, platt, calibration)
+
+
+def artefact_folder(home: Path, intents_file: Path, target_in_scope_accuracy: float) -> Path:
+    """Where the classifier of this exact intents file and target lives: rebuilt when either changes."""
+    digest = hashlib.sha256(intents_file.read_bytes() + f"|{target_in_scope_accuracy}|{EMBEDDING_WEIGHT}|{SVM_C}".encode())
+    return home / "intents" / f"{intents_file.stem}-{digest.hexdigest()[:16]}"
+
+
+async def ensure_intent_classifier(
+    home: Path, intents_file: Path, embed: Embed, target_in_scope_accuracy: float
+) -> IntentClassifier:
+    """Load the classifier built from `intents_file`, training and saving it first when missing."""
+    folder = artefact_folder(home, intents_file, target_in_scope_accuracy)
+    if (folder / ARTEFACT_FILE).exists():
+        return IntentClassifier.load(folder)
+    data = load_intents_file(intents_file)
+    classifier = train_intent_classifier(data.texts, data.labels, await embed(data.texts), target_in_scope_accuracy)
+    classifier.save(folder)
+    return classifier

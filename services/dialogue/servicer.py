@@ -1,0 +1,54 @@
+"""gRPC adapter of the dialogue core: the tenant always comes from the caller's credentials."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmos.auth import current_principal, effective_tenant
+from llmos.errors import Unimplemented
+from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from services.dialogue.core import DialogueCore
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline in event-loop time, so every downstream call fits inside it."""
+    left = context.time_remaining()
+    return None if left is None else asyncio.get_running_loop().time() + left
+
+
+class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
+    def __init__(self, core: DialogueCore) -> None:
+        self._core = core
+
+    async def Chat(
+        self, request: dialogue_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
+        async for response in self._core.chat(current_principal(), effective_tenant(request.tenant), request, deadline_of(context)):
+            yield response
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[dialogue_pb2.ConverseRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
+        raise Unimplemented(
+            "Converse (voice turns) is not available yet: it waits for the speech service's streaming API; "
+            "use Chat for text turns"
+        )
+        yield  # an async generator, like the other streaming handlers
+
+    async def Summarize(
+        self, request: dialogue_pb2.SummarizeRequest, context: grpc.aio.ServicerContext
+    ) -> dialogue_pb2.SummarizeResponse:
+        return await self._core.summarize(effective_tenant(request.tenant), request, deadline_of(context))
+
+    async def GetSession(
+        self, request: dialogue_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> dialogue_pb2.Session:
+        return await self._core.get_session(effective_tenant(request.tenant), request.session_id)
+
+    async def EndSession(
+        self, request: dialogue_pb2.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> dialogue_pb2.EndSessionResponse:
+        return await self._core.end_session(current_principal(), effective_tenant(request.tenant), request.session_id)

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import field_validator
+
+from llmos.settings import PlatformSettings
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+
+
+class DialogueSettings(PlatformSettings):
+    # Intents file the classifier is trained from (artefact under $LLMOS_HOME/intents, rebuilt when it changes).
+    dialogue_intents_file: Path = DEMO / "intents.yaml"
+    # Out-of-fold in-scope accuracy the out-of-scope threshold must keep (higher: fewer rejections).
+    dialogue_intent_target_accuracy: float = 0.95
+    # Orders the order-status flow can look up (a stand-in for the order system).
+    dialogue_orders_file: Path = DEMO / "orders.yaml"
+    # A session untouched this long is gone (the KV bucket itself keeps entries at most 24 h).
+    dialogue_session_idle_ttl_s: float = 1800.0
+    dialogue_max_message_chars: int = 2000
+    # Prompt: the model's context window, the answer's share of it, and what is retrieved.
+    dialogue_context_tokens: int = 2048
+    dialogue_answer_max_tokens: int = 200
+    dialogue_recent_turns: int = 4
+    dialogue_top_k: int = 4
+    # Under this cosine similarity of the best passage, the assistant says it does not know.
+    dialogue_min_retrieval_score: float = 0.35
+    # Limit of each call to another service when the client set no deadline (else: its deadline).
+    dialogue_call_timeout_s: float = 60.0
+    # Summaries: default length, and the longest text accepted.
+    dialogue_summary_words: int = 60
+    dialogue_max_summary_source_chars: int = 400_000
+
+    @field_validator("dialogue_intent_target_accuracy")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return value

@@ -1,0 +1,151 @@
+"""Dialogue over gRPC against the real stack: sessions in KV, the order flow, errors, bus events."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED, DOCS_INDEXED, dead_letter_subject
+from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.conftest import RunningStack
+from tests.grpc_helpers import ADMIN, GLOBEX_USER
+from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def dialogue(stack: RunningStack):  # type: ignore[no-untyped-def]
+    async with grpc.aio.insecure_channel(stack.addr("dialogue")) as channel:
+        yield dialogue_pb2_grpc.DialogueServiceStub(channel)
+
+
+async def chat(stub, message: str, session_id: str = "", metadata=ADMIN) -> list[dialogue_pb2.ChatResponse]:  # type: ignore[no-untyped-def]
+    request = dialogue_pb2.ChatRequest(session_id=session_id, message=message)
+    return [response async for response in stub.Chat(request, metadata=metadata, timeout=120)]
+
+
+async def test_order_flow_is_remembered_in_the_session(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    before = await last_sequence(stack.settings.nats_url, DIALOGUE_TURN_COMPLETED)
+    first = await chat(dialogue, "where is my order?")
+    session_id = first[0].session_id
+    assert first[0].intent.name == "order_status" and "Which order" in "".join(r.delta for r in first)
+    second = await chat(dialogue, "777001", session_id)
+    assert "NW-777001" in "".join(r.delta for r in second) and second[-1].final
+    session = await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN)
+    assert len(session.turns) == 2 and session.slots["order_number"] == "NW-777001"
+    event = events_pb2.DialogueTurnCompleted.FromString(
+        (await last_message(stack.settings.nats_url, DIALOGUE_TURN_COMPLETED, after_seq=before)).data
+    )
+    assert event.session_id == session_id and event.tenant == "acme" and "intent" in event.stage_latency_ms
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=GLOBEX_USER)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    ended = await dialogue.EndSession(dialogue_pb2.EndSessionRequest(session_id=session_id), metadata=ADMIN)
+    assert ended.ended
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await chat(dialogue, "hello", session_id)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_out_of_scope_hands_off(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    before = await last_sequence(stack.settings.nats_url, DIALOGUE_HANDOFF_REQUESTED)
+    responses = await chat(dialogue, "what is the capital of australia")
+    assert responses[-1].handoff and not responses[-1].citations
+    handoff = events_pb2.DialogueHandoffRequested.FromString(
+        (await last_message(stack.settings.nats_url, DIALOGUE_HANDOFF_REQUESTED, after_seq=before)).data
+    )
+    assert handoff.last_user_message == "what is the capital of australia"
+
+
+async def test_bad_input_gets_clear_errors(dialogue) -> None:  # type: ignore[no-untyped-def]
+    for request, code in (
+        (dialogue_pb2.ChatRequest(message=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (dialogue_pb2.ChatRequest(message="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT),
+        (dialogue_pb2.ChatRequest(session_id="nope", message="hi"), grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in dialogue.Chat(request, metadata=ADMIN, timeout=30):
+                pass
+        assert error.value.code() == code
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await dialogue.Summarize(dialogue_pb2.SummarizeRequest(text="Short.", target_words=5), metadata=ADMIN, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "target_words" in error.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        async for _ in dialogue.Converse(iter([dialogue_pb2.ConverseRequest()]), metadata=ADMIN, timeout=30):
+            pass
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_extractive_summary_over_grpc(dialogue) -> None:  # type: ignore[no-untyped-def]
+    text = " ".join(f"Point {i}: parcels leave the Hamburg warehouse on working days before {i} pm." for i in range(40))
+    response = await dialogue.Summarize(dialogue_pb2.SummarizeRequest(text=text, target_words=30), metadata=ADMIN, timeout=60)
+    assert 0 < len(response.summary.split()) <= 30 and response.source_tokens > 100
+
+
+async def test_a_document_event_without_tenant_is_dead_lettered(stack: RunningStack) -> None:
+    url = stack.settings.nats_url
+    before = await last_sequence(url, dead_letter_subject(DOCS_INDEXED))
+    await publish(url, DOCS_INDEXED, events_pb2.DocumentIndexed(document_id="x").SerializeToString())
+    # Every consumer of docs.indexed (ingest, speech, dialogue) dead-letters it on its own.
+    for _ in range(100):
+        letters = [events_pb2.DeadLetter.FromString(data) for data in await messages_after(url, dead_letter_subject(DOCS_INDEXED), before)]
+        ours = [letter for letter in letters if letter.service == "dialogue"]
+        if ours:
+            break
+        await asyncio.sleep(0.1)
+    assert ours and "tenant" in ours[0].error
+
+
+KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
+
+
+async def index_demo_kb(stack: RunningStack, names: tuple[str, ...]) -> None:
+    """Submit help-centre articles and wait until each is searchable."""
+    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        for name in names:
+            article = KB / f"{name}.md"
+            await ingest.SubmitDocument(
+                ingest_pb2.SubmitDocumentRequest(
+                    document_id=name, title=article.read_text().splitlines()[0].lstrip("# "), mime_type="text/markdown",
+                    content=article.read_bytes(),
+                ),
+                metadata=ADMIN,
+            )
+        for name in names:
+            for _ in range(300):
+                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=name), metadata=ADMIN)
+                if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
+                    break
+                await asyncio.sleep(0.1)
+            assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED, f"{name} not indexed: {status}"
+
+
+async def test_grounded_answer_streams_with_citations(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    await index_demo_kb(stack, ("giftcards", "care", "returns"))
+    responses = await chat(dialogue, "How long is a gift card valid?")
+    final = responses[-1]
+    assert final.final and len(responses) > 2  # streamed in pieces
+    assert not final.handoff, "".join(r.delta for r in responses)
+    cited = {citation.document_id: citation.title for citation in final.citations}
+    assert "giftcards" in cited and cited["giftcards"] == "Gift cards"
+    assert set(cited) <= {"giftcards", "care", "returns"}  # never a document it was not given
+    assert final.latency.first_token_ms > 0 and final.latency.retrieval_ms > 0
+
+
+@pytest.mark.timeout(600)  # several generation calls; slow on a loaded two-core machine
+async def test_abstractive_summary_of_a_long_document_is_map_reduced(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+    await index_demo_kb(stack, ("care",))
+    text = "\n\n".join(article.read_text() for article in sorted(KB.glob("*.md")))
+    response = await dialogue.Summarize(
+        dialogue_pb2.SummarizeRequest(text=text, mode=dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE, target_words=40),
+        metadata=ADMIN, timeout=600,
+    )
+    assert response.map_steps > 1 and response.source_tokens > 2048
+    assert 0 < len(response.summary.split()) <= 40
+    by_id = await dialogue.Summarize(dialogue_pb2.SummarizeRequest(document_id="care", target_words=30), metadata=ADMIN, timeout=60)
+    assert 0 < len(by_id.summary.split()) <= 30

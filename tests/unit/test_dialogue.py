@@ -1,0 +1,448 @@
+"""Dialogue logic in memory: slots, prompt budget, summaries, citations, intents, whole turns with fakes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmos.auth import Principal
+from llmos.cli.dialogue import rouge, rouge_l, rouge_n
+from llmos.errors import DeadlineExceeded, InvalidArgument, NotFound
+from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_intents_file, train_intent_classifier
+from llmos.v1 import dialogue_pb2, events_pb2
+from services.dialogue.backends import Backends, Passage, stitch
+from services.dialogue.core import DONT_KNOW, DialogueCore, DialogueLimits, cite
+from services.dialogue.prompt import PastTurn, build_prompt
+from services.dialogue.sessions import StoredSession
+from services.dialogue.slots import Order, OrderBook, extract_order_number
+from services.dialogue.summarize import Summarizer, clip_words, mmr_select, split_sentences
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WordCounter:
+    """Counts whitespace words as tokens."""
+
+    async def count(self, texts: Sequence[str], timeout_s: float = 0.0) -> list[int]:
+        return [len(text.split()) for text in texts]
+
+
+class HashEmbedder:
+    """Bag-of-words vectors: similar wording, similar vector (enough to test selection logic)."""
+
+    async def embed(self, texts: Sequence[str], timeout_s: float = 0.0) -> np.ndarray:
+        vectors = np.zeros((len(texts), 64), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                vectors[row, hash(word.strip(".,?!")) % 64] += 1.0
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-9)
+
+
+class ScriptedGenerator:
+    def __init__(self, answer: str, delay_s: float = 0.0) -> None:
+        self.answer = answer
+        self.delay_s = delay_s
+        self.calls: list[list[tuple[str, str]]] = []
+
+    async def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncIterator[str]:
+        self.calls.append(list(messages))
+        if self.delay_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceeded("inference: deadline exceeded")
+        for word in self.answer.split(" ") if self.answer else ():
+            yield word + " "
+
+
+class FixedRetriever:
+    def __init__(self, passages: list[Passage]) -> None:
+        self.passages = passages
+        self.searches = 0
+
+    async def search(self, tenant: str, query: str, top_k: int, timeout_s: float) -> list[Passage]:
+        self.searches += 1
+        return self.passages[:top_k]
+
+    async def document(self, tenant: str, document_id: str, timeout_s: float) -> tuple[str, str]:
+        raise NotFound(document_id)
+
+
+class MemorySessions:
+    def __init__(self) -> None:
+        self.saved: dict[tuple[str, str], bytes] = {}
+
+    async def get(self, tenant: str, session_id: str) -> StoredSession:
+        if (tenant, session_id) not in self.saved:
+            raise NotFound(session_id)
+        return StoredSession(dialogue_pb2.Session.FromString(self.saved[(tenant, session_id)]), 1)
+
+    async def put(self, stored: StoredSession) -> None:
+        self.saved[(stored.session.tenant, stored.session.session_id)] = stored.session.SerializeToString()
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        self.saved.pop((tenant, session_id))
+
+
+class MemoryBus:
+    service = "dialogue"
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, object]] = []
+
+    async def publish(self, subject: str, message: object, msg_id: str | None = None) -> None:
+        self.published.append((subject, message))
+
+
+class KeywordClassifier:
+    """Stands in for the trained classifier: intent by keyword."""
+
+    RULES = (("order", "order_status"), ("hello", "greet"), ("human", "human_agent"), ("weather", OUT_OF_SCOPE))
+
+    def predict(self, texts: Sequence[str], vectors: np.ndarray) -> list[Prediction]:
+        out = []
+        for text in texts:
+            intent = next((name for word, name in self.RULES if word in text.lower()), "return_item")
+            out.append(Prediction(intent, 0.9, intent))
+        return out
+
+
+RETURNS = Passage("returns", "Returns and refunds", "c1", "You can return any item within 30 days of delivery.", 0.7)
+SHIPPING = Passage("shipping", "Shipping and delivery", "c2", "Standard delivery takes 2 to 4 working days.", 0.5)
+LIMITS = DialogueLimits(2000, 512, 64, 2, 4, 0.35, 10.0, 60, 100_000)
+ADMIN = Principal("tester", "acme", frozenset({"admin"}))
+
+
+def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[DialogueCore, MemoryBus, FixedRetriever]:
+    bus = MemoryBus()
+    retriever = FixedRetriever(passages)
+    audit = type("Audit", (), {"record": lambda self, *args, **kwargs: asyncio.sleep(0)})()
+    core = DialogueCore(
+        bus,  # type: ignore[arg-type]
+        MemorySessions(),  # type: ignore[arg-type]
+        audit,  # type: ignore[arg-type]
+        KeywordClassifier(),  # type: ignore[arg-type]
+        Backends(HashEmbedder(), retriever, generator, WordCounter()),
+        OrderBook([Order("NW-204518", "acme", "Shipped", "handed to DHL on 2 June", "rain jacket")]),
+        LIMITS,
+    )
+    return core, bus, retriever
+
+
+async def turn(core: DialogueCore, message: str, session_id: str = "", deadline: float | None = None) -> list[dialogue_pb2.ChatResponse]:
+    request = dialogue_pb2.ChatRequest(session_id=session_id, message=message)
+    return [response async for response in core.chat(ADMIN, "acme", request, deadline)]
+
+
+def text_of(responses: list[dialogue_pb2.ChatResponse]) -> str:
+    return "".join(response.delta for response in responses)
+
+
+# --- slots ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "expecting", "value"),
+    [
+        ("where is NW-204518?", False, "NW-204518"),
+        ("order nw 204518 please", False, "NW-204518"),
+        ("NW204518", False, "NW-204518"),
+        ("204518", True, "NW-204518"),
+        ("204518", False, None),
+        ("call me at 0123456789", True, None),
+    ],
+)
+def test_order_numbers_are_recognized_and_normalized(message: str, expecting: bool, value: str | None) -> None:
+    assert extract_order_number(message, expecting).value == value
+
+
+def test_a_malformed_order_number_is_explained() -> None:
+    slot = extract_order_number("it is NW-12345", expecting=True)
+    assert slot.value is None and "six digits" in slot.problem
+
+
+# --- prompt ---------------------------------------------------------------------------------
+
+
+async def test_prompt_stays_within_budget_dropping_oldest_turns_first() -> None:
+    turns = [PastTurn(f"question {i} " + "word " * 20, f"answer {i} " + "word " * 20) for i in range(5)]
+    prompt = await build_prompt(WordCounter(), 200, "my question", [RETURNS, SHIPPING], "", turns, 1.0)
+    assert prompt.prompt_tokens <= 200
+    assert prompt.passages == [RETURNS, SHIPPING]
+    kept = [content for role, content in prompt.messages if role == "user"]
+    assert kept[-1] == "my question"
+    assert kept[:-1] == [turn.user for turn in turns[5 - len(kept) + 1:]]  # the newest turns survive
+    assert prompt.dropped_turns == 5 - (len(kept) - 1) > 0
+    assert "[1] Returns and refunds" in prompt.messages[0][1]
+
+
+async def test_a_message_over_the_budget_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="message"):
+        await build_prompt(WordCounter(), 50, "word " * 100, [], "", [], 1.0)
+
+
+# --- summaries ------------------------------------------------------------------------------
+
+
+def test_sentences_split_on_punctuation_and_paragraphs() -> None:
+    assert split_sentences("# Title\n\nOne two. Three four! Five?\n\nSix.") == ["Title", "One two.", "Three four!", "Five?", "Six."]
+
+
+def test_selection_avoids_redundancy_and_keeps_the_budget() -> None:
+    vectors = np.array([[1, 0, 0], [1, 0, 0], [0.8, 0.6, 0], [0, 0.6, 0.8]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    chosen = mmr_select(vectors, [5, 5, 5, 5], target_words=10)
+    assert len(chosen) == 2 and not {0, 1} <= set(chosen)
+    assert chosen == sorted(chosen)
+
+
+def test_clip_prefers_a_sentence_end() -> None:
+    assert clip_words("one two three four. five six seven", 5) == "one two three four."
+    assert len(clip_words("a " * 50, 10).split()) == 10
+
+
+async def test_long_text_is_summarized_map_reduce_within_target() -> None:
+    generator = ScriptedGenerator("short part summary with a few words.")
+    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300)
+    text = " ".join(f"Sentence number {i} talks about topic {i % 7} at some length here." for i in range(120))
+    summary = await summarizer.abstractive(text, 20, 5.0)
+    assert summary.map_steps > 2 and len(generator.calls) == summary.map_steps
+    assert len(summary.text.split()) <= 20
+    short = await summarizer.abstractive("A short text. It fits.", 20, 5.0)
+    assert short.map_steps == 1
+
+
+async def test_extractive_summary_honours_target_words() -> None:
+    summarizer = Summarizer(HashEmbedder(), ScriptedGenerator(""), WordCounter(), context_tokens=300)
+    text = " ".join(f"Fact {i} about returns and refunds is stated in this sentence." for i in range(30))
+    summary = await summarizer.extractive(text, 25, 5.0)
+    assert 0 < len(summary.text.split()) <= 25 and summary.map_steps == 1
+
+
+def test_chunks_are_stitched_without_their_overlap() -> None:
+    from llmos.v1 import common_pb2
+
+    text = "abcdefghijklmnopqrstuvwxyz"
+    chunks = [common_pb2.Chunk(index=1, text=text[8:20], start_offset=8), common_pb2.Chunk(index=0, text=text[:12], start_offset=0)]
+    assert stitch(chunks) == text[:20]
+
+
+# --- citations ------------------------------------------------------------------------------
+
+
+def test_citations_come_only_from_given_passages() -> None:
+    assert [c.document_id for c in cite("See [2].", [RETURNS, SHIPPING], 0.35)] == ["shipping"]
+    assert [c.document_id for c in cite("See [7].", [RETURNS, SHIPPING], 0.35)] == ["returns", "shipping"]
+    assert [c.document_id for c in cite("No marks.", [RETURNS, SHIPPING], 0.6)] == ["returns"]
+    assert cite("See [1].", [], 0.35) == []
+
+
+# --- intents --------------------------------------------------------------------------------
+
+
+def test_the_demo_intents_file_loads() -> None:
+    data = load_intents_file(REPO / "demo" / "intents.yaml")
+    assert {"order_status", "return_item", "human_agent"} <= set(data.intents)
+    assert OUT_OF_SCOPE in data.labels and OUT_OF_SCOPE not in data.intents
+
+
+def test_a_bad_intents_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "intents.yaml"
+    path.write_text("intents:\n  only_one: [a, b, c, d, e]\n")
+    with pytest.raises(InvalidArgument, match="at least two intents"):
+        load_intents_file(path)
+
+
+def test_classifier_calibrates_its_threshold_and_round_trips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    texts, labels, vectors = [], [], []
+    for index, name in enumerate(["a", "b", "c", OUT_OF_SCOPE]):
+        for example in range(40):
+            texts.append(f"{name} example {example}")
+            labels.append(name)
+            vectors.append(centres[index] + rng.normal(scale=0.6, size=16))
+    matrix = np.array(vectors, dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    classifier = train_intent_classifier(texts, labels, matrix, target_in_scope_accuracy=0.9)
+    assert classifier.calibration.in_scope_accuracy >= 0.9
+    assert classifier.intents == ["a", "b", "c"]
+    classifier.save(tmp_path)
+    loaded = IntentClassifier.load(tmp_path)
+    predictions = loaded.predict(texts[:5], matrix[:5])
+    assert [p.intent for p in predictions] == ["a"] * 5
+    assert all(0.0 <= p.confidence <= 1.0 for p in predictions)
+    assert {p.intent for p in loaded.predict(texts[:5], matrix[:5], threshold=1.01)} == {OUT_OF_SCOPE}
+
+
+# --- whole turns ----------------------------------------------------------------------------
+
+
+async def test_rag_turn_streams_an_answer_with_citations_and_events() -> None:
+    core, bus, _ = make_core(ScriptedGenerator("Returns are free within 30 days [1]."), [RETURNS, SHIPPING])
+    responses = await turn(core, "can I return my boots?")
+    assert responses[0].intent.name == "return_item"
+    assert "30 days" in text_of(responses)
+    final = responses[-1]
+    assert final.final and not final.handoff
+    assert [c.document_id for c in final.citations] == ["returns"]
+    assert final.latency.total_ms >= final.latency.first_token_ms > 0
+    completed = [message for subject, message in bus.published if subject == "llmos.dialogue.turn.completed"]
+    assert isinstance(completed[0], events_pb2.DialogueTurnCompleted)
+    assert completed[0].answered and set(completed[0].stage_latency_ms) >= {"intent", "retrieval", "generation", "total"}
+
+
+async def test_low_retrieval_confidence_says_so_and_hands_off() -> None:
+    weak = Passage("care", "Caring for your gear", "c3", "Wash at 30 degrees.", 0.1)
+    generator = ScriptedGenerator("should not be called")
+    core, bus, _ = make_core(generator, [weak])
+    responses = await turn(core, "can I return a kayak bought elsewhere?")
+    assert text_of(responses).startswith(DONT_KNOW)
+    assert responses[-1].handoff and not responses[-1].citations
+    assert generator.calls == []
+    assert any(subject == "llmos.dialogue.handoff.requested" for subject, _ in bus.published)
+
+
+async def test_out_of_scope_hands_off_without_searching() -> None:
+    core, bus, retriever = make_core(ScriptedGenerator("x"), [RETURNS])
+    responses = await turn(core, "what is the weather tomorrow?")
+    assert responses[0].intent.name == OUT_OF_SCOPE and responses[-1].handoff
+    assert retriever.searches == 0
+
+
+async def test_order_flow_asks_validates_and_remembers_the_number() -> None:
+    core, _, _ = make_core(ScriptedGenerator("x"), [RETURNS])
+    first = await turn(core, "where is my order?")
+    session_id = first[0].session_id
+    assert "Which order" in text_of(first)
+    second = await turn(core, "it's NW-12", session_id)
+    assert "six digits" in text_of(second)
+    third = await turn(core, "204518", session_id)
+    assert "NW-204518" in text_of(third) and "Shipped" in text_of(third)
+    assert third[0].intent.slots["order_number"] == "NW-204518"
+    fourth = await turn(core, "and what's the status of my order now?", session_id)
+    assert "Shipped" in text_of(fourth)  # remembered across turns
+    unknown = await turn(core, "order NW-999999?", session_id)
+    assert "can't find order NW-999999" in text_of(unknown)
+
+
+async def test_old_turns_fold_into_the_running_summary() -> None:
+    core, _, _ = make_core(ScriptedGenerator("Returns are free within 30 days [1]."), [RETURNS])
+    session_id = (await turn(core, "hello there"))[0].session_id
+    for message in ("can I return boots?", "can I return a tent?", "can I return socks?"):
+        await turn(core, message, session_id)
+    session = await core.get_session("acme", session_id)
+    assert len(session.turns) == 4
+    assert "hello there" in session.summary
+
+
+async def test_bad_input_is_refused_with_the_field() -> None:
+    core, _, _ = make_core(ScriptedGenerator("x"), [RETURNS])
+    with pytest.raises(InvalidArgument, match="message"):
+        await turn(core, "   ")
+    with pytest.raises(InvalidArgument, match="over the limit"):
+        await turn(core, "a" * 2001)
+    with pytest.raises(NotFound):
+        await turn(core, "hello", "no-such-session")
+
+
+async def test_a_slow_generation_fails_within_the_deadline() -> None:
+    core, _, _ = make_core(ScriptedGenerator("late", delay_s=30.0), [RETURNS])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(DeadlineExceeded):
+        await turn(core, "can I return boots?", deadline=loop.time() + 0.5)
+    assert loop.time() - started < 2.0
+
+
+# --- ROUGE ----------------------------------------------------------------------------------
+
+
+def test_rouge_matches_hand_computed_values() -> None:
+    assert rouge_n("the cat sat".split(), "the cat sat".split(), 2) == 1.0
+    assert rouge_n("the cat".split(), "a dog".split(), 1) == 0.0
+    assert rouge_l("a b c d".split(), "a c d e".split()) == pytest.approx(0.75)
+    assert rouge("The cat, sat.", "the cat sat")[0] == 1.0
+
+
+# --- session store --------------------------------------------------------------------------
+
+
+class FakeBucket:
+    """The subset of a JetStream KV bucket the session store uses, with revisions."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[bytes, int]] = {}
+        self.revision = 0
+
+    async def get(self, key: str):  # type: ignore[no-untyped-def]
+        from nats.js.errors import KeyNotFoundError
+
+        if key not in self.values:
+            raise KeyNotFoundError
+        value, revision = self.values[key]
+        return type("Entry", (), {"value": value, "revision": revision})()
+
+    async def create(self, key: str, value: bytes) -> int:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if key in self.values:
+            raise KeyWrongLastSequenceError
+        self.revision += 1
+        self.values[key] = (value, self.revision)
+        return self.revision
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if self.values[key][1] != last:
+            raise KeyWrongLastSequenceError
+        self.revision += 1
+        self.values[key] = (value, self.revision)
+        return self.revision
+
+    async def delete(self, key: str) -> None:
+        self.values.pop(key, None)
+
+
+class FakeKvBus:
+    def __init__(self) -> None:
+        self.bucket = FakeBucket()
+
+    async def key_value(self, bucket: str) -> FakeBucket:
+        return self.bucket
+
+
+async def test_sessions_expire_when_idle_and_refuse_lost_updates() -> None:
+    from llmos.errors import FailedPrecondition
+    from services.dialogue.sessions import SessionStore
+
+    bus = FakeKvBus()
+    store = SessionStore(bus, idle_ttl_s=60)  # type: ignore[arg-type]
+    stored = StoredSession(dialogue_pb2.Session(session_id="s1", tenant="acme"), 0)
+    await store.put(stored)
+    first, second = await store.get("acme", "s1"), await store.get("acme", "s1")
+    first.session.summary = "one"
+    await store.put(first)
+    second.session.summary = "two"
+    with pytest.raises(FailedPrecondition, match="changed by another request"):
+        await store.put(second)
+    with pytest.raises(NotFound):
+        await store.get("globex", "s1")  # another tenant's session does not exist for it
+    ((key, (value, revision)),) = bus.bucket.values.items()
+    aged = dialogue_pb2.Session.FromString(value)
+    aged.updated_at.FromSeconds(aged.updated_at.seconds - 61)  # last touched 61 s ago
+    bus.bucket.values[key] = (aged.SerializeToString(), revision)
+    with pytest.raises(NotFound, match="expired"):
+        await store.get("acme", "s1")
+
+
+async def test_a_silent_model_gets_an_honest_answer_and_hand_off() -> None:
+    core, _, _ = make_core(ScriptedGenerator(""), [RETURNS])
+    responses = await turn(core, "can I return boots?")
+    assert text_of(responses).startswith(DONT_KNOW)
+    assert responses[0].intent.name == "return_item" and responses[-1].handoff and not responses[-1].citations
