@@ -156,11 +156,12 @@ async def test_later_stages_move_the_status_forward_for_current_content_only(ing
         return (await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="tracked"), metadata=ADMIN)).stage
 
     async def wait_for(expected: int) -> None:
+        """At least `expected`: the live pipeline (inference, retrieval) reports too, and may be ahead."""
         for _ in range(100):
-            if await stage() == expected:
+            if await stage() >= expected:
                 return
             await asyncio.sleep(0.05)
-        assert await stage() == expected
+        assert await stage() >= expected
 
     stale = events_pb2.DocumentIndexed(document_id="tracked", tenant="acme", content_hash="an-older-version", chunk_count=9)
     await publish(url, DOCS_INDEXED, stale.SerializeToString())

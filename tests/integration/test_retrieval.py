@@ -204,5 +204,6 @@ async def test_live_flow_from_submit_to_search(stack: RunningStack, retrieval) -
                 break
             await asyncio.sleep(0.1)
         assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED and status.chunk_count == 1
-    response = await retrieval.Search(retrieval_pb2.SearchRequest(query="do gift cards expire?", top_k=1), metadata=ADMIN)
-    assert response.hits[0].chunk.document_id == "gift-cards"
+    # Other tests index the demo help centre into the same tenant, with its own gift-card article.
+    response = await retrieval.Search(retrieval_pb2.SearchRequest(query="do gift cards expire?", top_k=3), metadata=ADMIN)
+    assert "gift-cards" in [hit.chunk.document_id for hit in response.hits]
