@@ -10,10 +10,13 @@ import json
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import onnxruntime as ort
 import onnxruntime_genai as og
 import pytest
+import torch
+import transformers
 from tokenizers import Tokenizer
 
 from llmos.models import (
@@ -30,9 +33,6 @@ from llmos.models.pooling import PoolingConfig, pool
 
 pytestmark = pytest.mark.integration
 
-torch = pytest.importorskip("torch", reason="building models needs the build extra (torch)")
-transformers = pytest.importorskip("transformers", reason="building models needs the build extra")
-gguf = pytest.importorskip("gguf", reason="building models needs the build extra")
 
 GENERATION = "smollm2-135m-instruct"
 EMBEDDING = "all-minilm-l6-v2"

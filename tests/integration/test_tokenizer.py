@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import transformers
 
 from llmos.models import artefact_dir
 from llmos.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
@@ -39,7 +40,6 @@ async def test_counts_match_tokenize(tokenizer) -> None:  # type: ignore[no-unty
 
 
 async def test_chat_template_matches_the_models_own(tokenizer, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers", reason="the reference template renderer is in the build extra")
     reference = transformers.AutoTokenizer.from_pretrained(str(artefact_dir(stack.home, "smollm2-135m-instruct")))
     conversations = [
         [{"role": "user", "content": "How do I reset my password?"}],
