@@ -17,7 +17,7 @@ from llmos.cli.stack import stop_pids, wait_until_serving
 from llmos.models.store import artefact_dir
 from llmos.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import NatsServer, RunningStack, _settings_from, platform_environment
-from tests.grpc_helpers import ADMIN, GLOBEX_USER
+from tests.grpc_helpers import ADMIN, GLOBEX_USER, call_with_raw_bytes
 from tests.integration.bus_helpers import last_message, last_sequence, publish
 
 pytestmark = pytest.mark.integration
@@ -134,17 +134,9 @@ async def test_bad_embed_requests_are_invalid_argument(stub, texts: list[str], m
 
 async def test_non_utf8_text_is_invalid_argument(inference: RunningStack) -> None:
     # Field 2 (texts), length-delimited, with bytes that are not UTF-8: what a buggy client sends.
-    raw = b"\x12\x03\xff\xfe\x41"
-    async with grpc.aio.insecure_channel(inference.addr("inference")) as channel:
-        call = channel.unary_unary(
-            "/llmos.v1.InferenceService/Embed",
-            request_serializer=lambda payload: payload,
-            response_deserializer=inference_pb2.EmbedResponse.FromString,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call(raw, metadata=ADMIN, timeout=10)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "UTF-8" in error.value.details()
+    error = await call_with_raw_bytes(inference.addr("inference"), "/llmos.v1.InferenceService/Embed", b"\x12\x03\xff\xfe\x41")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in error.details()
 
 
 async def test_other_tenants_are_refused(stub) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ import transformers
 from llmos.models import artefact_dir
 from llmos.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import ADMIN, call_with_raw_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -71,17 +71,9 @@ async def test_empty_text_is_invalid(tokenizer) -> None:  # type: ignore[no-unty
 
 async def test_invalid_utf8_is_invalid_argument(stack: RunningStack) -> None:
     """Bytes a Python client could not even build: field 1 (text) holding \\xff\\xfe."""
-    payload = b"\x0a\x02\xff\xfe"
-    async with grpc.aio.insecure_channel(stack.addr("tokenizer")) as channel:
-        call = channel.unary_unary(
-            "/llmos.v1.TokenizerService/Tokenize",
-            request_serializer=lambda raw: raw,
-            response_deserializer=tokenizer_pb2.TokenizeResponse.FromString,
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call(payload, metadata=ADMIN, timeout=5)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "UTF-8" in error.value.details()
+    error = await call_with_raw_bytes(stack.addr("tokenizer"), "/llmos.v1.TokenizerService/Tokenize", b"\x0a\x02\xff\xfe")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in error.details()
 
 
 async def test_unknown_model_and_bad_ids_are_invalid(tokenizer) -> None:  # type: ignore[no-untyped-def]

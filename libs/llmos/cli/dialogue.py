@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from llmos.cli.client import api_key
+from llmos.cli.client import metadata as cli_metadata
 from llmos.cli.client import channel as cli_channel
 from llmos.grpcutil.client import bearer
 from llmos.settings import PlatformSettings, load_settings
@@ -117,7 +118,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
-    metadata = (("authorization", bearer(api_key(settings, args.api_key))),)
+    metadata = cli_metadata(settings, args.api_key)
 
     async def loop() -> None:
         channel, stub = _stub(settings)
@@ -147,7 +148,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_summarize(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
-    metadata = (("authorization", bearer(api_key(settings, args.api_key))),)
+    metadata = cli_metadata(settings, args.api_key)
     mode = dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE if args.mode == "abstractive" else dialogue_pb2.SUMMARY_MODE_EXTRACTIVE
     if args.doc:
         request = dialogue_pb2.SummarizeRequest(document_id=args.doc, mode=mode, target_words=args.words)
@@ -311,7 +312,7 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     from services.dialogue.summarize import split_sentences
 
     settings = load_settings(PlatformSettings)
-    metadata = (("authorization", bearer(api_key(settings, args.api_key))),)
+    metadata = cli_metadata(settings, args.api_key)
     documents = [json.loads(line) for line in (Path(args.data) / "docs.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     documents = documents[: args.limit] if args.limit else documents
     modes = {"extractive": dialogue_pb2.SUMMARY_MODE_EXTRACTIVE, "abstractive": dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE}
@@ -349,7 +350,7 @@ def cmd_eval_answers(args: argparse.Namespace) -> int:
     import yaml
 
     settings = load_settings(PlatformSettings)
-    metadata = (("authorization", bearer(api_key(settings, args.api_key))),)
+    metadata = cli_metadata(settings, args.api_key)
     questions = yaml.safe_load((Path(args.data) / "questions.yaml").read_text(encoding="utf-8"))
     in_domain = questions["in_domain"]
     out_of_domain = questions["out_of_domain"]
