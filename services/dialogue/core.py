@@ -26,12 +26,14 @@ from llmos.errors import InvalidArgument
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.backends import Backends, Passage, remaining
-from services.dialogue.prompt import PastTurn, build_prompt
+from services.dialogue.prompt import BuiltPrompt, PastTurn, build_prompt
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import ORDER_NUMBER, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer
 
 AWAITING = "awaiting"  # session slot naming the slot the assistant just asked for
+FOLDED_TURNS = "folded_turns"  # session slot: how many of the oldest turns the running summary covers
+INTERNAL_SLOTS = frozenset({AWAITING, FOLDED_TURNS})
 MAX_ID_CHARS = 128
 SUMMARY_FOLD_WORDS = 80
 SEARCH_CACHE_ENTRIES = 512
@@ -187,22 +189,14 @@ class DialogueCore:
         timer.lap("intent")
         intent = dialogue_pb2.Intent(name=prediction.intent, confidence=prediction.confidence)
         reply = await self._decide(tenant, session, message, intent, timer, deadline)
-        intent.slots.update({key: value for key, value in session.slots.items() if key != AWAITING})
+        intent.slots.update({key: value for key, value in session.slots.items() if key not in INTERNAL_SLOTS})
 
         first = dialogue_pb2.ChatResponse(session_id=session.session_id, intent=intent)
         answer_parts: list[str] = []
         citations: list[dialogue_pb2.Citation] = []
         first_token_ms = 0.0
         if reply.passages:
-            prompt = await build_prompt(
-                self._backends.tokens,
-                self._limits.context_tokens - self._limits.answer_max_tokens,
-                message,
-                reply.passages,
-                session.summary,
-                [PastTurn(turn.user_message, turn.answer) for turn in session.turns[-self._limits.recent_turns:]],
-                self._timeout(deadline),
-            )
+            prompt = await self._prompt_within_budget(session, message, reply.passages, deadline)
             timer.lap("prompt")
             stream = self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline))
             async for delta in stream:
@@ -273,6 +267,35 @@ class DialogueCore:
             return Reply(intent, f"{DONT_KNOW} {HANDOFF_OFFER}", handoff_reason="low retrieval confidence")
         return Reply(intent, passages=passages)
 
+    async def _prompt_within_budget(
+        self, session: dialogue_pb2.Session, message: str, passages: list[Passage], deadline: float | None
+    ) -> BuiltPrompt:
+        """The turn's prompt; recent turns that do not fit are folded into the running summary first,
+        so a tight budget shortens what the model sees of the past but never silently loses it."""
+        while True:
+            prompt = await build_prompt(
+                self._backends.tokens,
+                self._limits.context_tokens - self._limits.answer_max_tokens,
+                message,
+                passages,
+                session.summary,
+                [PastTurn(turn.user_message, turn.answer) for turn in session.turns[_folded_turns(session):]],
+                self._timeout(deadline),
+            )
+            if not prompt.dropped_turns:
+                return prompt
+            # Each round folds at least one turn, so this ends when every past turn is in the summary.
+            await self._fold(session, prompt.dropped_turns, deadline)
+
+    async def _fold(self, session: dialogue_pb2.Session, count: int, deadline: float | None) -> None:
+        """Fold the `count` oldest unfolded turns into the session's running summary (extractive)."""
+        start = _folded_turns(session)
+        leaving = session.turns[start:start + count]
+        text = " ".join(f"Customer: {turn.user_message} Assistant: {turn.answer}" for turn in leaving)
+        summary = await self._summarizer.extractive(f"{session.summary} {text}".strip(), SUMMARY_FOLD_WORDS, self._timeout(deadline))
+        session.summary = summary.text
+        session.slots[FOLDED_TURNS] = str(start + len(leaving))
+
     def _order_status(self, tenant: str, session: dialogue_pb2.Session, problem: str) -> str:
         if problem:
             session.slots[AWAITING] = ORDER_NUMBER
@@ -306,13 +329,10 @@ class DialogueCore:
         session.turns.append(
             dialogue_pb2.Turn(user_message=message, answer=answer, intent=intent, citations=citations, time=now())
         )
-        leaving = len(session.turns) - self._limits.recent_turns - 1
-        if leaving >= 0:
-            # The turn that just left the recent window lives on in the running summary.
-            turn = session.turns[leaving]
-            folded = f"{session.summary} Customer: {turn.user_message} Assistant: {turn.answer}".strip()
-            summary = await self._summarizer.extractive(folded, SUMMARY_FOLD_WORDS, self._timeout(deadline))
-            session.summary = summary.text
+        # Turns that left the recent window live on in the running summary.
+        leaving = len(session.turns) - _folded_turns(session) - self._limits.recent_turns
+        if leaving > 0:
+            await self._fold(session, leaving, deadline)
         await self._sessions.put(stored)
         stages = {**timer.stages, "total": total_ms}
         await self._bus.publish(
@@ -371,6 +391,10 @@ class DialogueCore:
         return dialogue_pb2.SummarizeResponse(
             summary=summary.text, mode=mode, source_tokens=summary.source_tokens, map_steps=summary.map_steps
         )
+
+
+def _folded_turns(session: dialogue_pb2.Session) -> int:
+    return int(session.slots.get(FOLDED_TURNS, "0"))
 
 
 def cite(answer: str, passages: list[Passage], min_score: float) -> list[dialogue_pb2.Citation]:

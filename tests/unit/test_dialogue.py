@@ -340,6 +340,23 @@ async def test_old_turns_fold_into_the_running_summary() -> None:
     assert "hello there" in session.summary
 
 
+async def test_recent_turns_over_the_budget_fold_into_the_summary_the_model_sees() -> None:
+    generator = ScriptedGenerator("Returns are free within 30 days [1].")
+    core, _, _ = make_core(generator, [RETURNS])
+    filler = "and I would like to know more details about it please " * 14  # ~150 words a message
+    session_id = (await turn(core, f"can I return my purple kayak {filler}"))[0].session_id
+    await turn(core, f"can I return my green tent {filler}", session_id)
+    # Both earlier turns are inside the recent-turn window (2), but with this message they overflow
+    # the 448-token prompt budget: they must reach the model through the summary, not vanish.
+    await turn(core, f"can I return my socks {filler}", session_id)
+    system = generator.calls[-1][0][1]
+    assert "Earlier in this conversation:" in system and "purple kayak" in system
+    assert all("purple kayak" not in content for role, content in generator.calls[-1][1:])
+    session = await core.get_session("acme", session_id)
+    assert len(session.turns) == 3 and "purple kayak" in session.summary
+    assert "folded_turns" not in (await turn(core, "hello", session_id))[0].intent.slots
+
+
 async def test_bad_input_is_refused_with_the_field() -> None:
     core, _, _ = make_core(ScriptedGenerator("x"), [RETURNS])
     with pytest.raises(InvalidArgument, match="message"):
