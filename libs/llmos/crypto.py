@@ -5,21 +5,33 @@ first is used to seal, every listed key can open. A sealed blob is
 `b"llmos1" | key id length | key id | 12-byte nonce | ciphertext+tag`, and the associated data
 (for example the tenant and record key) binds a blob to where it is stored, so moving it
 elsewhere fails to open. `llmos keys data-key` prints a new entry.
+
+Stores seal through `AtRest`, which also decides what happens without keys: a service refuses to
+start unless `LLMOS_PLAINTEXT_AT_REST=true` says plaintext is acceptable (then it warns).
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import secrets
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from llmos.errors import FailedPrecondition, InvalidArgument
+from llmos.settings import PlatformSettings, SettingsError
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"llmos1"
 NONCE_BYTES = 12
+T = TypeVar("T", bytes, str)
+# Sealed text (for string-typed stores such as a Qdrant payload) is the blob in base64, which
+# always starts with MAGIC's encoding.
+SEALED_TEXT_PREFIX = base64.b64encode(MAGIC).decode()
 
 
 def new_key_entry(key_id: str | None = None) -> str:
@@ -70,6 +82,64 @@ class Sealer:
         except InvalidTag:
             raise InvalidArgument("sealed data", "fails authentication: altered, or stored under another name") from None
 
-    def key_id_of(self, blob: bytes) -> str:
+    @staticmethod
+    def key_id_of(blob: bytes) -> str:
         length = blob[len(MAGIC)]
         return blob[len(MAGIC) + 1:len(MAGIC) + 1 + length].decode(errors="replace")
+
+
+class AtRest:
+    """How one store keeps its records: sealed under the configured keys, or, only where settings
+    allow it, in plaintext. A record sealed under a key that is no longer configured fails with
+    an error naming the key id."""
+
+    def __init__(self, sealer: Sealer | None, store: str) -> None:
+        self.sealer = sealer
+        self.store = store
+
+    @classmethod
+    def from_settings(cls, settings: PlatformSettings, store: str) -> AtRest:
+        if settings.encryption_keys:
+            return cls(Sealer.from_spec(settings.encryption_keys), store)
+        if not settings.plaintext_at_rest:
+            raise SettingsError(
+                f"{store} would be stored unencrypted: set LLMOS_ENCRYPTION_KEYS (`llmos keys data-key` makes a key), "
+                "or LLMOS_PLAINTEXT_AT_REST=true to accept plaintext"
+            )
+        logger.warning("%s is stored in PLAINTEXT: LLMOS_ENCRYPTION_KEYS is empty and LLMOS_PLAINTEXT_AT_REST=true", store)
+        return cls(None, store)
+
+    @property
+    def key_id(self) -> str:
+        """The key new records are sealed with; empty when they are stored in plaintext."""
+        return self.sealer.active_key_id if self.sealer else ""
+
+    def seal(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        return self.sealer.seal(plaintext, associated_data) if self.sealer else plaintext
+
+    def open(self, record: bytes, associated_data: bytes) -> bytes:
+        if not record.startswith(MAGIC):
+            return self._plaintext(record)
+        if self.sealer is None:
+            raise FailedPrecondition(
+                f"a record of {self.store} is encrypted (key {Sealer.key_id_of(record)!r}) but LLMOS_ENCRYPTION_KEYS is empty"
+            )
+        return self.sealer.open(record, associated_data)
+
+    def seal_text(self, text: str, associated_data: bytes) -> str:
+        if self.sealer is None:
+            return text
+        return base64.b64encode(self.sealer.seal(text.encode(), associated_data)).decode()
+
+    def open_text(self, stored: str, associated_data: bytes) -> str:
+        if stored.startswith(SEALED_TEXT_PREFIX):
+            return self.open(base64.b64decode(stored), associated_data).decode()
+        return self._plaintext(stored)
+
+    def _plaintext(self, record: T) -> T:
+        if self.sealer is not None:
+            raise FailedPrecondition(
+                f"a record of {self.store} is stored in plaintext while encryption is on "
+                "(written with LLMOS_PLAINTEXT_AT_REST=true?); write it again to seal it"
+            )
+        return record

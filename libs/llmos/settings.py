@@ -76,6 +76,9 @@ class PlatformSettings(BaseSettings):
     service_api_key: str = ""
     # Keys sealing data at rest (AES-GCM), `key_id:base64key,...`; the first one seals.
     encryption_keys: str = ""
+    # Without encryption keys, services refuse to store session state and document text unless
+    # this accepts plaintext (a throwaway setup); they warn at start when it does.
+    plaintext_at_rest: bool = False
     # gRPC over TLS when set: a folder made by `llmos certs` (ca.pem, <service>.pem, …).
     tls_dir: Path | None = None
     # With TLS, also require client certificates signed by the CA (mutual TLS).

@@ -8,6 +8,7 @@ import numpy as np
 
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
+from llmos.crypto import AtRest
 from llmos.grpcutil.client import open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
@@ -54,7 +55,7 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
     backends = Backends(GrpcEmbedder(inference), GrpcRetriever(retrieval), GrpcGenerator(inference), GrpcTokenCounter(tokenizer))
     core = DialogueCore(
         bus,
-        SessionStore(bus, settings.dialogue_session_idle_ttl_s),
+        SessionStore(bus, settings.dialogue_session_idle_ttl_s, AtRest.from_settings(settings, "dialogue session state")),
         AuditLog(bus),
         classifier,
         backends,

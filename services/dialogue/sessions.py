@@ -4,6 +4,10 @@ State survives a restart of the service and is shared by its replicas. A session
 longer than the idle TTL is treated as gone (and deleted); the bucket drops entries older than
 its own TTL regardless. Writes are compare-and-set on the entry's revision, so two turns racing on
 one session cannot silently overwrite each other.
+
+Entries are sealed with AES-GCM (`llmos.crypto.AtRest`): the KV holds the key id, nonce and
+ciphertext only, and the entry's key is the associated data, so an entry copied under another
+session's key fails to open.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from llmos.bus.broker import Bus
+from llmos.crypto import AtRest
 from llmos.errors import FailedPrecondition, NotFound
 from llmos.v1 import dialogue_pb2
 
@@ -28,9 +33,10 @@ class StoredSession:
 
 
 class SessionStore:
-    def __init__(self, bus: Bus, idle_ttl_s: float) -> None:
+    def __init__(self, bus: Bus, idle_ttl_s: float, at_rest: AtRest) -> None:
         self._bus = bus
         self._idle_ttl_s = idle_ttl_s
+        self._at_rest = at_rest
 
     @staticmethod
     def _key(tenant: str, session_id: str) -> str:
@@ -44,7 +50,7 @@ class SessionStore:
             entry = await bucket.get(key)
         except KeyNotFoundError:
             raise NotFound(f"no session {session_id!r} in tenant {tenant!r} (it may have expired)") from None
-        session = dialogue_pb2.Session.FromString(entry.value or b"")
+        session = dialogue_pb2.Session.FromString(self._at_rest.open(entry.value or b"", key.encode()))
         if time.time() - session.updated_at.ToSeconds() > self._idle_ttl_s:
             await bucket.delete(key)
             raise NotFound(f"session {session_id!r} expired after {self._idle_ttl_s:.0f} s idle; start a new one")
@@ -54,7 +60,7 @@ class SessionStore:
         stored.session.updated_at.GetCurrentTime()
         bucket = await self._bus.key_value(SESSIONS_BUCKET)
         key = self._key(stored.session.tenant, stored.session.session_id)
-        value = stored.session.SerializeToString()
+        value = self._at_rest.seal(stored.session.SerializeToString(), key.encode())
         try:
             if stored.revision:
                 stored.revision = await bucket.update(key, value, last=stored.revision)

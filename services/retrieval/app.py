@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 
 from llmos.bus.broker import Bus
+from llmos.crypto import AtRest
 from llmos.grpcutil.client import open_channel
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.core import RetrievalCore, SearchLimits
 from services.retrieval.embedder import InferenceEmbedder
 from services.retrieval.handlers import subscriptions
-from services.retrieval.index import ChunkIndex, ClientIndex, EdgeIndex
+from services.retrieval.index import ChunkIndex, ClientIndex, EdgeIndex, SealedTextIndex
 from services.retrieval.profiles import PROFILES_BUCKET, KvProfileStore
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
@@ -41,7 +42,7 @@ def consumer_replica(settings: RetrievalSettings) -> str:
 async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
     channel = open_channel(settings.inference_addr, settings.service_api_key)
     core = RetrievalCore(
-        open_index(settings),
+        SealedTextIndex(open_index(settings), AtRest.from_settings(settings, "chunk text in the index")),
         Bm25Encoder(settings.retrieval_bm25_avg_len),
         InferenceEmbedder(channel, settings.retrieval_dimensions, settings.retrieval_embed_timeout_s),
         KvProfileStore(lambda: bus.key_value(PROFILES_BUCKET), settings.retrieval_profile_items),

@@ -12,6 +12,10 @@ chunk ids, so writing a chunk twice stores it once. Sparse vectors carry BM25 te
 engines apply IDF at query time (Qdrant's IDF modifier), computed over the tenant's own chunks
 where the engine supports it.
 
+`SealedTextIndex` wraps either engine so chunk text is stored sealed (AES-GCM, key id in each
+record): vectors are computed before storage, so search works on ciphertext payloads; ids,
+tenant, titles, tags and sources stay in clear because filters and citations use them.
+
 The methods are blocking; the core runs them on one worker thread.
 """
 
@@ -20,10 +24,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmos.crypto import AtRest
 from llmos.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -337,3 +342,48 @@ class ClientIndex:
 
     def close(self) -> None:
         self._client.close()
+
+
+class SealedTextIndex:
+    """Chunk text sealed on the way in and opened on the way out; bound to tenant and chunk id,
+    so a ciphertext copied into another tenant's point fails to open."""
+
+    def __init__(self, inner: ChunkIndex, at_rest: AtRest) -> None:
+        self._inner = inner
+        self._at_rest = at_rest
+
+    @staticmethod
+    def _bound_to(chunk: common_pb2.Chunk) -> bytes:
+        return f"chunk\x00{chunk.tenant}\x00{chunk.chunk_id}".encode()
+
+    def _sealed(self, item: IndexedChunk) -> IndexedChunk:
+        chunk = common_pb2.Chunk()
+        chunk.CopyFrom(item.chunk)
+        chunk.text = self._at_rest.seal_text(item.chunk.text, self._bound_to(item.chunk))
+        return replace(item, chunk=chunk)
+
+    def _opened(self, hits: list[Hit]) -> list[Hit]:
+        for hit in hits:
+            hit.chunk.text = self._at_rest.open_text(hit.chunk.text, self._bound_to(hit.chunk))
+        return hits
+
+    def upsert(self, chunks: Sequence[IndexedChunk]) -> None:
+        self._inner.upsert([self._sealed(item) for item in chunks])
+
+    def delete_document(self, tenant: str, document_id: str, keep_content_hash: str = "") -> None:
+        self._inner.delete_document(tenant, document_id, keep_content_hash)
+
+    def dense(self, vector: Sequence[float], where: ChunkFilter, limit: int, with_vectors: bool = False) -> list[Hit]:
+        return self._opened(self._inner.dense(vector, where, limit, with_vectors))
+
+    def sparse(self, vector: SparseVector, where: ChunkFilter, limit: int) -> list[Hit]:
+        return self._opened(self._inner.sparse(vector, where, limit))
+
+    def chunks(self, where: ChunkFilter, with_vectors: bool = False, limit: int = 0) -> list[Hit]:
+        return self._opened(self._inner.chunks(where, with_vectors, limit))
+
+    def count(self, where: ChunkFilter) -> int:
+        return self._inner.count(where)
+
+    def close(self) -> None:
+        self._inner.close()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmos.crypto import Sealer, new_key_entry
+from llmos.crypto import AtRest, Sealer, new_key_entry
 from llmos.errors import FailedPrecondition, InvalidArgument
 
 pytestmark = pytest.mark.unit
@@ -40,3 +40,15 @@ def test_rotation_keeps_old_records_readable_and_seals_with_the_new_key() -> Non
 def test_bad_key_specs_fail_with_the_variable_name(spec: str) -> None:
     with pytest.raises((InvalidArgument, FailedPrecondition), match="LLMOS_ENCRYPTION_KEYS"):
         Sealer.from_spec(spec)
+
+
+def test_at_rest_text_round_trips_and_refuses_mixed_modes() -> None:
+    sealing = AtRest(Sealer.from_spec(new_key_entry("k1")), "chunks")
+    plain = AtRest(None, "chunks")
+    stored = sealing.seal_text("Alice's order NW-204518", b"acme/c1")
+    assert "NW-204518" not in stored and sealing.open_text(stored, b"acme/c1") == "Alice's order NW-204518"
+    assert plain.seal_text("clear", b"") == "clear" and plain.open_text("clear", b"") == "clear"
+    with pytest.raises(FailedPrecondition, match="encrypted \\(key 'k1'\\) but LLMOS_ENCRYPTION_KEYS is empty"):
+        plain.open_text(stored, b"acme/c1")
+    with pytest.raises(FailedPrecondition, match="stored in plaintext while encryption is on"):
+        sealing.open(b"a plaintext record", b"")

@@ -436,10 +436,11 @@ class FakeKvBus:
 
 async def test_sessions_expire_when_idle_and_refuse_lost_updates() -> None:
     from llmos.errors import FailedPrecondition
+    from llmos.crypto import AtRest
     from services.dialogue.sessions import SessionStore
 
     bus = FakeKvBus()
-    store = SessionStore(bus, idle_ttl_s=60)  # type: ignore[arg-type]
+    store = SessionStore(bus, idle_ttl_s=60, at_rest=AtRest(None, "sessions"))  # type: ignore[arg-type]
     stored = StoredSession(dialogue_pb2.Session(session_id="s1", tenant="acme"), 0)
     await store.put(stored)
     first, second = await store.get("acme", "s1"), await store.get("acme", "s1")

@@ -1,0 +1,169 @@
+"""Encryption at rest: dialogue session state in the JetStream KV and chunk text in the Qdrant
+index are stored sealed (AES-GCM with a key id per record). A plaintext control written the same
+way proves each disk check can see stored data, so the sealed check can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.kv import KeyValue
+
+from llmos.crypto import AtRest, Sealer, new_key_entry
+from llmos.errors import FailedPrecondition, InvalidArgument
+from llmos.settings import PlatformSettings, SettingsError
+from llmos.v1 import dialogue_pb2, retrieval_pb2
+from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore, StoredSession
+from services.retrieval.core import RetrievalCore
+from services.retrieval.index import ChunkFilter, EdgeIndex, IndexedChunk, SealedTextIndex
+from services.retrieval.sparse import Bm25Encoder
+from tests.conftest import NatsServer
+from tests.unit.test_retrieval_core import DIMENSIONS, LIMITS, MemoryProfiles, WordEmbedder, embedded
+
+pytestmark = pytest.mark.security
+
+OLD_KEY = new_key_entry("2025")
+NEW_KEY = new_key_entry("2026")
+
+
+def at_rest(*entries: str) -> AtRest:
+    return AtRest(Sealer.from_spec(",".join(entries)), "test store") if entries else AtRest(None, "test store")
+
+
+def files_containing(folder: Path, needle: bytes) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file() and needle in path.read_bytes()]
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+# -- chunk text in the index -----------------------------------------------------------------
+
+
+def indexed(tenant: str, document_id: str, text: str) -> list[IndexedChunk]:
+    return [
+        IndexedChunk(item.chunk, "v1", 1.0, list(item.vector), Bm25Encoder(256.0).document(item.chunk.text))
+        for item in embedded(tenant, document_id, [text]).chunks
+    ]
+
+
+def open_core(folder: Path, sealing: AtRest) -> RetrievalCore:
+    index = SealedTextIndex(EdgeIndex(folder, DIMENSIONS, 256.0), sealing)
+    return RetrievalCore(index, Bm25Encoder(256.0), WordEmbedder(), MemoryProfiles(), DIMENSIONS, LIMITS)
+
+
+async def test_chunk_text_is_sealed_on_disk_and_search_still_finds_it(tmp_path: Path) -> None:
+    marker = f"zebracorn{uuid.uuid4().hex[:8]}"
+    text = f"The {marker} refund policy allows returns within thirty days."
+    for name, sealing in (("plain", at_rest()), ("sealed", at_rest(NEW_KEY))):
+        core = open_core(tmp_path / name, sealing)
+        await core.index_embedded(embedded("acme", "policy", [text, "Shipping takes four days."]))
+        for mode in (retrieval_pb2.SEARCH_MODE_DENSE, retrieval_pb2.SEARCH_MODE_SPARSE, retrieval_pb2.SEARCH_MODE_HYBRID):
+            response = await core.search("acme", retrieval_pb2.SearchRequest(query=f"{marker} refund policy", mode=mode))
+            assert response.hits[0].chunk.text == text
+        document = await core.get_document("acme", retrieval_pb2.GetDocumentRequest(document_id="policy"))
+        assert document.chunks[0].text == text
+        core.close()
+    assert files_containing(tmp_path / "plain", marker.encode()), "the control must show chunk text on disk"
+    assert not files_containing(tmp_path / "sealed", marker.encode())
+
+
+def test_rotation_old_chunks_open_new_chunks_use_the_new_key(tmp_path: Path) -> None:
+    engine = EdgeIndex(tmp_path / "edge", DIMENSIONS, 256.0)
+    SealedTextIndex(engine, at_rest(OLD_KEY)).upsert(indexed("acme", "before", "text of before"))
+    rotated = SealedTextIndex(engine, at_rest(NEW_KEY, OLD_KEY))
+    rotated.upsert(indexed("acme", "after", "text of after"))
+    opened = {hit.chunk.document_id: hit.chunk.text for hit in rotated.chunks(ChunkFilter("acme"))}
+    assert opened == {"before": "text of before", "after": "text of after"}
+    raw = {hit.chunk.document_id: base64.b64decode(hit.chunk.text) for hit in engine.chunks(ChunkFilter("acme"))}
+    assert Sealer.key_id_of(raw["before"]) == "2025" and Sealer.key_id_of(raw["after"]) == "2026"
+    retired = SealedTextIndex(engine, at_rest(NEW_KEY))
+    with pytest.raises(FailedPrecondition, match="key '2025'.*not configured"):
+        retired.chunks(ChunkFilter("acme", document_ids=("before",)))
+    assert [hit.chunk.text for hit in retired.chunks(ChunkFilter("acme", document_ids=("after",)))] == ["text of after"]
+    engine.close()
+
+
+def test_sealed_text_moved_to_another_tenant_does_not_open(tmp_path: Path) -> None:
+    engine = EdgeIndex(tmp_path / "edge", DIMENSIONS, 256.0)
+    sealed = SealedTextIndex(engine, at_rest(NEW_KEY))
+    sealed.upsert(indexed("acme", "doc", "acme secret"))
+    (stolen,) = engine.chunks(ChunkFilter("acme"), with_vectors=True)
+    stolen.chunk.tenant = "globex"  # the ciphertext copied as is into a globex point
+    engine.upsert([IndexedChunk(stolen.chunk, "v1", 1.0, stolen.vector or [], Bm25Encoder(256.0).document("x"))])
+    with pytest.raises(InvalidArgument, match="another name"):
+        sealed.chunks(ChunkFilter("globex"))
+    engine.close()
+
+
+# -- dialogue session state in the KV --------------------------------------------------------
+
+
+class KvOnly:
+    """What SessionStore needs of the Bus: its buckets."""
+
+    def __init__(self, bucket: KeyValue) -> None:
+        self.bucket = bucket
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        return self.bucket
+
+
+async def test_session_state_is_sealed_in_the_kv_and_on_disk(nats_server: NatsServer) -> None:
+    connection = await nats.connect(nats_server.url)
+    try:
+        bucket = await connection.jetstream().create_key_value(bucket=SESSIONS_BUCKET, history=1)
+        marker = f"order NW-{uuid.uuid4().int % 10**8:08d} for quokka{uuid.uuid4().hex[:6]}"
+        control = f"control quokka{uuid.uuid4().hex[:6]}"
+        plain = SessionStore(KvOnly(bucket), 600, at_rest())  # type: ignore[arg-type]
+        await plain.put(StoredSession(dialogue_pb2.Session(session_id=f"plain-{uuid.uuid4()}", tenant="acme", summary=control), 0))
+        sealing = SessionStore(KvOnly(bucket), 600, at_rest(OLD_KEY))  # type: ignore[arg-type]
+        session_id = f"s-{uuid.uuid4()}"
+        await sealing.put(StoredSession(dialogue_pb2.Session(session_id=session_id, tenant="acme", summary=marker), 0))
+
+        assert (await sealing.get("acme", session_id)).session.summary == marker
+        raw = (await bucket.get(SessionStore._key("acme", session_id))).value or b""
+        assert marker.encode() not in raw and Sealer.key_id_of(raw) == "2025"
+        assert await eventually(lambda: bool(files_containing(nats_server.store, control.encode()))), "control on disk"
+        assert not files_containing(nats_server.store, marker.encode())
+
+        # Rotation: a new key first; the old entry opens, and its next write uses the new key.
+        rotated = SessionStore(KvOnly(bucket), 600, at_rest(NEW_KEY, OLD_KEY))  # type: ignore[arg-type]
+        stored = await rotated.get("acme", session_id)
+        assert stored.session.summary == marker
+        await rotated.put(stored)
+        raw = (await bucket.get(SessionStore._key("acme", session_id))).value or b""
+        assert Sealer.key_id_of(raw) == "2026"
+
+        # A record under a key that is no longer configured fails with a clear error.
+        old_only = SessionStore(KvOnly(bucket), 600, at_rest(OLD_KEY))  # type: ignore[arg-type]
+        with pytest.raises(FailedPrecondition, match="key '2026', which is not configured"):
+            await old_only.get("acme", session_id)
+        # And encrypted state is never read as plaintext by a store without keys.
+        with pytest.raises(FailedPrecondition, match="encrypted"):
+            await plain.get("acme", session_id)
+    finally:
+        await connection.close()
+
+
+# -- without keys ----------------------------------------------------------------------------
+
+
+def test_without_keys_a_store_refuses_plaintext_unless_settings_allow_it(caplog: pytest.LogCaptureFixture) -> None:
+    base = {"nats_url": "nats://127.0.0.1:1", **{f"{s}_addr": "127.0.0.1:1" for s in ("ingest", "tokenizer", "inference", "retrieval", "speech", "dialogue", "audit")}}
+    with pytest.raises(SettingsError, match="LLMOS_ENCRYPTION_KEYS.*LLMOS_PLAINTEXT_AT_REST"):
+        AtRest.from_settings(PlatformSettings(**base, encryption_keys="", _env_file=None), "dialogue session state")
+    allowed = AtRest.from_settings(PlatformSettings(**base, encryption_keys="", plaintext_at_rest=True, _env_file=None), "sessions")
+    assert allowed.key_id == "" and "PLAINTEXT" in caplog.text
+    sealed = AtRest.from_settings(PlatformSettings(**base, encryption_keys=NEW_KEY, _env_file=None), "sessions")
+    assert sealed.key_id == "2026"
