@@ -10,6 +10,7 @@ the port .env gives, and every file it mounts exists.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from importlib import resources
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from llmos.cli.stack import nats_server_binary
+from llmos.natsauth import compose_secrets
 
 pytestmark = pytest.mark.unit
 
@@ -120,7 +122,12 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
     with path.open() as stream:
         raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     assert isinstance(raw, dict), f"{path.name} is not a mapping"
-    return interpolate(raw, read_dotenv(ENV_FILE))
+    return interpolate(raw, {**read_dotenv(ENV_FILE), **compose_secret_values()})
+
+
+def compose_secret_values() -> dict[str, str]:
+    """A fresh secrets env file's values, as `docker compose --env-file .env --env-file <it>` reads them."""
+    return dict(line.split("=", 1) for line in compose_secrets().splitlines())
 
 
 def compose_schema() -> dict[str, Any]:
@@ -553,7 +560,7 @@ def test_nats_config_mounted_and_consistent(
 def test_nats_config_parses_with_nats_server() -> None:
     result = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(NATS_CONF)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, env={**os.environ, **compose_secret_values()},
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
