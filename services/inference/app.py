@@ -50,7 +50,10 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
     )
 
     generation_dir = artefact_dir(settings.home, GENERATION_MODEL, GENERATION_VARIANT)
-    decoder = Decoder(generation_dir, [CPU], threads, settings.inference_max_batch, settings.inference_max_context)
+    decoder = Decoder(
+        generation_dir, [CPU], threads, settings.inference_max_batch, settings.inference_max_context,
+        settings.inference_thread_spinning,
+    )
     tokenizer = ModelTokenizer.from_dir(generation_dir)
     scheduler = GenerationScheduler(
         decoder,

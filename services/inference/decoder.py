@@ -66,13 +66,24 @@ class Decoder:
     """One model session plus the slot KV cache; not thread-safe (the scheduler thread owns it)."""
 
     def __init__(
-        self, folder: Path, providers: Sequence[str], threads: int, max_batch: int, max_context: int
+        self,
+        folder: Path,
+        providers: Sequence[str],
+        threads: int,
+        max_batch: int,
+        max_context: int,
+        thread_spinning: bool = False,
     ) -> None:
         self.config = DecoderConfig.load(folder)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
         if threads:
             options.intra_op_num_threads = threads
+        # Spinning workers keep a core busy between steps; where the service shares its cores
+        # (gRPC, the scheduler's Python, other processes) that stalls every step, so it is opt-in.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if thread_spinning else "0")
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
         inputs = {node.name: node for node in self.session.get_inputs()}
         dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
@@ -81,23 +92,41 @@ class Decoder:
         shape = (max_batch, self.config.kv_heads, self.max_context, self.config.head_size)
         self.keys = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
         self.values = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
+        # One binding per row range, made once: the KV views it binds never move, so a step only
+        # rebinds its token ids, mask and the logits view.
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._logits_type = _ORT_TYPES[next(node.type for node in self.session.get_outputs() if node.name == "logits")]
+        self._logits = np.empty((max_batch, self.config.vocab_size), self._logits_type)
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
+    def _binding(self, rows: slice) -> ort.IOBinding:
+        key = (rows.start, rows.stop)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = self.session.io_binding()
+            for layer in range(self.config.num_layers):
+                for kind, buffers in (("key", self.keys), ("value", self.values)):
+                    cache = ort.OrtValue.ortvalue_from_numpy(buffers[layer][rows])
+                    binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", cache)
+                    binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
+            self._bindings[key] = binding
+        return binding
+
     def _run(self, rows: slice, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
+        """Run rows `rows` on (n, t) new tokens; returns the (n, t, vocab) logits, valid until the next run."""
+        n, t = input_ids.shape
+        if self._logits.size < n * t * self.config.vocab_size:
+            self._logits = np.empty((n * t, self.config.vocab_size), self._logits_type)
+        logits = self._logits.reshape(-1)[: n * t * self.config.vocab_size].reshape(n, t, self.config.vocab_size)
+        binding = self._binding(rows)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_output("logits")  # first, so it is output 0
-        for layer in range(self.config.num_layers):
-            for kind, buffers in (("key", self.keys), ("value", self.values)):
-                cache = ort.OrtValue.ortvalue_from_numpy(buffers[layer][rows])
-                binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", cache)
-                binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
+        binding.bind_output("logits", "cpu", 0, self._logits_type, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return logits
 
     def prefill(self, row: int, token_ids: Sequence[int], cached: int = 0) -> np.ndarray:
         """Run a prompt into slot `row` whose first `cached` tokens are already in place.
@@ -113,15 +142,14 @@ class Decoder:
     def decode(self, token_ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
         """One step for rows 0..n-1: row i holds `lengths[i]` tokens and gets `token_ids[i]`.
 
-        Returns logits (n, vocab_size).
+        Returns logits (n, vocab_size), valid until the next call.
         """
         n = len(token_ids)
         lengths_array = np.asarray(lengths, dtype=np.int64)
         width = int(lengths_array.max()) + 1
         attention_mask = (np.arange(width)[None, :] <= lengths_array[:, None]).astype(np.int64)
         input_ids = np.asarray(token_ids, dtype=np.int64)[:, None]
-        logits = self._run(slice(0, n), input_ids, attention_mask)
-        return logits[:, -1].astype(np.float32)
+        return self._run(slice(0, n), input_ids, attention_mask)[:, -1]
 
     def move_row(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's cache to another slot (compaction when a sequence leaves)."""

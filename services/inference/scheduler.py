@@ -5,10 +5,14 @@ waiting requests into free slots (each prompt prefilled alone, reusing a cached 
 when one matches), then runs one decode step for every running sequence together. A request
 joins at the next step and leaves the moment it finishes or its caller goes away.
 
-Each priority class has its own bounded queue. Admission order: interactive before standard before batch; within a class, the tenant with the
-fewest running sequences first (fair share), then the oldest request. `reserved_interactive`
-slots are never given to batch work, so a bulk job cannot make a chat wait for a whole
-generation to end.
+Each priority class has its own bounded queue. Admission order: interactive before standard
+before batch; within a class, the tenant with the fewest running sequences first (fair share),
+then the oldest request. While sequences are decoding, a turn prefills at most one
+non-interactive prompt, so a prompt that arrives is looked at again before the next one and the
+running streams keep stepping. `reserved_interactive` slots are never given to batch work; when
+an interactive request finds every slot taken, a running batch sequence is pre-empted: its KV
+cache is parked in host memory and it waits again, to resume where it stopped (no prefill) when
+a slot frees. A bulk job therefore never makes a chat wait for a generation to end.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ PREFILL_CHUNK_TOKENS = 256
 # of an uncached prompt.
 MIN_PREFILL_PIECE = 2
 INCOMPLETE_CHARACTER = "\ufffd"
+INTERACTIVE_RANK = 0
 BATCH_RANK = 2
 
 
@@ -122,6 +127,7 @@ class _Sequence:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     cached_tokens: int = 0
+    parked: CachedPrefix | None = None  # the KV cache of a pre-empted sequence, until it resumes
     generated: list[int] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)
     sent_chars: int = 0
@@ -208,6 +214,9 @@ class GenerationScheduler:
         self._tokens = meter.create_counter(
             "llmos.inference.tokens_generated", unit="{token}", description="tokens generated"
         )
+        self._preemptions = meter.create_counter(
+            "llmos.inference.preemptions", unit="{sequence}", description="batch sequences parked for interactive work"
+        )
         meter.create_observable_gauge(
             "llmos.inference.requests_running",
             callbacks=[lambda _: [metrics.Observation(len(self._running))]],
@@ -291,11 +300,9 @@ class GenerationScheduler:
                     self._condition.wait()
                 if self._stopping:
                     break
-                admitted = self._admit()
             try:
-                for sequence in admitted:
-                    self._prefill(sequence)
                 self._retire_cancelled()
+                self._admit()
                 if self._running:
                     self._step()
             except Exception:  # noqa: BLE001 - fail the requests in flight, keep serving
@@ -305,8 +312,23 @@ class GenerationScheduler:
                     self._remove(sequence)
         self._cancel_all()
 
-    def _admit(self) -> list[_Sequence]:
-        """Move waiting requests into free slots (called with the condition held)."""
+    def _admit(self) -> None:
+        """Give free slots to waiting requests, one decision at a time."""
+        decoding = bool(self._running)
+        while True:
+            with self._condition:
+                sequence = self._next_admission()
+            if sequence is None:
+                return
+            if sequence.parked is not None:
+                self._resume(sequence)
+                continue
+            self._prefill(sequence)
+            if decoding and sequence.rank != INTERACTIVE_RANK:
+                return  # the running streams step before the next prompt; a new chat is seen first
+
+    def _next_admission(self) -> _Sequence | None:
+        """The waiting request that takes a slot now, if any (called with the condition held)."""
         now = time.monotonic()
         for sequence in list(self._waiting):
             if sequence.cancelled:
@@ -314,22 +336,43 @@ class GenerationScheduler:
             elif sequence.deadline is not None and now >= sequence.deadline:
                 self._waiting.remove(sequence)
                 sequence.send(DeadlineExceeded("the deadline passed while the request waited for a slot"))
-        admitted: list[_Sequence] = []
-        while self._waiting:
-            free = self._max_batch - len(self._running) - len(admitted)
-            if free <= 0:
-                break
-            best_rank = min(sequence.rank for sequence in self._waiting)
-            if best_rank == BATCH_RANK and free <= self._reserved_interactive:
-                break
-            tenants = Counter(sequence.request.tenant for sequence in (*self._running, *admitted))
-            chosen = min(
-                (sequence for sequence in self._waiting if sequence.rank == best_rank),
-                key=lambda sequence: (tenants[sequence.request.tenant], sequence.arrived),
-            )
-            self._waiting.remove(chosen)
-            admitted.append(chosen)
-        return admitted
+        if not self._waiting:
+            return None
+        best_rank = min(sequence.rank for sequence in self._waiting)
+        free = self._max_batch - len(self._running)
+        if best_rank == INTERACTIVE_RANK and free <= 0:
+            free += self._preempt_batch()
+        if free <= 0 or (best_rank == BATCH_RANK and free <= self._reserved_interactive):
+            return None
+        tenants = Counter(sequence.request.tenant for sequence in self._running)
+        chosen = min(
+            (sequence for sequence in self._waiting if sequence.rank == best_rank),
+            key=lambda sequence: (tenants[sequence.request.tenant], sequence.arrived),
+        )
+        self._waiting.remove(chosen)
+        return chosen
+
+    def _preempt_batch(self) -> int:
+        """Park one running batch sequence (of the tenant running the most, the newest); 1 if one was."""
+        batch = [sequence for sequence in self._running if sequence.rank == BATCH_RANK]
+        if not batch:
+            return 0
+        tenants = Counter(sequence.request.tenant for sequence in self._running)
+        victim = max(batch, key=lambda sequence: (tenants[sequence.request.tenant], sequence.arrived))
+        in_cache = [*victim.request.prompt_ids, *victim.generated][: victim.length]
+        victim.parked = self._decoder.save_prefix(victim.row, in_cache)
+        self._remove(victim)
+        self._waiting.append(victim)
+        self._preemptions.add(1)
+        return 1
+
+    def _resume(self, sequence: _Sequence) -> None:
+        """Put a pre-empted sequence's cache back into a slot; it joins the next step."""
+        assert sequence.parked is not None
+        sequence.row = len(self._running)
+        self._running.append(sequence)
+        self._decoder.load_prefix(sequence.row, sequence.parked, sequence.length)
+        sequence.parked = None
 
     def _prefill(self, sequence: _Sequence) -> None:
         sequence.admitted = time.monotonic()
@@ -362,8 +405,10 @@ class GenerationScheduler:
         logits = self._decoder.decode(
             [sequence.next_token for sequence in running], [sequence.length for sequence in running]
         )
-        for sequence, row_logits in zip(running, logits, strict=True):
+        # Every row's cache grew by this step before any finish moves a later row into a freed slot.
+        for sequence in running:
             sequence.length += 1
+        for sequence, row_logits in zip(running, logits, strict=True):
             self._accept(sequence, sample(row_logits, sequence.request.sampling, sequence.rng))
 
     def _accept(self, sequence: _Sequence, token: int) -> None:

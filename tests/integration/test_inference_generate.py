@@ -113,6 +113,32 @@ async def test_batched_streams_match_solo_streams(stub) -> None:  # type: ignore
         assert alone_ids[:12] == batched_ids[:12], (text_of(alone), text_of(batched))
 
 
+async def test_interactive_work_preempts_batch_work_which_resumes_intact(stub) -> None:  # type: ignore[no-untyped-def]
+    batch = inference_pb2.GenerateRequest(
+        prompt="Once upon a time", sampling=inference_pb2.SamplingParams(max_new_tokens=40), priority=common_pb2.PRIORITY_BATCH
+    )
+    solo_ids = [token for r in await collect(stub, batch) for token in r.token_ids]
+    call = stub.Generate(batch, metadata=ADMIN, timeout=120)
+    streamed = [await call.read()]  # the batch stream holds the one non-reserved slot
+    chats = await asyncio.gather(*(
+        collect(stub, inference_pb2.GenerateRequest(
+            messages=inference_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=question)]),
+            sampling=inference_pb2.SamplingParams(max_new_tokens=24), priority=common_pb2.PRIORITY_INTERACTIVE,
+        ))
+        for question in ("What is the capital of France?", "Write a haiku about the sea.")
+    ))
+    while (response := await call.read()) is not grpc.aio.EOF:
+        streamed.append(response)
+    # The second chat took the batch stream's slot instead of waiting for the first chat to end.
+    usages = [responses[-1].usage for responses in chats]
+    generating_ms = min(1000 * u.generated_tokens / u.tokens_per_second for u in usages)
+    assert max(u.queue_ms for u in usages) < generating_ms / 2, usages
+    # Parked and resumed, the batch stream continues from its own cache (up to a near-tie, as batched).
+    resumed_ids = [token for r in streamed for token in r.token_ids]
+    assert resumed_ids[:12] == solo_ids[:12]
+    assert streamed[-1].usage.generated_tokens == len(resumed_ids)
+
+
 async def test_cancelling_a_stream_frees_its_slot(stub) -> None:  # type: ignore[no-untyped-def]
     long = inference_pb2.GenerateRequest(
         prompt="Once upon a time", sampling=inference_pb2.SamplingParams(max_new_tokens=500), priority=common_pb2.PRIORITY_BATCH

@@ -30,7 +30,11 @@ VOCAB = 50  # id 0 is the end-of-sequence token, ids 1..49 are the words w1..w49
 
 
 class CountingDecoder:
-    """Predicts "previous token + 1" (w49 is followed by end-of-sequence); records what it ran."""
+    """Predicts "previous token + 1" (w49 is followed by end-of-sequence); records what it ran.
+
+    It keeps each slot's tokens as its "KV cache" and checks every step against it, so a cache
+    that a move, a park or a resume got wrong fails the step.
+    """
 
     def __init__(self, max_batch: int, step_s: float = 0.001) -> None:
         self.config = DecoderConfig(1, 1, 4, VOCAB, 512, (0,))
@@ -39,6 +43,7 @@ class CountingDecoder:
         self.step_s = step_s
         self.prefilled: list[list[int]] = []
         self.batch_sizes: list[int] = []
+        self.rows: list[list[int]] = [[] for _ in range(max_batch)]
 
     def _logits(self, token: int) -> np.ndarray:
         logits = np.zeros(VOCAB, dtype=np.float32)
@@ -47,22 +52,28 @@ class CountingDecoder:
 
     def prefill(self, row: int, token_ids: Sequence[int], cached: int = 0) -> np.ndarray:
         self.prefilled.append(list(token_ids))
+        self.rows[row] = [*self.rows[row][:cached], *token_ids[cached:]]
         return self._logits(int(token_ids[-1]))
 
     def decode(self, token_ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
         self.batch_sizes.append(len(token_ids))
+        for row, (token, length) in enumerate(zip(token_ids, lengths, strict=True)):
+            cache = self.rows[row]
+            assert len(cache) == length and (cache[-1] + 1) % VOCAB == token, (row, cache, token, length)
+            cache.append(token)
         time.sleep(self.step_s)
         return np.stack([self._logits(token) for token in token_ids])
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        pass
+        self.rows[target] = self.rows[source][:length]
 
     def save_prefix(self, row: int, token_ids: Sequence[int]) -> CachedPrefix:
+        assert self.rows[row][: len(token_ids)] == list(token_ids)
         empty = np.zeros((1, 1, len(token_ids), 4), np.float32)
         return CachedPrefix(np.asarray(token_ids), empty, empty)
 
     def load_prefix(self, row: int, prefix: CachedPrefix, length: int) -> None:
-        pass
+        self.rows[row] = [int(token) for token in prefix.token_ids[:length]]
 
 
 def word_tokenizer() -> ModelTokenizer:
@@ -132,6 +143,29 @@ async def test_reserved_slots_are_kept_for_interactive_work() -> None:
     engine.start()
     await asyncio.gather(*(run(engine, [1], max_new=5, priority=common_pb2.PRIORITY_BATCH) for _ in range(4)))
     assert max(decoder.batch_sizes) == 2
+    await engine.stop()
+
+
+async def test_batch_work_cannot_starve_interactive_work() -> None:
+    decoder = CountingDecoder(2, step_s=0.002)
+    engine = scheduler(decoder)  # no reserved slot: only pre-emption can make room
+    engine.start()
+    flood = [
+        asyncio.ensure_future(run(engine, [1], max_new=40, tenant="a", priority=common_pb2.PRIORITY_BATCH))
+        for _ in range(5)
+    ]
+    while len(decoder.batch_sizes) < 3:  # both slots decode batch work
+        await asyncio.sleep(0.001)
+    steps_before = len(decoder.batch_sizes)
+    chats = await asyncio.gather(*(
+        run(engine, [10 * i], max_new=3, tenant="b", priority=common_pb2.PRIORITY_INTERACTIVE) for i in (1, 2)
+    ))
+    # Each chat needs 2 decode steps after its prefill; waiting for a batch stream would be ~38 more.
+    assert len(decoder.batch_sizes) - steps_before <= 4
+    assert ["".join(e.delta for e in events) for events in chats] == ["w11 w12 w13", "w21 w22 w23"]
+    # The parked batch streams resumed where they stopped, with their own caches.
+    expected = " ".join(f"w{i}" for i in range(2, 42))
+    assert ["".join(e.delta for e in events) for events in await asyncio.gather(*flood)] == [expected] * 5
     await engine.stop()
 
 
