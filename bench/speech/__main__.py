@@ -21,7 +21,8 @@ from llmos.audio import Encoding, EndpointConfig, decode_clip, resample, samples
 from llmos.cli.speech import audio_request_bytes
 from llmos.models import artefact_dir
 from services.speech.asr import AsrEngine, recognize_clip
-from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice, split_sentences
+from llmos.utterances import split_for_speech
+from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice
 
 RESULTS = Path("bench/results/speech.json")
 SHORT = "Your order has shipped."

@@ -237,6 +237,19 @@ class EndpointConfig:
     stop_threshold: float = 0.9
     max_segment_ms: int = 30_000
 
+    def overridden(
+        self, start_history_ms: int = 0, start_threshold: float = 0.0, stop_history_ms: int = 0, stop_threshold: float = 0.0
+    ) -> EndpointConfig:
+        """This configuration with each non-zero argument in place of its field (a request's
+        EndpointingConfig, whose zero fields mean "the default"), validated."""
+        return EndpointConfig(
+            start_history_ms=start_history_ms or self.start_history_ms,
+            start_threshold=start_threshold or self.start_threshold,
+            stop_history_ms=stop_history_ms or self.stop_history_ms,
+            stop_threshold=stop_threshold or self.stop_threshold,
+            max_segment_ms=self.max_segment_ms,
+        ).validated()
+
     def validated(self) -> EndpointConfig:
         for name in ("start_history_ms", "stop_history_ms"):
             value = getattr(self, name)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llmos.audio import EndpointConfig
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.crypto import AtRest
@@ -21,6 +22,7 @@ from services.dialogue.servicer import DialogueServicer
 from services.dialogue.sessions import SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
+from services.dialogue.voice import GrpcRecognizer, GrpcSynthesizer, VoiceLimits, VoiceTurns
 
 
 def limits_of(settings: DialogueSettings) -> DialogueLimits:
@@ -37,6 +39,13 @@ def limits_of(settings: DialogueSettings) -> DialogueLimits:
     )
 
 
+def voice_limits_of(settings: DialogueSettings) -> VoiceLimits:
+    speech_start = EndpointConfig(
+        start_history_ms=settings.dialogue_barge_in_start_ms, start_threshold=settings.dialogue_barge_in_threshold
+    ).validated()
+    return VoiceLimits(settings.dialogue_vad_mode, speech_start, settings.dialogue_call_timeout_s)
+
+
 async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
     # The classifier is trained here when its artefact is missing, with the same MiniLM the
     # inference service serves (loaded only then); at run time the inference service embeds.
@@ -50,8 +59,9 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         open_channel(settings.inference_addr, settings.service_api_key),
         open_channel(settings.retrieval_addr, settings.service_api_key),
         open_channel(settings.tokenizer_addr, settings.service_api_key),
+        open_channel(settings.speech_addr, settings.service_api_key),
     ]
-    inference, retrieval, tokenizer = channels
+    inference, retrieval, tokenizer, speech = channels
     backends = Backends(GrpcEmbedder(inference), GrpcRetriever(retrieval), GrpcGenerator(inference), GrpcTokenCounter(tokenizer))
     core = DialogueCore(
         bus,
@@ -63,12 +73,14 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         limits_of(settings),
     )
 
+    voice = VoiceTurns(core, GrpcRecognizer(speech), GrpcSynthesizer(speech), voice_limits_of(settings))
+
     async def close() -> None:
         for channel in channels:
             await channel.close()
 
     return ServiceParts(
-        grpc=[GrpcBinding.of(dialogue_pb2, "DialogueService", DialogueServicer(core), dialogue_pb2_grpc.add_DialogueServiceServicer_to_server)],
+        grpc=[GrpcBinding.of(dialogue_pb2, "DialogueService", DialogueServicer(core, voice), dialogue_pb2_grpc.add_DialogueServiceServicer_to_server)],
         subscriptions=subscriptions(core),
         close=close,
     )

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.auth import current_principal, effective_tenant
-from llmos.errors import Unimplemented
+from llmos.errors import InvalidArgument
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
 from services.dialogue.core import DialogueCore
+from services.dialogue.voice import VoiceTurns
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -20,8 +21,9 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
-    def __init__(self, core: DialogueCore) -> None:
+    def __init__(self, core: DialogueCore, voice: VoiceTurns) -> None:
         self._core = core
+        self._voice = voice
 
     async def Chat(
         self, request: dialogue_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -32,11 +34,20 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Converse(
         self, request_iterator: AsyncIterator[dialogue_pb2.ConverseRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
-        raise Unimplemented(
-            "Converse (voice turns) is not available yet: it waits for the speech service's streaming API; "
-            "use Chat for text turns"
-        )
-        yield  # an async generator, like the other streaming handlers
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("converse_request") != "config":
+            raise InvalidArgument("config", "the first message must carry the ConverseConfig, and only it; audio follows")
+        config = first.config
+
+        async def audio() -> AsyncIterator[bytes]:
+            async for request in request_iterator:
+                if request.WhichOneof("converse_request") != "audio_content":
+                    raise InvalidArgument("config", "only the first message may carry the configuration")
+                yield request.audio_content
+
+        tenant = effective_tenant(config.tenant)
+        async for response in self._voice.converse(current_principal(), tenant, config, audio(), deadline_of(context)):
+            yield response
 
     async def Summarize(
         self, request: dialogue_pb2.SummarizeRequest, context: grpc.aio.ServicerContext

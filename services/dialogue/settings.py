@@ -31,6 +31,11 @@ class DialogueSettings(PlatformSettings):
     # Summaries: default length, and the longest text accepted.
     dialogue_summary_words: int = 60
     dialogue_max_summary_source_chars: int = 400_000
+    # Voice turns: user speech over an answer (barge-in) is this much audio, at least this share
+    # of it voiced, by a voice-activity detector of this aggressiveness (0 loose - 3 strict).
+    dialogue_barge_in_start_ms: int = 300
+    dialogue_barge_in_threshold: float = 0.6
+    dialogue_vad_mode: int = 2
 
     @field_validator("dialogue_intent_target_accuracy")
     @classmethod

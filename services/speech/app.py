@@ -58,6 +58,7 @@ def voice_catalog(settings: SpeechSettings) -> VoiceCatalog:
     if not espeak_available():
         raise FailedPrecondition("espeak-ng is not installed: `apt-get install espeak-ng` (Kokoro needs its phonemes too)")
     model = KokoroModel(artefact_dir(settings.home, KOKORO), _providers(settings), settings.speech_tts_threads)
+    model.warm_up()
     logger.info("kokoro on %s", ", ".join(model.providers))
     voices = [KokoroVoice(model, name) for name in sorted(model.styles)]
     return VoiceCatalog([*voices, EspeakVoice("en-us"), EspeakVoice("en-gb")], settings.speech_default_voice)

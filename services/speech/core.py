@@ -34,11 +34,12 @@ from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.bus.broker import Bus
 from llmos.bus.subjects import SPEECH_RECOGNIZED, SPEECH_SYNTHESIZED
+from llmos.utterances import split_for_speech
 from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.v1 import events_pb2, speech_pb2
 from services.speech.asr import DOMAIN, GENERAL, AsrEngine, Recognition, StreamingRecognizer, recognize_clip
 from services.speech.domain import DomainCorpus
-from services.speech.tts import VoiceCatalog, split_sentences
+from services.speech.tts import SpeechRun, VoiceCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +146,11 @@ class SpeechCore:
         return tenant if self._engine.has_domain_model(tenant) else None
 
     def _endpointing(self, config: speech_pb2.EndpointingConfig | None) -> EndpointConfig:
-        base = self._limits.endpointing
         if config is None:
-            return base
-        return EndpointConfig(
-            start_history_ms=config.start_history_ms or base.start_history_ms,
-            start_threshold=config.start_threshold or base.start_threshold,
-            stop_history_ms=config.stop_history_ms or base.stop_history_ms,
-            stop_threshold=config.stop_threshold or base.stop_threshold,
-            max_segment_ms=base.max_segment_ms,
-        ).validated()
+            return self._limits.endpointing
+        return self._limits.endpointing.overridden(
+            config.start_history_ms, config.start_threshold, config.stop_history_ms, config.stop_threshold
+        )
 
     async def recognize(self, principal: Principal, tenant: str, request: speech_pb2.RecognizeRequest) -> speech_pb2.RecognizeResponse:
         config = request.config
@@ -235,7 +231,7 @@ class SpeechCore:
     async def synthesize_stream(
         self, principal: Principal, tenant: str, request: speech_pb2.SynthesizeSpeechRequest
     ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
-        """One response per sentence, as soon as it is spoken."""
+        """One response per piece (the first clause, then sentences), as soon as it is spoken."""
         text = request.text.strip()
         if not text:
             raise InvalidArgument("text", "nothing to say")
@@ -254,8 +250,13 @@ class SpeechCore:
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         audio_ms = 0
-        for sentence in split_sentences(text):
-            spoken = await asyncio.to_thread(voice.speak, sentence, speed)
+        for sentence in split_for_speech(text) or [text]:
+            run = SpeechRun()
+            try:
+                spoken = await asyncio.to_thread(voice.speak, sentence, speed, run)
+            except asyncio.CancelledError:
+                run.stop()  # the caller went away (or barged in): free the CPU now
+                raise
             samples = resampler.process(spoken)
             duration_ms = len(samples) * 1000 // rate
             audio_ms += duration_ms

@@ -3,8 +3,8 @@
 English text becomes IPA with espeak-ng, then the phoneme set Kokoro v1.0 was trained on
 (misaki's: diphthongs as single letters, no length marks); Kokoro turns phonemes and a voice's
 style vector into 24 kHz audio. espeak-ng also speaks on its own: robotic but instant, the
-fallback voice. Text is spoken sentence by sentence so streaming callers hear the first one
-while the rest is computed.
+fallback voice. Text is spoken piece by piece (llmos.utterances: the first clause, then
+sentences) so streaming callers hear the first one while the rest is computed.
 """
 
 from __future__ import annotations
@@ -33,13 +33,8 @@ _IPA_TO_KOKORO = (
     ("ɔɪ", "Y"), ("oʊ", "O"), ("əl", "ᵊl"), ("ɜːɹ", "ɜɹ"), ("ɜː", "ɜɹ"), ("ɪə", "iə"),
     ("ʲ", ""), ("r", "ɹ"), ("x", "k"), ("ç", "k"), ("ɐ", "ə"), ("ɬ", "l"), ("ː", ""), ("\u0329", ""),
 )
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n{2,}|(?<=[.!?][\"')\]])\s+")
-_CLAUSE_END = re.compile(r"[.!?]+[\"')\]]*$")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`, each spoken and streamed on its own."""
-    return [part.strip() for part in _SENTENCE.split(text) if part and part.strip()]
+# A piece's final punctuation sets its intonation: a first clause ending in a comma stays open.
+_PIECE_END = re.compile(r"[.!?,;:]+[\"')\]]*$")
 
 
 def espeak_ipa(text: str, language: str = ESPEAK_LANGUAGE) -> list[str]:
@@ -67,10 +62,25 @@ class VoiceInfo:
     sample_rate: int
 
 
+class SpeechRun:
+    """One utterance being spoken; `stop()` from any thread ends a Kokoro inference between two
+    of its operators, so a cancelled request stops using the CPU within milliseconds."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+
+        self.options = ort.RunOptions()
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.options.terminate = True
+
+
 class Voice(Protocol):
     info: VoiceInfo
 
-    def speak(self, sentence: str, speed: float) -> np.ndarray:
+    def speak(self, sentence: str, speed: float, run: SpeechRun | None = None) -> np.ndarray:
         """int16 samples at `info.sample_rate`."""
         ...
 
@@ -84,6 +94,10 @@ class KokoroModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle worker threads would spin waiting for the next operator, taking the CPU the
+        # recognizer and the language model need on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=providers)
         self._vocab: dict[str, int] = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         with np.load(folder / "voices.npz") as voices:
@@ -96,14 +110,18 @@ class KokoroModel:
     def tokens(self, phonemes: str) -> list[int]:
         return [self._vocab[c] for c in phonemes if c in self._vocab]
 
-    def synthesize(self, tokens: list[int], voice: str, speed: float) -> np.ndarray:
+    def synthesize(self, tokens: list[int], voice: str, speed: float, run: SpeechRun | None = None) -> np.ndarray:
         styles = self.styles[voice]
         audio = self._session.run(None, {
             "tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
             "style": styles[min(len(tokens), len(styles)) - 1].reshape(1, -1),
             "speed": np.array([speed], dtype=np.float32),
-        })[0]
+        }, run.options if run is not None else None)[0]
         return np.asarray(audio, np.float32).ravel()
+
+    def warm_up(self) -> None:
+        """One short inference at start: the first run allocates its buffers, not a caller's."""
+        self.synthesize(self.tokens("hˈI."), next(iter(self.styles)), 1.0)
 
 
 class KokoroVoice:
@@ -112,11 +130,13 @@ class KokoroVoice:
         self._name = name
         self.info = VoiceInfo(name, "en-US", "kokoro", KOKORO_RATE)
 
-    def speak(self, sentence: str, speed: float) -> np.ndarray:
-        ending = match.group(0)[0] if (match := _CLAUSE_END.search(sentence)) else "."
+    def speak(self, sentence: str, speed: float, run: SpeechRun | None = None) -> np.ndarray:
+        ending = match.group(0)[0] if (match := _PIECE_END.search(sentence)) else "."
         tokens = self._model.tokens(kokoro_phonemes(espeak_ipa(sentence), ending))
         pieces = [tokens[i:i + KOKORO_MAX_TOKENS] for i in range(0, len(tokens), KOKORO_MAX_TOKENS)]
-        audio = np.concatenate([self._model.synthesize(p, self._name, speed) for p in pieces if p] or [np.zeros(0, np.float32)])
+        audio = np.concatenate(
+            [self._model.synthesize(p, self._name, speed, run) for p in pieces if p] or [np.zeros(0, np.float32)]
+        )
         return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
@@ -129,7 +149,7 @@ class EspeakVoice:
         self._language = language
         self.info = VoiceInfo(f"espeak-{language}", "en-US" if language == "en-us" else "en-GB", "espeak-ng", 22050)
 
-    def speak(self, sentence: str, speed: float) -> np.ndarray:
+    def speak(self, sentence: str, speed: float, run: SpeechRun | None = None) -> np.ndarray:
         result = subprocess.run(
             [ESPEAK, "--stdout", "-v", self._language, "-s", str(int(self.RATE_WPM * speed)), "--", sentence],
             capture_output=True, check=True, timeout=60,

@@ -77,7 +77,7 @@ async def test_bad_input_gets_clear_errors(dialogue) -> None:  # type: ignore[no
     with pytest.raises(grpc.aio.AioRpcError) as error:
         async for _ in dialogue.Converse(iter([dialogue_pb2.ConverseRequest()]), metadata=ADMIN, timeout=30):
             pass
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ConverseConfig" in error.value.details()
 
 
 async def test_extractive_summary_over_grpc(dialogue) -> None:  # type: ignore[no-untyped-def]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from services.speech.domain import DomainCorpus, build_arpa, number_words, spoken_sentences, spoken_words
-from services.speech.tts import kokoro_phonemes, split_sentences
+from llmos.utterances import UtteranceChunker, split_for_speech, split_sentences
+from services.speech.tts import kokoro_phonemes
 
 pytestmark = pytest.mark.unit
 
@@ -45,6 +46,22 @@ def test_domain_model_is_an_arpa_trigram_of_the_text(tmp_path: Path) -> None:
 
 def test_sentences_are_split_for_streaming() -> None:
     assert split_sentences("Hello there. How are you?  Fine!\n\nBye") == ["Hello there.", "How are you?", "Fine!", "Bye"]
+    # Spoken streams start with the first clause, when it has a few words, so audio starts sooner.
+    assert split_for_speech("Gift cards are valid for three years, from the day of purchase. Keep the code.") == [
+        "Gift cards are valid for three years,", "from the day of purchase.", "Keep the code."
+    ]
+    assert split_for_speech("Yes, it ships today, by courier.") == ["Yes, it ships today,", "by courier."]
+    assert split_for_speech("Refunds take **14 days** [1]. See [2].") == ["Refunds take 14 days.", "See."]
+
+
+def test_streamed_answer_is_cut_into_pieces_as_soon_as_each_is_complete() -> None:
+    chunker = UtteranceChunker()
+    deltas = ["Standard del", "ivery takes 3", ".5 days, and", " express one day. It", " is free", " over 50 euros."]
+    pieces = [chunker.feed(delta) for delta in deltas]
+    # "3" + ".5" is not a sentence end; each piece leaves as soon as the whitespace after it arrives.
+    assert pieces == [[], [], ["Standard delivery takes 3.5 days,"], ["and express one day."], [], []]
+    assert chunker.flush() == ["It is free over 50 euros."]
+    assert chunker.flush() == []
 
 
 def test_espeak_ipa_maps_to_kokoro_phonemes() -> None:

@@ -1,0 +1,318 @@
+"""Voice turns (Converse): audio in, transcripts, answers and the answer's audio out, with barge-in.
+
+The caller's audio goes to the speech service's StreamingRecognize; its interim and final
+transcripts are passed on. Each final transcript is one turn of the same turn logic as Chat
+(`DialogueCore.chat`): its answer deltas are passed on and cut into speakable pieces (the first
+clause, then sentences; llmos.utterances), each synthesized as soon as it is complete, so the
+answer is heard while it is still being generated.
+
+Barge-in: the audio is also watched here by the same voice-activity endpointer the recognizer
+uses (llmos.audio), so user speech is noticed the moment its start window fills, without waiting
+for a transcript. Speech while an answer is being generated or synthesized, or while its audio
+is still playing on the caller's side (estimated from the durations sent), cancels generation and
+synthesis, and the caller is told (`barge_in`) to stop playback. The words spoken become the next
+turn when their final transcript arrives. A turn cancelled before its answer was complete is not
+saved in the session; the caller heard only part of it. Callers that play audio aloud must
+cancel their own echo, or the assistant interrupts itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from llmos.audio import Encoding, Endpointer, EndpointConfig, PcmStream, Resampler, SpeechStart
+from llmos.auth import Principal
+from llmos.errors import InvalidArgument
+from llmos.grpcutil.status import error_from_rpc
+from llmos.utterances import UtteranceChunker
+from llmos.v1 import dialogue_pb2, speech_pb2, speech_pb2_grpc
+from services.dialogue.backends import remaining
+
+logger = logging.getLogger(__name__)
+
+MAX_VOICE_NAME_CHARS = 64
+AUDIO_QUEUE_CHUNKS = 64  # chunks waiting for the recognizer before the caller is slowed down
+
+
+class TurnLogic(Protocol):
+    """One text turn, streamed: DialogueCore.chat."""
+
+    def chat(
+        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: float | None
+    ) -> AsyncIterator[dialogue_pb2.ChatResponse]: ...
+
+
+class Recognizer(Protocol):
+    def stream(
+        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
+    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]: ...
+
+
+class Synthesizer(Protocol):
+    def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]: ...
+
+
+class GrpcRecognizer:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
+
+    async def stream(
+        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
+    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
+        async def requests() -> AsyncIterator[speech_pb2.StreamingRecognizeRequest]:
+            yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+            async for chunk in audio:
+                yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+        try:
+            async for response in self._stub.StreamingRecognize(requests(), timeout=timeout_s):
+                for result in response.results:
+                    yield result
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "speech") from None
+
+
+class GrpcSynthesizer:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
+
+    async def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
+        call = self._stub.SynthesizeStream(request, timeout=timeout_s)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, "speech") from None
+        finally:
+            call.cancel()  # a barge-in closes this generator early: stop the synthesis too
+
+
+@dataclass(frozen=True)
+class VoiceLimits:
+    vad_mode: int
+    speech_start: EndpointConfig  # barge-in detection; the caller's endpointing start fields override it
+    call_timeout_s: float
+
+
+class VoiceTurns:
+    def __init__(self, turns: TurnLogic, recognizer: Recognizer, synthesizer: Synthesizer, limits: VoiceLimits) -> None:
+        self.turns = turns
+        self.recognizer = recognizer
+        self.synthesizer = synthesizer
+        self.limits = limits
+
+    async def converse(
+        self, principal: Principal, tenant: str, config: dialogue_pb2.ConverseConfig, audio: AsyncIterator[bytes],
+        deadline: float | None,
+    ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
+        recognition = self._recognition_config(config, tenant)
+        conversation = _Conversation(self, principal, tenant, config, recognition, self._speech_detector(recognition), deadline)
+        async with conversation.running(audio):
+            while True:
+                item = await conversation.events.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+    def _recognition_config(self, config: dialogue_pb2.ConverseConfig, tenant: str) -> speech_pb2.StreamingRecognitionConfig:
+        if len(config.voice_name) > MAX_VOICE_NAME_CHARS:
+            raise InvalidArgument("voice_name", f"longer than {MAX_VOICE_NAME_CHARS} characters")
+        recognition = speech_pb2.StreamingRecognitionConfig()
+        if config.HasField("recognition"):
+            recognition.CopyFrom(config.recognition)
+        else:
+            recognition.interim_results = True
+        if recognition.config.encoding == speech_pb2.AUDIO_ENCODING_LINEAR_PCM and not recognition.config.sample_rate_hertz:
+            raise InvalidArgument("recognition.config.sample_rate_hertz", "is required for LINEAR_PCM audio (8000-48000)")
+        recognition.config.tenant = tenant
+        return recognition
+
+    def _speech_detector(self, recognition: speech_pb2.StreamingRecognitionConfig) -> SpeechDetector:
+        asked = recognition.endpointing
+        endpointing = self.limits.speech_start.overridden(asked.start_history_ms, asked.start_threshold)
+        wav = recognition.config.encoding == speech_pb2.AUDIO_ENCODING_WAV
+        return SpeechDetector(endpointing, self.limits.vad_mode, wav, recognition.config.sample_rate_hertz)
+
+
+class SpeechDetector:
+    """Voice activity on the caller's audio: yields once per utterance, when its start window fills.
+
+    Encoding UNSPECIFIED follows the speech service: WAV when the audio starts with RIFF.
+    """
+
+    def __init__(self, endpointing: EndpointConfig, vad_mode: int, wav: bool, sample_rate: int) -> None:
+        self._endpointing = endpointing
+        self._vad_mode = vad_mode
+        self._wav = wav
+        self._sample_rate = sample_rate
+        self._pcm: PcmStream | None = None
+        self._resampler: Resampler | None = None
+        self._endpointer: Endpointer | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[SpeechStart]:
+        if self._pcm is None:
+            wav = self._wav or chunk[:4] == b"RIFF"
+            self._pcm = PcmStream(Encoding.WAV if wav else Encoding.LINEAR16, self._sample_rate)
+        samples = self._pcm.feed(chunk)
+        if not self._pcm.sample_rate:
+            return  # the WAV header is still arriving
+        if self._endpointer is None:
+            self._resampler = Resampler(self._pcm.sample_rate, Endpointer.SAMPLE_RATE)
+            self._endpointer = Endpointer(self._endpointing, self._vad_mode)
+        assert self._resampler is not None
+        for event in self._endpointer.process(self._resampler.process(samples)):
+            if isinstance(event, SpeechStart):
+                yield event
+
+
+_Event = dialogue_pb2.ConverseResponse | BaseException | None
+
+
+class _Conversation:
+    """One Converse stream: the audio pump, the transcript reader, and the turn in progress."""
+
+    def __init__(
+        self, voice: VoiceTurns, principal: Principal, tenant: str, config: dialogue_pb2.ConverseConfig,
+        recognition: speech_pb2.StreamingRecognitionConfig, detector: SpeechDetector, deadline: float | None,
+    ) -> None:
+        self._voice = voice
+        self._principal = principal
+        self._tenant = tenant
+        self._config = config
+        self._recognition = recognition
+        self._deadline = deadline
+        self._session_id = config.session_id
+        self._detector = detector
+        self._to_recognizer: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
+        self.events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._turn: asyncio.Task[None] | None = None
+        self._playing_until = 0.0  # loop time when the audio sent so far has played out
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self, audio: AsyncIterator[bytes]) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(self._guard(self._pump(audio))), asyncio.create_task(self._guard(self._listen()))]
+        try:
+            yield
+        finally:
+            for task in [*tasks, self._turn]:
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in [*tasks, self._turn] if t is not None), return_exceptions=True)
+
+    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work`; its error ends the conversation (the RPC maps it to a status)."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - handed to the RPC, not swallowed
+            self.events.put_nowait(exc)
+
+    def _emit(self, **event: object) -> None:
+        self.events.put_nowait(dialogue_pb2.ConverseResponse(session_id=self._session_id, **event))  # type: ignore[arg-type]
+
+    # -- audio in ---------------------------------------------------------------------------
+
+    async def _pump(self, audio: AsyncIterator[bytes]) -> None:
+        """Caller's audio to the recognizer, watching it for speech over an answer."""
+        async for chunk in audio:
+            for _ in self._detector.feed(chunk):
+                if self._answering():
+                    await self._barge_in()
+            await self._to_recognizer.put(chunk)
+        await self._to_recognizer.put(None)
+
+    async def _audio_for_recognizer(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._to_recognizer.get()) is not None:
+            yield chunk
+
+    async def _listen(self) -> None:
+        """Transcripts out; each final one with words starts a turn."""
+        timeout_s = None if self._deadline is None else remaining(self._deadline, 0.0)
+        async for result in self._voice.recognizer.stream(self._recognition, self._audio_for_recognizer(), timeout_s):
+            self._emit(transcript=result)
+            text = result.alternatives[0].transcript.strip() if result.alternatives else ""
+            if result.is_final and text:
+                if self._answering():
+                    await self._barge_in()
+                self._turn = asyncio.create_task(self._guard(self._answer(text)))
+        if self._turn is not None:
+            await asyncio.wait([self._turn])
+        self.events.put_nowait(None)
+
+    # -- barge-in ---------------------------------------------------------------------------
+
+    def _answering(self) -> bool:
+        in_progress = self._turn is not None and not self._turn.done()
+        return in_progress or asyncio.get_running_loop().time() < self._playing_until
+
+    async def _barge_in(self) -> None:
+        started = time.perf_counter()
+        turn, self._turn = self._turn, None
+        self._playing_until = 0.0
+        if turn is not None and not turn.done():
+            turn.cancel()
+            await asyncio.wait([turn])
+        self._emit(barge_in=True)
+        logger.info("barge-in: answer cancelled in %.1f ms", (time.perf_counter() - started) * 1000)
+
+    # -- one turn ---------------------------------------------------------------------------
+
+    async def _answer(self, text: str) -> None:
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = asyncio.create_task(self._speak(pieces))
+        try:
+            final = await self._generate(text, pieces)
+            await speaker
+        finally:
+            if not speaker.done():
+                speaker.cancel()
+                await asyncio.wait([speaker])
+        self._emit(turn_completed=final)
+
+    async def _generate(self, text: str, pieces: asyncio.Queue[str | None]) -> dialogue_pb2.ChatResponse:
+        request = dialogue_pb2.ChatRequest(
+            session_id=self._session_id, message=text, user_id=self._config.user_id, tenant=self._tenant
+        )
+        chunker = UtteranceChunker()
+        intent = dialogue_pb2.Intent()
+        final = dialogue_pb2.ChatResponse()
+        try:
+            async for response in self._voice.turns.chat(self._principal, self._tenant, request, self._deadline):
+                self._session_id = response.session_id
+                if response.HasField("intent"):
+                    intent.CopyFrom(response.intent)
+                if response.delta:
+                    self._emit(answer_delta=response.delta)
+                    for piece in chunker.feed(response.delta):
+                        pieces.put_nowait(piece)
+                if response.final:
+                    final.CopyFrom(response)
+            for piece in chunker.flush():
+                pieces.put_nowait(piece)
+        finally:
+            pieces.put_nowait(None)
+        final.intent.CopyFrom(intent)  # the whole turn in one message: intent, citations, latency
+        return final
+
+    async def _speak(self, pieces: asyncio.Queue[str | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while (piece := await pieces.get()) is not None:
+            request = speech_pb2.SynthesizeSpeechRequest(
+                text=piece, voice_name=self._config.voice_name, sample_rate_hz=self._config.output_sample_rate_hz,
+                encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, tenant=self._tenant,
+            )
+            timeout_s = remaining(self._deadline, self._voice.limits.call_timeout_s)
+            async for audio in self._voice.synthesizer.stream(request, timeout_s):
+                self._playing_until = max(self._playing_until, loop.time()) + audio.duration_ms / 1000
+                self._emit(audio=audio)
