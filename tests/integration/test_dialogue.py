@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED, DOCS_INDEXED, dead_letter_subject
+from llmos.cli.stack import stop_pids, wait_until_serving
 from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, _settings_from, free_port
 from tests.grpc_helpers import ADMIN, GLOBEX_USER
 from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
 
@@ -149,3 +152,45 @@ async def test_abstractive_summary_of_a_long_document_is_map_reduced(dialogue, s
     assert 0 < len(response.summary.split()) <= 40
     by_id = await dialogue.Summarize(dialogue_pb2.SummarizeRequest(document_id="care", target_words=30), metadata=ADMIN, timeout=60)
     assert 0 < len(by_id.summary.split()) <= 30
+
+
+@pytest.mark.timeout(300)
+async def test_a_session_survives_a_restart_of_the_dialogue_service(stack: RunningStack, tmp_path: Path) -> None:
+    """A dialogue process of our own on the test stack, killed (SIGKILL: nothing flushed at exit)
+    between two turns of one conversation and started again: the session lives in JetStream KV."""
+    env = {**stack.env, "LLMOS_DIALOGUE_ADDR": f"127.0.0.1:{free_port()}"}
+    settings = _settings_from(env)
+
+    def start() -> subprocess.Popen[bytes]:
+        with (tmp_path / "dialogue.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.dialogue"], cwd=stack.home, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until_serving(settings, {"dialogue": process}, timeout_s=120)
+        return process
+
+    async def talk(message: str, session_id: str = "") -> list[dialogue_pb2.ChatResponse]:
+        async with grpc.aio.insecure_channel(settings.service_addr("dialogue")) as channel:
+            return await chat(dialogue_pb2_grpc.DialogueServiceStub(channel), message, session_id)
+
+    process = start()
+    try:
+        first = await talk("where is my order?")
+        session_id = first[0].session_id
+        assert first[0].intent.name == "order_status" and "Which order" in "".join(r.delta for r in first)
+        process.kill()
+        process.wait(timeout=10)
+        process = start()
+        # The bare six digits only count as an order number because the stored session says the
+        # assistant asked for one: the new process must have read the pending slot from KV.
+        second = await talk("777001", session_id)
+        assert second[0].session_id == session_id
+        assert "NW-777001" in "".join(r.delta for r in second), "".join(r.delta for r in second)
+        async with grpc.aio.insecure_channel(settings.service_addr("dialogue")) as channel:
+            session = await dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
+                dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN, timeout=10
+            )
+        assert [turn.user_message for turn in session.turns] == ["where is my order?", "777001"]
+        assert session.slots["order_number"] == "NW-777001"
+    finally:
+        stop_pids([process.pid], timeout_s=15)
