@@ -31,15 +31,20 @@ class PiiKind(StrEnum):
 ALL_KINDS = frozenset(PiiKind)
 DEFAULT_TENANT = "*"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-# 13 to 19 digits, optionally grouped by single spaces or dashes.
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-# Country code, check digits, then 11 to 30 letters or digits, optionally in groups of four.
-_IBAN = re.compile(r"(?<![\w])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![\w])")
-# An optional +country code, an optional (area code), then digit groups joined by separators.
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])")
-_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# 13 to 19 digits, optionally grouped by single spaces or dashes; not after "+" (a phone number).
+_CARD = re.compile(r"(?<![\w+-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Country code, check digits, then 11 to 30 letters or digits, optionally in groups of four;
+# also the compact lower-case form some old records use (grouped lower case would run into the
+# words after it), validated upper-cased.
+_IBAN = re.compile(r"(?<![\w])(?:[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}|[a-z]{2}\d{2}[a-z0-9]{11,30})(?![\w])")
+# An optional +country code, an optional (area code), then digit groups joined by separators
+# (subscriber numbers run up to 8 digits), or the unseparated international form +4915112345678.
+_PHONE = re.compile(
+    r"(?<![\w+])(?:(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,8}){1,4}|\+\d{8,15})(?![\w])"
+)
 _DECIMAL = re.compile(r"^\d+\.\d+$")
+_DIGIT_GROUPS = re.compile(r"\d+")
 MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 7, 15
 
 
@@ -80,6 +85,34 @@ def _digits(text: str) -> str:
     return "".join(char for char in text if char.isdigit())
 
 
+def _is_year(group: str) -> bool:
+    return len(group) == 4 and 1900 <= int(group) <= 2099
+
+
+def _is_date(groups: list[str]) -> bool:
+    """yyyy-mm-dd or dd-mm-yyyy (any separator) with a plausible month and day."""
+    if len(groups) != 3:
+        return False
+    year, month, day = (groups[0], groups[1], groups[2]) if _is_year(groups[0]) else (groups[2], groups[1], groups[0])
+    return _is_year(year) and 1 <= int(month) <= 12 and 1 <= int(day) <= 31
+
+
+def _not_a_phone(value: str) -> bool:
+    """Digit runs shaped like phone numbers that are dates, year ranges, IPv4 addresses or decimals,
+    or have a long group without the country code, area code or trunk 0 that long subscriber
+    numbers come with (ids such as 2026-000123)."""
+    if value.startswith("+") or "(" in value:
+        return False
+    groups = _DIGIT_GROUPS.findall(value)
+    return (
+        (not value.startswith("0") and any(len(group) > 4 for group in groups[1:]))
+        or bool(_DECIMAL.match(value))
+        or _is_date(groups[:3])  # a date, or an id that starts with one (lot 2026-11-29-0003)
+        or (len(groups) == 2 and all(_is_year(group) for group in groups))
+        or (len(groups) == 4 and "." in value and not value.strip("0123456789.") and all(int(g) <= 255 for g in groups))
+    )
+
+
 def _candidates(text: str, kinds: frozenset[PiiKind]) -> Iterator[Finding]:
     """Every validated match, most specific kinds first (overlaps are resolved by the caller)."""
     if PiiKind.EMAIL in kinds:
@@ -87,7 +120,7 @@ def _candidates(text: str, kinds: frozenset[PiiKind]) -> Iterator[Finding]:
             yield Finding(PiiKind.EMAIL, match.start(), match.end())
     if PiiKind.IBAN in kinds:
         for match in _IBAN.finditer(text):
-            if iban_valid(match.group()):
+            if iban_valid(match.group().upper()):
                 yield Finding(PiiKind.IBAN, match.start(), match.end())
     if PiiKind.CARD in kinds:
         for match in _CARD.finditer(text):
@@ -96,7 +129,7 @@ def _candidates(text: str, kinds: frozenset[PiiKind]) -> Iterator[Finding]:
     if PiiKind.PHONE in kinds:
         for match in _PHONE.finditer(text):
             value = match.group()
-            if _ISO_DATE.match(value) or _DECIMAL.match(value):
+            if _not_a_phone(value):
                 continue
             if MIN_PHONE_DIGITS <= len(_digits(value)) <= MAX_PHONE_DIGITS:
                 yield Finding(PiiKind.PHONE, match.start(), match.end())
