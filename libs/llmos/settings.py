@@ -79,6 +79,9 @@ class PlatformSettings(BaseSettings):
     # Without encryption keys, services refuse to store session state and document text unless
     # this accepts plaintext (a throwaway setup); they warn at start when it does.
     plaintext_at_rest: bool = False
+    # Key nats-server encrypts JetStream data with under `llmos up` (documents waiting in INGEST,
+    # chunk text in CHUNKS, KV buckets). Changing or losing it makes the stored streams unreadable.
+    jetstream_key: str = ""
     # gRPC over TLS when set: a folder made by `llmos certs` (ca.pem, <service>.pem, …).
     tls_dir: Path | None = None
     # With TLS, also require client certificates signed by the CA (mutual TLS).

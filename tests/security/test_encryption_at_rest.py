@@ -1,11 +1,13 @@
 """Encryption at rest: dialogue session state in the JetStream KV and chunk text in the Qdrant
-index are stored sealed (AES-GCM with a key id per record). A plaintext control written the same
+index are stored sealed (AES-GCM with a key id per record); JetStream itself encrypts the
+messages waiting in streams (submitted documents) when `llmos up` has a key. A plaintext control written the same
 way proves each disk check can see stored data, so the sealed check can fail."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import nats
 import pytest
 from nats.js.kv import KeyValue
 
+from llmos.cli.stack import nats_command, port_open
 from llmos.crypto import AtRest, Sealer, new_key_entry
 from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.settings import PlatformSettings, SettingsError
@@ -22,7 +25,7 @@ from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore, StoredSess
 from services.retrieval.core import RetrievalCore
 from services.retrieval.index import ChunkFilter, EdgeIndex, IndexedChunk, SealedTextIndex
 from services.retrieval.sparse import Bm25Encoder
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, free_port
 from tests.unit.test_retrieval_core import DIMENSIONS, LIMITS, MemoryProfiles, WordEmbedder, embedded
 
 pytestmark = pytest.mark.security
@@ -167,3 +170,28 @@ def test_without_keys_a_store_refuses_plaintext_unless_settings_allow_it(caplog:
     assert allowed.key_id == "" and "PLAINTEXT" in caplog.text
     sealed = AtRest.from_settings(PlatformSettings(**base, encryption_keys=NEW_KEY, _env_file=None), "sessions")
     assert sealed.key_id == "2026"
+
+
+# -- messages waiting in JetStream (llmos up) ------------------------------------------------
+
+
+async def test_llmos_up_encrypts_jetstream_when_a_key_is_set(tmp_path: Path) -> None:
+    marker = f"raw document body {uuid.uuid4().hex}"
+    for name, key in (("plain", ""), ("encrypted", "a-jetstream-key-of-at-least-32-bytes!")):
+        port = free_port()
+        process = subprocess.Popen(
+            nats_command(tmp_path / name / "jetstream", "127.0.0.1", port, free_port(), jetstream_key=key),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert await eventually(lambda: port_open("127.0.0.1", port) or process.poll() is not None)
+            connection = await nats.connect(f"nats://127.0.0.1:{port}")
+            js = connection.jetstream()
+            await js.add_stream(name="INGEST", subjects=["llmos.ingest.>"])
+            await js.publish("llmos.ingest.requested", marker.encode())
+            await connection.close()
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    assert files_containing(tmp_path / "plain", marker.encode()), "the control must show the document on disk"
+    assert not files_containing(tmp_path / "encrypted", marker.encode())

@@ -58,14 +58,18 @@ def port_open(host: str, port: int) -> bool:
 NATS_MAX_PAYLOAD = "8MB"
 
 
-def nats_command(store: Path, host: str, port: int, monitor_port: int, authorization: str = "") -> list[str]:
-    """A nats-server command line with JetStream on `store`; limits and users go in a config file."""
+def nats_command(
+    store: Path, host: str, port: int, monitor_port: int, authorization: str = "", jetstream_key: str = ""
+) -> list[str]:
+    """A nats-server command line with JetStream on `store` (encrypted at rest under
+    `jetstream_key` when given); limits, users and the key go in a config file."""
     store.mkdir(parents=True, exist_ok=True)
     config = store.parent / "nats-server.conf"
-    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold passwords
+    encryption = f"  cipher: aes\n  key: {json.dumps(jetstream_key)}\n" if jetstream_key else ""
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold passwords and the key
     with os.fdopen(fd, "w") as handle:
         handle.write(
-            f"max_payload: {NATS_MAX_PAYLOAD}\njetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n{authorization}"
+            f"max_payload: {NATS_MAX_PAYLOAD}\njetstream {{\n  store_dir: {json.dumps(str(store))}\n{encryption}}}\n{authorization}"
         )
     return [
         nats_server_binary(),
@@ -81,7 +85,15 @@ def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -
     host = urlparse(settings.nats_url).hostname or "127.0.0.1"
     if port_open(host, port):
         raise RuntimeError(f"port {port} is in use: another NATS or `llmos up` is running (try `llmos down`)")
-    command = nats_command(settings.data_dir / "jetstream", host, port, settings.nats_monitor_port, authorization)
+    if not settings.jetstream_key:
+        print(
+            "warning: LLMOS_JETSTREAM_KEY is empty: messages waiting in streams (submitted documents, chunk text) "
+            f"are stored unencrypted under {settings.data_dir / 'jetstream'}",
+            file=sys.stderr,
+        )
+    command = nats_command(
+        settings.data_dir / "jetstream", host, port, settings.nats_monitor_port, authorization, settings.jetstream_key
+    )
     process = _spawn(command, log_path, os.environ)
     deadline = time.monotonic() + 15
     while not port_open(host, port):
