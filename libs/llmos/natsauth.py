@@ -3,10 +3,15 @@ DESIGN.md says it does.
 
 `llmos up` generates one user per service (random passwords, kept in
 `$LLMOS_HOME/run/nats-credentials.json`, mode 0600) plus an `admin` user for the command line,
-and writes the `authorization` block into the nats-server configuration. JetStream needs its API
-(`$JS.API.>`), acknowledgements (`$JS.ACK.>`) and reply inboxes; KV buckets are reached through
-`$KV.<bucket>.>` and only the buckets a service uses are granted. A publish outside a user's
-grant is refused by the server with a permissions violation.
+and writes the `authorization` block into the nats-server configuration. A publish outside a
+user's grant is refused by the server with a permissions violation.
+
+The JetStream API is granted per stream, because it reaches stored data by other subjects: a
+user with `$JS.API.>` could read any stream or bucket (a consumer, a direct get) and delete the
+AUDIT stream. A service may look up and declare streams (every service declares the platform's
+streams at start), create and pull consumers only on the streams holding what it consumes, and
+read and write only its own KV buckets; `api_keys` it may only read. Deleting or purging
+streams, and reading messages by sequence, are left to `admin`.
 
 The compose deployment uses the same table: `python -m llmos.natsauth compose` writes
 deploy/nats/authorization.conf (passwords as environment references), and
@@ -26,13 +31,14 @@ from typing import Any
 
 import nats
 
-from llmos.bus.subjects import dead_letter_subject
+from llmos.bus.subjects import dead_letter_subject, stream_for
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 CREDENTIALS_FILE = "nats-credentials.json"
 ADMIN_USER = "admin"
-_JETSTREAM = ("$JS.API.>", "$JS.ACK.>")
+# Declaring streams and buckets at start: look up, create, update (never delete or purge).
+_DECLARE = ("$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*", "$JS.API.STREAM.UPDATE.*")
 _INBOX = "_INBOX.>"
 
 
@@ -40,15 +46,21 @@ _INBOX = "_INBOX.>"
 class ServiceGrant:
     publish: tuple[str, ...]
     consume: tuple[str, ...]
-    buckets: tuple[str, ...] = ()
+    buckets: tuple[str, ...] = ()  # read and write
+    read_buckets: tuple[str, ...] = ()
+
+    @property
+    def consumed_streams(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(stream_for(subject).name for subject in self.consume))
 
 
 def _grant(service: str, publish: tuple[str, ...], consume: tuple[str, ...], buckets: tuple[str, ...] = ()) -> ServiceGrant:
-    # Every service audits, and dead-letters what it consumes.
+    # Every service audits, dead-letters what it consumes and checks API keys.
     return ServiceGrant(
         publish=(*publish, f"llmos.audit.{service}", *(dead_letter_subject(subject) for subject in consume)),
         consume=consume,
-        buckets=("api_keys", *buckets),
+        buckets=buckets,
+        read_buckets=("api_keys",),
     )
 
 
@@ -71,10 +83,35 @@ GRANTS: dict[str, ServiceGrant] = {
 assert set(GRANTS) == set(SERVICE_NAMES)
 
 
+def _consumers(stream: str) -> list[str]:
+    """Create, inspect, pull from and acknowledge consumers of one stream."""
+    return [
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.ACK.{stream}.>",
+    ]
+
+
+def _bucket_reads(bucket: str) -> list[str]:
+    stream = f"KV_{bucket}"
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}"]
+
+
 def permissions(grant: ServiceGrant) -> dict[str, dict[str, list[str]]]:
     kv = [f"$KV.{bucket}.>" for bucket in grant.buckets]
+    jetstream = [*_DECLARE]
+    for stream in grant.consumed_streams:
+        jetstream += _consumers(stream)
+    for bucket in grant.buckets:
+        # Watching or listing keys runs an ordered consumer with flow control.
+        jetstream += [*_bucket_reads(bucket), *_consumers(f"KV_{bucket}"), f"$JS.FC.KV_{bucket}.>"]
+    for bucket in grant.read_buckets:
+        jetstream += _bucket_reads(bucket)
     return {
-        "publish": {"allow": [*grant.publish, *_JETSTREAM, *kv]},
+        "publish": {"allow": [*grant.publish, *jetstream, *kv]},
         "subscribe": {"allow": [*grant.consume, _INBOX, *kv]},
     }
 
