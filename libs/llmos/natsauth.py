@@ -77,7 +77,9 @@ GRANTS: dict[str, ServiceGrant] = {
         "retrieval", ("llmos.docs.indexed",), ("llmos.chunks.embedded", "llmos.docs.deleted"), ("user_profiles",)
     ),
     "speech": _grant("speech", ("llmos.speech.>",), ("llmos.docs.indexed", "llmos.docs.deleted")),
-    "dialogue": _grant("dialogue", ("llmos.dialogue.>",), ("llmos.docs.indexed",), ("dialogue_sessions",)),
+    "dialogue": _grant(
+        "dialogue", ("llmos.dialogue.>",), ("llmos.docs.indexed", "llmos.docs.deleted"), ("dialogue_sessions",)
+    ),
     "audit": _grant("audit", (), ("llmos.audit.>",)),
 }
 assert set(GRANTS) == set(SERVICE_NAMES)

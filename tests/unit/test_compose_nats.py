@@ -1,9 +1,10 @@
 """The compose deployment's NATS users are natsauth's: deploy/nats/authorization.conf is generated
 from the one permission table, and each compose service connects as its own user with only its
-own password."""
+own password. The table itself matches what each service's handlers consume."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmos.bus import subjects as subjects_module
 from llmos.natsauth import (
     ADMIN_USER,
     COMPOSE_AUTHORIZATION,
@@ -21,7 +23,7 @@ from llmos.natsauth import (
     permissions,
 )
 from llmos.settings import SERVICE_NAMES
-from tests.unit.test_compose import COMPOSE_FILE, mounts
+from tests.unit.test_compose import COMPOSE_FILE, ROOT, mounts
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +84,21 @@ def test_each_service_connects_as_its_own_user_with_only_its_own_password(
     others = {password_variable(user) for user in USERS} - {password_variable(service)}
     assert not any(other in str(value) for value in environment.values() for other in others)
     assert JETSTREAM_KEY_VARIABLE not in environment
+
+
+def subscribed_subjects(service: str) -> set[str]:
+    """The subjects services/<service>/handlers.py builds a Subscription for (read from its source)."""
+    tree = ast.parse((ROOT / "services" / service / "handlers.py").read_text())
+    subjects = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Subscription" and node.args:
+            first = node.args[0]
+            subjects.add(getattr(subjects_module, first.id) if isinstance(first, ast.Name) else ast.literal_eval(first))
+    return subjects
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_each_grant_covers_exactly_what_the_service_consumes(service: str) -> None:
+    handlers = ROOT / "services" / service / "handlers.py"
+    consumed = subscribed_subjects(service) if handlers.exists() else set()
+    assert set(GRANTS[service].consume) == consumed, "update GRANTS in libs/llmos/natsauth.py, then python -m llmos.natsauth compose"
