@@ -191,7 +191,8 @@ class _Conversation:
         self._config = config
         self._recognition = recognition
         self._deadline = deadline
-        self._session_id = config.session_id
+        self._session_id = config.session_id  # the saved session the next turn continues
+        self._turn_session_id = ""  # the session of the turn in progress (new and unsaved on a first turn)
         self._detector = detector
         self._to_recognizer: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
         self.events: asyncio.Queue[_Event] = asyncio.Queue()
@@ -219,7 +220,8 @@ class _Conversation:
             self.events.put_nowait(exc)
 
     def _emit(self, **event: object) -> None:
-        self.events.put_nowait(dialogue_pb2.ConverseResponse(session_id=self._session_id, **event))  # type: ignore[arg-type]
+        session_id = self._turn_session_id or self._session_id
+        self.events.put_nowait(dialogue_pb2.ConverseResponse(session_id=session_id, **event))  # type: ignore[arg-type]
 
     # -- audio in ---------------------------------------------------------------------------
 
@@ -260,6 +262,7 @@ class _Conversation:
         started = time.perf_counter()
         turn, self._turn = self._turn, None
         self._playing_until = 0.0
+        self._turn_session_id = ""
         if turn is not None and not turn.done():
             turn.cancel()
             await asyncio.wait([turn])
@@ -289,7 +292,7 @@ class _Conversation:
         final = dialogue_pb2.ChatResponse()
         try:
             async for response in self._voice.turns.chat(self._principal, self._tenant, request, self._deadline):
-                self._session_id = response.session_id
+                self._turn_session_id = response.session_id
                 if response.HasField("intent"):
                     intent.CopyFrom(response.intent)
                 if response.delta:
@@ -298,6 +301,7 @@ class _Conversation:
                         pieces.put_nowait(piece)
                 if response.final:
                     final.CopyFrom(response)
+                    self._session_id = response.session_id  # saved before the final message
             for piece in chunker.flush():
                 pieces.put_nowait(piece)
         finally:

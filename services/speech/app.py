@@ -19,7 +19,7 @@ from llmos.settings import ExecutionProvider
 from llmos.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, speech_pb2, speech_pb2_grpc
 from services.speech.asr import AsrEngine
 from services.speech.core import RecognitionLimits, SpeechCore
-from services.speech.domain import DomainCorpus, read_seed
+from services.speech.domain import DomainCorpus, intent_examples, read_seed
 from services.speech.handlers import subscriptions
 from services.speech.servicer import SpeechServicer
 from services.speech.settings import SpeechSettings
@@ -64,6 +64,15 @@ def voice_catalog(settings: SpeechSettings) -> VoiceCatalog:
     return VoiceCatalog([*voices, EspeakVoice("en-us"), EspeakVoice("en-gb")], settings.speech_default_voice)
 
 
+def shared_domain_text(settings: SpeechSettings) -> str:
+    if not settings.speech_intents_file:
+        return ""
+    path = Path(settings.speech_intents_file)
+    if not path.is_file():
+        raise InvalidArgument("LLMOS_SPEECH_INTENTS_FILE", f"{path} is not a file; give the intents YAML, or empty for none")
+    return "\n".join(intent_examples(path))
+
+
 async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
     seeds = parse_seed(settings.speech_domain_seed)
     channel = open_channel(settings.retrieval_addr, settings.service_api_key)
@@ -94,7 +103,7 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         bus,
         AuditLog(bus),
         AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence),
-        DomainCorpus(settings.home / "speech" / "corpus"),
+        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings)),
         voice_catalog(settings),
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,

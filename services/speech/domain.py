@@ -108,10 +108,15 @@ def build_arpa(sentences: Iterable[str]) -> str:
 
 
 class DomainCorpus:
-    """Each tenant's spoken-form text by document, on disk, and the tenant's ARPA model."""
+    """Each tenant's spoken-form text by document, on disk, and the tenant's ARPA model.
 
-    def __init__(self, root: Path) -> None:
+    `shared_text` (the dialogue's intent examples: how customers phrase requests) goes into every
+    tenant's model beside the tenant's own documents.
+    """
+
+    def __init__(self, root: Path, shared_text: str = "") -> None:
         self._root = root
+        self._shared = spoken_sentences(shared_text)
 
     @staticmethod
     def _key(value: str) -> str:
@@ -154,7 +159,7 @@ class DomainCorpus:
             target.unlink(missing_ok=True)
             return None
         tmp = target.with_suffix(".tmp")
-        tmp.write_text(build_arpa(sentences), encoding="utf-8")
+        tmp.write_text(build_arpa(sentences + self._shared), encoding="utf-8")
         tmp.replace(target)
         return target
 

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from llmos.settings import PlatformSettings
+
+DEMO = Path(__file__).resolve().parents[2] / "demo"
 
 
 class SpeechSettings(PlatformSettings):
@@ -26,6 +30,9 @@ class SpeechSettings(PlatformSettings):
     # Seed text of domain models, `tenant=path[;path…]` entries separated by commas; paths are
     # .md/.txt articles, .yaml intent files, or folders of them.
     speech_domain_seed: str = ""
+    # Intent examples (the dialogue's intents file) added to every tenant's domain model, so the
+    # way customers phrase requests is known too; empty: none.
+    speech_intents_file: str = str(DEMO / "intents.yaml")
     # Voice used when a request names none; Kokoro voices, or espeak-en-us.
     speech_default_voice: str = "jm_kumo"
     # Longest text Synthesize accepts, in characters.
