@@ -1,4 +1,4 @@
-"""`llmos transcribe`, `llmos say`, and the `asr` / `asr-roundtrip` evaluations, on the speech service."""
+"""`llmos transcribe`, `llmos say`, `llmos voice`, and the `asr` / `asr-roundtrip` evaluations."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import io
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,7 +17,7 @@ import numpy as np
 
 from llmos.cli.client import Metadata, channel, metadata
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import speech_pb2, speech_pb2_grpc
+from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
 
 PUBLISHED_WER = "PocketSphinx general model: ~32% WER on LibriSpeech test-clean (published); 24.5% on the 16 shared clips"
 ROUND_TRIP_TARGET = 0.10
@@ -108,6 +108,124 @@ def cmd_say(args: argparse.Namespace) -> int:
         args.output.write_bytes(response.audio)
         elapsed = time.perf_counter() - started
         print(f"{args.output}: {response.duration_ms / 1000:.2f} s at {response.sample_rate_hz} Hz in {elapsed:.2f} s")
+        return 0
+
+    return asyncio.run(run())
+
+
+VOICE_CHUNK_MS = 100  # what a microphone client sends at a time
+VOICE_TAIL_MS = 1000  # silence after the recording: the pause that ends a spoken turn
+
+
+@dataclass
+class VoiceTurn:
+    """One voice turn as the caller saw it; times in seconds from the end of the recording (the
+    end of speech), None when the event never came."""
+
+    transcript: str = ""
+    answer: str = ""
+    audio: bytearray = field(default_factory=bytearray)
+    sample_rate: int = 0
+    session_id: str = ""
+    citations: list[str] = field(default_factory=list)
+    final_transcript_s: float | None = None
+    first_answer_text_s: float | None = None
+    first_answer_audio_s: float | None = None
+    completed_s: float | None = None
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.audio) / 2 / self.sample_rate if self.sample_rate else 0.0
+
+
+async def voice_turn(
+    stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Metadata, wav: bytes, *, voice: str = "", rate: int = 0,
+    session_id: str = "", realtime: bool = True,
+) -> VoiceTurn:
+    """Stream a recording to Converse as a microphone would (100 ms chunks, in real time unless
+    `realtime` is off), then a second of silence; collect the turn and time it from the end of speech."""
+    from llmos.audio import Encoding, decode_clip, samples_to_pcm
+
+    clip = decode_clip(wav, Encoding.WAV, 0, "recording")
+    step = clip.sample_rate * VOICE_CHUNK_MS // 1000
+    silence = np.zeros(clip.sample_rate * VOICE_TAIL_MS // 1000, np.int16)
+    config = dialogue_pb2.ConverseConfig(
+        session_id=session_id, voice_name=voice, output_sample_rate_hz=rate,
+        recognition=speech_pb2.StreamingRecognitionConfig(
+            config=speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, sample_rate_hertz=clip.sample_rate),
+            interim_results=True,
+        ),
+    )
+    turn = VoiceTurn()
+    speech_ended = 0.0
+
+    async def requests() -> AsyncIterator[dialogue_pb2.ConverseRequest]:
+        nonlocal speech_ended
+        yield dialogue_pb2.ConverseRequest(config=config)
+        audio = np.concatenate([clip.samples, silence])
+        last_speech_chunk = (len(clip.samples) - 1) // step
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, len(audio), step)):
+            yield dialogue_pb2.ConverseRequest(audio_content=samples_to_pcm(audio[start:start + step]))
+            if index == last_speech_chunk:
+                speech_ended = time.perf_counter()
+            if realtime:
+                await asyncio.sleep(max(0.0, started + (index + 1) * VOICE_CHUNK_MS / 1000 - time.perf_counter()))
+
+    def since_speech_end() -> float:
+        return time.perf_counter() - speech_ended
+
+    async for event in stub.Converse(requests(), metadata=metadata, timeout=TIMEOUT_S):
+        kind = event.WhichOneof("event")
+        turn.session_id = event.session_id or turn.session_id
+        if kind == "transcript" and event.transcript.is_final and event.transcript.alternatives:
+            turn.transcript = " ".join(filter(None, (turn.transcript, event.transcript.alternatives[0].transcript)))
+            turn.final_transcript_s = since_speech_end()
+        elif kind == "answer_delta":
+            turn.first_answer_text_s = turn.first_answer_text_s or since_speech_end()
+            turn.answer += event.answer_delta
+        elif kind == "audio":
+            turn.first_answer_audio_s = turn.first_answer_audio_s or since_speech_end()
+            turn.sample_rate = event.audio.sample_rate_hz
+            turn.audio.extend(event.audio.audio)
+        elif kind == "turn_completed":
+            turn.completed_s = since_speech_end()
+            turn.citations = [citation.document_id for citation in event.turn_completed.citations]
+    return turn
+
+
+def print_voice_turn(turn: VoiceTurn) -> None:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    print(f"you said:  {turn.transcript or '(nothing recognized)'}")
+    cited = f"  [{', '.join(turn.citations)}]" if turn.citations else ""
+    print(f"assistant: {turn.answer.strip()}{cited}")
+    print(
+        f"from the end of speech: final transcript {ms(turn.final_transcript_s)}, first answer text "
+        f"{ms(turn.first_answer_text_s)}, first answer audio {ms(turn.first_answer_audio_s)}, turn complete {ms(turn.completed_s)}"
+    )
+
+
+def cmd_voice(args: argparse.Namespace) -> int:
+    from llmos.audio import encode_wav
+
+    async def run() -> int:
+        settings = load_settings(PlatformSettings)
+        async with channel(settings, "dialogue") as dialogue_channel:
+            stub = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
+            try:
+                turn = await voice_turn(
+                    stub, metadata(settings, args.api_key), audio_request_bytes(args.file), voice=args.voice, rate=args.rate,
+                    session_id=args.session, realtime=not args.fast,
+                )
+            except grpc.aio.AioRpcError as exc:
+                print(f"dialogue service: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        print_voice_turn(turn)
+        if turn.sample_rate:
+            args.output.write_bytes(encode_wav(np.frombuffer(bytes(turn.audio), "<i2"), turn.sample_rate))
+            print(f"answer audio: {turn.audio_s:.2f} s at {turn.sample_rate} Hz -> {args.output}  (session {turn.session_id})")
         return 0
 
     return asyncio.run(run())
@@ -230,6 +348,16 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     say.add_argument("--speed", type=float, default=0.0, help="0.5-2.0 (default 1)")
     say.set_defaults(run=cmd_say)
     _key_option(say)
+
+    voice = commands.add_parser("voice", help="one voice turn from a recording: transcript, answer, answer audio, timings")
+    voice.add_argument("file", type=Path, help="the question, spoken (WAV 16-bit mono 8-48 kHz, or FLAC and other formats soundfile reads)")
+    voice.add_argument("-o", "--output", type=Path, default=Path("answer.wav"), help="WAV file for the spoken answer")
+    voice.add_argument("--voice", default="", help="answer voice from ListVoices (default: the speech service's)")
+    voice.add_argument("--rate", type=int, default=0, help="answer sample rate in Hz (default: the voice's own)")
+    voice.add_argument("--session", default="", help="continue this session (default: a new one)")
+    voice.add_argument("--fast", action="store_true", help="send the recording at once instead of in real time")
+    voice.set_defaults(run=cmd_voice)
+    _key_option(voice)
 
     asr = evals.add_parser("asr", help="word error rate of Recognize on recordings with transcripts.tsv")
     asr.add_argument("--data", type=Path, required=True, help="folder with transcripts.tsv (path<TAB>reference) and the audio")
