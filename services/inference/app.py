@@ -45,6 +45,7 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
         embedding_model.embed,
         embed_executor,
         settings.inference_embed_max_batch,
+        settings.inference_embed_max_batch_tokens,
         settings.inference_embed_max_delay_ms / 1000,
         settings.inference_embed_queue_size,
     )

@@ -2,9 +2,12 @@
 
 Texts from every caller (Embed RPCs, the chunk consumer) wait in one queue per priority class.
 The worker takes the oldest text of the most urgent class and fills the batch with texts of that
-class closest to it in length (less padding), waiting at most `max_delay_s` for company when the
-batch is not full. Interactive texts therefore never wait behind a bulk backlog: at most behind
-the one batch already running.
+class closest to it in token length (less padding), waiting at most `max_delay_s` for company
+when the batch is not full. A batch is full at `max_batch` texts or `max_batch_tokens` padded
+tokens (texts x longest), which bounds how long one model call runs: an interactive text waits at
+most for the one batch already running, never behind a bulk backlog, and that batch is short.
+On CPU the model's cost is nearly linear in padded tokens, so small batches of long texts cost
+no throughput; short texts still batch by the dozen.
 """
 
 from __future__ import annotations
@@ -42,17 +45,25 @@ def priority_rank(priority: int) -> int:
 @dataclass
 class _Pending:
     text: str
+    tokens: int
     arrived: float
     future: asyncio.Future[np.ndarray] = field(repr=False)
 
 
 class EmbedBatcher:
     def __init__(
-        self, embed: EmbedFunction, executor: Executor, max_batch: int, max_delay_s: float, queue_size: int
+        self,
+        embed: EmbedFunction,
+        executor: Executor,
+        max_batch: int,
+        max_batch_tokens: int,
+        max_delay_s: float,
+        queue_size: int,
     ) -> None:
         self._embed = embed
         self._executor = executor
         self._max_batch = max_batch
+        self._max_batch_tokens = max_batch_tokens
         self._max_delay_s = max_delay_s
         self._queue_size = queue_size
         self._queues: list[list[_Pending]] = [[] for _ in PRIORITY_NAMES]
@@ -80,9 +91,12 @@ class EmbedBatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def embed(self, texts: Sequence[str], priority: int, bounded: bool = True) -> np.ndarray:
+    async def embed(
+        self, texts: Sequence[str], tokens: Sequence[int], priority: int, bounded: bool = True
+    ) -> np.ndarray:
         """(len(texts), dim) vectors; queued with the others of the same priority class.
 
+        `tokens` is each text's length in model tokens (after truncation), for batching by length.
         `bounded=False` skips admission control, for callers that bound their own concurrency
         (the chunk consumer, whose messages would otherwise be dead-lettered under load).
         """
@@ -93,7 +107,7 @@ class EmbedBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = [_Pending(text, now, loop.create_future()) for text in texts]
+        pending = [_Pending(text, count, now, loop.create_future()) for text, count in zip(texts, tokens, strict=True)]
         self._queues[priority_rank(priority)].extend(pending)
         self._arrival.set()
         try:
@@ -104,18 +118,25 @@ class EmbedBatcher:
             raise
 
     def _next_batch(self) -> tuple[int, list[_Pending]]:
+        """The oldest text of the most urgent class, with the texts nearest its length that fit."""
         rank = next(rank for rank, queue in enumerate(self._queues) if queue)
         queue = self._queues[rank]
-        if len(queue) <= self._max_batch:
-            batch = list(queue)
-        else:
-            anchor = queue[0]
-            window = queue[1:self._max_batch * LENGTH_WINDOW_BATCHES]
-            window.sort(key=lambda item: abs(len(item.text) - len(anchor.text)))
-            batch = [anchor, *window[:self._max_batch - 1]]
+        anchor = queue[0]
+        window = sorted(queue[1:self._max_batch * LENGTH_WINDOW_BATCHES], key=lambda item: abs(item.tokens - anchor.tokens))
+        batch, longest = [anchor], anchor.tokens
+        for item in window:
+            if len(batch) == self._max_batch:
+                break
+            if (len(batch) + 1) * max(longest, item.tokens) <= self._max_batch_tokens:
+                batch.append(item)
+                longest = max(longest, item.tokens)
         chosen = {id(item) for item in batch}
         self._queues[rank] = [item for item in queue if id(item) not in chosen]
         return rank, batch
+
+    def _can_fill(self, queue: list[_Pending]) -> bool:
+        """Whether the queued texts already make a full batch, so waiting for more gains nothing."""
+        return len(queue) >= self._max_batch or sum(item.tokens for item in queue) >= self._max_batch_tokens
 
     async def _wait_for_company(self) -> None:
         """Give a batch that is not full up to max_delay_s (from its oldest text) to fill."""
@@ -123,7 +144,7 @@ class EmbedBatcher:
             rank = next(rank for rank, queue in enumerate(self._queues) if queue)
             queue = self._queues[rank]
             remaining = queue[0].arrived + self._max_delay_s - time.perf_counter()
-            if len(queue) >= self._max_batch or remaining <= 0:
+            if self._can_fill(queue) or remaining <= 0:
                 return
             self._arrival.clear()
             try:

@@ -6,6 +6,7 @@ scheduler. Validation happens here so both transports reject the same input the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,9 @@ class InferenceCore:
                 raise InvalidArgument(
                     f"texts[{index}]", f"{len(text)} characters is over the limit of {limits.max_text_chars}"
                 )
-        vectors = await self._embedder.embed(texts, priority)
-        return EmbedResult(vectors, sum(self._count_embedding_tokens(texts)))
+        tokens = await asyncio.to_thread(self._count_embedding_tokens, texts)
+        vectors = await self._embedder.embed(texts, tokens, priority)
+        return EmbedResult(vectors, sum(tokens))
 
     async def embed_chunks(self, created: events_pb2.ChunksCreated) -> None:
         """Embed a document's chunks and publish them on `llmos.chunks.embedded`.
@@ -162,7 +164,9 @@ class InferenceCore:
                 raise InvalidArgument(f"chunks[{index}].text", "is empty")
             unique.setdefault(chunk.chunk_id, chunk)
         chunks = list(unique.values())
-        vectors = await self._embedder.embed([chunk.text for chunk in chunks], created.priority, bounded=False)
+        texts = [chunk.text for chunk in chunks]
+        tokens = await asyncio.to_thread(self._count_embedding_tokens, texts)
+        vectors = await self._embedder.embed(texts, tokens, created.priority, bounded=False)
         embedded = events_pb2.ChunksEmbedded(
             document_id=created.document_id,
             tenant=created.tenant,

@@ -15,6 +15,8 @@ from services.inference.core import InferenceCore
 
 INTERACTIVE_LANE = "interactive"
 INTERACTIVE_WORKERS = 4
+# Pulled at once: the lane skips a bulk burst in few round trips.
+INTERACTIVE_PULL = 32
 
 
 def subscriptions(core: InferenceCore, bulk_workers: int) -> list[Subscription[events_pb2.ChunksCreated]]:
@@ -32,6 +34,7 @@ def subscriptions(core: InferenceCore, bulk_workers: int) -> list[Subscription[e
             CHUNKS_CREATED,
             events_pb2.ChunksCreated,
             on_interactive_chunks,
+            batch_size=INTERACTIVE_PULL,
             max_workers=INTERACTIVE_WORKERS,
             lane=INTERACTIVE_LANE,
         ),

@@ -11,6 +11,9 @@ class InferenceSettings(PlatformSettings):
 
     # Embeddings: dynamic batching.
     inference_embed_max_batch: int = 64           # texts per model call
+    # Padded tokens (texts x longest) per model call: bounds one call's duration, and so how long
+    # an interactive text can wait behind a running bulk batch (~0.3 s on 2 CPU cores).
+    inference_embed_max_batch_tokens: int = 1024
     inference_embed_max_delay_ms: float = 5.0     # how long a lone text waits for company
     inference_embed_max_request_texts: int = 256  # texts in one Embed call
     inference_embed_max_text_chars: int = 32_768

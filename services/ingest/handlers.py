@@ -18,6 +18,9 @@ from llmos.v1 import common_pb2, events_pb2
 from services.ingest.core import IngestCore
 
 INTERACTIVE_LANE = "interactive"
+# The interactive lane pulls many messages at once: it skips a bulk burst in few round trips.
+INTERACTIVE_PULL = 32
+INTERACTIVE_WORKERS = 4
 
 
 def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]]:
@@ -47,7 +50,14 @@ def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]
 
     return [
         Subscription(INGEST_REQUESTED, events_pb2.DocumentSubmitted, on_bulk, max_workers=bulk_workers),
-        Subscription(INGEST_REQUESTED, events_pb2.DocumentSubmitted, on_interactive, lane=INTERACTIVE_LANE),
+        Subscription(
+            INGEST_REQUESTED,
+            events_pb2.DocumentSubmitted,
+            on_interactive,
+            batch_size=INTERACTIVE_PULL,
+            max_workers=INTERACTIVE_WORKERS,
+            lane=INTERACTIVE_LANE,
+        ),
         Subscription(CHUNKS_EMBEDDED, events_pb2.ChunksEmbedded, on_embedded, batch_size=16, max_workers=4),
         Subscription(DOCS_INDEXED, events_pb2.DocumentIndexed, on_indexed, batch_size=16, max_workers=4),
     ]

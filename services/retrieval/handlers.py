@@ -20,6 +20,9 @@ from llmos.v1 import common_pb2, events_pb2
 from services.retrieval.core import RetrievalCore
 
 INTERACTIVE_LANE = "interactive"
+# The interactive lane pulls many messages at once: it skips a bulk burst in few round trips.
+INTERACTIVE_PULL = 32
+INTERACTIVE_WORKERS = 4
 
 
 def _lane(replica: str, lane: str) -> str:
@@ -48,6 +51,13 @@ def subscriptions(core: RetrievalCore, bus: Bus, replica: str) -> list[Subscript
 
     return [
         Subscription(CHUNKS_EMBEDDED, events_pb2.ChunksEmbedded, on_bulk, batch_size=16, lane=_lane(replica, "")),
-        Subscription(CHUNKS_EMBEDDED, events_pb2.ChunksEmbedded, on_interactive, lane=_lane(replica, INTERACTIVE_LANE)),
+        Subscription(
+            CHUNKS_EMBEDDED,
+            events_pb2.ChunksEmbedded,
+            on_interactive,
+            batch_size=INTERACTIVE_PULL,
+            max_workers=INTERACTIVE_WORKERS,
+            lane=_lane(replica, INTERACTIVE_LANE),
+        ),
         Subscription(DOCS_DELETED, events_pb2.DocumentDeleted, on_deleted, lane=_lane(replica, "")),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,17 +32,24 @@ class RecordingModel:
         return np.array([[len(text), hash(text) % 1000] for text in texts], dtype=np.float32)
 
 
-async def make_batcher(model: RecordingModel, max_batch: int = 4, delay_s: float = 0.02, queue: int = 100) -> EmbedBatcher:
-    batcher = EmbedBatcher(model, ThreadPoolExecutor(1), max_batch, delay_s, queue)
+async def make_batcher(
+    model: RecordingModel, max_batch: int = 4, delay_s: float = 0.02, queue: int = 100, max_tokens: int = 10_000
+) -> EmbedBatcher:
+    batcher = EmbedBatcher(model, ThreadPoolExecutor(1), max_batch, max_tokens, delay_s, queue)
     batcher.start()
     return batcher
+
+
+def embed(batcher: EmbedBatcher, texts: list[str], priority: int, bounded: bool = True) -> Awaitable[np.ndarray]:
+    """Embed with one token per character, so a text's length is its token count."""
+    return batcher.embed(texts, [len(text) for text in texts], priority, bounded=bounded)
 
 
 async def test_concurrent_callers_share_batches_and_get_their_own_vectors() -> None:
     model = RecordingModel()
     batcher = await make_batcher(model)
     texts = [f"text number {i}" for i in range(8)]
-    results = await asyncio.gather(*(batcher.embed([text], common_pb2.PRIORITY_STANDARD) for text in texts))
+    results = await asyncio.gather(*(embed(batcher, [text], common_pb2.PRIORITY_STANDARD) for text in texts))
     for text, vectors in zip(texts, results, strict=True):
         assert vectors.shape == (1, 2) and vectors[0, 1] == hash(text) % 1000
     assert len(model.batches) == 2 and all(len(batch) == 4 for batch in model.batches)
@@ -52,7 +59,7 @@ async def test_concurrent_callers_share_batches_and_get_their_own_vectors() -> N
 async def test_a_lone_text_waits_at_most_the_delay() -> None:
     batcher = await make_batcher(RecordingModel(), delay_s=0.05)
     started = time.perf_counter()
-    await batcher.embed(["alone"], common_pb2.PRIORITY_STANDARD)
+    await embed(batcher, ["alone"], common_pb2.PRIORITY_STANDARD)
     assert 0.04 < time.perf_counter() - started < 0.5
     await batcher.stop()
 
@@ -60,9 +67,9 @@ async def test_a_lone_text_waits_at_most_the_delay() -> None:
 async def test_interactive_texts_overtake_a_bulk_backlog() -> None:
     model = RecordingModel(delay_s=0.02)
     batcher = await make_batcher(model, max_batch=4, delay_s=0.0)
-    bulk = asyncio.ensure_future(batcher.embed([f"bulk {i}" for i in range(40)], common_pb2.PRIORITY_BATCH))
+    bulk = asyncio.ensure_future(embed(batcher, [f"bulk {i}" for i in range(40)], common_pb2.PRIORITY_BATCH))
     await asyncio.sleep(0.03)  # the first bulk batch is running
-    await batcher.embed(["live update"], common_pb2.PRIORITY_INTERACTIVE)
+    await embed(batcher, ["live update"], common_pb2.PRIORITY_INTERACTIVE)
     position = next(i for i, batch in enumerate(model.batches) if "live update" in batch)
     assert position <= 2, model.batches
     await bulk
@@ -72,22 +79,22 @@ async def test_interactive_texts_overtake_a_bulk_backlog() -> None:
 async def test_batches_group_texts_of_similar_length() -> None:
     model = RecordingModel(delay_s=0.02)
     batcher = await make_batcher(model, max_batch=2, delay_s=0.0)
-    blocker = asyncio.ensure_future(batcher.embed(["first"], common_pb2.PRIORITY_STANDARD))
+    blocker = asyncio.ensure_future(embed(batcher, ["first"], common_pb2.PRIORITY_STANDARD))
     await asyncio.sleep(0.005)
     texts = ["a" * 5, "b" * 500, "c" * 6, "d" * 490]
-    await asyncio.gather(blocker, batcher.embed(texts, common_pb2.PRIORITY_STANDARD))
+    await asyncio.gather(blocker, embed(batcher, texts, common_pb2.PRIORITY_STANDARD))
     assert sorted(map(sorted, model.batches[1:])) == [["a" * 5, "c" * 6], ["b" * 500, "d" * 490]]
     await batcher.stop()
 
 
 async def test_a_full_queue_refuses_with_a_retry_hint_but_the_bus_path_waits() -> None:
     batcher = await make_batcher(RecordingModel(delay_s=0.05), max_batch=2, delay_s=0.0, queue=3)
-    first = asyncio.ensure_future(batcher.embed(["a", "b", "c"], common_pb2.PRIORITY_STANDARD))
+    first = asyncio.ensure_future(embed(batcher, ["a", "b", "c"], common_pb2.PRIORITY_STANDARD))
     await asyncio.sleep(0)
     with pytest.raises(ResourceExhausted) as error:
-        await batcher.embed(["d", "e"], common_pb2.PRIORITY_STANDARD)
+        await embed(batcher, ["d", "e"], common_pb2.PRIORITY_STANDARD)
     assert error.value.retry_after_s > 0
-    unbounded = await batcher.embed(["d", "e"], common_pb2.PRIORITY_STANDARD, bounded=False)
+    unbounded = await embed(batcher, ["d", "e"], common_pb2.PRIORITY_STANDARD, bounded=False)
     assert unbounded.shape == (2, 2)
     await first
     await batcher.stop()
@@ -96,14 +103,41 @@ async def test_a_full_queue_refuses_with_a_retry_hint_but_the_bus_path_waits() -
 async def test_a_cancelled_caller_s_texts_are_not_embedded() -> None:
     model = RecordingModel(delay_s=0.05)
     batcher = await make_batcher(model, max_batch=1, delay_s=0.0)
-    running = asyncio.ensure_future(batcher.embed(["running"], common_pb2.PRIORITY_STANDARD))
+    running = asyncio.ensure_future(embed(batcher, ["running"], common_pb2.PRIORITY_STANDARD))
     await asyncio.sleep(0.01)
-    gone = asyncio.ensure_future(batcher.embed(["gone"], common_pb2.PRIORITY_STANDARD))
+    gone = asyncio.ensure_future(embed(batcher, ["gone"], common_pb2.PRIORITY_STANDARD))
     await asyncio.sleep(0.01)
     gone.cancel()
     await running
-    await batcher.embed(["after"], common_pb2.PRIORITY_STANDARD)
+    await embed(batcher, ["after"], common_pb2.PRIORITY_STANDARD)
     assert ["gone"] not in model.batches
+    await batcher.stop()
+
+
+async def test_long_texts_batch_within_the_token_budget_so_a_live_text_waits_one_short_batch() -> None:
+    model = RecordingModel(delay_s=0.01)
+    batcher = await make_batcher(model, max_batch=64, delay_s=0.0, max_tokens=1000)
+    bulk_texts = [chr(ord("a") + i % 26) * 250 for i in range(40)]
+    bulk = asyncio.ensure_future(embed(batcher, bulk_texts, common_pb2.PRIORITY_BATCH))
+    await asyncio.sleep(0.015)  # bulk batches are running
+    ran_before = len(model.batches)
+    await embed(batcher, ["live update"], common_pb2.PRIORITY_INTERACTIVE)
+    position = next(i for i, batch in enumerate(model.batches) if "live update" in batch)
+    assert position <= ran_before, model.batches  # behind the batch that was running, no more
+    await bulk
+    bulk_batches = [batch for batch in model.batches if "live update" not in batch]
+    assert all(len(batch) * max(map(len, batch)) <= 1000 for batch in bulk_batches)
+    assert [len(batch) for batch in bulk_batches] == [4] * 10
+    await batcher.stop()
+
+
+async def test_short_texts_fill_whole_batches_under_the_token_budget() -> None:
+    model = RecordingModel(delay_s=0.01)
+    batcher = await make_batcher(model, max_batch=16, delay_s=0.0, max_tokens=1000)
+    blocker = asyncio.ensure_future(embed(batcher, ["first"], common_pb2.PRIORITY_STANDARD))
+    await asyncio.sleep(0.005)
+    await asyncio.gather(blocker, embed(batcher, [f"query {i:02d}" for i in range(32)], common_pb2.PRIORITY_STANDARD))
+    assert [len(batch) for batch in model.batches[1:]] == [16, 16]
     await batcher.stop()
 
 
