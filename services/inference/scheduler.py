@@ -7,9 +7,10 @@ joins at the next step and leaves the moment it finishes or its caller goes away
 
 Each priority class has its own bounded queue. Admission order: interactive before standard
 before batch; within a class, the tenant with the fewest running sequences first (fair share),
-then the oldest request. While sequences are decoding, a turn prefills at most one
-non-interactive prompt, so a prompt that arrives is looked at again before the next one and the
-running streams keep stepping. `reserved_interactive` slots are never given to batch work; when
+then the oldest request. While sequences are decoding, a non-interactive prompt is prefilled one
+chunk per turn, one prompt at a time (its row rides along in the decode steps, its logits unused,
+and the next chunk overwrites what that step wrote), so an interactive request that arrives waits
+for at most one chunk and one step, and the running streams keep stepping. `reserved_interactive` slots are never given to batch work; when
 an interactive request finds every slot taken, a running batch sequence is pre-empted: its KV
 cache is parked in host memory and it waits again, to resume where it stopped (no prefill) when
 a slot frees. A bulk job therefore never makes a chat wait for a generation to end.
@@ -122,6 +123,7 @@ class _Sequence:
     cancelled: bool = False
     row: int = -1
     length: int = 0  # tokens in this sequence's KV cache
+    prompt_done: int = -1  # prompt tokens in the cache; -1 until it has a slot
     next_token: int = 0  # sampled, not yet fed to the model
     admitted: float = 0.0
     first_token_at: float = 0.0
@@ -134,6 +136,10 @@ class _Sequence:
 
     def send(self, event: StreamEvent | LlmosError) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_done < len(self.request.prompt_ids)
 
 
 class PrefixCache:
@@ -303,7 +309,7 @@ class GenerationScheduler:
             try:
                 self._retire_cancelled()
                 self._admit()
-                if self._running:
+                if any(not sequence.prefilling for sequence in self._running):
                     self._step()
             except Exception:  # noqa: BLE001 - fail the requests in flight, keep serving
                 logger.exception("generation step failed")
@@ -313,21 +319,27 @@ class GenerationScheduler:
         self._cancel_all()
 
     def _admit(self) -> None:
-        """Give free slots to waiting requests, one decision at a time."""
-        decoding = bool(self._running)
+        """Give free slots to waiting requests, one decision at a time, and move prefills on."""
+        decoding = any(not sequence.prefilling for sequence in self._running)
         while True:
+            # One non-interactive prompt in flight at a time; chats always go in.
+            chats_only = decoding and any(sequence.prefilling for sequence in self._running)
             with self._condition:
-                sequence = self._next_admission()
+                sequence = self._next_admission(chats_only)
             if sequence is None:
-                return
+                break
             if sequence.parked is not None:
                 self._resume(sequence)
                 continue
-            self._prefill(sequence)
-            if decoding and sequence.rank != INTERACTIVE_RANK:
-                return  # the running streams step before the next prompt; a new chat is seen first
+            self._take_slot(sequence)
+            if not decoding or sequence.rank == INTERACTIVE_RANK:
+                self._prefill(sequence, len(sequence.request.prompt_ids))
+        for sequence in self._running:
+            if sequence.prefilling:
+                self._prefill(sequence, sequence.prompt_done + PREFILL_CHUNK_TOKENS)
+                break
 
-    def _next_admission(self) -> _Sequence | None:
+    def _next_admission(self, chats_only: bool) -> _Sequence | None:
         """The waiting request that takes a slot now, if any (called with the condition held)."""
         now = time.monotonic()
         for sequence in list(self._waiting):
@@ -339,6 +351,8 @@ class GenerationScheduler:
         if not self._waiting:
             return None
         best_rank = min(sequence.rank for sequence in self._waiting)
+        if chats_only and best_rank != INTERACTIVE_RANK:
+            return None
         free = self._max_batch - len(self._running)
         if best_rank == INTERACTIVE_RANK and free <= 0:
             free += self._preempt_batch()
@@ -374,7 +388,8 @@ class GenerationScheduler:
         self._decoder.load_prefix(sequence.row, sequence.parked, sequence.length)
         sequence.parked = None
 
-    def _prefill(self, sequence: _Sequence) -> None:
+    def _take_slot(self, sequence: _Sequence) -> None:
+        """Give a new request a row, with the longest cached prefix of its prompt already in it."""
         sequence.admitted = time.monotonic()
         self._queue_time.record(
             (sequence.admitted - sequence.arrived) * 1000, {"priority": PRIORITY_NAMES[sequence.rank]}
@@ -386,17 +401,24 @@ class GenerationScheduler:
         cached = max(0, min(common, len(prompt) - MIN_PREFILL_PIECE))
         if entry is not None:
             self._decoder.load_prefix(sequence.row, entry, cached)
-        sequence.cached_tokens = cached
-        done = cached
-        while done < len(prompt):
-            end = min(done + PREFILL_CHUNK_TOKENS, len(prompt))
-            if 0 < len(prompt) - end < MIN_PREFILL_PIECE:
-                end = len(prompt) - MIN_PREFILL_PIECE
+        sequence.cached_tokens = sequence.prompt_done = sequence.length = cached
+
+    def _prefill(self, sequence: _Sequence, until: int) -> None:
+        """Run the prompt into the sequence's row up to token `until`; at its end, sample the first token."""
+        prompt = np.asarray(sequence.request.prompt_ids, dtype=np.int64)
+        until = min(until, len(prompt))
+        if 0 < len(prompt) - until < MIN_PREFILL_PIECE:
+            until = len(prompt) - MIN_PREFILL_PIECE
+        done = sequence.prompt_done
+        while done < until:
+            end = min(done + PREFILL_CHUNK_TOKENS, until)
             logits = self._decoder.prefill(sequence.row, prompt[:end], cached=done)
             done = end
-        if len(prompt) >= self._prefix_cache.min_tokens and common < len(prompt):
+        sequence.prompt_done = sequence.length = done
+        if sequence.prefilling:
+            return
+        if len(prompt) >= self._prefix_cache.min_tokens and sequence.cached_tokens < len(prompt) - MIN_PREFILL_PIECE:
             self._prefix_cache.add(self._decoder.save_prefix(sequence.row, prompt))
-        sequence.length = len(prompt)
         self._accept(sequence, sample(logits, sequence.request.sampling, sequence.rng))
 
     def _step(self) -> None:
@@ -405,10 +427,12 @@ class GenerationScheduler:
         logits = self._decoder.decode(
             [sequence.next_token for sequence in running], [sequence.length for sequence in running]
         )
+        decoded = [(sequence, row_logits) for sequence, row_logits in zip(running, logits, strict=True)
+                   if not sequence.prefilling]
         # Every row's cache grew by this step before any finish moves a later row into a freed slot.
-        for sequence in running:
+        for sequence, _ in decoded:
             sequence.length += 1
-        for sequence, row_logits in zip(running, logits, strict=True):
+        for sequence, row_logits in decoded:
             self._accept(sequence, sample(row_logits, sequence.request.sampling, sequence.rng))
 
     def _accept(self, sequence: _Sequence, token: int) -> None:

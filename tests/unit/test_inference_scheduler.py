@@ -32,15 +32,19 @@ VOCAB = 50  # id 0 is the end-of-sequence token, ids 1..49 are the words w1..w49
 class CountingDecoder:
     """Predicts "previous token + 1" (w49 is followed by end-of-sequence); records what it ran.
 
-    It keeps each slot's tokens as its "KV cache" and checks every step against it, so a cache
-    that a move, a park or a resume got wrong fails the step.
+    It keeps each slot's tokens as its "KV cache" and predicts a step from the cache (the token
+    before the new one, plus 2), so a cache that a move, a park or a resume got wrong changes the
+    text. Like the real cache, a step writes at the row's length even for a row being prefilled,
+    and the next prefill piece overwrites it.
     """
 
-    def __init__(self, max_batch: int, step_s: float = 0.001) -> None:
-        self.config = DecoderConfig(1, 1, 4, VOCAB, 512, (0,))
+    def __init__(self, max_batch: int, step_s: float = 0.001, prefill_s: float = 0.0) -> None:
+        self.config = DecoderConfig(1, 1, 4, VOCAB, 1024, (0,))
         self.max_batch = max_batch
-        self.max_context = 512
+        self.max_context = 1024
         self.step_s = step_s
+        self.prefill_s = prefill_s
+        self.log: list[str] = []  # "prefill <tokens>" and "decode <rows>", in order
         self.prefilled: list[list[int]] = []
         self.batch_sizes: list[int] = []
         self.rows: list[list[int]] = [[] for _ in range(max_batch)]
@@ -52,17 +56,19 @@ class CountingDecoder:
 
     def prefill(self, row: int, token_ids: Sequence[int], cached: int = 0) -> np.ndarray:
         self.prefilled.append(list(token_ids))
+        self.log.append(f"prefill {len(token_ids) - cached}")
         self.rows[row] = [*self.rows[row][:cached], *token_ids[cached:]]
+        time.sleep(self.prefill_s)
         return self._logits(int(token_ids[-1]))
 
     def decode(self, token_ids: Sequence[int], lengths: Sequence[int]) -> np.ndarray:
         self.batch_sizes.append(len(token_ids))
+        self.log.append(f"decode {len(token_ids)}")
         for row, (token, length) in enumerate(zip(token_ids, lengths, strict=True)):
-            cache = self.rows[row]
-            assert len(cache) == length and (cache[-1] + 1) % VOCAB == token, (row, cache, token, length)
-            cache.append(token)
+            assert len(self.rows[row]) == length, (row, self.rows[row], length)
+            self.rows[row] = [*self.rows[row], int(token)]
         time.sleep(self.step_s)
-        return np.stack([self._logits(token) for token in token_ids])
+        return np.stack([self._logits(self.rows[row][-2] + 1) for row in range(len(token_ids))])
 
     def move_row(self, source: int, target: int, length: int) -> None:
         self.rows[target] = self.rows[source][:length]
@@ -166,6 +172,29 @@ async def test_batch_work_cannot_starve_interactive_work() -> None:
     # The parked batch streams resumed where they stopped, with their own caches.
     expected = " ".join(f"w{i}" for i in range(2, 42))
     assert ["".join(e.delta for e in events) for events in await asyncio.gather(*flood)] == [expected] * 5
+    await engine.stop()
+
+
+async def test_a_long_batch_prompt_is_prefilled_between_steps_and_lets_a_chat_in() -> None:
+    decoder = CountingDecoder(3, step_s=0.002, prefill_s=0.05)
+    engine = scheduler(decoder)
+    engine.start()
+    streaming = asyncio.ensure_future(run(engine, [1], max_new=40))
+    while not decoder.batch_sizes:
+        await asyncio.sleep(0.001)
+    long_prompt = [5] * 599 + [10]  # three prefill pieces
+    bulk = asyncio.ensure_future(run(engine, long_prompt, max_new=3, priority=common_pb2.PRIORITY_BATCH))
+    while "prefill 256" not in decoder.log:  # the chat arrives while the bulk prompt's first piece runs
+        await asyncio.sleep(0.001)
+    chat = await run(engine, [20], max_new=3, priority=common_pb2.PRIORITY_INTERACTIVE)
+    assert "".join(e.delta for e in chat) == "w21 w22 w23"
+    assert "".join(e.delta for e in await bulk) == "w11 w12 w13"
+    assert "".join(e.delta for e in await streaming) == " ".join(f"w{i}" for i in range(2, 42))
+    pieces = [i for i, entry in enumerate(decoder.log) if entry in ("prefill 256", "prefill 88")]
+    assert len(pieces) == 3
+    between = decoder.log[pieces[0]:pieces[-1]]
+    assert "prefill 1" in between  # the chat went in before the bulk prompt's last piece
+    assert sum(entry.startswith("decode") for entry in between) >= 2  # the running stream kept stepping
     await engine.stop()
 
 
