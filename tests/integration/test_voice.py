@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, samples_to_pcm
+from llmos.audio import Encoding, EndpointConfig, decode_clip, pcm_to_samples, samples_to_pcm
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
 from services.dialogue.voice import SpeechDetector
 from tests.conftest import TEST_API_KEY, RunningStack
@@ -162,20 +162,18 @@ async def test_converse_rejects_bad_streams(stubs) -> None:  # type: ignore[no-u
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.value.details()
 
 
-async def test_llmos_voice_answers_a_recording_aloud(stubs, stack: RunningStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, speech = stubs
-    question = tmp_path / "question.wav"
-    question.write_bytes(encode_wav(await spoken(speech, "Where is my parcel?"), RATE))
+async def test_llmos_voice_answers_the_demo_recording_aloud(stubs, stack: RunningStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    question = Path(__file__).resolve().parents[2] / "demo" / "voice" / "gift-card-question.wav"  # what `llmos demo` plays
     answer = tmp_path / "answer.wav"
     env = {**stack.env, "LLMOS_API_KEY": TEST_API_KEY}
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "llmos.cli.main", "voice", str(question), "-o", str(answer), "--voice", ANSWER_VOICE, "--fast"],
+        [sys.executable, "-m", "llmos.cli.main", "voice", str(question), "-o", str(answer), "--voice", ANSWER_VOICE],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
-    assert "parcel" in lines["you said"] and lines["assistant"].strip()
+    assert "gift card" in lines["you said"] and lines["assistant"].strip()
     assert "first answer audio" in lines["from the end of speech"] and " ms" in lines["from the end of speech"]
     clip = decode_clip(answer.read_bytes(), Encoding.WAV, 0)
     assert clip.sample_rate == 22050 and len(clip.samples) > clip.sample_rate  # espeak-ng's rate, over a second of speech

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llmos.cli.client import Metadata, api_key, channel, metadata
 from llmos.cli.dialogue import demo_tour
+from llmos.cli.speech import print_voice_turn, voice_turn
 from llmos.cli.stack import Stack
 from llmos.cli.tracetree import render_tree, trace_spans
 from llmos.settings import PlatformSettings
@@ -20,6 +21,7 @@ from llmos.v1 import (
     audit_pb2,
     audit_pb2_grpc,
     common_pb2,
+    dialogue_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
     tokenizer_pb2,
@@ -27,6 +29,7 @@ from llmos.v1 import (
 )
 
 DEMO_KB = Path(__file__).resolve().parents[3] / "demo" / "kb"
+DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"
 
 
 async def _wait_until_indexed(
@@ -83,6 +86,7 @@ async def _tour(settings: PlatformSettings) -> None:
         await _wait_until_indexed(ingest, [article.stem for article in DEMO_KB.glob("*.md")], md)
 
     await demo_tour(settings, api_key(settings))
+    await _voice_turn(settings, md)
     await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
     async with channel(settings, "audit") as audit_channel:
         audit = audit_pb2_grpc.AuditServiceStub(audit_channel)
@@ -99,6 +103,18 @@ async def _tour(settings: PlatformSettings) -> None:
         latest = max(submissions, key=lambda span: span["start_ns"])
         print(f"\n== trace of the last submission ({latest['trace_id']}; `llmos trace --last`)")
         print("\n".join(render_tree(trace_spans(spans, latest["trace_id"]))))
+
+
+async def _voice_turn(settings: PlatformSettings, md: Metadata) -> None:
+    """A spoken question, streamed in real time as from a microphone; the answer comes back spoken."""
+    print(f"\n== voice: a spoken question to DialogueService.Converse ({DEMO_QUESTION.name}, streamed in real time)")
+    async with channel(settings, "dialogue") as dialogue_channel:
+        turn = await voice_turn(dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel), md, DEMO_QUESTION.read_bytes())
+    print_voice_turn(turn)
+    answer = settings.home / "demo-answer.wav"
+    if turn.sample_rate:
+        answer.write_bytes(turn.wav())
+        print(f"answer audio: {turn.audio_s:.1f} s -> {answer}")
 
 
 def run_demo(settings: PlatformSettings) -> int:

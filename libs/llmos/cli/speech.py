@@ -137,6 +137,11 @@ class VoiceTurn:
     def audio_s(self) -> float:
         return len(self.audio) / 2 / self.sample_rate if self.sample_rate else 0.0
 
+    def wav(self) -> bytes:
+        from llmos.audio import encode_wav
+
+        return encode_wav(np.frombuffer(bytes(self.audio), "<i2"), self.sample_rate)
+
 
 async def voice_turn(
     stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Metadata, wav: bytes, *, voice: str = "", rate: int = 0,
@@ -208,8 +213,6 @@ def print_voice_turn(turn: VoiceTurn) -> None:
 
 
 def cmd_voice(args: argparse.Namespace) -> int:
-    from llmos.audio import encode_wav
-
     async def run() -> int:
         settings = load_settings(PlatformSettings)
         async with channel(settings, "dialogue") as dialogue_channel:
@@ -224,7 +227,7 @@ def cmd_voice(args: argparse.Namespace) -> int:
                 return 1
         print_voice_turn(turn)
         if turn.sample_rate:
-            args.output.write_bytes(encode_wav(np.frombuffer(bytes(turn.audio), "<i2"), turn.sample_rate))
+            args.output.write_bytes(turn.wav())
             print(f"answer audio: {turn.audio_s:.2f} s at {turn.sample_rate} Hz -> {args.output}  (session {turn.session_id})")
         return 0
 
