@@ -16,6 +16,7 @@ import nats
 import pytest
 from nats.js.kv import KeyValue
 
+from llmos.bus.broker import declare_buckets
 from llmos.cli.stack import nats_command, port_open
 from llmos.crypto import AtRest, Sealer, new_key_entry
 from llmos.errors import FailedPrecondition, InvalidArgument
@@ -125,7 +126,8 @@ class KvOnly:
 async def test_session_state_is_sealed_in_the_kv_and_on_disk(nats_server: NatsServer) -> None:
     connection = await nats.connect(nats_server.url)
     try:
-        bucket = await connection.jetstream().create_key_value(bucket=SESSIONS_BUCKET, history=1)
+        await declare_buckets(connection.jetstream())  # as the services declare it
+        bucket = await connection.jetstream().key_value(SESSIONS_BUCKET)
         marker = f"order NW-{uuid.uuid4().int % 10**8:08d} for quokka{uuid.uuid4().hex[:6]}"
         control = f"control quokka{uuid.uuid4().hex[:6]}"
         plain = SessionStore(KvOnly(bucket), 600, at_rest())  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.v1 import (
     audit_pb2,
@@ -75,6 +76,7 @@ async def test_the_audit_trail_is_confined_to_the_operators_tenant(stack: Runnin
 @dataclass(frozen=True)
 class LookAlikes:
     document_id: str
+    seeded_at: Timestamp
     secrets: dict[str, str]  # tenant -> a code only that tenant's document holds
     chunk_ids: dict[str, set[str]]  # tenant -> its document's chunk ids
 
@@ -86,6 +88,8 @@ class LookAlikes:
 async def look_alikes(stack: RunningStack) -> LookAlikes:
     """The same refund policy in acme and globex, differing only in the tenant's name and code."""
     document_id = f"refund-policy-{uuid.uuid4().hex[:6]}"
+    seeded_at = Timestamp()
+    seeded_at.GetCurrentTime()
     secrets = {tenant: f"{tenant.upper()}{uuid.uuid4().int % 10**6:06d}" for tenant in CALLERS}
     async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
         ingest = ingest_pb2_grpc.IngestServiceStub(channel)
@@ -113,7 +117,7 @@ async def look_alikes(stack: RunningStack) -> LookAlikes:
             assert secrets[tenant] in " ".join(chunk.text for chunk in document.chunks)
             chunk_ids[tenant] = {chunk.chunk_id for chunk in document.chunks}
     assert not chunk_ids["acme"] & chunk_ids["globex"]
-    return LookAlikes(document_id, secrets, chunk_ids)
+    return LookAlikes(document_id, seeded_at, secrets, chunk_ids)
 
 
 @pytest.mark.parametrize("tenant", list(CALLERS))
@@ -189,12 +193,13 @@ async def test_the_audit_trail_of_look_alikes_is_split_by_tenant(stack: RunningS
     resource = f"document/{look_alikes.document_id}"
     async with grpc.aio.insecure_channel(stack.addr("audit")) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
+        since = dict(start_time=look_alikes.seeded_at, page=common_pb2.PageRequest(page_size=1000))
         for _ in range(100):
-            every = [r async for r in audit.Query(audit_pb2.QueryAuditRequest(tenant="globex"), metadata=ADMIN)]
+            every = [r async for r in audit.Query(audit_pb2.QueryAuditRequest(tenant="globex", **since), metadata=ADMIN)]
             if any(r.event.resource == resource for r in every):
                 break
             await asyncio.sleep(0.1)
-        acme = [r async for r in audit.Query(audit_pb2.QueryAuditRequest(), metadata=ACME_OPERATOR)]
+        acme = [r async for r in audit.Query(audit_pb2.QueryAuditRequest(**since), metadata=ACME_OPERATOR)]
         assert any(r.event.resource == resource for r in acme), "acme's own record of the look-alike"
         assert {r.event.tenant for r in acme} == {"acme"}
         assert not any(look_alikes.secrets["globex"] in str(r) for r in acme)
