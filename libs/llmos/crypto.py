@@ -124,7 +124,13 @@ class AtRest:
             raise FailedPrecondition(
                 f"a record of {self.store} is encrypted (key {Sealer.key_id_of(record)!r}) but LLMOS_ENCRYPTION_KEYS is empty"
             )
-        return self.sealer.open(record, associated_data)
+        try:
+            return self.sealer.open(record, associated_data)
+        except InvalidArgument:
+            # A stored record, not the caller's input: say what is wrong with the store.
+            raise FailedPrecondition(
+                f"a record of {self.store} fails authentication: it was altered, or copied from another record"
+            ) from None
 
     def seal_text(self, text: str, associated_data: bytes) -> str:
         if self.sealer is None:

@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 from llmos.bus.broker import declare_buckets
 from llmos.cli.stack import nats_command, port_open
 from llmos.crypto import AtRest, Sealer, new_key_entry
-from llmos.errors import FailedPrecondition, InvalidArgument
+from llmos.errors import FailedPrecondition
 from llmos.settings import PlatformSettings, SettingsError
 from llmos.v1 import dialogue_pb2, retrieval_pb2
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore, StoredSession
@@ -105,7 +105,7 @@ def test_sealed_text_moved_to_another_tenant_does_not_open(tmp_path: Path) -> No
     (stolen,) = engine.chunks(ChunkFilter("acme"), with_vectors=True)
     stolen.chunk.tenant = "globex"  # the ciphertext copied as is into a globex point
     engine.upsert([IndexedChunk(stolen.chunk, "v1", 1.0, stolen.vector or [], Bm25Encoder(256.0).document("x"))])
-    with pytest.raises(InvalidArgument, match="another name"):
+    with pytest.raises(FailedPrecondition, match="fails authentication: it was altered, or copied"):
         sealed.chunks(ChunkFilter("globex"))
     engine.close()
 
