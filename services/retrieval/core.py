@@ -6,6 +6,9 @@
   is removed, so a shorter re-submission leaves no stale chunks. A message older than the
   version already stored (a late redelivery) changes nothing. The result is the
   `DocumentIndexed` event to publish.
+- Deletion leaves a tombstone (the deletion time) that indexing checks first: a version
+  submitted before the delete that is still in flight (embedding) when the delete lands is
+  dropped, not resurrected; a version submitted after it clears the tombstone.
 - Search: dense (query embedded by the inference service), sparse (BM25 with IDF), or hybrid:
   both candidate lists fused by reciprocal rank fusion. Always within one tenant.
 - Recommend: documents near the centroid of what the user read or was shown, leaving those out.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.errors import InvalidArgument, NotFound
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
-from services.retrieval.index import ChunkFilter, ChunkIndex, Hit, IndexedChunk
+from services.retrieval.index import ChunkFilter, ChunkIndex, Hit, IndexedChunk, SparseVector
 from services.retrieval.profiles import ProfileStore
 from services.retrieval.sparse import Bm25Encoder
 
@@ -36,6 +41,10 @@ MAX_FILTER_VALUES = 256
 ASKED_PER_SEARCH = 3
 # Read documents weigh more than documents a search only surfaced.
 READ_WEIGHT, ASKED_WEIGHT = 1.0, 0.5
+# Tombstones are records in the index itself, under a tenant no caller can name (tenants never
+# hold NUL), so tenant-filtered reads never see them. The index has exactly the scope they need:
+# shared by the replicas of a Qdrant server, one per replica when embedded, durable with the chunks.
+TOMBSTONE_TENANT = "\x00tombstones"
 
 
 class QueryEmbedder(Protocol):
@@ -85,6 +94,14 @@ def _filter(tenant: str, request_filter: retrieval_pb2.SearchFilter) -> ChunkFil
     )
 
 
+def _tombstone_key(tenant: str, document_id: str) -> str:
+    return f"{tenant}\x00{document_id}"
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
 def _normalized(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 0 else vector
@@ -115,8 +132,8 @@ class RetrievalCore:
     # Indexing ---------------------------------------------------------------------------
 
     def _validate(self, message: events_pb2.ChunksEmbedded) -> None:
-        if not message.tenant:
-            raise InvalidArgument("tenant", "every document belongs to a tenant")
+        if not message.tenant or "\x00" in message.tenant:
+            raise InvalidArgument("tenant", "every document belongs to a tenant (a name without NUL)")
         if not message.document_id:
             raise InvalidArgument("document_id", "is required")
         if not message.content_hash:
@@ -139,7 +156,7 @@ class RetrievalCore:
     async def index_embedded(self, message: events_pb2.ChunksEmbedded) -> events_pb2.DocumentIndexed | None:
         """Store a document's embedded chunks; the event to publish, or None for a stale message."""
         self._validate(message)
-        submitted_at = message.submitted_at.ToNanoseconds() / 1e9 if message.HasField("submitted_at") else 0.0
+        submitted_at = _seconds(message.submitted_at) if message.HasField("submitted_at") else 0.0
         items = [
             IndexedChunk(embedded.chunk, message.content_hash, submitted_at, list(embedded.vector), self._bm25.document(embedded.chunk.text))
             for embedded in message.chunks
@@ -147,6 +164,11 @@ class RetrievalCore:
         where = ChunkFilter(message.tenant, document_ids=(message.document_id,))
 
         def store() -> int | None:
+            deleted_at = self._deleted_at(message.tenant, message.document_id)
+            if deleted_at is not None:
+                if deleted_at >= submitted_at:
+                    return None  # this version was deleted while it was being embedded
+                self._index.delete_document(TOMBSTONE_TENANT, _tombstone_key(message.tenant, message.document_id))
             (stored,) = self._index.chunks(where, limit=1) or (None,)
             if stored is not None and stored.content_hash != message.content_hash and stored.submitted_at > submitted_at:
                 return None  # a newer version is already indexed
@@ -165,10 +187,36 @@ class RetrievalCore:
             indexed_at=now(),
         )
 
+    def _deleted_at(self, tenant: str, document_id: str) -> float | None:
+        """When the document was last deleted, if no later version has been indexed since."""
+        where = ChunkFilter(TOMBSTONE_TENANT, document_ids=(_tombstone_key(tenant, document_id),))
+        (tombstone,) = self._index.chunks(where, limit=1) or (None,)
+        return tombstone.submitted_at if tombstone is not None else None
+
+    def _tombstone(self, tenant: str, document_id: str, deleted_at: float) -> IndexedChunk:
+        key = _tombstone_key(tenant, document_id)
+        chunk = common_pb2.Chunk(
+            chunk_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"llmos:tombstone:{key}")), document_id=key, tenant=TOMBSTONE_TENANT
+        )
+        # Engines need a dense vector; any unit vector does, nothing searches this tenant.
+        unit = [1.0] + [0.0] * (self._dimensions - 1)
+        return IndexedChunk(chunk, "", deleted_at, unit, SparseVector([], []))
+
     async def delete_document(self, message: events_pb2.DocumentDeleted) -> None:
         if not message.tenant or not message.document_id:
             raise InvalidArgument("document_id" if message.tenant else "tenant", "is required")
-        await self._run(lambda: self._index.delete_document(message.tenant, message.document_id))
+        if "\x00" in message.tenant:
+            raise InvalidArgument("tenant", "a tenant name holds no NUL")
+        deleted_at = _seconds(message.deleted_at) if message.HasField("deleted_at") else time.time()
+        tombstone = self._tombstone(message.tenant, message.document_id, deleted_at)
+
+        def delete() -> None:
+            # Tombstone first: an index of an older version racing this delete then finds it.
+            if (self._deleted_at(message.tenant, message.document_id) or 0.0) < deleted_at:
+                self._index.upsert([tombstone])
+            self._index.delete_document(message.tenant, message.document_id)
+
+        await self._run(delete)
 
     # Search -----------------------------------------------------------------------------
 

@@ -153,6 +153,46 @@ async def test_resubmission_replaces_and_delete_removes(stack: RunningStack, emb
         pytest.fail("the deleted document is still served")
 
 
+async def test_a_delete_wins_over_a_version_still_being_embedded(stack: RunningStack, embedder, retrieval) -> None:  # type: ignore[no-untyped-def]
+    """The version submitted before a delete reaches retrieval after it: it stays deleted, and a
+    later re-submission brings the document back."""
+    url = stack.settings.nats_url
+    request = retrieval_pb2.GetDocumentRequest(document_id="raced")
+    before = await last_sequence(url, DOCS_INDEXED)
+    await publish(url, CHUNKS_EMBEDDED, embedded_message(embedder, "acme", "raced", ["Version one."], "v1", seconds=1000).SerializeToString())
+    await indexed_events(url, before, {("acme", "raced")})
+    deleted = events_pb2.DocumentDeleted(document_id="raced", tenant="acme")
+    deleted.deleted_at.FromSeconds(3000)
+    await publish(url, DOCS_DELETED, deleted.SerializeToString())
+    for _ in range(100):
+        try:
+            await retrieval.GetDocument(request, metadata=ADMIN)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("the delete was not applied")
+
+    # Submitted (2000) before the delete (3000), embedded after it; a marker document follows in the same lane.
+    before = await last_sequence(url, DOCS_INDEXED)
+    late = embedded_message(embedder, "acme", "raced", ["Version two, late."], "v2", seconds=2000)
+    await publish(url, CHUNKS_EMBEDDED, late.SerializeToString())
+    await publish(url, CHUNKS_EMBEDDED, embedded_message(embedder, "acme", "after-race", ["Marker."], "v1").SerializeToString())
+    events = await indexed_events(url, before, {("acme", "after-race")})
+    assert ("acme", "raced") not in {(event.tenant, event.document_id) for event in events}
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await retrieval.GetDocument(request, metadata=ADMIN)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+    before = await last_sequence(url, DOCS_INDEXED)
+    again = embedded_message(embedder, "acme", "raced", ["Version three, re-submitted."], "v3", seconds=4000)
+    await publish(url, CHUNKS_EMBEDDED, again.SerializeToString())
+    await indexed_events(url, before, {("acme", "raced")})
+    document = await retrieval.GetDocument(request, metadata=ADMIN)
+    assert [chunk.text for chunk in document.chunks] == ["Version three, re-submitted."]
+
+
 async def test_document_pages_and_recommendations(knowledge_base, retrieval) -> None:  # type: ignore[no-untyped-def]
     first = await retrieval.GetDocument(
         retrieval_pb2.GetDocumentRequest(document_id="returns", user_id="ann", page=common_pb2.PageRequest(page_size=1)),
