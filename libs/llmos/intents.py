@@ -10,9 +10,13 @@ embedding carries meaning, the n-grams carry the exact wording that tells close 
 
 Out-of-scope detection: examples labelled `out_of_scope` are a class of their own, and a message
 whose calibrated confidence is under a threshold is out of scope too. The confidence is
-P(prediction correct | SVM margin), fitted (Platt) on out-of-fold predictions of the training
-data; the threshold is the highest one that keeps the out-of-fold in-scope accuracy at or above a
-target, so it is never tuned on the data a result is reported on.
+P(prediction correct | evidence), a logistic model fitted on out-of-fold predictions of the
+training data, over two pieces of evidence: the SVM's score of the best intent (how far the message
+is on that intent's side, not merely ahead of the runner-up: a message unlike every intent has a
+low top score even when one intent wins clearly) and the cosine similarity of the message to the
+nearest training example of that intent (a message far from all of an intent's examples is
+probably not that intent). The threshold is the highest one that keeps the out-of-fold in-scope
+accuracy at or above a target, so it is never tuned on the data a result is reported on.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ OUT_OF_SCOPE = "out_of_scope"
 EMBEDDING_WEIGHT = 2.0
 SVM_C = 0.5
 CALIBRATION_FOLDS = 5
+# Bumped when the artefact's contents change, so older artefacts are retrained rather than misread.
+ARTEFACT_VERSION = 2
 ARTEFACT_FILE = "classifier.pkl"
 REPORT_FILE = "calibration.json"
 
@@ -120,37 +126,58 @@ def _fit(texts: Sequence[str], vectors: np.ndarray, labels: np.ndarray) -> tuple
     return featurizer, LinearSVC(C=SVM_C).fit(features, labels)
 
 
-def _top(svm: LinearSVC, features: spmatrix) -> tuple[np.ndarray, np.ndarray]:
-    """Best class and its margin over the runner-up, per row."""
+def _best(svm: LinearSVC, features: spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Best class and its SVM score, per row."""
     scores = svm.decision_function(features)
-    order = np.argsort(scores, axis=1)
-    rows = np.arange(len(scores))
-    best = order[:, -1]
-    margin = scores[rows, best] - scores[rows, order[:, -2]]
-    return svm.classes_[best], margin
+    best = scores.argmax(axis=1)
+    return svm.classes_[best], scores[np.arange(len(scores)), best]
+
+
+def _nearest_of_intent(vectors: np.ndarray, intents: np.ndarray, examples: np.ndarray, example_intents: np.ndarray) -> np.ndarray:
+    """Per row: cosine similarity to the closest example labelled with that row's intent (vectors are unit length)."""
+    similarity = vectors @ examples.T
+    nearest = np.full(len(vectors), -1.0)
+    for intent in np.unique(intents):
+        rows = intents == intent
+        columns = example_intents == intent
+        if columns.any():
+            nearest[rows] = similarity[np.ix_(rows, columns)].max(axis=1)
+    return nearest
+
+
+def _evidence(top_score: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    return np.column_stack([top_score, nearest])
 
 
 class IntentClassifier:
-    def __init__(self, featurizer: _Featurizer, svm: LinearSVC, platt: LogisticRegression, calibration: Calibration) -> None:
+    def __init__(
+        self,
+        featurizer: _Featurizer,
+        svm: LinearSVC,
+        examples: np.ndarray,
+        example_intents: np.ndarray,
+        confidence_model: LogisticRegression,
+        calibration: Calibration,
+    ) -> None:
         self._featurizer = featurizer
         self._svm = svm
-        self._platt = platt
+        self._examples = examples
+        self._example_intents = example_intents
+        self._confidence_model = confidence_model
         self.calibration = calibration
 
     @property
     def intents(self) -> list[str]:
         return [str(label) for label in self._svm.classes_ if label != OUT_OF_SCOPE]
 
-    def _confidence(self, margin: np.ndarray) -> np.ndarray:
-        return self._platt.predict_proba(margin.reshape(-1, 1))[:, 1]
-
     def predict(self, texts: Sequence[str], vectors: np.ndarray, threshold: float | None = None) -> list[Prediction]:
         """Classify; `threshold` overrides the calibrated one (e.g. to trace a recall curve)."""
         if not texts:
             return []
         cut = self.calibration.threshold if threshold is None else threshold
-        best, margin = _top(self._svm, self._featurizer.transform(texts, vectors))
-        confidence = self._confidence(margin)
+        best, top_score = _best(self._svm, self._featurizer.transform(texts, vectors))
+        nearest = _nearest_of_intent(vectors, best, self._examples, self._example_intents)
+        confidence = self._confidence_model.predict_proba(_evidence(top_score, nearest))[:, 1]
         return [
             Prediction(OUT_OF_SCOPE if score < cut else str(label), float(score), str(label))
             for label, score in zip(best, confidence, strict=True)
@@ -160,7 +187,11 @@ class IntentClassifier:
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f"{ARTEFACT_FILE}.partial"
         with partial.open("wb") as handle:
-            pickle.dump((self._featurizer, self._svm, self._platt, self.calibration), handle)
+            pickle.dump(
+                (ARTEFACT_VERSION, self._featurizer, self._svm, self._examples, self._example_intents, self._confidence_model,
+                 self.calibration),
+                handle,
+            )
         partial.replace(folder / ARTEFACT_FILE)
         (folder / REPORT_FILE).write_text(json.dumps(asdict(self.calibration), indent=2) + "\n", encoding="utf-8")
 
@@ -168,8 +199,10 @@ class IntentClassifier:
     def load(cls, folder: Path) -> IntentClassifier:
         # Only artefacts this module wrote under $LLMOS_HOME are loaded (pickle is trusted input here).
         with (folder / ARTEFACT_FILE).open("rb") as handle:
-            featurizer, svm, platt, calibration = pickle.load(handle)
-        return cls(featurizer, svm, platt, calibration)
+            version, *parts = pickle.load(handle)
+        if version != ARTEFACT_VERSION:
+            raise FailedPrecondition(f"intent classifier in {folder} has format {version}, expected {ARTEFACT_VERSION}; delete it to retrain")
+        return cls(*parts)
 
 
 def _choose_threshold(
@@ -199,24 +232,29 @@ def train_intent_classifier(
     texts = list(texts)
     folds = StratifiedKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
     predicted = np.empty(len(y), dtype=object)
-    margin = np.zeros(len(y))
+    top_score = np.zeros(len(y))
+    nearest = np.zeros(len(y))
     for train, held in folds.split(texts, y):
         featurizer, svm = _fit([texts[i] for i in train], vectors[train], y[train])
-        predicted[held], margin[held] = _top(svm, featurizer.transform([texts[i] for i in held], vectors[held]))
+        predicted[held], top_score[held] = _best(svm, featurizer.transform([texts[i] for i in held], vectors[held]))
+        # Nearest examples from this fold's training part only: a message is never its own neighbour.
+        nearest[held] = _nearest_of_intent(vectors[held], predicted[held], vectors[train], y[train])
     correct = predicted == y
-    # A tie (margin 0) is a coin toss: one anchor of each outcome there keeps the fit defined
-    # when every out-of-fold prediction was right (or wrong).
-    platt = LogisticRegression().fit(np.append(margin, [0.0, 0.0]).reshape(-1, 1), np.append(correct, [True, False]))
-    confidence = platt.predict_proba(margin.reshape(-1, 1))[:, 1]
+    evidence = _evidence(top_score, nearest)
+    # One anchor of each outcome at the mean evidence keeps the fit defined when every
+    # out-of-fold prediction was right (or wrong).
+    anchors = np.repeat(evidence.mean(axis=0, keepdims=True), 2, axis=0)
+    confidence_model = LogisticRegression().fit(np.vstack([evidence, anchors]), np.append(correct, [True, False]))
+    confidence = confidence_model.predict_proba(evidence)[:, 1]
     is_oos = y == OUT_OF_SCOPE
     calibration = _choose_threshold(correct, confidence, is_oos, predicted == OUT_OF_SCOPE, target_in_scope_accuracy)
     featurizer, svm = _fit(texts, vectors, y)
-    return IntentClassifier(featurizer, svm, platt, calibration)
+    return IntentClassifier(featurizer, svm, np.asarray(vectors, dtype=np.float32), y, confidence_model, calibration)
 
 
 def artefact_folder(home: Path, intents_file: Path, target_in_scope_accuracy: float) -> Path:
     """Where the classifier of this exact intents file and target lives: rebuilt when either changes."""
-    digest = hashlib.sha256(intents_file.read_bytes() + f"|{target_in_scope_accuracy}|{EMBEDDING_WEIGHT}|{SVM_C}".encode())
+    digest = hashlib.sha256(intents_file.read_bytes() + f"|{target_in_scope_accuracy}|{EMBEDDING_WEIGHT}|{SVM_C}|{ARTEFACT_VERSION}".encode())
     return home / "intents" / f"{intents_file.stem}-{digest.hexdigest()[:16]}"
 
 

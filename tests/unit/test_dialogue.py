@@ -279,6 +279,18 @@ def test_classifier_calibrates_its_threshold_and_round_trips(tmp_path: Path) -> 
     assert {p.intent for p in loaded.predict(texts[:5], matrix[:5], threshold=1.01)} == {OUT_OF_SCOPE}
 
 
+def test_out_of_scope_evidence_is_the_nearest_example_of_the_predicted_intent() -> None:
+    from llmos.intents import _nearest_of_intent
+
+    examples = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    example_intents = np.array(["a", "b", "b"])
+    messages = np.array([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6]], dtype=np.float32)
+    nearest = _nearest_of_intent(messages, np.array(["a", "b", "b"]), examples, example_intents)
+    # The second message sits on an "a" example: as a "b" it is only as close as b's nearest example.
+    assert nearest == pytest.approx([1.0, 0.6, 0.96])
+    assert _nearest_of_intent(messages[:1], np.array(["c"]), examples, example_intents)[0] == -1.0
+
+
 # --- whole turns ----------------------------------------------------------------------------
 
 
