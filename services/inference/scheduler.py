@@ -7,10 +7,10 @@ joins at the next step and leaves the moment it finishes or its caller goes away
 
 Each priority class has its own bounded queue. Admission order: interactive before standard
 before batch; within a class, the tenant with the fewest running sequences first (fair share),
-then the oldest request. While sequences are decoding, a non-interactive prompt is prefilled one
-chunk per turn, one prompt at a time (its row rides along in the decode steps, its logits unused,
-and the next chunk overwrites what that step wrote), so an interactive request that arrives waits
-for at most one chunk and one step, and the running streams keep stepping. `reserved_interactive` slots are never given to batch work; when
+then the oldest request. While sequences are decoding, non-interactive prompts share a budget of
+PREFILL_CHUNK_TOKENS prompt tokens a turn (a prompt not finished rides along in the decode steps,
+its logits unused, and its next piece overwrites what those steps wrote), so an interactive
+request that arrives waits for at most one budget and one step, and running streams keep stepping. `reserved_interactive` slots are never given to batch work; when
 an interactive request finds every slot taken, a running batch sequence is pre-empted: its KV
 cache is parked in host memory and it waits again, to resume where it stopped (no prefill) when
 a slot frees. A bulk job therefore never makes a chat wait for a generation to end.
@@ -319,25 +319,34 @@ class GenerationScheduler:
         self._cancel_all()
 
     def _admit(self) -> None:
-        """Give free slots to waiting requests, one decision at a time, and move prefills on."""
+        """Give free slots to waiting requests, one decision at a time, and move prefills on.
+
+        While streams decode, non-interactive prompts get PREFILL_CHUNK_TOKENS prompt tokens a
+        turn, unfinished ones first; interactive prompts are prefilled whole, before them.
+        """
         decoding = any(not sequence.prefilling for sequence in self._running)
+        budget = PREFILL_CHUNK_TOKENS if decoding else self._decoder.max_context
+        self._admit_waiting(0)
+        for sequence in [sequence for sequence in self._running if sequence.prefilling]:
+            if budget > 0:
+                budget -= self._prefill(sequence, budget)
+        self._admit_waiting(budget)
+
+    def _admit_waiting(self, budget: int) -> None:
+        """Admit waiting requests while slots are free; non-interactive ones only within `budget` prompt tokens."""
         while True:
-            # One non-interactive prompt in flight at a time; chats always go in.
-            chats_only = decoding and any(sequence.prefilling for sequence in self._running)
             with self._condition:
-                sequence = self._next_admission(chats_only)
+                sequence = self._next_admission(chats_only=budget <= 0)
             if sequence is None:
-                break
+                return
             if sequence.parked is not None:
                 self._resume(sequence)
-                continue
-            self._take_slot(sequence)
-            if not decoding or sequence.rank == INTERACTIVE_RANK:
+            elif sequence.rank == INTERACTIVE_RANK:
+                self._take_slot(sequence)
                 self._prefill(sequence, len(sequence.request.prompt_ids))
-        for sequence in self._running:
-            if sequence.prefilling:
-                self._prefill(sequence, sequence.prompt_done + PREFILL_CHUNK_TOKENS)
-                break
+            else:
+                self._take_slot(sequence)
+                budget -= self._prefill(sequence, budget)
 
     def _next_admission(self, chats_only: bool) -> _Sequence | None:
         """The waiting request that takes a slot now, if any (called with the condition held)."""
@@ -403,23 +412,28 @@ class GenerationScheduler:
             self._decoder.load_prefix(sequence.row, entry, cached)
         sequence.cached_tokens = sequence.prompt_done = sequence.length = cached
 
-    def _prefill(self, sequence: _Sequence, until: int) -> None:
-        """Run the prompt into the sequence's row up to token `until`; at its end, sample the first token."""
+    def _prefill(self, sequence: _Sequence, tokens: int) -> int:
+        """Run up to `tokens` more prompt tokens into the sequence's row; returns how many ran.
+
+        At the prompt's end it samples the first token.
+        """
         prompt = np.asarray(sequence.request.prompt_ids, dtype=np.int64)
-        until = min(until, len(prompt))
+        started = sequence.prompt_done
+        until = min(started + tokens, len(prompt))
         if 0 < len(prompt) - until < MIN_PREFILL_PIECE:
             until = len(prompt) - MIN_PREFILL_PIECE
-        done = sequence.prompt_done
+        done = started
         while done < until:
             end = min(done + PREFILL_CHUNK_TOKENS, until)
             logits = self._decoder.prefill(sequence.row, prompt[:end], cached=done)
             done = end
         sequence.prompt_done = sequence.length = done
         if sequence.prefilling:
-            return
+            return done - started
         if len(prompt) >= self._prefix_cache.min_tokens and sequence.cached_tokens < len(prompt) - MIN_PREFILL_PIECE:
             self._prefix_cache.add(self._decoder.save_prefix(sequence.row, prompt))
         self._accept(sequence, sample(logits, sequence.request.sampling, sequence.rng))
+        return done - started
 
     def _step(self) -> None:
         running = list(self._running)
