@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest bench-chat
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest bench-chat bench-audit
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -69,6 +69,9 @@ bench-chat: models
 bench-ingest: models
 	$(PYTHON) -m bench.ingest
 	$(PYTHON) -m bench.ingest.embedded_qdrant
+
+bench-audit: install
+	$(PYTHON) -m bench.audit
 
 clean:
 	rm -rf .llmos .pytest_cache
