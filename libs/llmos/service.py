@@ -158,5 +158,9 @@ def run_service(definition: ServiceDefinition[SettingsT]) -> None:
     telemetry = setup_telemetry(definition.name, settings.otlp_endpoint, settings.telemetry_dir)
     try:
         asyncio.run(_serve(definition, settings))
+    except SettingsError as exc:
+        # Raised while the parts are built (e.g. no encryption keys for data at rest): one line, no traceback.
+        print(f"{definition.name}: {exc}", file=sys.stderr)
+        sys.exit(2)
     finally:
         telemetry.shutdown()
