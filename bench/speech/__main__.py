@@ -1,31 +1,46 @@
-"""`python -m bench.speech`: ASR real-time factor, TTS real-time factor, time to first audio.
+"""`python -m bench.speech`: ASR real-time factor, TTS real-time factor and time to first audio,
+and voice-turn latency from the end of speech to the first answer audio.
 
-Runs the service's own engines in-process (no network): PocketSphinx through the endpointed
-recognizer on the shared recordings, beside a plain whole-clip PocketSphinx decode as the
-reference measured in the same run; Kokoro and espeak-ng through the voices SynthesizeStream
-uses, timing the first sentence (time to first audio chunk) and the whole text. Targets on this
-machine: ASR RTF <= 0.3, Kokoro first audio <= 1 s for a short sentence.
+ASR and TTS run the service's own engines in-process (no network): PocketSphinx through the
+endpointed recognizer on the shared recordings, beside a plain whole-clip PocketSphinx decode as
+the reference measured in the same run; Kokoro and espeak-ng through the voices SynthesizeStream
+uses, timing a short sentence, the first piece of a streamed answer (what a caller hears first)
+and a whole text. Voice turns go through a private embedded stack (free ports, temporary home):
+`demo/kb` is indexed, questions are spoken once by the speech service (Kokoro) and each is
+streamed to DialogueService.Converse in real time, as `llmos voice` does; the answer is spoken
+by the default voice, and the caller hangs up once it is heard. Targets on this machine: ASR RTF <= 0.3, Kokoro first audio <= 1 s for a
+short sentence; voice agents (Pipecat, LiveKit) aim at 500-800 ms voice-to-voice on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from pocketsphinx import Decoder
 
-from llmos.audio import Encoding, EndpointConfig, decode_clip, resample, samples_to_pcm
-from llmos.cli.speech import audio_request_bytes
+from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, resample, samples_to_pcm
+from llmos.cli.client import channel
+from llmos.cli.speech import DEMO_QUESTIONS, VoiceTurn, audio_request_bytes, voice_turn
+from llmos.cli.stack import Stack
+from llmos.grpcutil.client import bearer
 from llmos.models import artefact_dir
+from llmos.settings import PlatformSettings, load_settings
+from llmos.v1 import dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
 from services.speech.asr import AsrEngine, recognize_clip
 from llmos.utterances import split_for_speech
 from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice
 
 RESULTS = Path("bench/results/speech.json")
 SHORT = "Your order has shipped."
+# A typical grounded answer: what matters is how soon its first piece is heard.
+ANSWER = "Gift cards are valid for three years, and you can use them in our shops and online."
 LONG = (
     "Your order has shipped and should arrive within three working days. "
     "You can follow the parcel with the tracking link we sent by e-mail. "
@@ -56,21 +71,90 @@ def asr(data: Path, limit: int) -> dict[str, float]:
 
 
 def tts(voice: KokoroVoice | EspeakVoice, repeats: int) -> dict[str, float]:
-    voice.speak("Hello.", 1.0)  # warm-up: first inference allocates
-    first, rtf = [], []
+    voice.speak("Hello.", 1.0)  # warm-up: the service does the same at start
+    first, first_piece, rtf = [], [], []
     for _ in range(repeats):
         started = time.perf_counter()
         audio = voice.speak(SHORT, 1.0)
         first.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        voice.speak(split_for_speech(ANSWER)[0], 1.0)
+        first_piece.append(time.perf_counter() - started)
     for _ in range(max(1, repeats // 2)):
         started = time.perf_counter()
-        total = sum(len(voice.speak(sentence, 1.0)) for sentence in split_sentences(LONG))
+        total = sum(len(voice.speak(piece, 1.0)) for piece in split_for_speech(LONG))
         rtf.append((time.perf_counter() - started) / (total / voice.info.sample_rate))
     return {
         "first_audio_p50_s": statistics.median(first),
         "first_audio_max_s": max(first),
+        "answer_first_piece_p50_s": statistics.median(first_piece),
         "short_sentence_audio_s": len(audio) / voice.info.sample_rate,
         "rtf": statistics.median(rtf),
+    }
+
+
+BENCH_KEY = "bench-admin-key"  # bench.chat's private stack: tenant "bench", administrator
+
+
+async def spoken_questions(settings: PlatformSettings, questions: list[str]) -> list[bytes]:
+    """Each question said once by the speech service (Kokoro), 16 kHz WAV, a short pause before it."""
+    metadata = (("authorization", bearer(BENCH_KEY)),)
+    async with channel(settings, "speech") as speech_channel:
+        stub = speech_pb2_grpc.SpeechServiceStub(speech_channel)
+        recordings = []
+        for question in questions:
+            response = await stub.Synthesize(
+                speech_pb2.SynthesizeSpeechRequest(text=question, voice_name="jm_kumo", sample_rate_hz=16000),
+                metadata=metadata, timeout=300,
+            )
+            samples = np.concatenate([np.zeros(4800, np.int16), pcm_to_samples(response.audio)])
+            recordings.append(encode_wav(samples, 16000))
+    return recordings
+
+
+async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -> list[VoiceTurn]:
+    metadata = (("authorization", bearer(BENCH_KEY)),)
+    turns = []
+    async with channel(settings, "dialogue") as dialogue_channel:
+        stub = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
+        for recording in recordings:
+            # Hanging up at the first answer audio cancels the rest of the turn, so one turn's long
+            # answer does not slow the next one down.
+            turns.append(await voice_turn(stub, metadata, recording, until_first_audio=True))
+    return turns
+
+
+def voice_turns(count: int) -> dict[str, object]:
+    from bench.chat.__main__ import index_kb, private_environment
+
+    lines = [q for q in DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines() if q.strip() and not q.startswith("#")]
+    questions = lines[:count]
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-speech-") as folder:
+        private_environment(Path(folder))
+        settings = load_settings(PlatformSettings)
+        stack = Stack(settings)
+        print(f"starting a private stack in {folder} …")
+        print(f"SERVING after {stack.start():.1f} s")
+        try:
+            asyncio.run(index_kb(settings, (("authorization", bearer(BENCH_KEY)),)))
+            recordings = asyncio.run(spoken_questions(settings, questions))
+            turns = asyncio.run(run_voice_turns(settings, recordings))
+        finally:
+            stack.stop()
+
+    def percentiles(values: list[float | None]) -> dict[str, float]:
+        seen = [value for value in values if value is not None]
+        return {"p50": float(np.percentile(seen, 50)), "p95": float(np.percentile(seen, 95)), "count": len(seen)}
+
+    return {
+        "turns": len(turns),
+        "final_transcript_s": percentiles([t.final_transcript_s for t in turns]),
+        "first_answer_text_s": percentiles([t.first_answer_text_s for t in turns]),
+        "first_answer_audio_s": percentiles([t.first_answer_audio_s for t in turns]),
+        "detail": [
+            {"question": q, "heard": t.transcript, "answer_start": t.answer, "first_answer_audio_s": t.first_answer_audio_s}
+            for q, t in zip(questions, turns, strict=True)
+        ],
     }
 
 
@@ -80,10 +164,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--home", type=Path, default=Path(".llmos"))
+    parser.add_argument("--tts-threads", type=int, default=0, help="ONNX Runtime threads for Kokoro (0: its default), as LLMOS_SPEECH_TTS_THREADS")
+    parser.add_argument("--voice-turns", type=int, default=10, help="voice turns through a private stack (0: skip)")
     args = parser.parse_args()
 
     results: dict[str, object] = {"asr": asr(args.data, args.clips)}
-    model = KokoroModel(artefact_dir(args.home, "kokoro-82m"), ["CPUExecutionProvider"])
+    model = KokoroModel(artefact_dir(args.home, "kokoro-82m"), ["CPUExecutionProvider"], args.tts_threads)
     results["kokoro_jm_kumo"] = tts(KokoroVoice(model, "jm_kumo"), args.repeats)
     results["espeak_ng"] = tts(EspeakVoice(), args.repeats)
 
@@ -94,8 +180,16 @@ def main() -> None:
         r = results[name]
         target = "<= 1.00" if name.startswith("kokoro") else ""
         print(f"{name + ' first audio, short sentence (s)':<44} {r['first_audio_p50_s']:>8.2f} {'':>10} {target:>8}")
+        print(f"{name + ' first piece of an answer (s)':<44} {r['answer_first_piece_p50_s']:>8.2f}")
         print(f"{name + ' RTF (3 sentences)':<44} {r['rtf']:>8.2f}")
     print("reference: plain whole-clip PocketSphinx decode of the same clips in this run")
+    if args.voice_turns:
+        results["voice_turns"] = voice = voice_turns(args.voice_turns)
+        print(f"\nvoice turns through Converse, {voice['turns']} spoken questions, seconds from the end of speech")
+        print(f"{'event':<28} {'p50':>7} {'p95':>7}")
+        for key in ("final_transcript_s", "first_answer_text_s", "first_answer_audio_s"):
+            print(f"{key.removesuffix('_s').replace('_', ' '):<28} {voice[key]['p50']:>7.2f} {voice[key]['p95']:>7.2f}")
+        print("reference: Pipecat / LiveKit voice agents aim at 0.5-0.8 s voice-to-voice on GPUs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")

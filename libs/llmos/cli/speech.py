@@ -145,10 +145,11 @@ class VoiceTurn:
 
 async def voice_turn(
     stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Metadata, wav: bytes, *, voice: str = "", rate: int = 0,
-    session_id: str = "", realtime: bool = True,
+    session_id: str = "", realtime: bool = True, until_first_audio: bool = False,
 ) -> VoiceTurn:
     """Stream a recording to Converse as a microphone would (100 ms chunks, in real time unless
-    `realtime` is off), then a second of silence; collect the turn and time it from the end of speech."""
+    `realtime` is off), then a second of silence; collect the turn and time it from the end of speech.
+    `until_first_audio`: hang up once the answer starts to be heard (the service cancels the rest)."""
     from llmos.audio import Encoding, decode_clip, samples_to_pcm
 
     clip = decode_clip(wav, Encoding.WAV, 0, "recording")
@@ -180,7 +181,8 @@ async def voice_turn(
     def since_speech_end() -> float:
         return time.perf_counter() - speech_ended
 
-    async for event in stub.Converse(requests(), metadata=metadata, timeout=TIMEOUT_S):
+    call = stub.Converse(requests(), metadata=metadata, timeout=TIMEOUT_S)
+    async for event in call:
         kind = event.WhichOneof("event")
         turn.session_id = event.session_id or turn.session_id
         if kind == "transcript" and event.transcript.is_final and event.transcript.alternatives:
@@ -193,6 +195,9 @@ async def voice_turn(
             turn.first_answer_audio_s = turn.first_answer_audio_s or since_speech_end()
             turn.sample_rate = event.audio.sample_rate_hz
             turn.audio.extend(event.audio.audio)
+            if until_first_audio:
+                call.cancel()
+                break
         elif kind == "turn_completed":
             turn.completed_s = since_speech_end()
             turn.citations = [citation.document_id for citation in event.turn_completed.citations]
