@@ -40,10 +40,8 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
 
     embedding_dir = artefact_dir(settings.home, EMBEDDING_MODEL, EMBEDDING_VARIANT)
     embedding_model = EmbeddingModel.from_dir(embedding_dir, providers, threads)
-    embed_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
     batcher = EmbedBatcher(
         embedding_model.embed,
-        embed_executor,
         settings.inference_embed_max_batch,
         settings.inference_embed_max_batch_tokens,
         settings.inference_embed_max_delay_ms / 1000,
@@ -90,7 +88,6 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
     async def close() -> None:
         await scheduler.stop()
         await batcher.stop()
-        embed_executor.shutdown(wait=True)
 
     return ServiceParts(
         grpc=[

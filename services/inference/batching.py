@@ -1,13 +1,15 @@
 """Dynamic batching of embedding requests.
 
 Texts from every caller (Embed RPCs, the chunk consumer) wait in one queue per priority class.
-The worker takes the oldest text of the most urgent class and fills the batch with texts of that
-class closest to it in token length (less padding), waiting at most `max_delay_s` for company
-when the batch is not full. A batch is full at `max_batch` texts or `max_batch_tokens` padded
-tokens (texts x longest), which bounds how long one model call runs: an interactive text waits at
-most for the one batch already running, never behind a bulk backlog, and that batch is short.
-On CPU the model's cost is nearly linear in padded tokens, so small batches of long texts cost
-no throughput; short texts still batch by the dozen.
+Two lanes serve the queues, each with its own worker and model-call thread, so their calls run
+side by side: the interactive lane (live updates, search queries) never waits for a bulk batch
+to finish, and the bulk lane serves standard, then batch texts. A lane's worker takes the oldest
+text of its most urgent class and fills the batch with texts of that class closest to it in
+token length (less padding), waiting at most `max_delay_s` for company when the batch is not
+full. A batch is full at `max_batch` texts or `max_batch_tokens` padded tokens (texts x
+longest), which keeps each call short, so an interactive call shares the cores with a bulk one
+only briefly; on CPU the model's cost is near-linear in padded tokens, so small batches of long
+texts cost no throughput, and short texts still batch by the dozen.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +36,8 @@ PRIORITY_RANK = {
 PRIORITY_NAMES = {0: "interactive", 1: "standard", 2: "batch"}
 # How many queued texts of a class are considered when choosing lengths to batch together.
 LENGTH_WINDOW_BATCHES = 8
+# The lanes: the priority ranks each serves, most urgent first.
+LANES: dict[str, tuple[int, ...]] = {"interactive": (0,), "bulk": (1, 2)}
 
 EmbedFunction = Callable[[Sequence[str]], np.ndarray]
 
@@ -54,21 +58,23 @@ class EmbedBatcher:
     def __init__(
         self,
         embed: EmbedFunction,
-        executor: Executor,
         max_batch: int,
         max_batch_tokens: int,
         max_delay_s: float,
         queue_size: int,
     ) -> None:
         self._embed = embed
-        self._executor = executor
+        # One model-call thread per lane: the embed function must allow concurrent calls
+        # (an ONNX Runtime session does).
+        self._executor = ThreadPoolExecutor(max_workers=len(LANES), thread_name_prefix="embed")
         self._max_batch = max_batch
         self._max_batch_tokens = max_batch_tokens
         self._max_delay_s = max_delay_s
         self._queue_size = queue_size
         self._queues: list[list[_Pending]] = [[] for _ in PRIORITY_NAMES]
-        self._arrival = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._arrivals = {lane: asyncio.Event() for lane in LANES}
+        self._lane_of_rank = {rank: lane for lane, ranks in LANES.items() for rank in ranks}
+        self._tasks: list[asyncio.Task[None]] = []
         # Seconds per text, smoothed: the basis of the retry hint when the queue is full.
         self._seconds_per_text = 0.005
         meter = metrics.get_meter("llmos.inference")
@@ -84,12 +90,14 @@ class EmbedBatcher:
         return sum(len(queue) for queue in self._queues)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="embed-batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(lane), name=f"embed-{lane}") for lane in LANES]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
 
     async def embed(
         self, texts: Sequence[str], tokens: Sequence[int], priority: int, bounded: bool = True
@@ -108,8 +116,9 @@ class EmbedBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         pending = [_Pending(text, count, now, loop.create_future()) for text, count in zip(texts, tokens, strict=True)]
-        self._queues[priority_rank(priority)].extend(pending)
-        self._arrival.set()
+        rank = priority_rank(priority)
+        self._queues[rank].extend(pending)
+        self._arrivals[self._lane_of_rank[rank]].set()
         try:
             return np.stack(await asyncio.gather(*(item.future for item in pending)))
         except asyncio.CancelledError:
@@ -117,9 +126,12 @@ class EmbedBatcher:
                 item.future.cancel()  # the worker skips cancelled texts
             raise
 
-    def _next_batch(self) -> tuple[int, list[_Pending]]:
-        """The oldest text of the most urgent class, with the texts nearest its length that fit."""
-        rank = next(rank for rank, queue in enumerate(self._queues) if queue)
+    def _most_urgent(self, lane: str) -> int | None:
+        """The most urgent rank of `lane` with texts waiting."""
+        return next((rank for rank in LANES[lane] if self._queues[rank]), None)
+
+    def _next_batch(self, rank: int) -> list[_Pending]:
+        """The oldest text of the class, with the texts nearest its length that fit."""
         queue = self._queues[rank]
         anchor = queue[0]
         window = sorted(queue[1:self._max_batch * LENGTH_WINDOW_BATCHES], key=lambda item: abs(item.tokens - anchor.tokens))
@@ -132,37 +144,43 @@ class EmbedBatcher:
                 longest = max(longest, item.tokens)
         chosen = {id(item) for item in batch}
         self._queues[rank] = [item for item in queue if id(item) not in chosen]
-        return rank, batch
+        return batch
 
     def _can_fill(self, queue: list[_Pending]) -> bool:
         """Whether the queued texts already make a full batch, so waiting for more gains nothing."""
         return len(queue) >= self._max_batch or sum(item.tokens for item in queue) >= self._max_batch_tokens
 
-    async def _wait_for_company(self) -> None:
-        """Give a batch that is not full up to max_delay_s (from its oldest text) to fill."""
+    async def _wait_for_company(self, lane: str) -> int | None:
+        """Give a batch that is not full up to max_delay_s (from its oldest text) to fill; its rank."""
+        arrival = self._arrivals[lane]
         while True:
-            rank = next(rank for rank, queue in enumerate(self._queues) if queue)
+            rank = self._most_urgent(lane)
+            if rank is None:
+                return None
             queue = self._queues[rank]
             remaining = queue[0].arrived + self._max_delay_s - time.perf_counter()
             if self._can_fill(queue) or remaining <= 0:
-                return
-            self._arrival.clear()
+                return rank
+            arrival.clear()
             try:
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+                await asyncio.wait_for(arrival.wait(), remaining)
             except TimeoutError:
-                return
+                return rank
 
-    async def _run(self) -> None:
+    async def _run(self, lane: str) -> None:
         loop = asyncio.get_running_loop()
+        arrival = self._arrivals[lane]
         while True:
-            for queue in self._queues:
-                queue[:] = [item for item in queue if not item.future.cancelled()]
-            if not self.waiting:
-                self._arrival.clear()
-                await self._arrival.wait()
+            for rank in LANES[lane]:
+                self._queues[rank][:] = [item for item in self._queues[rank] if not item.future.cancelled()]
+            if self._most_urgent(lane) is None:
+                arrival.clear()
+                await arrival.wait()
                 continue
-            await self._wait_for_company()
-            rank, batch = self._next_batch()
+            rank = await self._wait_for_company(lane)
+            if rank is None:
+                continue
+            batch = self._next_batch(rank)
             batch = [item for item in batch if not item.future.cancelled()]
             if not batch:
                 continue
