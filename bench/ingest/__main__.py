@@ -31,6 +31,7 @@ from nats.js.errors import NotFoundError
 
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED, stream_for
 from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
+from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 
@@ -77,7 +78,8 @@ class PrivateStack:
             time.sleep(0.05)
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
         env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
-        env.update({"LLMOS_HOME": str(home), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
+        # Chunk text is sealed at rest as in production: a fresh data key for this throwaway stack.
+        env.update({"LLMOS_HOME": str(home), "LLMOS_ENCRYPTION_KEYS": new_key_entry("bench"), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
                     "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
                     "PYTHONPATH": str(REPO), **overrides})
         saved = dict(os.environ)
@@ -93,7 +95,11 @@ class PrivateStack:
             with (home / "logs" / f"{name}.log").open("wb") as log:
                 self.processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=home, env=env,
                                                         stdout=log, stderr=subprocess.STDOUT)
-        wait_until_serving(self.settings, self.processes, timeout_s=180)
+        try:
+            wait_until_serving(self.settings, self.processes, timeout_s=180)
+        except BaseException:
+            self.stop()  # a service that failed to start leaves no others running
+            raise
 
     def peak_rss_mb(self) -> dict[str, float]:
         """Each service's peak resident memory so far (VmHWM)."""
