@@ -94,14 +94,25 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How the threshold was chosen, from out-of-fold predictions on the training data."""
+    """How the threshold was chosen: on out-of-fold predictions of the training data, or on a
+    held-out calibration set when one was given."""
 
     threshold: float
     target_in_scope_accuracy: float
-    in_scope_accuracy: float  # out-of-fold, at the threshold
-    oos_recall: float  # out-of-fold, at the threshold; 0 when there were no negative examples
+    in_scope_accuracy: float  # on the calibration predictions, at the threshold
+    oos_recall: float  # on the calibration predictions, at the threshold; 0 when there were no negative examples
     in_scope_examples: int
     oos_examples: int
+    source: str = "out-of-fold training predictions"
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Examples held out from training, with their embedding vectors."""
+
+    texts: list[str]
+    labels: list[str]
+    vectors: np.ndarray
 
 
 class _Featurizer:
@@ -206,12 +217,12 @@ class IntentClassifier:
 
 
 def _choose_threshold(
-    correct: np.ndarray, confidence: np.ndarray, is_oos: np.ndarray, predicted_oos: np.ndarray, target: float
+    correct: np.ndarray, confidence: np.ndarray, is_oos: np.ndarray, predicted_oos: np.ndarray, target: float, source: str
 ) -> Calibration:
     """The highest threshold whose in-scope accuracy stays >= target (more rejections, more OOS recall)."""
     in_scope = ~is_oos
     best = Calibration(0.0, target, float(correct[in_scope].mean()), float(predicted_oos[is_oos].mean()) if is_oos.any() else 0.0,
-                       int(in_scope.sum()), int(is_oos.sum()))
+                       int(in_scope.sum()), int(is_oos.sum()), source)
     if not is_oos.any():
         return best
     for threshold in np.unique(confidence):
@@ -220,14 +231,25 @@ def _choose_threshold(
         if accuracy < target:
             break
         recall = float((predicted_oos | rejected)[is_oos].mean())
-        best = Calibration(float(threshold), target, accuracy, recall, int(in_scope.sum()), int(is_oos.sum()))
+        best = Calibration(float(threshold), target, accuracy, recall, int(in_scope.sum()), int(is_oos.sum()), source)
     return best
 
 
 def train_intent_classifier(
-    texts: Sequence[str], labels: Sequence[str], vectors: np.ndarray, target_in_scope_accuracy: float, seed: int = 0
+    texts: Sequence[str],
+    labels: Sequence[str],
+    vectors: np.ndarray,
+    target_in_scope_accuracy: float,
+    seed: int = 0,
+    threshold_set: LabelledSet | None = None,
 ) -> IntentClassifier:
-    """Train on every example, calibrating confidence and threshold on out-of-fold predictions."""
+    """Train on every example, calibrating confidence and threshold on out-of-fold predictions.
+
+    With `threshold_set` (held-out examples, e.g. a benchmark's validation split) the threshold is
+    chosen on the final classifier's predictions of those instead: out-of-fold predictions of a
+    training set whose examples resemble each other more than they resemble new messages are
+    over-confident, and a threshold chosen on them rejects more in-scope messages than intended.
+    """
     y = np.asarray(labels)
     texts = list(texts)
     folds = StratifiedKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
@@ -247,9 +269,20 @@ def train_intent_classifier(
     confidence_model = LogisticRegression().fit(np.vstack([evidence, anchors]), np.append(correct, [True, False]))
     confidence = confidence_model.predict_proba(evidence)[:, 1]
     is_oos = y == OUT_OF_SCOPE
-    calibration = _choose_threshold(correct, confidence, is_oos, predicted == OUT_OF_SCOPE, target_in_scope_accuracy)
+    calibration = _choose_threshold(
+        correct, confidence, is_oos, predicted == OUT_OF_SCOPE, target_in_scope_accuracy, Calibration.source
+    )
     featurizer, svm = _fit(texts, vectors, y)
-    return IntentClassifier(featurizer, svm, np.asarray(vectors, dtype=np.float32), y, confidence_model, calibration)
+    classifier = IntentClassifier(featurizer, svm, np.asarray(vectors, dtype=np.float32), y, confidence_model, calibration)
+    if threshold_set is not None:
+        held = np.asarray(threshold_set.labels)
+        predictions = classifier.predict(threshold_set.texts, threshold_set.vectors, threshold=0.0)
+        best = np.array([prediction.best_intent for prediction in predictions])
+        classifier.calibration = _choose_threshold(
+            best == held, np.array([prediction.confidence for prediction in predictions]), held == OUT_OF_SCOPE,
+            best == OUT_OF_SCOPE, target_in_scope_accuracy, f"held-out set of {len(held)} examples",
+        )
+    return classifier
 
 
 def artefact_folder(home: Path, intents_file: Path, target_in_scope_accuracy: float) -> Path:

@@ -279,6 +279,30 @@ def test_classifier_calibrates_its_threshold_and_round_trips(tmp_path: Path) -> 
     assert {p.intent for p in loaded.predict(texts[:5], matrix[:5], threshold=1.01)} == {OUT_OF_SCOPE}
 
 
+def test_a_held_out_set_sets_the_threshold_when_given() -> None:
+    from llmos.intents import LabelledSet
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 16))
+
+    def sample(count: int, noise: float) -> tuple[list[str], list[str], np.ndarray]:
+        names = ["a", "b", OUT_OF_SCOPE]
+        labels = [names[i % 3] for i in range(count)]
+        vectors = np.array([centres[i % 3] + rng.normal(scale=noise, size=16) for i in range(count)], dtype=np.float32)
+        return [f"message {i}" for i in range(count)], labels, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    texts, labels, vectors = sample(120, 0.5)
+    held_texts, held_labels, held_vectors = sample(90, 1.2)  # new messages, less alike than the training ones
+    classifier = train_intent_classifier(
+        texts, labels, vectors, 0.9, threshold_set=LabelledSet(held_texts, held_labels, held_vectors)
+    )
+    calibration = classifier.calibration
+    assert calibration.source == "held-out set of 90 examples" and calibration.in_scope_examples == 60
+    predictions = classifier.predict(held_texts, held_vectors)
+    in_scope = [(p.intent == label) for p, label in zip(predictions, held_labels) if label != OUT_OF_SCOPE]
+    assert np.mean(in_scope) == pytest.approx(calibration.in_scope_accuracy) and calibration.in_scope_accuracy >= 0.9
+
+
 def test_out_of_scope_evidence_is_the_nearest_example_of_the_predicted_intent() -> None:
     from llmos.intents import _nearest_of_intent
 
