@@ -273,14 +273,19 @@ class _Conversation:
 
     async def _answer(self, text: str) -> None:
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        generator = asyncio.create_task(self._generate(text, pieces))
         speaker = asyncio.create_task(self._speak(pieces))
         try:
-            final = await self._generate(text, pieces)
-            await speaker
+            # Either side failing (say, a voice the speech service does not know) ends the turn now.
+            await asyncio.wait([generator, speaker], return_when=asyncio.FIRST_EXCEPTION)
+            for task in (generator, speaker):
+                if task.done() and (error := task.exception()) is not None:
+                    raise error
+            final = generator.result()
         finally:
-            if not speaker.done():
-                speaker.cancel()
-                await asyncio.wait([speaker])
+            for task in (generator, speaker):
+                task.cancel()
+            await asyncio.wait([generator, speaker])
         self._emit(turn_completed=final)
 
     async def _generate(self, text: str, pieces: asyncio.Queue[str | None]) -> dialogue_pb2.ChatResponse:

@@ -17,7 +17,7 @@ from llmos.errors import InvalidArgument
 from llmos.v1 import dialogue_pb2, speech_pb2
 from services.dialogue.voice import SpeechDetector, VoiceLimits, VoiceTurns
 from services.speech.asr import AsrEngine, StreamingRecognizer
-from services.speech.tts import EspeakVoice, espeak_available
+from services.speech.tts import EspeakVoice, VoiceCatalog, espeak_available
 
 pytestmark = pytest.mark.unit
 
@@ -88,14 +88,15 @@ class InProcessRecognizer:
 
 class EspeakSynthesizer:
     def __init__(self) -> None:
-        self._voice = EspeakVoice()
+        self._voices = VoiceCatalog([EspeakVoice()], "espeak-en-us")
 
     async def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float
                      ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
-        samples = await asyncio.to_thread(self._voice.speak, request.text, 1.0)
+        voice = self._voices.get(request.voice_name)
+        samples = await asyncio.to_thread(voice.speak, request.text, 1.0)
         yield speech_pb2.SynthesizeSpeechResponse(
-            audio=samples_to_pcm(samples), sample_rate_hz=self._voice.info.sample_rate,
-            duration_ms=len(samples) * 1000 // self._voice.info.sample_rate, text=request.text,
+            audio=samples_to_pcm(samples), sample_rate_hz=voice.info.sample_rate,
+            duration_ms=len(samples) * 1000 // voice.info.sample_rate, text=request.text,
         )
 
 
@@ -205,3 +206,20 @@ def test_linear_pcm_without_a_rate_is_refused() -> None:
 
     with pytest.raises(InvalidArgument, match="sample_rate_hertz"):
         asyncio.run(run())
+
+
+@pytest.mark.skipif(not espeak_available() or not LJ.exists(), reason="needs espeak-ng and the shared recordings")
+async def test_a_failed_synthesis_ends_the_turn_at_once() -> None:
+    answers = SlowAnswers()
+    config = dialogue_pb2.ConverseConfig()
+    config.CopyFrom(CONFIG)
+    config.voice_name = "nobody"
+
+    async def audio() -> AsyncIterator[bytes]:
+        for chunk in chunks(np.concatenate([recording("LJ001-0004.wav"), np.zeros(RATE, np.int16)])):
+            yield chunk
+
+    with pytest.raises(InvalidArgument, match="voice_name"):
+        async for _ in voice_turns(answers).converse(PRINCIPAL, "acme", config, audio(), None):
+            pass
+    assert answers.cancelled_at, "generation stopped when the first piece could not be spoken"
