@@ -8,6 +8,13 @@ and token counting through the inference and tokenizer services (done here with 
 process), sessions in the KV bucket and events on the bus (kept in memory, not published). The
 difference between the two is the platform's own overhead.
 
+The overhead is taken per question, from the pair of runs of that question (gRPC minus in-process,
+as a share of the gRPC turn), and reported as the median and quartiles of those pairs: the
+difference of two p50s would mix unrelated turns. Turns the model answers (seconds of generation)
+and turns without a model call (scripted replies, out-of-scope hand-offs: milliseconds) are
+reported apart, since the same few milliseconds are a very different share of each. The machine's
+load average before and after is recorded: on a busy machine the figures are noisy.
+
 It starts a private embedded stack (free ports, temporary home sharing the built models), indexes
 `demo/kb`, runs both, prints the table and writes bench/results/chat.json.
 """
@@ -21,7 +28,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -39,7 +46,7 @@ from llmos.settings import SERVICE_NAMES, load_settings
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from services.dialogue.app import limits_of
-from services.dialogue.backends import Backends, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
+from services.dialogue.backends import Backends, Generator, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
 from services.dialogue.core import DialogueCore
 from services.dialogue.sessions import StoredSession
 from services.dialogue.settings import DialogueSettings
@@ -147,6 +154,18 @@ class MemorySessions:
         return None
 
 
+class CountingGenerator:
+    """Counts generation calls, to tell the turns the model answered from the others."""
+
+    def __init__(self, inner: Generator) -> None:
+        self._inner = inner
+        self.calls = 0
+
+    def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncIterator[str]:
+        self.calls += 1
+        return self._inner.stream(messages, max_new_tokens, timeout_s)
+
+
 class NoBus:
     service = "dialogue-bench"
 
@@ -166,12 +185,13 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
     retrieval = open_channel(settings.retrieval_addr, BENCH_KEY)
     inference = open_channel(settings.inference_addr, BENCH_KEY)
     bus = NoBus()
+    generator = CountingGenerator(GrpcGenerator(inference))
     core = DialogueCore(
         bus,  # type: ignore[arg-type]
         MemorySessions(),  # type: ignore[arg-type]
         AuditLog(bus),  # type: ignore[arg-type]
         classifier,
-        Backends(embedder, GrpcRetriever(retrieval), GrpcGenerator(inference), tokens),
+        Backends(embedder, GrpcRetriever(retrieval), generator, tokens),
         OrderBook.from_file(settings.dialogue_orders_file),
         limits_of(settings),
     )
@@ -183,15 +203,32 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
         await grpc_turn(stub, metadata, "Hello, what are your store opening hours?")
         await local_turn(core, principal, "Hi, when are your stores open?")
         for index, question in enumerate(asked):
+            calls = generator.calls
             if index % 2:
                 grpc_rows.append(await grpc_turn(stub, metadata, question))
                 local_rows.append(await local_turn(core, principal, question))
             else:
                 local_rows.append(await local_turn(core, principal, question))
                 grpc_rows.append(await grpc_turn(stub, metadata, question))
+            # Same classifier, same passages: the gRPC turn took the same path as the in-process one.
+            grpc_rows[-1]["model"] = local_rows[-1]["model"] = float(generator.calls > calls)
     await retrieval.close()
     await inference.close()
     return grpc_rows, local_rows
+
+
+def paired_overhead(grpc_rows: list[dict[str, float]], local_rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per question: gRPC turn minus in-process turn (ms) and that as a share of the gRPC turn."""
+    if not grpc_rows:
+        return {"turns": 0}
+    extra = np.array([g["total_ms"] - local["total_ms"] for g, local in zip(grpc_rows, local_rows, strict=True)])
+    share = extra / np.array([g["total_ms"] for g in grpc_rows])
+    quartiles = lambda values: [float(q) for q in np.percentile(values, [25, 50, 75])]  # noqa: E731
+    (ms_q1, ms_p50, ms_q3), (share_q1, share_p50, share_q3) = quartiles(extra), quartiles(share)
+    return {
+        "turns": len(grpc_rows), "extra_ms_p50": ms_p50, "extra_ms_q1": ms_q1, "extra_ms_q3": ms_q3,
+        "share_p50": share_p50, "share_q1": share_q1, "share_q3": share_q3,
+    }
 
 
 def summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -210,6 +247,7 @@ def main() -> None:
         private_environment(Path(folder))
         settings = load_settings(DialogueSettings)
         stack = Stack(settings)
+        load_before = os.getloadavg()
         print(f"starting a private stack in {folder} …")
         print(f"SERVING after {stack.start():.1f} s")
         try:
@@ -217,19 +255,39 @@ def main() -> None:
             asyncio.run(index_kb(settings, metadata))
             grpc_rows, local_rows = asyncio.run(run_both(settings, metadata, asked))
         finally:
+            load_after = os.getloadavg()
             stack.stop()
+    groups = {
+        "all turns": [True] * len(asked),
+        "model-answered turns": [bool(row["model"]) for row in local_rows],
+        "turns without a model call": [not row["model"] for row in local_rows],
+    }
+    grouped = {
+        name: ([g for g, keep in zip(grpc_rows, mask) if keep], [local for local, keep in zip(local_rows, mask) if keep])
+        for name, mask in groups.items()
+    }
+    overhead = {name: paired_overhead(*rows) for name, rows in grouped.items()}
+    stages = {name: {"grpc": summary(g), "in_process": summary(local)} for name, (g, local) in grouped.items() if g}
     results = {
-        "questions": len(asked), "grpc": summary(grpc_rows), "in_process": summary(local_rows),
+        "questions": len(asked), "stages": stages, "paired_overhead": overhead,
+        "load_average_1m": {"before": load_before[0], "after": load_after[0]}, "cpus": os.cpu_count(),
         "turns": [{"question": q, "grpc": g, "in_process": local} for q, g, local in zip(asked, grpc_rows, local_rows, strict=True)],
     }
-    total_grpc, total_local = results["grpc"]["total_ms"]["p50"], results["in_process"]["total_ms"]["p50"]
-    results["overhead_fraction_p50"] = (total_grpc - total_local) / total_grpc
-    print(f"\nchat turn latency, {len(asked)} questions (ms)")
-    print(f"{'stage':<16} {'gRPC p50':>9} {'gRPC p95':>9} {'in-proc p50':>12} {'in-proc p95':>12}")
-    for stage in STAGES:
-        g, local = results["grpc"][stage], results["in_process"][stage]
-        print(f"{stage:<16} {g['p50']:>9.1f} {g['p95']:>9.1f} {local['p50']:>12.1f} {local['p95']:>12.1f}")
-    print(f"platform overhead at p50 of the turn: {results['overhead_fraction_p50']:.1%} (target < 10%)")
+    results["overhead_fraction_p50"] = overhead["all turns"]["share_p50"]
+    for name, by_run in stages.items():
+        print(f"\nchat turn latency, {name} ({overhead[name]['turns']} of {len(asked)} questions; ms)")
+        print(f"{'stage':<16} {'gRPC p50':>9} {'gRPC p95':>9} {'in-proc p50':>12} {'in-proc p95':>12}")
+        for stage in STAGES:
+            g, local = by_run["grpc"][stage], by_run["in_process"][stage]
+            print(f"{stage:<16} {g['p50']:>9.1f} {g['p95']:>9.1f} {local['p50']:>12.1f} {local['p95']:>12.1f}")
+    print("\nplatform overhead per question: gRPC turn minus the same turn in process (median [quartiles])")
+    print(f"{'turns':<28} {'n':>3} {'extra ms':>24} {'share of the turn':>28}")
+    for name, row in overhead.items():
+        if row["turns"]:
+            print(f"{name:<28} {row['turns']:>3} {row['extra_ms_p50']:>8.1f} [{row['extra_ms_q1']:>6.1f}, {row['extra_ms_q3']:>6.1f}]"
+                  f" {row['share_p50']:>11.1%} [{row['share_q1']:>6.1%}, {row['share_q3']:>6.1%}]")
+    print(f"target: under 10% of turn time; 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
+          f"on {os.cpu_count()} CPUs")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS}")
