@@ -307,7 +307,7 @@ class GenerationScheduler:
                 if self._stopping:
                     break
             try:
-                self._retire_cancelled()
+                self._retire_gone()
                 self._admit()
                 if any(not sequence.prefilling for sequence in self._running):
                     self._step()
@@ -511,9 +511,15 @@ class GenerationScheduler:
         self._running.pop()
         sequence.row = -1
 
-    def _retire_cancelled(self) -> None:
+    def _retire_gone(self) -> None:
+        """Free the slots of cancelled sequences, and of prompts still being read past their deadline."""
+        now = time.monotonic()
         for sequence in [sequence for sequence in self._running if sequence.cancelled]:
             self._remove(sequence)
+        for sequence in [sequence for sequence in self._running if sequence.prefilling
+                         and sequence.deadline is not None and now >= sequence.deadline]:
+            self._remove(sequence)
+            sequence.send(DeadlineExceeded("the deadline passed while the prompt was being read"))
 
     def _cancel_all(self) -> None:
         with self._condition:

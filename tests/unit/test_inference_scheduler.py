@@ -198,6 +198,24 @@ async def test_a_long_batch_prompt_is_prefilled_between_steps_and_lets_a_chat_in
     await engine.stop()
 
 
+async def test_a_deadline_passing_while_a_long_prompt_is_read_frees_its_slot() -> None:
+    from llmos.errors import DeadlineExceeded
+
+    decoder = CountingDecoder(2, step_s=0.002, prefill_s=0.05)
+    engine = scheduler(decoder)
+    engine.start()
+    streaming = asyncio.ensure_future(run(engine, [1], max_new=40))
+    while not decoder.batch_sizes:
+        await asyncio.sleep(0.001)
+    request = GenerationRequest([5] * 599 + [10], SamplingConfig(3), "t", common_pb2.PRIORITY_BATCH, deadline_s=0.06)
+    with pytest.raises(DeadlineExceeded, match="prompt was being read"):
+        [event async for event in engine.submit(request)]
+    assert "prefill 88" not in decoder.log  # it stopped before the last piece
+    await streaming
+    assert engine.running == 0
+    await engine.stop()
+
+
 async def test_a_stream_closed_early_frees_its_slot_at_once() -> None:
     decoder = CountingDecoder(1, step_s=0.01)
     engine = scheduler(decoder)
