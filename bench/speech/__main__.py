@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -168,7 +169,8 @@ def main() -> None:
     parser.add_argument("--voice-turns", type=int, default=10, help="voice turns through a private stack (0: skip)")
     args = parser.parse_args()
 
-    results: dict[str, object] = {"asr": asr(args.data, args.clips)}
+    # Timings on a shared two-core machine say little without how busy it was.
+    results: dict[str, object] = {"load_average_1m_at_start": os.getloadavg()[0], "asr": asr(args.data, args.clips)}
     model = KokoroModel(artefact_dir(args.home, "kokoro-82m"), ["CPUExecutionProvider"], args.tts_threads)
     results["kokoro_jm_kumo"] = tts(KokoroVoice(model, "jm_kumo"), args.repeats)
     results["espeak_ng"] = tts(EspeakVoice(), args.repeats)
@@ -190,6 +192,8 @@ def main() -> None:
         for key in ("final_transcript_s", "first_answer_text_s", "first_answer_audio_s"):
             print(f"{key.removesuffix('_s').replace('_', ' '):<28} {voice[key]['p50']:>7.2f} {voice[key]['p95']:>7.2f}")
         print("reference: Pipecat / LiveKit voice agents aim at 0.5-0.8 s voice-to-voice on GPUs")
+    results["load_average_1m_at_end"] = os.getloadavg()[0]
+    print(f"load average (1 min) at start {results['load_average_1m_at_start']:.1f}, at end {results['load_average_1m_at_end']:.1f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
