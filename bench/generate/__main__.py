@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wide", type=int, default=32, help="the larger concurrent run")
     parser.add_argument("--flood", type=int, default=50)
     parser.add_argument("--flood-tokens", type=int, default=32)
+    parser.add_argument("--thread-spinning", action="store_true",
+                        help="let the service's idle ONNX Runtime threads spin (faster only on idle cores)")
     parser.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     if args.llama_only:
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     llama = reference_in_subprocess(args)
     with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads),
+                                       "LLMOS_INFERENCE_THREAD_SPINNING": str(args.thread_spinning).lower(),
                                        "LLMOS_INFERENCE_QUEUE_SIZE": str(max(64, args.flood + args.wide))}) as addr:
         served = asyncio.run(service_benchmarks(addr, args))
 
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"load average {load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores",
                 ("measure", "service", "reference", "ratio", "target"), rows)
     path = write_results("generate", {"threads": args.threads, "max_new_tokens": args.max_new,
+                                      "thread_spinning": args.thread_spinning,
                                       "load_average": {"before": load_before, "after": load_after},
                                       "service": served, "llama_cpp": llama})
     print(f"wrote {path}")
