@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--home", type=Path, default=Path(".llmos"))
-    parser.add_argument("--tts-threads", type=int, default=0, help="ONNX Runtime threads for Kokoro (0: its default), as LLMOS_SPEECH_TTS_THREADS")
+    parser.add_argument("--tts-threads", type=int, default=0, help="ONNX Runtime threads for Kokoro (0: one per logical CPU), as LLMOS_SPEECH_TTS_THREADS")
     parser.add_argument("--voice-turns", type=int, default=10, help="voice turns through a private stack (0: skip)")
     args = parser.parse_args()
 

@@ -37,5 +37,5 @@ class SpeechSettings(PlatformSettings):
     speech_default_voice: str = "jm_kumo"
     # Longest text Synthesize accepts, in characters.
     speech_max_text_chars: int = 5000
-    # ONNX Runtime threads for Kokoro (0: ONNX Runtime's default).
+    # ONNX Runtime threads for Kokoro (0: one per logical CPU).
     speech_tts_threads: int = 0

@@ -10,6 +10,7 @@ sentences) so streaming callers hear the first one while the rest is computed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -92,8 +93,9 @@ class KokoroModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # ONNX Runtime's own default is one thread per physical core: one on a two-vCPU machine,
+        # where two threads speak a short sentence about 30% sooner.
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         # Idle worker threads would spin waiting for the next operator, taking the CPU the
         # recognizer and the language model need on a small machine.
