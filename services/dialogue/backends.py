@@ -9,7 +9,7 @@ meaning (UNAVAILABLE, DEADLINE_EXCEEDED, ...), named after the service that fail
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,7 +54,7 @@ class Retriever(Protocol):
 
 
 class Generator(Protocol):
-    def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncIterator[str]: ...
+    def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncGenerator[str, None]: ...
 
 
 class TokenCounter(Protocol):
@@ -141,7 +141,7 @@ class GrpcGenerator:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    async def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncIterator[str]:
+    async def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncGenerator[str, None]:
         request = inference_pb2.GenerateRequest(
             messages=inference_pb2.ChatMessages(
                 messages=[common_pb2.ChatMessage(role=role, content=content) for role, content in messages]
@@ -149,12 +149,16 @@ class GrpcGenerator:
             sampling=inference_pb2.SamplingParams(max_new_tokens=max_new_tokens),
             priority=common_pb2.PRIORITY_INTERACTIVE,
         )
+        call = self._stub.Generate(request, timeout=timeout_s)
         try:
-            async for response in self._stub.Generate(request, timeout=timeout_s):
+            async for response in call:
                 if response.delta:
                     yield response.delta
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, "inference") from None
+        finally:
+            # A reader that stops early (a looping answer, a barge-in) frees the inference slot at once.
+            call.cancel()
 
 
 class GrpcTokenCounter:

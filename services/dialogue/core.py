@@ -27,6 +27,7 @@ from llmos.intents import OUT_OF_SCOPE, IntentClassifier
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.backends import Backends, Passage, remaining
 from services.dialogue.prompt import BuiltPrompt, PastTurn, build_prompt
+from services.dialogue.repetition import stop_at_repetition
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import ORDER_NUMBER, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer
@@ -198,7 +199,9 @@ class DialogueCore:
         if reply.passages:
             prompt = await self._prompt_within_budget(session, message, reply.passages, deadline)
             timer.lap("prompt")
-            stream = self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline))
+            stream = stop_at_repetition(
+                self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline))
+            )
             async for delta in stream:
                 if not answer_parts:
                     first_token_ms = timer.since_start_ms()

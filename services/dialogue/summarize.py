@@ -21,6 +21,7 @@ import numpy as np
 
 from llmos.errors import InvalidArgument
 from services.dialogue.backends import Embedder, Generator, TokenCounter
+from services.dialogue.repetition import stop_at_repetition
 
 # Split after . ! ? (optionally closing quotes/brackets) followed by whitespace.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
@@ -152,5 +153,6 @@ class Summarizer:
             ("system", "You write short, factual summaries. Use only facts from the text."),
             ("user", f"Summarize this text in at most {target_words} words.\n\n{text}"),
         ]
-        pieces = [piece async for piece in self._generator.stream(messages, self._answer_tokens(target_words), timeout_s)]
+        answer = stop_at_repetition(self._generator.stream(messages, self._answer_tokens(target_words), timeout_s))
+        pieces = [piece async for piece in answer]
         return "".join(pieces).strip()

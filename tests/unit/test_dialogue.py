@@ -332,6 +332,14 @@ async def test_rag_turn_streams_an_answer_with_citations_and_events() -> None:
     assert completed[0].answered and set(completed[0].stage_latency_ms) >= {"intent", "retrieval", "generation", "total"}
 
 
+async def test_a_looping_answer_is_cut_at_its_first_repeat_and_stored_that_way() -> None:
+    core, _, _ = make_core(ScriptedGenerator("Returns are free within 30 days [1]. " * 5), [RETURNS, SHIPPING])
+    responses = await turn(core, "can I return my boots?")
+    assert text_of(responses).strip() == "Returns are free within 30 days [1]."
+    session = await core.get_session("acme", responses[0].session_id)
+    assert session.turns[-1].answer == "Returns are free within 30 days [1]."
+
+
 async def test_low_retrieval_confidence_says_so_and_hands_off() -> None:
     weak = Passage("care", "Caring for your gear", "c3", "Wash at 30 degrees.", 0.1)
     generator = ScriptedGenerator("should not be called")
