@@ -89,6 +89,8 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
             "LLMOS_SERVICE_API_KEY": TEST_SERVICE_KEY,
             "LLMOS_ENCRYPTION_KEYS": new_key_entry("test"),
             "LLMOS_LOG_LEVEL": "INFO",
+            # Seven services and the tests share the machine's cores: spinning threads would starve the rest.
+            "LLMOS_INFERENCE_THREAD_SPINNING": "false",
         }
     )
     for name in SERVICE_NAMES:

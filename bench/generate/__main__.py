@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wide", type=int, default=32, help="the larger concurrent run")
     parser.add_argument("--flood", type=int, default=50)
     parser.add_argument("--flood-tokens", type=int, default=32)
-    parser.add_argument("--thread-spinning", action="store_true",
-                        help="let the service's idle ONNX Runtime threads spin (faster only on idle cores)")
+    parser.add_argument("--no-thread-spinning", dest="thread_spinning", action="store_false",
+                        help="stop the service's idle ONNX Runtime threads spinning (faster on oversubscribed cores)")
     parser.add_argument("--llama-only", action="store_true", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args(argv)
     if args.llama_only:

@@ -72,7 +72,7 @@ class Decoder:
         threads: int,
         max_batch: int,
         max_context: int,
-        thread_spinning: bool = False,
+        thread_spinning: bool = True,
     ) -> None:
         self.config = DecoderConfig.load(folder)
         options = ort.SessionOptions()

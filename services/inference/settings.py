@@ -7,7 +7,7 @@ class InferenceSettings(PlatformSettings):
     # ONNX Runtime intra-op threads per model session; 0 lets ONNX Runtime use every core.
     inference_threads: int = 0
     # Let idle ONNX Runtime workers spin for the next step: faster only on cores nothing else uses.
-    inference_thread_spinning: bool = False
+    inference_thread_spinning: bool = True
 
     # Embeddings: dynamic batching.
     inference_embed_max_batch: int = 64           # texts per model call
