@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.auth import current_principal, effective_tenant
-from llmos.errors import InvalidArgument
+from llmos.grpcutil.streams import config_then_audio
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
 from services.dialogue.core import DialogueCore
 from services.dialogue.voice import VoiceTurns
@@ -34,19 +34,9 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Converse(
         self, request_iterator: AsyncIterator[dialogue_pb2.ConverseRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("converse_request") != "config":
-            raise InvalidArgument("config", "the first message must carry the ConverseConfig, and only it; audio follows")
-        config = first.config
-
-        async def audio() -> AsyncIterator[bytes]:
-            async for request in request_iterator:
-                if request.WhichOneof("converse_request") != "audio_content":
-                    raise InvalidArgument("config", "only the first message may carry the configuration")
-                yield request.audio_content
-
-        tenant = effective_tenant(config.tenant)
-        async for response in self._voice.converse(current_principal(), tenant, config, audio(), deadline_of(context)):
+        first, audio = await config_then_audio(request_iterator, "converse_request", "config", "audio_content")
+        tenant = effective_tenant(first.config.tenant)
+        async for response in self._voice.converse(current_principal(), tenant, first.config, audio, deadline_of(context)):
             yield response
 
     async def Summarize(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.auth import current_principal, effective_tenant
-from llmos.errors import InvalidArgument
+from llmos.grpcutil.streams import config_then_audio
 from llmos.v1 import speech_pb2, speech_pb2_grpc
 from services.speech.core import SpeechCore
 
@@ -24,19 +24,10 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def StreamingRecognize(
         self, requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgument("streaming_config", "the first message must carry the configuration, and only it")
+        first, audio = await config_then_audio(requests, "streaming_request", "streaming_config", "audio_content")
         config = first.streaming_config
-
-        async def audio() -> AsyncIterator[bytes]:
-            async for request in requests:
-                if request.WhichOneof("streaming_request") != "audio_content":
-                    raise InvalidArgument("streaming_config", "only the first message may carry the configuration")
-                yield request.audio_content
-
         tenant = effective_tenant(config.config.tenant)
-        async for response in self._core.streaming_recognize(current_principal(), tenant, config, audio()):
+        async for response in self._core.streaming_recognize(current_principal(), tenant, config, audio):
             yield response
 
     async def Synthesize(
