@@ -34,7 +34,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Converse(
         self, request_iterator: AsyncIterator[dialogue_pb2.ConverseRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
-        first, audio = await config_then_audio(request_iterator, "converse_request", "config", "audio_content")
+        first, audio = await config_then_audio(request_iterator, dialogue_pb2.ConverseRequest, "config", "audio_content")
         tenant = effective_tenant(first.config.tenant)
         async for response in self._voice.converse(current_principal(), tenant, first.config, audio, deadline_of(context)):
             yield response

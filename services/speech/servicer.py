@@ -24,7 +24,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def StreamingRecognize(
         self, requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
-        first, audio = await config_then_audio(requests, "streaming_request", "streaming_config", "audio_content")
+        first, audio = await config_then_audio(requests, speech_pb2.StreamingRecognizeRequest, "streaming_config", "audio_content")
         config = first.streaming_config
         tenant = effective_tenant(config.config.tenant)
         async for response in self._core.streaming_recognize(current_principal(), tenant, config, audio):
