@@ -116,31 +116,27 @@ async def index_kb(settings: DialogueSettings, metadata: Sequence[tuple[str, str
             raise SystemExit(f"not indexed after 300 s: {sorted(pending)}")
 
 
-async def grpc_turn(stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], question: str) -> dict[str, float]:
+async def timed_turn(responses: AsyncIterator[dialogue_pb2.ChatResponse]) -> dict[str, float]:
+    """Reads one turn's responses, started by the caller just before: first token and total as the reader
+    sees them; the service's own intent and retrieval stages from the last message."""
     started = time.perf_counter()
     first = 0.0
     latency = dialogue_pb2.TurnLatency()
-    async for response in stub.Chat(dialogue_pb2.ChatRequest(message=question), metadata=metadata, timeout=300):
+    async for response in responses:
         if response.delta and not first:
             first = (time.perf_counter() - started) * 1000
         if response.final:
             latency = response.latency
-    # Client-observed first token and total; the service's own intent and retrieval stages.
     total = (time.perf_counter() - started) * 1000
     return {"intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "first_token_ms": first, "total_ms": total}
+
+
+async def grpc_turn(stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], question: str) -> dict[str, float]:
+    return await timed_turn(stub.Chat(dialogue_pb2.ChatRequest(message=question), metadata=metadata, timeout=300))
 
 
 async def local_turn(core: DialogueCore, principal: Principal, question: str) -> dict[str, float]:
-    started = time.perf_counter()
-    first = 0.0
-    latency = dialogue_pb2.TurnLatency()
-    async for response in core.chat(principal, principal.tenant, dialogue_pb2.ChatRequest(message=question), None):
-        if response.delta and not first:
-            first = (time.perf_counter() - started) * 1000
-        if response.final:
-            latency = response.latency
-    total = (time.perf_counter() - started) * 1000
-    return {"intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "first_token_ms": first, "total_ms": total}
+    return await timed_turn(core.chat(principal, principal.tenant, dialogue_pb2.ChatRequest(message=question), None))
 
 
 class MemorySessions:
