@@ -14,7 +14,8 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from llmos.auth import Principal
@@ -56,8 +57,13 @@ def check_identity(subject: str, tenant: str, roles: tuple[str, ...]) -> None:
 class KeyStore:
     """Issued keys in a JetStream KV bucket, shared by every service and replica."""
 
-    def __init__(self, bucket: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, bucket: KeyValue) -> None:
+        self._js = js
         self._bucket = bucket
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> KeyStore:
+        return cls(js, await js.key_value(KEYS_BUCKET))
 
     async def create(self, subject: str, tenant: str, roles: tuple[str, ...]) -> tuple[ApiKeyRecord, str]:
         """A new key for the principal; the key itself is returned once and never stored."""
@@ -69,8 +75,11 @@ class KeyStore:
         return record, key
 
     async def lookup(self, key: str) -> ApiKeyRecord | None:
+        return await self._record(key_digest(key))
+
+    async def _record(self, digest: str) -> ApiKeyRecord | None:
         try:
-            entry = await self._bucket.get(key_digest(key))
+            entry = await self._bucket.get(digest)
         except KeyNotFoundError:
             return None
         if not entry.value:
@@ -79,16 +88,16 @@ class KeyStore:
         return ApiKeyRecord(**{**data, "roles": tuple(data["roles"])})
 
     async def records(self) -> list[tuple[str, ApiKeyRecord]]:
-        try:
-            digests = await self._bucket.keys()
-        except NoKeysError:
-            return []
+        # The stream's per-subject state lists every digest ever written. nats-py's
+        # KeyValue.keys() can return before its watcher has delivered anything, which
+        # made a revocation miss a key that `list` had just shown.
+        prefix = f"$KV.{KEYS_BUCKET}."
+        info = await self._js.stream_info(f"KV_{KEYS_BUCKET}", subjects_filter=f"{prefix}>")
         found = []
-        for digest in digests:
-            entry = await self._bucket.get(digest)
-            if entry.value:
-                data = json.loads(entry.value)
-                found.append((digest, ApiKeyRecord(**{**data, "roles": tuple(data["roles"])})))
+        for subject in info.state.subjects or {}:
+            record = await self._record(subject[len(prefix):])
+            if record is not None:
+                found.append((subject[len(prefix):], record))
         return sorted(found, key=lambda item: item[1].created_at)
 
     async def revoke(self, key_id: str) -> ApiKeyRecord:

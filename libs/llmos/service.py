@@ -25,7 +25,7 @@ from llmos.bus.subjects import audit_subject
 from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
 from llmos.grpcutil.interceptors import ServerInterceptor
 from llmos.grpcutil.tls import TlsFiles, caller_credentials, server_credentials
-from llmos.keys import KEYS_BUCKET, KeyAuthenticator, KeyStore, parse_static_keys
+from llmos.keys import KeyAuthenticator, KeyStore, parse_static_keys
 from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
 from llmos.telemetry import setup_logging, setup_telemetry
 from llmos.v1 import events_pb2
@@ -92,7 +92,7 @@ class ServiceProcess(Generic[SettingsT]):
         for subject in self.parts.reserved_subjects:
             await self.bus.reserve(subject)
         authenticator = KeyAuthenticator(
-            parse_static_keys(self.settings.api_keys), KeyStore(await self.bus.key_value(KEYS_BUCKET))
+            parse_static_keys(self.settings.api_keys), await KeyStore.open(self.bus.jetstream)
         )
         self.server = grpc.aio.server(
             interceptors=[ServerInterceptor(name, authenticator, self._publish_audit_event)],

@@ -10,7 +10,7 @@ import grpc
 import nats
 import pytest
 
-from llmos.keys import CACHE_TTL_S, KEYS_BUCKET
+from llmos.keys import CACHE_TTL_S, KEYS_BUCKET, KeyStore
 from llmos.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.conftest import RunningStack
 
@@ -42,8 +42,9 @@ async def test_issue_use_list_and_revoke_a_key(stack: RunningStack) -> None:
 
     connection = await nats.connect(stack.settings.nats_url)
     try:
-        bucket = await connection.jetstream().key_value(KEYS_BUCKET)
-        stored = [(await bucket.get(name)).value for name in await bucket.keys()]
+        js = connection.jetstream()
+        bucket = await js.key_value(KEYS_BUCKET)
+        stored = [(await bucket.get(digest)).value for digest, _ in await (await KeyStore.open(js)).records()]
     finally:
         await connection.close()
     assert stored and all(key.encode() not in value for value in stored)

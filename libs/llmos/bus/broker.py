@@ -100,14 +100,17 @@ class Bus:
             ack_wait=ACK_WAIT_S,
         )
 
+    @property
+    def jetstream(self) -> JetStreamContext:
+        return self.broker.connection.jetstream()
+
     async def reserve(self, subject: str) -> None:
         """Declare this service's durable consumer for `subject` without consuming yet.
 
         Used where the handler is not built yet: messages wait in the stream (visible as lag in
         `llmos status`) instead of being lost or failing.
         """
-        js = self.broker.connection.jetstream()
-        await js.add_consumer(stream_for(subject).name, self.consumer_config(subject))
+        await self.jetstream.add_consumer(stream_for(subject).name, self.consumer_config(subject))
 
     def subscribe(self, subscription: Subscription[Any]) -> None:
         """Register a handler before `start`; it consumes from the subject's stream."""
@@ -153,7 +156,7 @@ class Bus:
 
     async def key_value(self, bucket: str) -> KeyValue:
         if bucket not in self._buckets:
-            self._buckets[bucket] = await self.broker.connection.jetstream().key_value(bucket)
+            self._buckets[bucket] = await self.jetstream.key_value(bucket)
         return self._buckets[bucket]
 
     def _processor(self, subscription: Subscription[Any]) -> Callable[[NatsMessage], Awaitable[None]]:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from llmos.bus.broker import declare_buckets
 from llmos.crypto import new_key_entry
-from llmos.keys import KEYS_BUCKET, KeyStore
+from llmos.keys import KeyStore
 from llmos.natsauth import connect_cli
 from llmos.policy import ROLES
 from llmos.settings import PlatformSettings, load_settings
@@ -21,7 +21,7 @@ async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
     try:
         js = connection.jetstream()
         await declare_buckets(js)
-        return await action(KeyStore(await js.key_value(KEYS_BUCKET)))
+        return await action(await KeyStore.open(js))
     finally:
         await connection.close()
 
