@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import nats
 import numpy as np
-from nats.js.errors import NotFoundError
 
-from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED, stream_for
+from llmos.bus.follow import follow, last_sequence
+from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
 from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
@@ -118,18 +118,15 @@ class PrivateStack:
 
 async def wait_indexed(js: nats.js.JetStreamContext, after_seq: int, wanted: set[str], timeout_s: float) -> float:
     """Seconds until every document in `wanted` has a `docs.indexed` event after `after_seq`."""
-    started, sequence, pending = time.perf_counter(), after_seq, set(wanted)
-    while pending:
-        if time.perf_counter() - started > timeout_s:
-            raise TimeoutError(f"{len(pending)} documents not indexed within {timeout_s:.0f} s")
-        try:
-            message = await js.get_msg(stream_for(DOCS_INDEXED).name, sequence + 1)
-        except NotFoundError:
-            await asyncio.sleep(0.05)
-            continue
-        sequence += 1
-        if message.subject == DOCS_INDEXED:
-            pending.discard(events_pb2.DocumentIndexed.FromString(message.data).document_id)
+    started, pending = time.perf_counter(), set(wanted)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for message in follow(js, DOCS_INDEXED, after_seq):
+                pending.discard(events_pb2.DocumentIndexed.FromString(message.data).document_id)
+                if not pending:
+                    break
+    except TimeoutError:
+        raise TimeoutError(f"{len(pending)} documents not indexed within {timeout_s:.0f} s") from None
     return time.perf_counter() - started
 
 
@@ -153,7 +150,7 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
     js = connection.jetstream()
     seen: dict[tuple[str, str], float] = {}
     await watch_stages(connection, seen)
-    start_seq = (await js.stream_info(stream_for(DOCS_INDEXED).name)).state.last_seq
+    start_seq = await last_sequence(js, DOCS_INDEXED)
     channel = grpc.aio.insecure_channel(stack.settings.service_addr("retrieval"))
     retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
     try:

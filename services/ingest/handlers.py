@@ -1,8 +1,7 @@
 """Bus handlers of the ingest service.
 
-- `llmos.ingest.requested`: two durable consumers (lanes) over the same subject. The
-  interactive lane handles only INTERACTIVE documents, the bulk lane everything else, so a live
-  update never waits behind a bulk backlog; each lane acknowledges the other's messages unread.
+- `llmos.ingest.requested`: an interactive and a bulk lane (llmos.bus.broker.priority_lanes), so
+  a live update never waits behind a bulk backlog.
 - `llmos.chunks.embedded` and `llmos.docs.indexed`: reports from later stages that move a
   document's status to EMBEDDED and INDEXED.
 """
@@ -12,16 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from llmos.auth import Principal
-from llmos.bus.broker import Subscription
+from llmos.bus.broker import Subscription, priority_lanes
 from llmos.bus.subjects import CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
 from llmos.v1 import common_pb2, events_pb2
 from services.ingest.core import IngestCore
-
-INTERACTIVE_LANE = "interactive"
-# The interactive lane pulls many messages at once: it skips a bulk burst in few round trips.
-INTERACTIVE_PULL = 32
-INTERACTIVE_WORKERS = 4
-
 
 def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]]:
     async def submit(document: events_pb2.DocumentSubmitted) -> None:
@@ -29,14 +22,6 @@ def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]
         # the subject as the actor.
         publisher = Principal(f"bus:{INGEST_REQUESTED}", document.tenant, frozenset({"service"}))
         await core.submit(publisher, document)
-
-    async def on_interactive(document: events_pb2.DocumentSubmitted) -> None:
-        if document.priority == common_pb2.PRIORITY_INTERACTIVE:
-            await submit(document)
-
-    async def on_bulk(document: events_pb2.DocumentSubmitted) -> None:
-        if document.priority != common_pb2.PRIORITY_INTERACTIVE:
-            await submit(document)
 
     async def on_embedded(embedded: events_pb2.ChunksEmbedded) -> None:
         await core.advance(
@@ -49,15 +34,7 @@ def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]
         )
 
     return [
-        Subscription(INGEST_REQUESTED, events_pb2.DocumentSubmitted, on_bulk, max_workers=bulk_workers),
-        Subscription(
-            INGEST_REQUESTED,
-            events_pb2.DocumentSubmitted,
-            on_interactive,
-            batch_size=INTERACTIVE_PULL,
-            max_workers=INTERACTIVE_WORKERS,
-            lane=INTERACTIVE_LANE,
-        ),
+        *priority_lanes(INGEST_REQUESTED, events_pb2.DocumentSubmitted, submit, bulk_workers=bulk_workers),
         Subscription(CHUNKS_EMBEDDED, events_pb2.ChunksEmbedded, on_embedded, batch_size=16, max_workers=4),
         Subscription(DOCS_INDEXED, events_pb2.DocumentIndexed, on_indexed, batch_size=16, max_workers=4),
     ]

@@ -7,7 +7,9 @@ import asyncio
 import nats
 from nats.js.errors import NotFoundError
 
-from llmos.bus.subjects import stream_for
+from llmos.bus.follow import follow
+from llmos.bus.subjects import DOCS_INDEXED, stream_for
+from llmos.v1 import events_pb2
 
 
 async def last_message(nats_url: str, subject: str, timeout_s: float = 10.0, after_seq: int = 0):  # type: ignore[no-untyped-def]
@@ -69,3 +71,24 @@ async def messages_after(nats_url: str, subject: str, after_seq: int) -> list[by
         return payloads
     finally:
         await connection.close()
+
+
+async def indexed_events(url: str, after_seq: int, wanted: set[tuple[str, str]], timeout_s: float = 60.0) -> list[events_pb2.DocumentIndexed]:
+    """Every `docs.indexed` event after `after_seq`, until each (tenant, document id) in `wanted` is seen.
+
+    Other tests' documents may still be indexing on the shared stack: their events are in the list too."""
+    connection = await nats.connect(url)
+    events: list[events_pb2.DocumentIndexed] = []
+    pending = set(wanted)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for message in follow(connection.jetstream(), DOCS_INDEXED, after_seq):
+                events.append(events_pb2.DocumentIndexed.FromString(message.data))
+                pending.discard((events[-1].tenant, events[-1].document_id))
+                if not pending:
+                    break
+    except TimeoutError:
+        raise TimeoutError(f"not indexed within {timeout_s} s: {pending}") from None
+    finally:
+        await connection.close()
+    return events

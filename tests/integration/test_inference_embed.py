@@ -18,7 +18,7 @@ from llmos.models.store import artefact_dir
 from llmos.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import NatsServer, RunningStack, _settings_from, platform_environment
 from tests.grpc_helpers import ADMIN, GLOBEX_USER, call_with_raw_bytes
-from tests.integration.bus_helpers import last_message, last_sequence, publish
+from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
 
 pytestmark = pytest.mark.integration
 
@@ -158,25 +158,6 @@ def chunks_created(document_id: str, priority: int, texts: list[str]) -> events_
     )
 
 
-async def embedded_messages(url: str, after_seq: int) -> list[events_pb2.ChunksEmbedded]:
-    import nats
-
-    from llmos.bus.subjects import stream_for
-
-    connection = await nats.connect(url)
-    try:
-        js = connection.jetstream()
-        last = (await js.get_last_msg(stream_for(CHUNKS_EMBEDDED).name, CHUNKS_EMBEDDED)).seq
-        found = []
-        for seq in range(after_seq + 1, last + 1):
-            message = await js.get_msg(stream_for(CHUNKS_EMBEDDED).name, seq)
-            if message.subject == CHUNKS_EMBEDDED:
-                found.append(events_pb2.ChunksEmbedded.FromString(message.data))
-        return found
-    finally:
-        await connection.close()
-
-
 @pytest.mark.parametrize("priority", [common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_INTERACTIVE])
 async def test_chunks_are_embedded_once_despite_redelivery(stub, inference: RunningStack, priority: int) -> None:  # type: ignore[no-untyped-def]
     url = inference.settings.nats_url
@@ -193,7 +174,8 @@ async def test_chunks_are_embedded_once_despite_redelivery(stub, inference: Runn
     for embedded, reference in zip(message.chunks, expected.embeddings, strict=True):
         assert np.allclose(embedded.vector, reference.values, atol=1e-5)
     await asyncio.sleep(1.0)  # time for the duplicate to be handled
-    published = [m for m in await embedded_messages(url, before) if m.document_id == document_id]
+    published = [m for m in map(events_pb2.ChunksEmbedded.FromString, await messages_after(url, CHUNKS_EMBEDDED, before))
+                 if m.document_id == document_id]
     assert len(published) == 1
 
 

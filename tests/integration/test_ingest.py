@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import nats
 import pytest
-from nats.js.errors import NotFoundError
 
+from llmos.bus.follow import follow
 from llmos.bus.subjects import (
     CHUNKS_CREATED,
     CHUNKS_EMBEDDED,
@@ -16,12 +17,11 @@ from llmos.bus.subjects import (
     DOCS_FAILED,
     DOCS_INDEXED,
     INGEST_REQUESTED,
-    stream_for,
 )
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import RunningStack
 from tests.grpc_helpers import ADMIN, GLOBEX_USER
-from tests.integration.bus_helpers import last_message, last_sequence, publish
+from tests.integration.bus_helpers import indexed_events, last_message, last_sequence, publish
 from tests.pdf_helpers import minimal_pdf
 
 pytestmark = pytest.mark.integration
@@ -179,6 +179,7 @@ async def test_later_stages_move_the_status_forward_for_current_content_only(ing
 async def test_interactive_documents_skip_the_bulk_backlog(stack: RunningStack) -> None:
     url = stack.settings.nats_url
     before = await last_sequence(url, CHUNKS_CREATED)
+    indexed_before = await last_sequence(url, DOCS_INDEXED)
     bulk_text = ("Bulk catalogue entry about garden furniture and its care. " * 60).encode()
     live = events_pb2.DocumentSubmitted(
         document_id="live-update", tenant="acme", content=b"Store closes at 6 pm today.", priority=common_pb2.PRIORITY_INTERACTIVE
@@ -199,19 +200,17 @@ async def test_interactive_documents_skip_the_bulk_backlog(stack: RunningStack) 
     try:
         js = connection.jetstream()
         order: list[str] = []
-        deadline = asyncio.get_running_loop().time() + 60
-        sequence = before
-        while "live-update" not in order and asyncio.get_running_loop().time() < deadline:
-            try:
-                message = await js.get_msg(stream_for(CHUNKS_CREATED).name, sequence + 1)
-            except NotFoundError:
-                await asyncio.sleep(0.05)
-                continue
-            sequence += 1
-            if message.subject == CHUNKS_CREATED:
-                order.append(events_pb2.ChunksCreated.FromString(message.data).document_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(60):
+                async for message in follow(js, CHUNKS_CREATED, before):
+                    order.append(events_pb2.ChunksCreated.FromString(message.data).document_id)
+                    if order[-1] == "live-update":
+                        break
     finally:
         await connection.close()
     assert "live-update" in order
     # The live document was chunked while most of the backlog still waited.
     assert len([doc for doc in order if doc.startswith("bulk-")]) < 150, order
+    # The backlog is drained before the next tests share this stack's bus.
+    await indexed_events(url, indexed_before, {("acme", f"bulk-{number}") for number in range(200)}, timeout_s=300)
+

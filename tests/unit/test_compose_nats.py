@@ -87,11 +87,11 @@ def test_each_service_connects_as_its_own_user_with_only_its_own_password(
 
 
 def subscribed_subjects(service: str) -> set[str]:
-    """The subjects services/<service>/handlers.py builds a Subscription for (read from its source)."""
+    """The subjects services/<service>/handlers.py builds a Subscription or priority lanes for (read from its source)."""
     tree = ast.parse((ROOT / "services" / service / "handlers.py").read_text())
     subjects = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Subscription" and node.args:
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("Subscription", "priority_lanes") and node.args:
             first = node.args[0]
             subjects.add(getattr(subjects_module, first.id) if isinstance(first, ast.Name) else ast.literal_eval(first))
     return subjects

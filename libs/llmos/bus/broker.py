@@ -44,7 +44,7 @@ from llmos.bus.codec import (
 from llmos.bus.subjects import BUCKETS, STREAMS, audit_subject, dead_letter_subject, stream_for
 from llmos.errors import InvalidArgument
 from llmos.telemetry import extract_context, inject_context
-from llmos.v1 import events_pb2
+from llmos.v1 import common_pb2, events_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,45 @@ class Subscription(Generic[MessageT]):
     # A second durable consumer on the same subject (e.g. "interactive"): its own position in
     # the stream, so its messages never wait behind another lane's backlog.
     lane: str = ""
+
+
+INTERACTIVE_LANE = "interactive"
+# The interactive lane pulls many messages at once: it skips a bulk burst in few round trips.
+INTERACTIVE_PULL = 32
+INTERACTIVE_WORKERS = 4
+
+
+def priority_lanes(
+    subject: str,
+    message_type: type[MessageT],
+    handler: Handler[MessageT],
+    bulk_workers: int = 1,
+    bulk_batch_size: int = 1,
+    replica: str = "",
+) -> list[Subscription[MessageT]]:
+    """Two durable consumers over one subject, split by the message's `priority` field.
+
+    The interactive lane handles only PRIORITY_INTERACTIVE messages, the bulk lane everything
+    else; each acknowledges the other's messages unread, so a live update never waits behind a
+    bulk backlog. `replica` names a replica that keeps its own position (its own index).
+    """
+
+    def lane(name: str) -> str:
+        return "-".join(part for part in (replica, name) if part)
+
+    async def on_interactive(message: MessageT) -> None:
+        if message.priority == common_pb2.PRIORITY_INTERACTIVE:  # type: ignore[attr-defined]
+            await handler(message)
+
+    async def on_bulk(message: MessageT) -> None:
+        if message.priority != common_pb2.PRIORITY_INTERACTIVE:  # type: ignore[attr-defined]
+            await handler(message)
+
+    return [
+        Subscription(subject, message_type, on_bulk, batch_size=bulk_batch_size, max_workers=bulk_workers, lane=lane("")),
+        Subscription(subject, message_type, on_interactive, batch_size=INTERACTIVE_PULL, max_workers=INTERACTIVE_WORKERS,
+                     lane=lane(INTERACTIVE_LANE)),
+    ]
 
 
 class Bus:

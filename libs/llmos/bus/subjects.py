@@ -13,6 +13,7 @@ CHUNKS_EMBEDDED = "llmos.chunks.embedded"
 DOCS_INDEXED = "llmos.docs.indexed"
 DOCS_FAILED = "llmos.docs.failed"
 DOCS_DELETED = "llmos.docs.deleted"
+DOCS_EVENTS = "llmos.docs.*"  # indexed, failed and deleted
 DIALOGUE_TURN_COMPLETED = "llmos.dialogue.turn.completed"
 DIALOGUE_HANDOFF_REQUESTED = "llmos.dialogue.handoff.requested"
 SPEECH_RECOGNIZED = "llmos.speech.recognized"

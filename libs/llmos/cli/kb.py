@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-from nats.js.errors import NotFoundError
 
-from llmos.bus.subjects import DOCS_FAILED, DOCS_INDEXED, stream_for
+from llmos.bus.follow import follow, last_sequence
+from llmos.bus.subjects import DOCS_EVENTS, DOCS_FAILED, DOCS_INDEXED
 from llmos.cli.client import Metadata, channel, metadata
 from llmos.natsauth import connect_cli
 from llmos.settings import PlatformSettings, load_settings
@@ -88,7 +88,7 @@ async def bus_position(settings: PlatformSettings) -> int:
     """The last sequence of the DOCS stream: events after it are ours to watch."""
     connection = await connect_cli(settings)
     try:
-        return int((await connection.jetstream().stream_info(stream_for(DOCS_INDEXED).name)).state.last_seq)
+        return await last_sequence(connection.jetstream(), DOCS_INDEXED)
     finally:
         await connection.close()
 
@@ -105,33 +105,32 @@ async def watch_documents(
     """Follow `docs.indexed` / `docs.failed` from `after_seq` until every document is settled."""
     pending = set(document_ids)
     outcome = Outcome(set(), {})
+    if not pending:
+        return outcome
     connection = await connect_cli(settings)
     try:
-        js = connection.jetstream()
-        stream = stream_for(DOCS_INDEXED).name
-        sequence = after_seq
-        deadline = time.monotonic() + timeout_s
-        while pending and time.monotonic() < deadline:
-            try:
-                message = await js.get_msg(stream, sequence + 1)
-            except NotFoundError:
-                await asyncio.sleep(0.1)
-                continue
-            sequence += 1
-            if message.subject == DOCS_INDEXED:
-                event = events_pb2.DocumentIndexed.FromString(message.data)
-                if event.tenant == tenant and event.document_id in pending:
-                    pending.discard(event.document_id)
+        async with asyncio.timeout(timeout_s):
+            async for message in follow(connection.jetstream(), DOCS_EVENTS, after_seq):
+                event: events_pb2.DocumentIndexed | events_pb2.DocumentFailed
+                if message.subject == DOCS_INDEXED:
+                    event = events_pb2.DocumentIndexed.FromString(message.data)
+                elif message.subject == DOCS_FAILED:
+                    event = events_pb2.DocumentFailed.FromString(message.data)
+                else:
+                    continue
+                if event.tenant != tenant or event.document_id not in pending:
+                    continue
+                pending.discard(event.document_id)
+                if isinstance(event, events_pb2.DocumentFailed):
+                    outcome.failed[event.document_id] = event.reason
+                else:
                     outcome.indexed.add(event.document_id)
-                    if progress:
-                        progress.advance()
-            elif message.subject == DOCS_FAILED:
-                failure = events_pb2.DocumentFailed.FromString(message.data)
-                if failure.tenant == tenant and failure.document_id in pending:
-                    pending.discard(failure.document_id)
-                    outcome.failed[failure.document_id] = failure.reason
-                    if progress:
-                        progress.advance()
+                if progress:
+                    progress.advance()
+                if not pending:
+                    break
+    except TimeoutError:
+        pass  # what is still pending is reported as not indexed in time
     finally:
         await connection.close()
     for document_id in pending:
