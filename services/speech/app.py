@@ -19,7 +19,7 @@ from llmos.settings import ExecutionProvider
 from llmos.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, speech_pb2, speech_pb2_grpc
 from services.speech.asr import AsrEngine
 from services.speech.core import RecognitionLimits, SpeechCore
-from services.speech.domain import DomainCorpus, intent_examples, read_seed
+from services.speech.domain import DomainCorpus, general_unigrams, intent_examples, read_seed
 from services.speech.handlers import subscriptions
 from services.speech.servicer import SpeechServicer
 from services.speech.settings import SpeechSettings
@@ -103,7 +103,7 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         bus,
         AuditLog(bus),
         AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence),
-        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings)),
+        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings), general_unigrams(), settings.speech_domain_weight),
         voice_catalog(settings),
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,

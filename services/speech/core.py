@@ -128,7 +128,7 @@ class SpeechCore:
 
     # -- recognition ----------------------------------------------------------------------
 
-    def _domain_tenant(self, tenant: str, model: str) -> str | None:
+    async def _domain_tenant(self, tenant: str, model: str) -> str | None:
         """The tenant whose domain model to use, or None for the general model."""
         if model == GENERAL:
             return None
@@ -136,7 +136,9 @@ class SpeechCore:
             raise InvalidArgument("model", f"{model!r} is not a model; accepted: general, domain, or empty for automatic")
         if not self._engine.has_domain_model(tenant):
             path = self._corpus.model_path(tenant)
-            if path is not None:
+            if path is None and self._corpus.has_text(tenant):
+                await self._rebuild(tenant)  # its model was built with other settings
+            elif path is not None:
                 self._engine.set_domain_model(tenant, path)
             elif model == DOMAIN:
                 raise FailedPrecondition(
@@ -161,7 +163,7 @@ class SpeechCore:
             raise InvalidArgument(
                 "audio", f"{seconds:.0f} s is longer than the {self._limits.max_clip_s:.0f} s limit of Recognize; use StreamingRecognize"
             )
-        domain = self._domain_tenant(tenant, config.model)
+        domain = await self._domain_tenant(tenant, config.model)
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         results = await asyncio.to_thread(
@@ -180,7 +182,7 @@ class SpeechCore:
         encoding = _encoding(recognition.encoding)
         pcm = PcmStream(encoding, recognition.sample_rate_hertz)
         endpointing = self._endpointing(config.endpointing if config.HasField("endpointing") else None)
-        domain = self._domain_tenant(tenant, recognition.model)
+        domain = await self._domain_tenant(tenant, recognition.model)
         request_id = uuid.uuid4().hex
         await self._audit.record(principal, tenant, "speech/streaming-recognize", f"request/{request_id}")
         stream: _Stream | None = None

@@ -25,6 +25,9 @@ class SpeechSettings(PlatformSettings):
     speech_max_segment_ms: int = 30_000
     # Voice-activity detector aggressiveness, 0 (loose) to 3 (strict).
     speech_vad_mode: int = 2
+    # Share of a domain model's unigram probability that comes from the tenant's text; the rest
+    # comes from the general model, so words the text never uses can still be recognized.
+    speech_domain_weight: float = 0.9
     # A domain-model result less confident than this is decoded again with the general model.
     speech_domain_min_confidence: float = 0.5
     # Seed text of domain models, `tenant=path[;path…]` entries separated by commas; paths are

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from services.speech.domain import DomainCorpus, build_arpa, number_words, spoken_sentences, spoken_words
+from services.speech.domain import DomainCorpus, build_arpa, general_unigrams, number_words, spoken_sentences, spoken_words
 from llmos.utterances import UtteranceChunker, split_for_speech, split_sentences
 from services.speech.tts import kokoro_phonemes
 
@@ -42,6 +43,33 @@ def test_domain_model_is_an_arpa_trigram_of_the_text(tmp_path: Path) -> None:
     assert path is not None and "two" in path.read_text()
     assert corpus.sentences("globex") == []
     assert corpus.remove("acme", "doc-1") and corpus.build("acme") is None and corpus.model_path("acme") is None
+
+
+def unigrams(arpa: str) -> dict[str, float]:
+    section = arpa.split("\\1-grams:")[1].split("\\2-grams:")[0]
+    return {fields[1]: 10 ** float(fields[0]) for fields in map(str.split, section.strip().splitlines())}
+
+
+def test_the_general_model_keeps_every_word_reachable_without_drowning_the_domain(tmp_path: Path) -> None:
+    background = {word: math.log10(p) for word, p in {"the": 0.6, "dryer": 0.1, "parcel": 0.3}.items()}  # sums to 1
+    domain_only = unigrams(build_arpa(["where is my parcel", "where is my refund"]))
+    mixed_arpa = build_arpa(["where is my parcel", "where is my refund"], background, domain_weight=0.9)
+    mixed = unigrams(mixed_arpa)
+    assert "dryer" not in domain_only and mixed["dryer"] > 0
+    assert set(mixed) == set(domain_only) | set(background)
+    assert abs(sum(mixed.values()) - sum(domain_only.values())) < 1e-3  # the same total mass, shared out
+    assert mixed["refund"] < domain_only["refund"] and mixed["parcel"] > 0.9 * domain_only["parcel"]
+    assert "where is my" in mixed_arpa  # the domain's trigrams are untouched
+    corpus = DomainCorpus(tmp_path, background=background, domain_weight=0.9)
+    corpus.put("acme", "doc-1", "Where is my parcel?")
+    path = corpus.build("acme")
+    assert path is not None and " dryer " in path.read_text()
+    assert DomainCorpus(tmp_path).model_path("acme") is None  # built with another recipe: rebuilt, not used
+
+
+def test_general_unigrams_come_from_the_pocketsphinx_model() -> None:
+    general = general_unigrams()
+    assert len(general) > 50_000 and general["the"] > general["dryer"] > -9
 
 
 def test_sentences_are_split_for_streaming() -> None:
