@@ -30,6 +30,7 @@ def limits_of(settings: DialogueSettings) -> DialogueLimits:
         max_message_chars=settings.dialogue_max_message_chars,
         context_tokens=settings.dialogue_context_tokens,
         answer_max_tokens=settings.dialogue_answer_max_tokens,
+        spoken_answer_sentences=settings.dialogue_spoken_answer_sentences,
         recent_turns=settings.dialogue_recent_turns,
         top_k=settings.dialogue_top_k,
         min_retrieval_score=settings.dialogue_min_retrieval_score,

@@ -64,6 +64,7 @@ class DialogueLimits:
     max_message_chars: int
     context_tokens: int
     answer_max_tokens: int
+    spoken_answer_sentences: int
     recent_turns: int
     top_k: int
     min_retrieval_score: float
@@ -197,10 +198,11 @@ class DialogueCore:
         citations: list[dialogue_pb2.Citation] = []
         first_token_ms = 0.0
         if reply.passages:
-            prompt = await self._prompt_within_budget(session, message, reply.passages, deadline)
+            prompt = await self._prompt_within_budget(session, message, reply.passages, deadline, request.spoken)
             timer.lap("prompt")
             stream = stop_at_repetition(
-                self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline))
+                self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline)),
+                self._limits.spoken_answer_sentences if request.spoken else None,
             )
             async for delta in stream:
                 if not answer_parts:
@@ -271,7 +273,7 @@ class DialogueCore:
         return Reply(intent, passages=passages)
 
     async def _prompt_within_budget(
-        self, session: dialogue_pb2.Session, message: str, passages: list[Passage], deadline: float | None
+        self, session: dialogue_pb2.Session, message: str, passages: list[Passage], deadline: float | None, spoken: bool
     ) -> BuiltPrompt:
         """The turn's prompt; recent turns that do not fit are folded into the running summary first,
         so a tight budget shortens what the model sees of the past but never silently loses it."""
@@ -284,6 +286,7 @@ class DialogueCore:
                 session.summary,
                 [PastTurn(turn.user_message, turn.answer) for turn in session.turns[_folded_turns(session):]],
                 self._timeout(deadline),
+                spoken,
             )
             if not prompt.dropped_turns:
                 return prompt

@@ -23,6 +23,8 @@ SYSTEM_PROMPT = (
     "passage you used as [1], [2] and so on. If the passages do not contain the answer, say that you "
     "do not know."
 )
+# Added for an answer that will be spoken: listeners cannot skim, and lists and marks read badly.
+SPOKEN_STYLE = " Your answer will be read aloud: answer in one or two short sentences, without lists or formatting."
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,12 @@ async def build_prompt(
     summary: str,
     turns: Sequence[PastTurn],
     timeout_s: float,
+    spoken: bool = False,
 ) -> BuiltPrompt:
+    instructions = SYSTEM_PROMPT + (SPOKEN_STYLE if spoken else "")
     passage_texts = [passage_text(number, passage) for number, passage in enumerate(passages, 1)]
     turn_texts = [text for turn in turns for text in (turn.user, turn.answer)]
-    counts = await tokens.count([SYSTEM_PROMPT, message, summary, *passage_texts, *turn_texts], timeout_s)
+    counts = await tokens.count([instructions, message, summary, *passage_texts, *turn_texts], timeout_s)
     system_tokens, message_tokens, summary_tokens = counts[:3]
     passage_tokens = counts[3:3 + len(passage_texts)]
     turn_tokens = counts[3 + len(passage_texts):]
@@ -81,7 +85,7 @@ async def build_prompt(
         used += cost
     first_kept = min(kept_turns) if kept_turns else len(turns)
 
-    system = SYSTEM_PROMPT
+    system = instructions
     if kept_passages:
         system += "\n\nHelp-centre passages:\n" + "\n\n".join(passage_texts[: len(kept_passages)])
     if use_summary:

@@ -1,10 +1,11 @@
-"""Stops a streamed answer where the model starts repeating itself.
+"""Stops a streamed answer where the model starts repeating itself, or after enough sentences.
 
 A small model under greedy decoding often loops: the same sentence or list item again and again until
 the token limit. The guard sits between the generation stream and the client: text is released as it
 arrives, except while the sentence being written could still turn out to be a repeat of an earlier one
 (it is a prefix of one); a sentence that completes as a repeat is dropped and ends the answer. New
-sentences are never delayed, so the time to first token does not change.
+sentences are never delayed, so the time to first token does not change. An answer given a
+sentence budget (a spoken one) ends once that many sentences are complete.
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ def sentence_key(sentence: str) -> str:
 class RepetitionGuard:
     """Feed it the deltas of one answer; it returns what may be shown and says when the answer looped."""
 
-    def __init__(self, min_sentence_chars: int = 8) -> None:
+    def __init__(self, min_sentence_chars: int = 8, max_sentences: int | None = None) -> None:
         self._min_chars = min_sentence_chars
+        self._max_sentences = max_sentences
         self._seen: set[str] = set()
         self._sentence = ""  # the sentence being written
         self._released = 0  # how much of it was already shown
         self.repeated = False
+        self.complete = False  # the sentence budget is spent
+
+    @property
+    def ended(self) -> bool:
+        return self.repeated or self.complete
 
     def feed(self, delta: str) -> str:
-        """The part of the answer that can be shown now; empty once `repeated` is set."""
-        if self.repeated:
+        """The part of the answer that can be shown now; empty once the answer has ended."""
+        if self.ended:
             return ""
         self._sentence += delta
         shown: list[str] = []
@@ -53,14 +60,17 @@ class RepetitionGuard:
                 self._seen.add(key)
             shown.append(complete[self._released:])
             self._sentence, self._released = rest, 0
+            if self._max_sentences is not None and len(self._seen) >= self._max_sentences:
+                self.complete = True
+                return "".join(shown)
         if not self._could_repeat(sentence_key(self._sentence)):
             shown.append(self._sentence[self._released:])
             self._released = len(self._sentence)
         return "".join(shown)
 
     def flush(self) -> str:
-        """What is still held back when the stream ends without completing a repeat."""
-        if self.repeated:
+        """What is still held back when the stream ends before the answer ended."""
+        if self.ended:
             return ""
         held = self._sentence[self._released:]
         self._released = len(self._sentence)
@@ -70,15 +80,15 @@ class RepetitionGuard:
         return bool(partial_key) and any(seen.startswith(partial_key) for seen in self._seen)
 
 
-async def stop_at_repetition(deltas: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-    """The answer's deltas through a RepetitionGuard; a loop ends the generation (its stream is closed,
-    which cancels the call and frees the inference slot)."""
-    guard = RepetitionGuard()
+async def stop_at_repetition(deltas: AsyncGenerator[str, None], max_sentences: int | None = None) -> AsyncGenerator[str, None]:
+    """The answer's deltas through a RepetitionGuard; a loop or a spent sentence budget ends the
+    generation (its stream is closed, which cancels the call and frees the inference slot)."""
+    guard = RepetitionGuard(max_sentences=max_sentences)
     try:
         async for delta in deltas:
             if visible := guard.feed(delta):
                 yield visible
-            if guard.repeated:
+            if guard.ended:
                 return
         if held := guard.flush():
             yield held

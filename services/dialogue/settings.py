@@ -22,6 +22,8 @@ class DialogueSettings(PlatformSettings):
     # Prompt: the model's context window, the answer's share of it, and what is retrieved.
     dialogue_context_tokens: int = 2048
     dialogue_answer_max_tokens: int = 200
+    # A spoken answer (Converse, or ChatRequest.spoken) ends after this many sentences.
+    dialogue_spoken_answer_sentences: int = 2
     dialogue_recent_turns: int = 4
     dialogue_top_k: int = 4
     # Under this cosine similarity of the best passage, the assistant says it does not know.

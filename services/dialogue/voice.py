@@ -290,7 +290,7 @@ class _Conversation:
 
     async def _generate(self, text: str, pieces: asyncio.Queue[str | None]) -> dialogue_pb2.ChatResponse:
         request = dialogue_pb2.ChatRequest(
-            session_id=self._session_id, message=text, user_id=self._config.user_id, tenant=self._tenant
+            session_id=self._session_id, message=text, user_id=self._config.user_id, tenant=self._tenant, spoken=True
         )
         chunker = UtteranceChunker()
         intent = dialogue_pb2.Intent()

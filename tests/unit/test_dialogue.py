@@ -16,7 +16,7 @@ from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_inten
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.backends import Backends, Passage, stitch
 from services.dialogue.core import DONT_KNOW, DialogueCore, DialogueLimits, cite
-from services.dialogue.prompt import PastTurn, build_prompt
+from services.dialogue.prompt import SPOKEN_STYLE, PastTurn, build_prompt
 from services.dialogue.sessions import StoredSession
 from services.dialogue.slots import Order, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer, clip_words, mmr_select, split_sentences
@@ -113,7 +113,7 @@ class KeywordClassifier:
 
 RETURNS = Passage("returns", "Returns and refunds", "c1", "You can return any item within 30 days of delivery.", 0.7)
 SHIPPING = Passage("shipping", "Shipping and delivery", "c2", "Standard delivery takes 2 to 4 working days.", 0.5)
-LIMITS = DialogueLimits(2000, 512, 64, 2, 4, 0.35, 10.0, 60, 100_000)
+LIMITS = DialogueLimits(2000, 512, 64, 2, 2, 4, 0.35, 10.0, 60, 100_000)
 ADMIN = Principal("tester", "acme", frozenset({"admin"}))
 
 
@@ -178,6 +178,13 @@ async def test_prompt_stays_within_budget_dropping_oldest_turns_first() -> None:
     assert kept[:-1] == [turn.user for turn in turns[5 - len(kept) + 1:]]  # the newest turns survive
     assert prompt.dropped_turns == 5 - (len(kept) - 1) > 0
     assert "[1] Returns and refunds" in prompt.messages[0][1]
+
+
+async def test_a_spoken_answer_is_asked_for_in_short_plain_sentences() -> None:
+    written = await build_prompt(WordCounter(), 200, "my question", [RETURNS], "", [], 1.0)
+    spoken = await build_prompt(WordCounter(), 200, "my question", [RETURNS], "", [], 1.0, spoken=True)
+    assert SPOKEN_STYLE not in written.messages[0][1] and SPOKEN_STYLE in spoken.messages[0][1]
+    assert spoken.prompt_tokens == written.prompt_tokens + len(SPOKEN_STYLE.split())
 
 
 async def test_a_message_over_the_budget_is_refused() -> None:

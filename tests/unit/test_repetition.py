@@ -76,3 +76,21 @@ async def test_a_looping_stream_is_closed_so_generation_stops() -> None:
     text = "".join([piece async for piece in stop_at_repetition(endless())])
     assert text == "I am sorry. "
     assert closed and len(produced) == 2
+
+
+async def test_a_spoken_answer_ends_after_its_sentence_budget() -> None:
+    closed = False
+
+    async def talkative() -> AsyncGenerator[str, None]:
+        nonlocal closed
+        try:
+            for sentence in ("Gift cards are valid for three years. ", "You can use them online. ", "Or in any store. "):
+                yield sentence
+        finally:
+            closed = True
+
+    text = "".join([piece async for piece in stop_at_repetition(talkative(), max_sentences=2)])
+    assert text == "Gift cards are valid for three years. You can use them online."
+    assert closed
+    unlimited = "".join([piece async for piece in stop_at_repetition(talkative())])
+    assert unlimited.endswith("Or in any store. ")

@@ -48,12 +48,17 @@ class ChatRequest(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    SPOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """empty: a new session is started and its id returned"""
     message: _builtins.str
     user_id: _builtins.str
     tenant: _builtins.str
     """administrators only"""
+    spoken: _builtins.bool
+    """An answer to be spoken (Converse sets it): a short instruction for the model, and the answer
+    ends after LLMOS_DIALOGUE_SPOKEN_ANSWER_SENTENCES sentences.
+    """
     def __init__(
         self,
         *,
@@ -61,10 +66,11 @@ class ChatRequest(_message.Message):
         message: _builtins.str = ...,
         user_id: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        spoken: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "session_id", b"session_id", "tenant", b"tenant", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "session_id", b"session_id", "spoken", b"spoken", "tenant", b"tenant", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
