@@ -27,7 +27,7 @@ class SpeechSettings(PlatformSettings):
     speech_vad_mode: int = 2
     # Share of a domain model's unigram probability that comes from the tenant's text; the rest
     # comes from the general model, so words the text never uses can still be recognized.
-    speech_domain_weight: float = 0.9
+    speech_domain_weight: float = 0.97
     # A domain-model result less confident than this is decoded again with the general model.
     speech_domain_min_confidence: float = 0.5
     # Seed text of domain models, `tenant=path[;path…]` entries separated by commas; paths are
