@@ -38,8 +38,10 @@ from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 CREDENTIALS_FILE = "nats-credentials.json"
 ADMIN_USER = "admin"
-# Declaring streams and buckets at start: look up, create, update (never delete or purge).
-_DECLARE = ("$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*", "$JS.API.STREAM.UPDATE.*")
+# Declaring streams and buckets at start: look up and create what is missing. Never update,
+# delete or purge: a compromised service could otherwise shorten AUDIT's retention. Bringing
+# existing streams to a new version's configuration is the admin's (`llmos up`).
+_DECLARE = ("$JS.API.INFO", "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.CREATE.*")
 _INBOX = "_INBOX.>"
 
 

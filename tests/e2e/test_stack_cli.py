@@ -43,6 +43,8 @@ def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("SERVING") == 7
         assert "INGEST" in status.stdout and "audit-llmos-audit-all" in status.stdout
+        streams = llmos(env, tmp_path, "streams", timeout=30)
+        assert streams.returncode == 0 and "match this version" in streams.stdout, streams.stdout + streams.stderr
 
         async def submit() -> None:
             async with grpc.aio.insecure_channel(env["LLMOS_INGEST_ADDR"]) as channel:

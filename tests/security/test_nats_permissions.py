@@ -12,10 +12,10 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from llmos.bus.broker import Bus, declare_buckets
+from llmos.bus.broker import Bus, declare_buckets, declare_streams
 from llmos.cli.stack import nats_command, port_open
 from llmos.natsauth import ADMIN_USER, GRANTS, authorization_block, new_credentials
 from llmos.settings import SERVICE_NAMES
@@ -148,6 +148,8 @@ async def test_the_jetstream_api_does_not_reach_other_services_data(secured_nats
         lambda js: js.get_msg("AUDIT", 1),  # read the audit trail by sequence
         lambda js: js.delete_stream("AUDIT"),  # destroy events waiting for the audit service
         lambda js: js.purge_stream("AUDIT"),
+        # keep audit events for one second only
+        lambda js: js.update_stream(StreamConfig(name="AUDIT", subjects=["llmos.audit.>"], max_age=1.0)),
         lambda js: js.add_consumer("AUDIT", ConsumerConfig(durable_name="tap", filter_subject="llmos.audit.>")),
         lambda js: _kv_get(js, "dialogue_sessions", "s1"),  # another service's bucket
         lambda js: js.publish("$KV.api_keys.forged", b"an admin key"),  # api_keys is read-only
@@ -158,6 +160,23 @@ async def test_the_jetstream_api_does_not_reach_other_services_data(secured_nats
     dialogue = await nats.connect(url, user="dialogue", password=credentials["dialogue"])
     assert (await _kv_get(dialogue.jetstream(), "dialogue_sessions", "s1")) == b"sealed session"
     await dialogue.close()
+
+
+async def test_services_create_missing_streams_and_only_the_admin_updates_them(secured_nats: tuple[str, dict[str, str]]) -> None:
+    url, credentials = secured_nats
+    speech = await nats.connect(url, user="speech", password=credentials["speech"])
+    admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    try:
+        await declare_streams(speech.jetstream())  # as a service does at start: creates what is missing
+        audit = (await admin.jetstream().stream_info("AUDIT")).config
+        await admin.jetstream().update_stream(StreamConfig(name="AUDIT", subjects=audit.subjects, max_age=60.0))
+        await declare_streams(speech.jetstream())  # differs now: a service leaves it, and goes on
+        assert (await admin.jetstream().stream_info("AUDIT")).config.max_age == 60.0
+        await declare_streams(admin.jetstream(), update=True)  # `llmos up`
+        assert (await admin.jetstream().stream_info("AUDIT")).config.max_age == audit.max_age
+    finally:
+        await speech.close()
+        await admin.close()
 
 
 async def _kv_get(js: JetStreamContext, bucket: str, key: str) -> bytes | None:

@@ -172,7 +172,7 @@ class Bus:
 
     async def start(self) -> None:
         await self.broker.connect()
-        await declare_streams(self.broker)
+        await declare_streams(self.jetstream)
         await self.broker.start()
 
     async def close(self) -> None:
@@ -286,9 +286,13 @@ def _tenant_of(message_type: type[Message], payload: bytes) -> str:
         return ""
 
 
-async def declare_streams(broker: NatsBroker) -> None:
-    """Create or update every stream and KV bucket the platform uses."""
-    js = broker.connection.jetstream()
+async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
+    """Create every stream and KV bucket the platform uses that is missing.
+
+    An existing stream whose configuration differs from this version's is updated only with
+    `update` (the admin user, at `llmos up`); services are not allowed to (llmos.natsauth) and
+    log the difference instead.
+    """
     for spec in STREAMS:
         config = StreamConfig(
             name=spec.name,
@@ -298,10 +302,17 @@ async def declare_streams(broker: NatsBroker) -> None:
             duplicate_window=120.0,
         )
         try:
-            await js.stream_info(spec.name)
-            await js.update_stream(config)
+            current = (await js.stream_info(spec.name)).config
         except NotFoundError:
             await js.add_stream(config)
+            continue
+        wanted = (sorted(config.subjects or ()), config.max_age, config.description, config.duplicate_window)
+        if (sorted(current.subjects or ()), current.max_age, current.description, current.duplicate_window) == wanted:
+            continue
+        if update:
+            await js.update_stream(config)
+        else:
+            logger.warning("stream %s differs from this version's configuration; `llmos up` (as admin) updates it", spec.name)
     await declare_buckets(js)
 
 

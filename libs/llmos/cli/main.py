@@ -74,6 +74,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(print_status(_settings()))
 
 
+def cmd_streams(args: argparse.Namespace) -> int:
+    from llmos.cli.stack import declare_as_admin
+
+    asyncio.run(declare_as_admin(_settings()))
+    print("streams and buckets match this version's configuration")
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from llmos.cli.tracetree import last_trace_id, render_tree, trace_spans
 
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop what `llmos up --detach` started").set_defaults(run=cmd_down)
     commands.add_parser("status", help="health of each service, streams and consumer lag").set_defaults(run=cmd_status)
+    commands.add_parser(
+        "streams", help="as admin: create missing streams and buckets, bring existing ones to this version's configuration"
+    ).set_defaults(run=cmd_streams)
 
     trace = commands.add_parser("trace", help="print one trace as a span tree")
     trace.add_argument("trace_id", nargs="?", help="32 hex digits")

@@ -6,6 +6,7 @@ State lives under `$LLMOS_HOME`: JetStream data in `data/jetstream`, one log per
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from llmos.bus.broker import declare_streams
 from llmos.grpcutil.health_probe import check
 from llmos.grpcutil.tls import caller_credentials
-from llmos.natsauth import authorization_block, credentials_path, new_credentials, write_credentials
+from llmos.natsauth import authorization_block, connect_cli, credentials_path, new_credentials, write_credentials
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 STACK_FILE = "stack.json"
@@ -199,6 +201,16 @@ def _reap() -> None:
         pass
 
 
+async def declare_as_admin(settings: PlatformSettings) -> None:
+    """Streams and buckets, existing ones brought to this version's configuration: services may
+    only create what is missing (llmos.natsauth), so an upgrade's stream changes happen here."""
+    connection = await connect_cli(settings, connect_timeout=5, allow_reconnect=False)
+    try:
+        await declare_streams(connection.jetstream(), update=True)
+    finally:
+        await connection.close()
+
+
 def stop_stack(settings: PlatformSettings) -> list[str]:
     """Stop services first, NATS last, so in-flight bus work drains. Returns what was stopped."""
     processes = read_stack(settings)
@@ -226,6 +238,7 @@ class Stack:
             self.settings, self.settings.logs_dir / "nats.log", authorization_block(credentials)
         )
         try:
+            asyncio.run(declare_as_admin(self.settings))
             for name in SERVICE_NAMES:
                 self.processes[name] = start_service(name, self.settings, service_env(self.settings, name, credentials))
             self._record()
