@@ -94,10 +94,10 @@ class KeyStore:
         prefix = f"$KV.{KEYS_BUCKET}."
         info = await self._js.stream_info(f"KV_{KEYS_BUCKET}", subjects_filter=f"{prefix}>")
         found = []
-        for subject in info.state.subjects or {}:
-            record = await self._record(subject[len(prefix):])
+        for digest in (subject[len(prefix):] for subject in info.state.subjects or {}):
+            record = await self._record(digest)
             if record is not None:
-                found.append((subject[len(prefix):], record))
+                found.append((digest, record))
         return sorted(found, key=lambda item: item[1].created_at)
 
     async def revoke(self, key_id: str) -> ApiKeyRecord:

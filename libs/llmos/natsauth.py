@@ -121,14 +121,15 @@ def permissions(grant: ServiceGrant) -> dict[str, dict[str, list[str]]]:
     }
 
 
-def new_password() -> str:
-    """A random password that nats-server reads as a string when it comes from an environment
-    variable: there a value starting with a digit or '-' is parsed as a number ("1h…" fails)."""
+def new_secret() -> str:
+    """A random password or key that nats-server reads as a string when it comes from an
+    environment variable: there a value starting with a digit or '-' is parsed as a number or a
+    date ("1h…" fails)."""
     return secrets.choice(string.ascii_letters) + secrets.token_urlsafe(18)
 
 
 def new_credentials() -> dict[str, str]:
-    return {user: new_password() for user in (*SERVICE_NAMES, ADMIN_USER)}
+    return {user: new_secret() for user in (*SERVICE_NAMES, ADMIN_USER)}
 
 
 def authorization_block(credentials: Mapping[str, str]) -> str:
@@ -174,7 +175,7 @@ def compose_secrets() -> str:
     on the host (`set -a; . FILE` before running them)."""
     credentials = new_credentials()
     lines = [f"{password_variable(user)}={password}" for user, password in credentials.items()]
-    lines.append(f"{JETSTREAM_KEY_VARIABLE}={new_password()}")
+    lines.append(f"{JETSTREAM_KEY_VARIABLE}={new_secret()}")
     lines.append(f"LLMOS_ENCRYPTION_KEYS={new_key_entry()}")
     lines += [f"LLMOS_NATS_USER={ADMIN_USER}", f"LLMOS_NATS_PASSWORD={credentials[ADMIN_USER]}"]
     return "\n".join(lines) + "\n"

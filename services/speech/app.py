@@ -99,11 +99,14 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         settings.speech_start_history_ms, settings.speech_start_threshold,
         settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
     ).validated()
+    engine = AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence)
+    with engine.decoder(None) as (decoder, general_search, _):
+        background = general_unigrams(decoder, general_search)
     core = SpeechCore(
         bus,
         AuditLog(bus),
-        AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence),
-        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings), general_unigrams(), settings.speech_domain_weight),
+        engine,
+        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings), background, settings.speech_domain_weight),
         voice_catalog(settings),
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,

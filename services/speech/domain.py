@@ -107,10 +107,10 @@ def read_seed(path: Path) -> list[tuple[str, str]]:
     return documents
 
 
-def general_unigrams() -> dict[str, float]:
-    """log10 P(word) under PocketSphinx's general en-us model, for each dictionary word it has."""
-    decoder = Decoder(loglevel="FATAL")  # the default configuration names the general model and dictionary
-    model = decoder.get_lm(decoder.current_search())
+def general_unigrams(decoder: Decoder, general_search: str) -> dict[str, float]:
+    """log10 P(word) under the general en-us model of `decoder` (its search `general_search`), for
+    each word of its dictionary that the model has."""
+    model = decoder.get_lm(general_search)
     unknown = decoder.logmath.get_zero()
     with open(decoder.config["dict"], encoding="utf-8") as dictionary:
         words = {line.split(maxsplit=1)[0] for line in dictionary if line.strip() and "(" not in line.split(maxsplit=1)[0]}

@@ -8,6 +8,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from llmos.bus.follow import follow
+from llmos.bus.follow import last_sequence as stream_last_sequence  # same name, here by URL
 from llmos.bus.subjects import DOCS_INDEXED, stream_for
 from llmos.v1 import events_pb2
 
@@ -33,11 +34,10 @@ async def last_message(nats_url: str, subject: str, timeout_s: float = 10.0, aft
 
 
 async def last_sequence(nats_url: str, subject: str) -> int:
+    """The position after which messages on `subject` are new (llmos.bus.follow.last_sequence)."""
     connection = await nats.connect(nats_url)
     try:
-        return (await connection.jetstream().get_last_msg(stream_for(subject).name, subject)).seq
-    except NotFoundError:
-        return 0
+        return await stream_last_sequence(connection.jetstream(), subject)
     finally:
         await connection.close()
 

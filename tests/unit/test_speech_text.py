@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from pocketsphinx import Decoder
 
 from services.speech.domain import DomainCorpus, build_arpa, general_unigrams, number_words, spoken_sentences, spoken_words
 from llmos.utterances import UtteranceChunker, split_for_speech, split_sentences
@@ -68,7 +69,8 @@ def test_the_general_model_keeps_every_word_reachable_without_drowning_the_domai
 
 
 def test_general_unigrams_come_from_the_pocketsphinx_model() -> None:
-    general = general_unigrams()
+    decoder = Decoder(loglevel="FATAL")
+    general = general_unigrams(decoder, decoder.current_search())
     assert len(general) > 50_000 and general["the"] > general["dryer"] > -9
 
 

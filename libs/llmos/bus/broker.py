@@ -306,14 +306,18 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
         except NotFoundError:
             await js.add_stream(config)
             continue
-        wanted = (sorted(config.subjects or ()), config.max_age, config.description, config.duplicate_window)
-        if (sorted(current.subjects or ()), current.max_age, current.description, current.duplicate_window) == wanted:
+        if _declared_fields(current) == _declared_fields(config):
             continue
         if update:
             await js.update_stream(config)
         else:
             logger.warning("stream %s differs from this version's configuration; `llmos up` (as admin) updates it", spec.name)
     await declare_buckets(js)
+
+
+def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
+    """What declare_streams sets; the server fills in the rest."""
+    return (sorted(config.subjects or ()), config.max_age, config.description, config.duplicate_window)
 
 
 async def declare_buckets(js: JetStreamContext) -> None:
