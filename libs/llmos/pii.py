@@ -14,7 +14,7 @@ Policies come from a spec string (`LLMOS_INGEST_PII_POLICY`): comma-separated
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -31,7 +31,21 @@ class PiiKind(StrEnum):
 ALL_KINDS = frozenset(PiiKind)
 DEFAULT_TENANT = "*"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Every pattern must run in linear time on any input, hostile input included (audit redacts
+# fields an unauthenticated caller chose). Card, IBAN and phone patterns bound every repetition,
+# so each start position costs a constant. An e-mail's local part has no such bound: searching
+# `(?<![\w.+-])[local]+@domain` re-scans a run of local-part characters from every position inside
+# it that may start one (after "%" or "'"), quadratic on "%%%%...". So the run is matched from its
+# first character only, with the domain in a lookahead so the next run may start inside it, and
+# `_emails` picks where in the run the address starts.
+_LOCAL_CHARS = "A-Za-z0-9._%+'-"
+_EMAIL_RUN = re.compile(
+    rf"(?<![{_LOCAL_CHARS}])[{_LOCAL_CHARS}]++(?=(@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{{2,}}\b))"
+)
+# A local part does not start right after these; inside a run, that leaves the positions after
+# "%" and "'".
+_LOCAL_BLOCKER = re.compile(r"[\w.+-]")
+_LOCAL_RESTART = re.compile("[%']")
 # 13 to 19 digits, optionally grouped by single spaces or dashes; not after "+" (a phone number).
 _CARD = re.compile(r"(?<![\w+-])\d(?:[ -]?\d){12,18}(?![\w-])")
 # Country code, check digits, then 11 to 30 letters or digits, optionally in groups of four;
@@ -113,26 +127,58 @@ def _not_a_phone(value: str) -> bool:
     )
 
 
-def _candidates(text: str, kinds: frozenset[PiiKind]) -> Iterator[Finding]:
-    """Every validated match, most specific kinds first (overlaps are resolved by the caller)."""
-    if PiiKind.EMAIL in kinds:
-        for match in _EMAIL.finditer(text):
-            yield Finding(PiiKind.EMAIL, match.start(), match.end())
-    if PiiKind.IBAN in kinds:
+def _emails(text: str) -> Iterator[tuple[int, int]]:
+    """Spans of e-mail addresses: the first position of each local-part run (at or after the end of
+    the previous address) that may start one, to the end of the domain after the run's "@"."""
+    resume = 0
+    for run in _EMAIL_RUN.finditer(text):
+        at = run.end()
+        start = max(run.start(), resume)
+        if start > 0 and _LOCAL_BLOCKER.match(text, start - 1):
+            restart = _LOCAL_RESTART.search(text, start, at)
+            if restart is None:
+                continue
+            start = restart.end()
+        if start < at:
+            resume = run.end(1)
+            yield start, resume
+
+
+# Most specific kinds first: overlapping findings go to the first kind that claims the span.
+_KIND_ORDER = (PiiKind.EMAIL, PiiKind.IBAN, PiiKind.CARD, PiiKind.PHONE)
+
+
+def _findings(text: str, kind: PiiKind) -> Iterator[Finding]:
+    """Every validated match of one kind, in text order and not overlapping each other."""
+    if kind == PiiKind.EMAIL:
+        for start, end in _emails(text):
+            yield Finding(kind, start, end)
+    elif kind == PiiKind.IBAN:
         for match in _IBAN.finditer(text):
             if iban_valid(match.group().upper()):
-                yield Finding(PiiKind.IBAN, match.start(), match.end())
-    if PiiKind.CARD in kinds:
+                yield Finding(kind, match.start(), match.end())
+    elif kind == PiiKind.CARD:
         for match in _CARD.finditer(text):
             if luhn_valid(_digits(match.group())):
-                yield Finding(PiiKind.CARD, match.start(), match.end())
-    if PiiKind.PHONE in kinds:
+                yield Finding(kind, match.start(), match.end())
+    else:
         for match in _PHONE.finditer(text):
             value = match.group()
-            if _not_a_phone(value):
-                continue
-            if MIN_PHONE_DIGITS <= len(_digits(value)) <= MAX_PHONE_DIGITS:
-                yield Finding(PiiKind.PHONE, match.start(), match.end())
+            if not _not_a_phone(value) and MIN_PHONE_DIGITS <= len(_digits(value)) <= MAX_PHONE_DIGITS:
+                yield Finding(kind, match.start(), match.end())
+
+
+def _claim(taken: list[Finding], candidates: Iterable[Finding]) -> list[Finding]:
+    """`taken` (in text order, disjoint) with the candidates (likewise) that overlap none of it.
+    One walk over both, so a text dense with findings costs linear time, not one check per pair."""
+    claimed: list[Finding] = []
+    index = 0
+    for candidate in candidates:
+        while index < len(taken) and taken[index].end <= candidate.start:
+            index += 1
+        if index == len(taken) or candidate.end <= taken[index].start:
+            claimed.append(candidate)
+    return sorted(taken + claimed, key=lambda finding: finding.start)  # merges two sorted runs
 
 
 class Redactor:
@@ -144,10 +190,10 @@ class Redactor:
     def find(self, text: str) -> tuple[Finding, ...]:
         """Non-overlapping findings in text order; the first kind to claim a span keeps it."""
         taken: list[Finding] = []
-        for finding in _candidates(text, self.kinds):
-            if all(finding.end <= other.start or finding.start >= other.end for other in taken):
-                taken.append(finding)
-        return tuple(sorted(taken, key=lambda finding: finding.start))
+        for kind in _KIND_ORDER:
+            if kind in self.kinds:
+                taken = _claim(taken, _findings(text, kind))
+        return tuple(taken)
 
     def redact(self, text: str) -> Redaction:
         findings = self.find(text)
