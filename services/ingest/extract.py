@@ -43,6 +43,9 @@ class _ContentParser(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self._stack: list[tuple[str, bool, bool]] = []  # (tag, skipped, main)
+        # Where each tag is open in the stack, innermost last: an end tag finds its element without
+        # searching the stack (end tags matching nothing open made that quadratic in the nesting).
+        self._depths: dict[str, list[int]] = {}
         self.all_text: list[str] = []
         self.main_text: list[str] = []
 
@@ -74,14 +77,17 @@ class _ContentParser(HTMLParser):
             or "hidden" in attributes
             or any(word in marker for word in _BOILERPLATE_MARKERS)
         )
+        self._depths.setdefault(tag, []).append(len(self._stack))
         self._stack.append((tag, skipped, self._in_main() or tag in _MAIN))
 
     def handle_endtag(self, tag: str) -> None:
         # Close up to the matching tag; tolerate unclosed children (<p>, <li>) as browsers do.
-        for depth in range(len(self._stack) - 1, -1, -1):
-            if self._stack[depth][0] == tag:
-                del self._stack[depth:]
-                break
+        depths = self._depths.get(tag)
+        if depths:
+            depth = depths[-1]
+            for closed, _, _ in reversed(self._stack[depth:]):  # each element is closed once
+                self._depths[closed].pop()
+            del self._stack[depth:]
         if tag in _BLOCK:
             self._emit("\n")
 

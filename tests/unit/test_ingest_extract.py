@@ -8,6 +8,7 @@ from llmos.errors import InvalidArgument
 from services.ingest.chunking import normalize
 from services.ingest.extract import extract_text, html_text
 from tests.pdf_helpers import minimal_pdf
+from tests.timing_helpers import cpu_seconds, cpu_seconds_within
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +49,43 @@ def test_unreadable_documents_are_invalid_argument(mime_type: str, content: byte
     with pytest.raises(InvalidArgument, match=message) as error:
         extract_text(mime_type, content)
     assert error.value.field == "content"
+
+
+@pytest.mark.parametrize(
+    ("html", "expected"),
+    [
+        ("<nav><ul><li>Menu</nav><p>Kept</p>", "Kept"),  # an end tag closes the children left open
+        ("<div><nav><div><div>Menu</nav>Kept</div>", "Kept"),
+        ("<main><p>One</span> two</main><p>Outside</p>", "One two"),  # one that matches nothing closes nothing
+    ],
+)
+def test_end_tags_close_up_to_their_element(html: str, expected: str) -> None:
+    assert normalize(html_text(html)) == expected
+
+
+# -- linear time on hostile nesting --------------------------------------------------------------
+
+DEPTH = 50_000
+# Deep nesting, closed properly or by end tags that match nothing open (each of which made the
+# extractor search the whole stack of open elements), inside kept, skipped and main-content elements.
+NESTED_PAGES = {
+    "divs closed": "<div>" * DEPTH + "x" + "</div>" * DEPTH,
+    "divs, stray end tags": "<div>" * DEPTH + "x" + "</p>" * DEPTH,
+    "unclosed paragraphs": "<p>x" * DEPTH + "</div>" * DEPTH,
+    "unclosed list items": "<ul>" + "<li>x" * DEPTH + "</ol>" * DEPTH,
+    "skipped navs, stray end tags": "<nav>" * DEPTH + "x" + "</span>" * DEPTH,
+    "skipped scripts": "<script>" * DEPTH + "x" + "</script>" * DEPTH,
+    "main content, stray end tags": "<main><article>" * DEPTH + "x" + "</section>" * DEPTH,
+}
+# Nested pages have no more tags than a flat page of the same size, so a linear extractor takes
+# about as long on them; the ratio leaves room for noise. A quadratic one needs a minute or more.
+RATIO_TO_FLAT = 5
+
+
+@pytest.mark.parametrize("name", NESTED_PAGES)
+def test_deeply_nested_html_extracts_in_linear_time(name: str) -> None:
+    page = NESTED_PAGES[name]
+    flat = ("<div>x</div>" * (len(page) // 12 + 1))[: len(page)]
+    baseline = cpu_seconds(lambda: html_text(flat), repeat=1)
+    took = cpu_seconds_within(lambda: html_text(page), RATIO_TO_FLAT * baseline)
+    print(f"\n{name}: {len(page) / 1e6:.1f} MB, flat {baseline:.3f} s, nested {took:.3f} s ({took / baseline:.1f}x)")
