@@ -38,17 +38,18 @@ import yaml
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.cli.stack import Stack
-from llmos.errors import NotFound
+from llmos.crypto import AtRest
 from llmos.grpcutil.client import bearer, open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.settings import SERVICE_NAMES, load_settings
+from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from services.dialogue.app import limits_of
 from services.dialogue.backends import Backends, Generator, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
 from services.dialogue.core import DialogueCore
-from services.dialogue.sessions import StoredSession
+from services.dialogue.sessions import SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
 
@@ -139,17 +140,6 @@ async def local_turn(core: DialogueCore, principal: Principal, question: str) ->
     return await timed_turn(core.chat(principal, principal.tenant, dialogue_pb2.ChatRequest(message=question), None))
 
 
-class MemorySessions:
-    async def get(self, tenant: str, session_id: str) -> StoredSession:
-        raise NotFound(session_id)  # every benchmark turn starts a new session
-
-    async def put(self, stored: StoredSession) -> None:
-        return None
-
-    async def delete(self, tenant: str, session_id: str) -> None:
-        return None
-
-
 class CountingGenerator:
     """Counts generation calls, to tell the turns the model answered from the others."""
 
@@ -160,13 +150,6 @@ class CountingGenerator:
     def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncIterator[str]:
         self.calls += 1
         return self._inner.stream(messages, max_new_tokens, timeout_s)
-
-
-class NoBus:
-    service = "dialogue-bench"
-
-    async def publish(self, subject: str, message: object, msg_id: str | None = None) -> None:
-        return None
 
 
 async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str]], asked: list[str]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
@@ -180,12 +163,12 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
     tokens = LocalTokenCounter(ModelTokenizer.from_dir(artefact_dir(settings.home, "smollm2-135m-instruct")))
     retrieval = open_channel(settings.retrieval_addr, BENCH_KEY)
     inference = open_channel(settings.inference_addr, BENCH_KEY)
-    bus = NoBus()
+    bus = MemoryPublisher()
     generator = CountingGenerator(GrpcGenerator(inference))
     core = DialogueCore(
         bus,  # type: ignore[arg-type]
-        MemorySessions(),  # type: ignore[arg-type]
-        AuditLog(bus),  # type: ignore[arg-type]
+        SessionStore(MemoryBucket(), settings.dialogue_session_idle_ttl_s, AtRest(None, "bench sessions")),
+        AuditLog(bus, "dialogue-bench"),
         classifier,
         Backends(embedder, GrpcRetriever(retrieval), generator, tokens),
         OrderBook.from_file(settings.dialogue_orders_file),

@@ -7,18 +7,15 @@ service loses nothing.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.auth import Principal
 from llmos.bus.subjects import audit_subject
+from llmos.ports import Publisher
 from llmos.redaction import redact
 from llmos.telemetry import current_trace_id
 from llmos.v1 import events_pb2
-
-if TYPE_CHECKING:
-    from llmos.bus.broker import Bus
 
 ALLOW = events_pb2.AUDIT_DECISION_ALLOW
 DENY = events_pb2.AUDIT_DECISION_DENY
@@ -54,8 +51,9 @@ def audit_event(
 class AuditLog:
     """Publishes the audit events of one service."""
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
+    def __init__(self, publisher: Publisher, service: str) -> None:
+        self._publisher = publisher
+        self._service = service
 
     async def record(
         self,
@@ -66,5 +64,5 @@ class AuditLog:
         decision: events_pb2.AuditDecision.ValueType = ALLOW,
         reason: str = "",
     ) -> None:
-        event = audit_event(self._bus.service, principal.subject, tenant, action, resource, decision, reason)
-        await self._bus.publish(audit_subject(self._bus.service), event, msg_id=event.event_id)
+        event = audit_event(self._service, principal.subject, tenant, action, resource, decision, reason)
+        await self._publisher.publish(audit_subject(self._service), event, msg_id=event.event_id)

@@ -19,7 +19,7 @@ from services.dialogue.backends import Backends, GrpcEmbedder, GrpcGenerator, Gr
 from services.dialogue.core import DialogueCore, DialogueLimits
 from services.dialogue.handlers import subscriptions
 from services.dialogue.servicer import DialogueServicer
-from services.dialogue.sessions import SessionStore
+from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
 from services.dialogue.voice import GrpcRecognizer, GrpcSynthesizer, VoiceLimits, VoiceTurns
@@ -66,8 +66,10 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
     backends = Backends(GrpcEmbedder(inference), GrpcRetriever(retrieval), GrpcGenerator(inference), GrpcTokenCounter(tokenizer))
     core = DialogueCore(
         bus,
-        SessionStore(bus, settings.dialogue_session_idle_ttl_s, AtRest.from_settings(settings, "dialogue session state")),
-        AuditLog(bus),
+        SessionStore(
+            bus.bucket(SESSIONS_BUCKET), settings.dialogue_session_idle_ttl_s, AtRest.from_settings(settings, "dialogue session state")
+        ),
+        AuditLog(bus, bus.service),
         classifier,
         backends,
         OrderBook.from_file(settings.dialogue_orders_file),

@@ -12,15 +12,11 @@ session's key fails to open.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-
-from llmos.bus.broker import Bus
-from llmos.crypto import AtRest
 from llmos.errors import FailedPrecondition, NotFound
+from llmos.ports import Bucket, Sealing, VersionedStore
 from llmos.v1 import dialogue_pb2
 
 SESSIONS_BUCKET = "dialogue_sessions"
@@ -33,45 +29,34 @@ class StoredSession:
 
 
 class SessionStore:
-    def __init__(self, bus: Bus, idle_ttl_s: float, at_rest: AtRest) -> None:
-        self._bus = bus
+    def __init__(self, bucket: Bucket, idle_ttl_s: float, at_rest: Sealing) -> None:
+        self._records = VersionedStore(
+            bucket, dialogue_pb2.Session.SerializeToString, dialogue_pb2.Session.FromString, "session", at_rest
+        )
         self._idle_ttl_s = idle_ttl_s
-        self._at_rest = at_rest
-
-    @staticmethod
-    def _key(tenant: str, session_id: str) -> str:
-        # KV keys have a restricted alphabet; session ids are caller-chosen text.
-        return hashlib.sha256(f"{tenant}\x00{session_id}".encode()).hexdigest()
 
     async def get(self, tenant: str, session_id: str) -> StoredSession:
-        bucket = await self._bus.key_value(SESSIONS_BUCKET)
-        key = self._key(tenant, session_id)
-        try:
-            entry = await bucket.get(key)
-        except KeyNotFoundError:
-            raise NotFound(f"no session {session_id!r} in tenant {tenant!r} (it may have expired)") from None
-        session = dialogue_pb2.Session.FromString(self._at_rest.open(entry.value or b"", key.encode()))
-        if time.time() - session.updated_at.ToSeconds() > self._idle_ttl_s:
-            await bucket.delete(key)
+        stored = await self._records.get(tenant, session_id)
+        if stored is None:
+            raise NotFound(f"no session {session_id!r} in tenant {tenant!r} (it may have expired)")
+        if time.time() - stored.value.updated_at.ToSeconds() > self._idle_ttl_s:
+            await self._records.delete(tenant, session_id)
             raise NotFound(f"session {session_id!r} expired after {self._idle_ttl_s:.0f} s idle; start a new one")
-        return StoredSession(session, entry.revision or 0)
+        return StoredSession(stored.value, stored.revision)
 
     async def put(self, stored: StoredSession) -> None:
-        stored.session.updated_at.GetCurrentTime()
-        bucket = await self._bus.key_value(SESSIONS_BUCKET)
-        key = self._key(stored.session.tenant, stored.session.session_id)
-        value = self._at_rest.seal(stored.session.SerializeToString(), key.encode())
+        session = stored.session
+        session.updated_at.GetCurrentTime()
         try:
             if stored.revision:
-                stored.revision = await bucket.update(key, value, last=stored.revision)
+                stored.revision = await self._records.update(session.tenant, session.session_id, session, stored.revision)
             else:
-                stored.revision = await bucket.create(key, value)
-        except KeyWrongLastSequenceError:
+                stored.revision = await self._records.create(session.tenant, session.session_id, session)
+        except FailedPrecondition:
             raise FailedPrecondition(
-                f"session {stored.session.session_id!r} was changed by another request meanwhile; send the message again"
+                f"session {session.session_id!r} was changed by another request meanwhile; send the message again"
             ) from None
 
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.get(tenant, session_id)
-        bucket = await self._bus.key_value(SESSIONS_BUCKET)
-        await bucket.delete(self._key(tenant, session_id))
+        await self._records.delete(tenant, session_id)

@@ -16,11 +16,11 @@ import onnxruntime as ort
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from llmos.bus.broker import Bus
 from llmos.bus.subjects import CHUNKS_EMBEDDED
 from llmos.errors import FailedPrecondition, InvalidArgument, LlmosError
 from llmos.models.catalog import get_spec
 from llmos.models.store import load_manifest
+from llmos.ports import Publisher
 from llmos.settings import ExecutionProvider
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
@@ -100,7 +100,7 @@ def _check_model(field: str, requested: str, served: str) -> None:
 class InferenceCore:
     def __init__(
         self,
-        bus: Bus,
+        publisher: Publisher,
         home: Path,
         embedder: EmbedBatcher,
         count_embedding_tokens: CountTokens,
@@ -112,7 +112,7 @@ class InferenceCore:
         max_new_tokens: int,
         default_max_new_tokens: int,
     ) -> None:
-        self._bus = bus
+        self._publisher = publisher
         self._home = home
         self._embedder = embedder
         self._count_embedding_tokens = count_embedding_tokens
@@ -179,7 +179,7 @@ class InferenceCore:
             priority=created.priority,
             submitted_at=created.submitted_at,
         )
-        await self._bus.publish(
+        await self._publisher.publish(
             CHUNKS_EMBEDDED,
             embedded,
             msg_id=f"{created.tenant}/{created.document_id}/{created.content_hash}/embedded",

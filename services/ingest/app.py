@@ -13,7 +13,7 @@ from llmos.grpcutil.status import error_from_rpc
 from llmos.pii import PiiPolicy
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import ingest_pb2, ingest_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
-from services.ingest.core import DocumentStatusStore, IngestCore
+from services.ingest.core import STATUS_BUCKET, DocumentStatusStore, IngestCore
 from services.ingest.handlers import subscriptions
 from services.ingest.servicer import IngestServicer
 from services.ingest.settings import IngestSettings
@@ -34,8 +34,8 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
 
     core = IngestCore(
         bus,
-        DocumentStatusStore(bus),
-        AuditLog(bus),
+        DocumentStatusStore(bus.bucket(STATUS_BUCKET)),
+        AuditLog(bus, bus.service),
         token_offsets,
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap_tokens,

@@ -19,14 +19,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.bus.broker import Bus
 from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED, DOCS_FAILED
-from llmos.errors import InvalidArgument, LlmosError, NotFound, Unavailable
+from llmos.errors import InvalidArgument, LlmosError, NotFound
 from llmos.pii import PiiPolicy
+from llmos.ports import Bucket, Publisher, VersionedStore
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
 from services.ingest.chunking import chunk_spans, normalize
 from services.ingest.extract import SUPPORTED_MIME_TYPES, extract_text
@@ -64,47 +63,29 @@ class DocumentStatusStore:
     update as a compare-and-set on the entry's revision, retrying when another writer won.
     """
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-
-    @staticmethod
-    def _key(tenant: str, document_id: str) -> str:
-        # KV keys allow a restricted alphabet; ids are free text.
-        return hashlib.sha256(f"{tenant}\x00{document_id}".encode()).hexdigest()
-
-    async def _entry(self, tenant: str, document_id: str) -> tuple[ingest_pb2.DocumentStatus | None, int | None]:
-        try:
-            entry = await (await self._bus.key_value(STATUS_BUCKET)).get(self._key(tenant, document_id))
-        except KeyNotFoundError:
-            return None, None
-        if not entry.value:  # a purged entry reads as empty
-            return None, entry.revision
-        return ingest_pb2.DocumentStatus.FromString(entry.value), entry.revision
+    def __init__(self, bucket: Bucket) -> None:
+        self._records = VersionedStore(
+            bucket, ingest_pb2.DocumentStatus.SerializeToString, ingest_pb2.DocumentStatus.FromString, "status of document"
+        )
 
     async def get(self, tenant: str, document_id: str) -> ingest_pb2.DocumentStatus | None:
-        return (await self._entry(tenant, document_id))[0]
+        stored = await self._records.get(tenant, document_id)
+        return stored.value if stored else None
 
     async def put(self, status: ingest_pb2.DocumentStatus) -> None:
         status.updated_at.CopyFrom(now())
-        bucket = await self._bus.key_value(STATUS_BUCKET)
-        await bucket.put(self._key(status.tenant, status.document_id), status.SerializeToString())
+        await self._records.put(status.tenant, status.document_id, status)
 
-    async def change(
-        self, tenant: str, document_id: str, update: Callable[[ingest_pb2.DocumentStatus], bool], attempts: int = 10
-    ) -> bool:
+    async def change(self, tenant: str, document_id: str, update: Callable[[ingest_pb2.DocumentStatus], bool]) -> bool:
         """Apply `update` (which returns False to leave the entry alone) atomically."""
-        bucket = await self._bus.key_value(STATUS_BUCKET)
-        for _ in range(attempts):
-            status, revision = await self._entry(tenant, document_id)
-            if status is None or revision is None or not update(status):
+
+        def stamped(status: ingest_pb2.DocumentStatus) -> bool:
+            if not update(status):
                 return False
             status.updated_at.CopyFrom(now())
-            try:
-                await bucket.update(self._key(tenant, document_id), status.SerializeToString(), last=revision)
-                return True
-            except KeyWrongLastSequenceError:
-                continue
-        raise Unavailable(f"status of document {document_id!r} kept changing under {attempts} attempts")
+            return True
+
+        return await self._records.change(tenant, document_id, stamped)
 
 
 @dataclass(frozen=True)
@@ -118,7 +99,7 @@ class SubmitResult:
 class IngestCore:
     def __init__(
         self,
-        bus: Bus,
+        publisher: Publisher,
         statuses: DocumentStatusStore,
         audit: AuditLog,
         token_offsets: TokenOffsets,
@@ -127,7 +108,7 @@ class IngestCore:
         max_document_bytes: int,
         pii: PiiPolicy,
     ) -> None:
-        self._bus = bus
+        self._publisher = publisher
         self._statuses = statuses
         self._audit = audit
         self._token_offsets = token_offsets
@@ -192,7 +173,7 @@ class IngestCore:
                 content_hash=content_hash,
             )
         )
-        await self._bus.publish(
+        await self._publisher.publish(
             CHUNKS_CREATED,
             events_pb2.ChunksCreated(
                 document_id=document.document_id,
@@ -242,7 +223,7 @@ class IngestCore:
             reason=reason,
             failed_at=now(),
         )
-        await self._bus.publish(DOCS_FAILED, failure)
+        await self._publisher.publish(DOCS_FAILED, failure)
         if document.tenant:
             await self._statuses.put(
                 ingest_pb2.DocumentStatus(
@@ -265,7 +246,7 @@ class IngestCore:
         status = await self.status(tenant, document_id)
         if status.stage == common_pb2.DOCUMENT_STAGE_DELETED:
             return False
-        await self._bus.publish(
+        await self._publisher.publish(
             DOCS_DELETED,
             events_pb2.DocumentDeleted(document_id=document_id, tenant=tenant, deleted_at=now()),
             msg_id=f"{tenant}/{document_id}/deleted/{status.content_hash}",

@@ -45,7 +45,7 @@ async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
         SealedTextIndex(open_index(settings), AtRest.from_settings(settings, "chunk text in the index")),
         Bm25Encoder(settings.retrieval_bm25_avg_len),
         InferenceEmbedder(channel, settings.retrieval_dimensions, settings.retrieval_embed_timeout_s),
-        KvProfileStore(lambda: bus.key_value(PROFILES_BUCKET), settings.retrieval_profile_items),
+        KvProfileStore(bus.bucket(PROFILES_BUCKET), settings.retrieval_profile_items),
         settings.retrieval_dimensions,
         SearchLimits(
             default_top_k=settings.retrieval_default_top_k,

@@ -7,16 +7,12 @@ every replica sees it and it survives restarts; writes are compare-and-set on th
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
-
-from llmos.errors import Unavailable
+from llmos.ports import Bucket, VersionedStore
 
 PROFILES_BUCKET = "user_profiles"
 
@@ -34,6 +30,15 @@ def _remember(items: list[str], new: Sequence[str], cap: int) -> list[str]:
     return list(dict.fromkeys([*new, *items]))[:cap]
 
 
+def _encode(profile: Profile) -> bytes:
+    return json.dumps({"read": profile.read, "asked": profile.asked}).encode()
+
+
+def _decode(data: bytes) -> Profile:
+    fields = json.loads(data)
+    return Profile(read=list(fields.get("read", [])), asked=list(fields.get("asked", [])))
+
+
 class ProfileStore(Protocol):
     async def get(self, tenant: str, user_id: str) -> Profile: ...
     async def record_read(self, tenant: str, user_id: str, document_id: str) -> None: ...
@@ -41,53 +46,24 @@ class ProfileStore(Protocol):
 
 
 class KvProfileStore:
-    def __init__(self, bucket: Callable[[], Awaitable[KeyValue]], cap: int) -> None:
-        self._bucket = bucket  # the bucket is opened once the bus runs
+    def __init__(self, bucket: Bucket, cap: int) -> None:
+        self._records = VersionedStore(bucket, _encode, _decode, "profile of user")
         self.cap = cap
 
-    @staticmethod
-    def _key(tenant: str, user_id: str) -> str:
-        return hashlib.sha256(f"{tenant}\x00{user_id}".encode()).hexdigest()
-
-    async def _entry(self, tenant: str, user_id: str) -> tuple[Profile, int | None]:
-        bucket = await self._bucket()
-        try:
-            entry = await bucket.get(self._key(tenant, user_id))
-        except KeyNotFoundError:
-            return Profile(), None
-        if not entry.value:
-            return Profile(), entry.revision
-        data = json.loads(entry.value)
-        return Profile(read=list(data.get("read", [])), asked=list(data.get("asked", []))), entry.revision
-
     async def get(self, tenant: str, user_id: str) -> Profile:
-        return (await self._entry(tenant, user_id))[0]
-
-    async def change(self, tenant: str, user_id: str, update: Callable[[Profile], None], attempts: int = 10) -> None:
-        bucket = await self._bucket()
-        key = self._key(tenant, user_id)
-        for _ in range(attempts):
-            profile, revision = await self._entry(tenant, user_id)
-            update(profile)
-            value = json.dumps({"read": profile.read, "asked": profile.asked}).encode()
-            try:
-                if revision is None:
-                    await bucket.create(key, value)
-                else:
-                    await bucket.update(key, value, last=revision)
-                return
-            except KeyWrongLastSequenceError:
-                continue
-        raise Unavailable(f"profile of user {user_id!r} kept changing under {attempts} attempts")
+        stored = await self._records.get(tenant, user_id)
+        return stored.value if stored else Profile()
 
     async def record_read(self, tenant: str, user_id: str, document_id: str) -> None:
-        def update(profile: Profile) -> None:
+        def update(profile: Profile) -> bool:
             profile.read = _remember(profile.read, [document_id], self.cap)
+            return True
 
-        await self.change(tenant, user_id, update)
+        await self._records.change(tenant, user_id, update, missing=Profile)
 
     async def record_asked(self, tenant: str, user_id: str, document_ids: Sequence[str]) -> None:
-        def update(profile: Profile) -> None:
+        def update(profile: Profile) -> bool:
             profile.asked = _remember(profile.asked, document_ids, self.cap)
+            return True
 
-        await self.change(tenant, user_id, update)
+        await self._records.change(tenant, user_id, update, missing=Profile)

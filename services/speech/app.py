@@ -104,7 +104,7 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         background = general_unigrams(decoder, general_search)
     core = SpeechCore(
         bus,
-        AuditLog(bus),
+        AuditLog(bus, bus.service),
         engine,
         DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings), background, settings.speech_domain_weight),
         voice_catalog(settings),

@@ -32,10 +32,10 @@ from llmos.audio import (
 )
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.bus.broker import Bus
 from llmos.bus.subjects import SPEECH_RECOGNIZED, SPEECH_SYNTHESIZED
 from llmos.utterances import split_for_speech
 from llmos.errors import FailedPrecondition, InvalidArgument
+from llmos.ports import Publisher
 from llmos.v1 import events_pb2, speech_pb2
 from services.speech.asr import DOMAIN, GENERAL, AsrEngine, Recognition, StreamingRecognizer, recognize_clip
 from services.speech.domain import DomainCorpus
@@ -107,7 +107,7 @@ class _Stream:
 class SpeechCore:
     def __init__(
         self,
-        bus: Bus,
+        publisher: Publisher,
         audit: AuditLog,
         engine: AsrEngine,
         corpus: DomainCorpus,
@@ -116,7 +116,7 @@ class SpeechCore:
         max_text_chars: int,
         document_text: DocumentText,
     ) -> None:
-        self._bus = bus
+        self._publisher = publisher
         self._audit = audit
         self._engine = engine
         self._corpus = corpus
@@ -226,7 +226,7 @@ class SpeechCore:
                 audio_ms=audio_ms or result.audio_processed_ms,
                 processing_ms=(time.perf_counter() - started) * 1000,
             )
-            await self._bus.publish(SPEECH_RECOGNIZED, event, msg_id=f"{request_id}/{result.audio_processed_ms}/{index}")
+            await self._publisher.publish(SPEECH_RECOGNIZED, event, msg_id=f"{request_id}/{result.audio_processed_ms}/{index}")
 
     # -- synthesis ------------------------------------------------------------------------
 
@@ -273,7 +273,7 @@ class SpeechCore:
             request_id=request_id, tenant=tenant, voice=voice.info.name, characters=len(text),
             audio_ms=audio_ms, processing_ms=(time.perf_counter() - started) * 1000,
         )
-        await self._bus.publish(SPEECH_SYNTHESIZED, event, msg_id=request_id)
+        await self._publisher.publish(SPEECH_SYNTHESIZED, event, msg_id=request_id)
         await self._audit.record(principal, tenant, "speech/synthesize", f"request/{request_id}")
 
     async def synthesize(

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.kv import KeyValue
 
 from llmos.bus.broker import declare_buckets
+from llmos.bus.kv import NatsBucket
 from llmos.cli.stack import nats_command, port_open
 from llmos.crypto import AtRest, Sealer, new_key_entry
 from llmos.errors import FailedPrecondition
+from llmos.ports import tenant_key
 from llmos.settings import PlatformSettings, SettingsError
 from llmos.v1 import dialogue_pb2, retrieval_pb2
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore, StoredSession
@@ -27,7 +28,7 @@ from services.retrieval.core import RetrievalCore
 from services.retrieval.index import ChunkFilter, EdgeIndex, IndexedChunk, SealedTextIndex
 from services.retrieval.sparse import Bm25Encoder
 from tests.conftest import NatsServer, free_port
-from tests.unit.test_retrieval_core import DIMENSIONS, LIMITS, MemoryProfiles, WordEmbedder, embedded
+from tests.unit.test_retrieval_core import DIMENSIONS, LIMITS, WordEmbedder, embedded, memory_profiles
 
 pytestmark = pytest.mark.security
 
@@ -63,7 +64,7 @@ def indexed(tenant: str, document_id: str, text: str) -> list[IndexedChunk]:
 
 def open_core(folder: Path, sealing: AtRest) -> RetrievalCore:
     index = SealedTextIndex(EdgeIndex(folder, DIMENSIONS, 256.0), sealing)
-    return RetrievalCore(index, Bm25Encoder(256.0), WordEmbedder(), MemoryProfiles(), DIMENSIONS, LIMITS)
+    return RetrievalCore(index, Bm25Encoder(256.0), WordEmbedder(), memory_profiles(), DIMENSIONS, LIMITS)
 
 
 async def test_chunk_text_is_sealed_on_disk_and_search_still_finds_it(tmp_path: Path) -> None:
@@ -113,45 +114,36 @@ def test_sealed_text_moved_to_another_tenant_does_not_open(tmp_path: Path) -> No
 # -- dialogue session state in the KV --------------------------------------------------------
 
 
-class KvOnly:
-    """What SessionStore needs of the Bus: its buckets."""
-
-    def __init__(self, bucket: KeyValue) -> None:
-        self.bucket = bucket
-
-    async def key_value(self, bucket: str) -> KeyValue:
-        return self.bucket
-
-
 async def test_session_state_is_sealed_in_the_kv_and_on_disk(nats_server: NatsServer) -> None:
     connection = await nats.connect(nats_server.url)
     try:
         await declare_buckets(connection.jetstream())  # as the services declare it
         bucket = await connection.jetstream().key_value(SESSIONS_BUCKET)
+        sessions = NatsBucket(SESSIONS_BUCKET, lambda: connection.jetstream().key_value(SESSIONS_BUCKET))
         marker = f"order NW-{uuid.uuid4().int % 10**8:08d} for quokka{uuid.uuid4().hex[:6]}"
         control = f"control quokka{uuid.uuid4().hex[:6]}"
-        plain = SessionStore(KvOnly(bucket), 600, at_rest())  # type: ignore[arg-type]
+        plain = SessionStore(sessions, 600, at_rest())
         await plain.put(StoredSession(dialogue_pb2.Session(session_id=f"plain-{uuid.uuid4()}", tenant="acme", summary=control), 0))
-        sealing = SessionStore(KvOnly(bucket), 600, at_rest(OLD_KEY))  # type: ignore[arg-type]
+        sealing = SessionStore(sessions, 600, at_rest(OLD_KEY))
         session_id = f"s-{uuid.uuid4()}"
         await sealing.put(StoredSession(dialogue_pb2.Session(session_id=session_id, tenant="acme", summary=marker), 0))
 
         assert (await sealing.get("acme", session_id)).session.summary == marker
-        raw = (await bucket.get(SessionStore._key("acme", session_id))).value or b""
+        raw = (await bucket.get(tenant_key("acme", session_id))).value or b""
         assert marker.encode() not in raw and Sealer.key_id_of(raw) == "2025"
         assert await eventually(lambda: bool(files_containing(nats_server.store, control.encode()))), "control on disk"
         assert not files_containing(nats_server.store, marker.encode())
 
         # Rotation: a new key first; the old entry opens, and its next write uses the new key.
-        rotated = SessionStore(KvOnly(bucket), 600, at_rest(NEW_KEY, OLD_KEY))  # type: ignore[arg-type]
+        rotated = SessionStore(sessions, 600, at_rest(NEW_KEY, OLD_KEY))
         stored = await rotated.get("acme", session_id)
         assert stored.session.summary == marker
         await rotated.put(stored)
-        raw = (await bucket.get(SessionStore._key("acme", session_id))).value or b""
+        raw = (await bucket.get(tenant_key("acme", session_id))).value or b""
         assert Sealer.key_id_of(raw) == "2026"
 
         # A record under a key that is no longer configured fails with a clear error.
-        old_only = SessionStore(KvOnly(bucket), 600, at_rest(OLD_KEY))  # type: ignore[arg-type]
+        old_only = SessionStore(sessions, 600, at_rest(OLD_KEY))
         with pytest.raises(FailedPrecondition, match="key '2026', which is not configured"):
             await old_only.get("acme", session_id)
         # And encrypted state is never read as plaintext by a store without keys.

@@ -9,15 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.cli.dialogue import rouge, rouge_l, rouge_n
-from llmos.errors import DeadlineExceeded, InvalidArgument, NotFound
+from llmos.crypto import AtRest
+from llmos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_intents_file, train_intent_classifier
+from llmos.ports import Versioned
+from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.backends import Backends, Passage, stitch
 from services.dialogue.core import DONT_KNOW, DialogueCore, DialogueLimits, cite
 from services.dialogue.prompt import SPOKEN_STYLE, PastTurn, build_prompt
-from services.dialogue.sessions import StoredSession
+from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import Order, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer, clip_words, mmr_select, split_sentences
 
@@ -72,32 +76,6 @@ class FixedRetriever:
         raise NotFound(document_id)
 
 
-class MemorySessions:
-    def __init__(self) -> None:
-        self.saved: dict[tuple[str, str], bytes] = {}
-
-    async def get(self, tenant: str, session_id: str) -> StoredSession:
-        if (tenant, session_id) not in self.saved:
-            raise NotFound(session_id)
-        return StoredSession(dialogue_pb2.Session.FromString(self.saved[(tenant, session_id)]), 1)
-
-    async def put(self, stored: StoredSession) -> None:
-        self.saved[(stored.session.tenant, stored.session.session_id)] = stored.session.SerializeToString()
-
-    async def delete(self, tenant: str, session_id: str) -> None:
-        self.saved.pop((tenant, session_id))
-
-
-class MemoryBus:
-    service = "dialogue"
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, object]] = []
-
-    async def publish(self, subject: str, message: object, msg_id: str | None = None) -> None:
-        self.published.append((subject, message))
-
-
 class KeywordClassifier:
     """Stands in for the trained classifier: intent by keyword."""
 
@@ -117,14 +95,13 @@ LIMITS = DialogueLimits(2000, 512, 64, 2, 2, 4, 0.35, 10.0, 60, 100_000)
 ADMIN = Principal("tester", "acme", frozenset({"admin"}))
 
 
-def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[DialogueCore, MemoryBus, FixedRetriever]:
-    bus = MemoryBus()
+def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[DialogueCore, MemoryPublisher, FixedRetriever]:
+    bus = MemoryPublisher()
     retriever = FixedRetriever(passages)
-    audit = type("Audit", (), {"record": lambda self, *args, **kwargs: asyncio.sleep(0)})()
     core = DialogueCore(
         bus,  # type: ignore[arg-type]
-        MemorySessions(),  # type: ignore[arg-type]
-        audit,  # type: ignore[arg-type]
+        SessionStore(MemoryBucket(), idle_ttl_s=3600, at_rest=AtRest(None, "sessions")),
+        AuditLog(bus, "dialogue"),
         KeywordClassifier(),  # type: ignore[arg-type]
         Backends(HashEmbedder(), retriever, generator, WordCounter()),
         OrderBook([Order("NW-204518", "acme", "Shipped", "handed to DHL on 2 June", "rain jacket")]),
@@ -440,58 +417,9 @@ def test_rouge_matches_hand_computed_values() -> None:
 # --- session store --------------------------------------------------------------------------
 
 
-class FakeBucket:
-    """The subset of a JetStream KV bucket the session store uses, with revisions."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, tuple[bytes, int]] = {}
-        self.revision = 0
-
-    async def get(self, key: str):  # type: ignore[no-untyped-def]
-        from nats.js.errors import KeyNotFoundError
-
-        if key not in self.values:
-            raise KeyNotFoundError
-        value, revision = self.values[key]
-        return type("Entry", (), {"value": value, "revision": revision})()
-
-    async def create(self, key: str, value: bytes) -> int:
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        if key in self.values:
-            raise KeyWrongLastSequenceError
-        self.revision += 1
-        self.values[key] = (value, self.revision)
-        return self.revision
-
-    async def update(self, key: str, value: bytes, last: int) -> int:
-        from nats.js.errors import KeyWrongLastSequenceError
-
-        if self.values[key][1] != last:
-            raise KeyWrongLastSequenceError
-        self.revision += 1
-        self.values[key] = (value, self.revision)
-        return self.revision
-
-    async def delete(self, key: str) -> None:
-        self.values.pop(key, None)
-
-
-class FakeKvBus:
-    def __init__(self) -> None:
-        self.bucket = FakeBucket()
-
-    async def key_value(self, bucket: str) -> FakeBucket:
-        return self.bucket
-
-
 async def test_sessions_expire_when_idle_and_refuse_lost_updates() -> None:
-    from llmos.errors import FailedPrecondition
-    from llmos.crypto import AtRest
-    from services.dialogue.sessions import SessionStore
-
-    bus = FakeKvBus()
-    store = SessionStore(bus, idle_ttl_s=60, at_rest=AtRest(None, "sessions"))  # type: ignore[arg-type]
+    bucket = MemoryBucket()
+    store = SessionStore(bucket, idle_ttl_s=60, at_rest=AtRest(None, "sessions"))
     stored = StoredSession(dialogue_pb2.Session(session_id="s1", tenant="acme"), 0)
     await store.put(stored)
     first, second = await store.get("acme", "s1"), await store.get("acme", "s1")
@@ -502,10 +430,10 @@ async def test_sessions_expire_when_idle_and_refuse_lost_updates() -> None:
         await store.put(second)
     with pytest.raises(NotFound):
         await store.get("globex", "s1")  # another tenant's session does not exist for it
-    ((key, (value, revision)),) = bus.bucket.values.items()
-    aged = dialogue_pb2.Session.FromString(value)
+    ((key, entry),) = bucket.entries.items()
+    aged = dialogue_pb2.Session.FromString(entry.value)
     aged.updated_at.FromSeconds(aged.updated_at.seconds - 61)  # last touched 61 s ago
-    bus.bucket.values[key] = (aged.SerializeToString(), revision)
+    bucket.entries[key] = Versioned(aged.SerializeToString(), entry.revision)
     with pytest.raises(NotFound, match="expired"):
         await store.get("acme", "s1")
 

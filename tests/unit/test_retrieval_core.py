@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from llmos.errors import InvalidArgument, NotFound
+from llmos.testing import MemoryBucket
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
 from services.retrieval.core import RetrievalCore, SearchLimits, rrf
 from services.retrieval.index import ChunkIndex, ClientIndex, EdgeIndex, Hit
-from services.retrieval.profiles import Profile
+from services.retrieval.profiles import KvProfileStore
 from services.retrieval.sparse import Bm25Encoder
 
 pytestmark = pytest.mark.unit
@@ -36,18 +37,8 @@ class WordEmbedder:
         return np.stack([bag_of_words(text) for text in texts])
 
 
-class MemoryProfiles:
-    def __init__(self) -> None:
-        self.profiles: dict[tuple[str, str], Profile] = {}
-
-    async def get(self, tenant: str, user_id: str) -> Profile:
-        return self.profiles.get((tenant, user_id), Profile())
-
-    async def record_read(self, tenant: str, user_id: str, document_id: str) -> None:
-        self.profiles.setdefault((tenant, user_id), Profile()).read.insert(0, document_id)
-
-    async def record_asked(self, tenant: str, user_id: str, document_ids: Sequence[str]) -> None:
-        self.profiles.setdefault((tenant, user_id), Profile()).asked[:0] = list(document_ids)
+def memory_profiles() -> KvProfileStore:
+    return KvProfileStore(MemoryBucket(), cap=100)
 
 
 def embedded(tenant: str, document_id: str, texts: Sequence[str], content_hash: str = "v1", at: int = 100,
@@ -73,12 +64,12 @@ def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChunkIndex
 
 
 @pytest.fixture
-def profiles() -> MemoryProfiles:
-    return MemoryProfiles()
+def profiles() -> KvProfileStore:
+    return memory_profiles()
 
 
 @pytest.fixture
-def core(index: ChunkIndex, profiles: MemoryProfiles) -> Iterator[RetrievalCore]:
+def core(index: ChunkIndex, profiles: KvProfileStore) -> Iterator[RetrievalCore]:
     core = RetrievalCore(index, Bm25Encoder(256.0), WordEmbedder(), profiles, DIMENSIONS, LIMITS)
     yield core
     core.close()
@@ -170,7 +161,7 @@ async def test_document_pages_in_chunk_order(core: RetrievalCore) -> None:
         await core.get_document("globex", retrieval_pb2.GetDocumentRequest(document_id="long"))
 
 
-async def test_recommend_from_reading_excludes_what_was_seen(core: RetrievalCore, profiles: MemoryProfiles) -> None:
+async def test_recommend_from_reading_excludes_what_was_seen(core: RetrievalCore, profiles: KvProfileStore) -> None:
     await load_corpus(core)
     await core.index_embedded(embedded("acme", "refund-times", ["Refunds reach your card in five working days."]))
     assert not (await core.recommend("acme", retrieval_pb2.RecommendRequest(user_id="ann"))).recommendations
@@ -182,7 +173,7 @@ async def test_recommend_from_reading_excludes_what_was_seen(core: RetrievalCore
     with_seen = await core.recommend("acme", retrieval_pb2.RecommendRequest(user_id="ann", include_seen=True, top_k=1))
     assert with_seen.recommendations[0].document_id == "returns"
     await core.search("acme", search("password login", user_id="ann"))
-    assert profiles.profiles[("acme", "ann")].asked[0] == "password"
+    assert (await profiles.get("acme", "ann")).asked[0] == "password"
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from llmos.bus.codec import (
     decode,
     encode,
 )
+from llmos.bus.kv import NatsBucket
 from llmos.bus.subjects import BUCKETS, STREAMS, audit_subject, dead_letter_subject, stream_for
 from llmos.errors import InvalidArgument
 from llmos.telemetry import extract_context, inject_context
@@ -197,6 +198,10 @@ class Bus:
         if bucket not in self._buckets:
             self._buckets[bucket] = await self.jetstream.key_value(bucket)
         return self._buckets[bucket]
+
+    def bucket(self, name: str) -> NatsBucket:
+        """A KV bucket for `llmos.ports.VersionedStore`; usable while building, opened on first use."""
+        return NatsBucket(name, lambda: self.key_value(name))
 
     def _processor(self, subscription: Subscription[Any]) -> Callable[[NatsMessage], Awaitable[None]]:
         async def process(msg: NatsMessage) -> None:
