@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from pocketsphinx import Decoder
 
-from services.speech.domain import DomainCorpus, build_arpa, general_unigrams, number_words, spoken_sentences, spoken_words
+from llmos.spoken import number_words, spoken_words
 from llmos.utterances import UtteranceChunker, split_for_speech, split_sentences
+from services.speech.domain import DomainCorpus, build_arpa, general_unigrams, spoken_sentences
 from services.speech.tts import kokoro_phonemes
 
 pytestmark = pytest.mark.unit

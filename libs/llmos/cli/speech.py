@@ -25,7 +25,7 @@ TIMEOUT_S = 300.0
 
 
 def _normalize(text: str) -> list[str]:
-    from services.speech.domain import spoken_words  # the same spoken form the domain models use
+    from llmos.spoken import spoken_words  # the same spoken form the domain models use
 
     return spoken_words(text.replace("-", " "))
 
