@@ -82,14 +82,18 @@ class VersionedStore(Generic[T]):
         decode: Callable[[bytes], T],
         record: str,
         sealing: Sealing | None = None,
+        stamp: Callable[[T], None] | None = None,
     ) -> None:
         self._bucket = bucket
         self._encode = encode
         self._decode = decode
         self._record = record  # what a record is, for messages: "profile of user"
         self._sealing = sealing
+        self._stamp = stamp  # marks a value as it is written, e.g. its `updated_at`
 
     def _stored(self, key: str, value: T) -> bytes:
+        if self._stamp:
+            self._stamp(value)
         data = self._encode(value)
         return self._sealing.seal(data, key.encode()) if self._sealing else data
 

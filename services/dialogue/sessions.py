@@ -31,7 +31,12 @@ class StoredSession:
 class SessionStore:
     def __init__(self, bucket: Bucket, idle_ttl_s: float, at_rest: Sealing) -> None:
         self._records = VersionedStore(
-            bucket, dialogue_pb2.Session.SerializeToString, dialogue_pb2.Session.FromString, "session", at_rest
+            bucket,
+            dialogue_pb2.Session.SerializeToString,
+            dialogue_pb2.Session.FromString,
+            "session",
+            sealing=at_rest,
+            stamp=lambda session: session.updated_at.GetCurrentTime(),
         )
         self._idle_ttl_s = idle_ttl_s
 
@@ -46,7 +51,6 @@ class SessionStore:
 
     async def put(self, stored: StoredSession) -> None:
         session = stored.session
-        session.updated_at.GetCurrentTime()
         try:
             if stored.revision:
                 stored.revision = await self._records.update(session.tenant, session.session_id, session, stored.revision)

@@ -65,7 +65,11 @@ class DocumentStatusStore:
 
     def __init__(self, bucket: Bucket) -> None:
         self._records = VersionedStore(
-            bucket, ingest_pb2.DocumentStatus.SerializeToString, ingest_pb2.DocumentStatus.FromString, "status of document"
+            bucket,
+            ingest_pb2.DocumentStatus.SerializeToString,
+            ingest_pb2.DocumentStatus.FromString,
+            "status of document",
+            stamp=lambda status: status.updated_at.CopyFrom(now()),
         )
 
     async def get(self, tenant: str, document_id: str) -> ingest_pb2.DocumentStatus | None:
@@ -73,19 +77,11 @@ class DocumentStatusStore:
         return stored.value if stored else None
 
     async def put(self, status: ingest_pb2.DocumentStatus) -> None:
-        status.updated_at.CopyFrom(now())
         await self._records.put(status.tenant, status.document_id, status)
 
     async def change(self, tenant: str, document_id: str, update: Callable[[ingest_pb2.DocumentStatus], bool]) -> bool:
         """Apply `update` (which returns False to leave the entry alone) atomically."""
-
-        def stamped(status: ingest_pb2.DocumentStatus) -> bool:
-            if not update(status):
-                return False
-            status.updated_at.CopyFrom(now())
-            return True
-
-        return await self._records.change(tenant, document_id, stamped)
+        return await self._records.change(tenant, document_id, update)
 
 
 @dataclass(frozen=True)
