@@ -23,7 +23,7 @@ from services.dialogue.core import DONT_KNOW, DialogueCore, DialogueLimits, cite
 from services.dialogue.prompt import SPOKEN_STYLE, PastTurn, build_prompt
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import Order, OrderBook, extract_order_number
-from services.dialogue.summarize import Summarizer, clip_words, mmr_select, split_sentences
+from services.dialogue.summarize import Summarizer, clip_words, directed_centrality, select_sentences, split_sentences
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
@@ -179,9 +179,19 @@ def test_sentences_split_on_punctuation_and_paragraphs() -> None:
 def test_selection_avoids_redundancy_and_keeps_the_budget() -> None:
     vectors = np.array([[1, 0, 0], [1, 0, 0], [0.8, 0.6, 0], [0, 0.6, 0.8]], dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    chosen = mmr_select(vectors, [5, 5, 5, 5], target_words=10)
+    chosen = select_sentences(vectors, [5, 5, 5, 5], target_words=10)
     assert len(chosen) == 2 and not {0, 1} <= set(chosen)
     assert chosen == sorted(chosen)
+
+
+def test_the_sentence_that_later_ones_elaborate_is_chosen() -> None:
+    # 2 and 3 restate 0 and are closest to each other: plain (undirected) centrality picks 2; links to
+    # later sentences count for a sentence and links to earlier ones against it, so 0 is the centre.
+    vectors = np.array([[1, 0, 0, 0], [0, 0, 0, 1], [1, 0.3, 0, 0], [1, 0.3, 0.1, 0]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    centrality = directed_centrality(vectors @ vectors.T)
+    assert int(np.argmax(centrality)) == 0 and centrality[3] == 0.0
+    assert select_sentences(vectors, [5, 5, 5, 5], target_words=5) == [0]
 
 
 def test_clip_prefers_a_sentence_end() -> None:
@@ -205,6 +215,9 @@ async def test_extractive_summary_honours_target_words() -> None:
     text = " ".join(f"Fact {i} about returns and refunds is stated in this sentence." for i in range(30))
     summary = await summarizer.extractive(text, 25, 5.0)
     assert 0 < len(summary.text.split()) <= 25 and summary.map_steps == 1
+    assert summary.text.endswith("sentence.")  # whole sentences
+    short = await summarizer.extractive("It rained all day. The match was called off.", 20, 5.0)
+    assert short.text == "It rained all day. The match was called off."  # short sentences when nothing longer fills it
 
 
 def test_chunks_are_stitched_without_their_overlap() -> None:
