@@ -14,6 +14,7 @@ import pytest
 
 from llmos.audio import decode_clip, Encoding, encode_wav, resample
 from llmos.bus.subjects import DOCS_INDEXED, SPEECH_RECOGNIZED, SPEECH_SYNTHESIZED, dead_letter_subject
+from llmos.evaluation import WordErrors, word_errors
 from llmos.service import ServiceProcess
 from llmos.v1 import events_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.app import DEFINITION
@@ -36,15 +37,6 @@ def clip(path: Path) -> tuple[np.ndarray, int]:
 
 def words(text: str) -> list[str]:
     return [w.strip(".,;:!?\"'").lower() for w in text.split() if w.strip(".,;:!?\"'")]
-
-
-def word_errors(reference: list[str], hypothesis: list[str]) -> int:
-    row = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        previous, row[0] = row[:], i
-        for j, hyp in enumerate(hypothesis, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ref != hyp))
-    return row[-1]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ async def test_recognize_a_recording_with_word_offsets_inside_the_clip(speech, s
     )
     transcript = " ".join(r.alternatives[0].transcript for r in response.results)
     reference = "printing in the only sense with which we are at present concerned differs from most if not from all the arts and crafts represented in the exhibition"
-    assert word_errors(words(reference), words(transcript)) / len(words(reference)) < 0.25
+    assert word_errors(words(reference), words(transcript)).wer < 0.25
     duration_ms = len(samples) * 1000 // rate
     offsets = [(w.start_ms, w.end_ms) for r in response.results for w in r.alternatives[0].words]
     assert len(offsets) == len(words(transcript))
@@ -179,7 +171,7 @@ async def test_stream_must_start_with_its_configuration(speech) -> None:  # type
 
 async def test_synthesized_speech_is_recognized_back_with_the_domain_model(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
     questions = ["Where is my parcel?", "How long does a refund take to reach my card?"]
-    errors = 0
+    errors = WordErrors()
     for question in questions:
         before = await last_sequence(speech_settings.nats_url, SPEECH_SYNTHESIZED)
         spoken = await speech.Synthesize(
@@ -194,7 +186,7 @@ async def test_synthesized_speech_is_recognized_back_with_the_domain_model(speec
         )
         errors += word_errors(words(question), words(" ".join(r.alternatives[0].transcript for r in heard.results)))
     # Kokoro reading English through espeak phonemes, heard by PocketSphinx: most words, not all.
-    assert errors / sum(len(words(q)) for q in questions) <= 0.3
+    assert errors.wer <= 0.3
 
 
 async def test_synthesize_stream_speaks_sentence_by_sentence(speech) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ import pytest
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.cli.dialogue import rouge, rouge_l, rouge_n
 from llmos.crypto import AtRest
 from llmos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_intents_file, train_intent_classifier
@@ -415,16 +414,6 @@ async def test_a_slow_generation_fails_within_the_deadline() -> None:
     with pytest.raises(DeadlineExceeded):
         await turn(core, "can I return boots?", deadline=loop.time() + 0.5)
     assert loop.time() - started < 2.0
-
-
-# --- ROUGE ----------------------------------------------------------------------------------
-
-
-def test_rouge_matches_hand_computed_values() -> None:
-    assert rouge_n("the cat sat".split(), "the cat sat".split(), 2) == 1.0
-    assert rouge_n("the cat".split(), "a dog".split(), 1) == 0.0
-    assert rouge_l("a b c d".split(), "a c d e".split()) == pytest.approx(0.75)
-    assert rouge("The cat, sat.", "the cat sat")[0] == 1.0
 
 
 # --- session store --------------------------------------------------------------------------

@@ -12,10 +12,8 @@ import argparse
 import asyncio
 import csv
 import json
-import re
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -285,43 +283,8 @@ def cmd_eval_intents(args: argparse.Namespace) -> int:
     return 0
 
 
-ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def rouge_n(candidate: Sequence[str], reference: Sequence[str], n: int) -> float:
-    """ROUGE-N F1 over lowercase alphanumeric tokens (no stemming)."""
-    grams = lambda tokens: Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))  # noqa: E731
-    cand, ref = grams(candidate), grams(reference)
-    overlap = sum((cand & ref).values())
-    if not overlap:
-        return 0.0
-    precision, recall = overlap / sum(cand.values()), overlap / sum(ref.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(candidate: Sequence[str], reference: Sequence[str]) -> float:
-    """ROUGE-L F1: longest common subsequence of the token sequences."""
-    if not candidate or not reference:
-        return 0.0
-    previous = [0] * (len(reference) + 1)
-    for token in candidate:
-        current = [0]
-        for j, other in enumerate(reference, 1):
-            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if not lcs:
-        return 0.0
-    precision, recall = lcs / len(candidate), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge(candidate: str, reference: str) -> tuple[float, float, float]:
-    c, r = ROUGE_TOKEN.findall(candidate.lower()), ROUGE_TOKEN.findall(reference.lower())
-    return rouge_n(c, r, 1), rouge_n(c, r, 2), rouge_l(c, r)
-
-
 def cmd_eval_summarize(args: argparse.Namespace) -> int:
+    from llmos.evaluation import Rouge, rouge
     from services.dialogue.summarize import split_sentences
 
     settings = load_settings(PlatformSettings)
@@ -329,33 +292,33 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     documents = [json.loads(line) for line in (Path(args.data) / "docs.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     documents = documents[: args.limit] if args.limit else documents
     modes = {"extractive": dialogue_pb2.SUMMARY_MODE_EXTRACTIVE, "abstractive": dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE}
-    scores: dict[str, list[tuple[float, float, float]]] = {"lead-3": [], **{name: [] for name in args.modes}}
+    scores: dict[str, list[Rouge]] = {"lead-3": [], **{name: [] for name in args.modes}}
     lengths: dict[str, list[int]] = {name: [] for name in scores}
 
     async def run() -> None:
         channel, stub = _stub(settings)
         async with channel:
             for document in documents:
-                reference = document["reference"]
-                target = len(reference.split())
-                lead = " ".join(split_sentences(document["document"])[:3])
+                reference = split_sentences(document["reference"])
+                target = len(document["reference"].split())
+                lead = split_sentences(document["document"])[:3]
                 scores["lead-3"].append(rouge(lead, reference))
-                lengths["lead-3"].append(len(lead.split()))
+                lengths["lead-3"].append(len(" ".join(lead).split()))
                 for name in args.modes:
                     response = await stub.Summarize(
                         dialogue_pb2.SummarizeRequest(text=document["document"], mode=modes[name], target_words=max(target, 10)),
                         metadata=metadata, timeout=600,
                     )
-                    scores[name].append(rouge(response.summary, reference))
+                    scores[name].append(rouge(split_sentences(response.summary), reference))
                     lengths[name].append(len(response.summary.split()))
 
     asyncio.run(run())
     print(f"summarize: {args.data} — {len(documents)} documents, target length = the reference's word count, via DialogueService.Summarize")
     print(f"{'system':<14} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8} {'words':>6}")
     for name, rows in scores.items():
-        mean = np.mean(np.array(rows), axis=0) * 100
+        mean = np.mean([(row.rouge1, row.rouge2, row.rougeL) for row in rows], axis=0) * 100
         print(f"{name:<14} {mean[0]:>8.2f} {mean[1]:>8.2f} {mean[2]:>8.2f} {np.mean(lengths[name]):>6.0f}")
-    print("(ROUGE F1, lowercase alphanumeric tokens, no stemming; lead-3 computed in this run as the baseline)")
+    print("(ROUGE F1 by rouge-score, stemming on; ROUGE-L summary-level (rougeLsum); lead-3 computed in this run as the baseline)")
     return 0
 
 

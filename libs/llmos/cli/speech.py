@@ -8,7 +8,7 @@ import io
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from llmos.cli.client import Metadata, channel, metadata
+from llmos.evaluation import WordErrors, word_errors
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
 
@@ -28,16 +29,6 @@ def _normalize(text: str) -> list[str]:
     from llmos.spoken import spoken_words  # the same spoken form the domain models use
 
     return spoken_words(text.replace("-", " "))
-
-
-def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
-    """Levenshtein distance in words (substitutions, insertions, deletions)."""
-    row = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        previous, row[0] = row[:], i
-        for j, hyp in enumerate(hypothesis, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ref != hyp))
-    return row[-1]
 
 
 def audio_request_bytes(path: Path) -> bytes:
@@ -242,26 +233,26 @@ def cmd_voice(args: argparse.Namespace) -> int:
 @dataclass(frozen=True)
 class Scored:
     name: str
-    errors: int
-    words: int
+    errors: WordErrors
     audio_s: float
     elapsed_s: float
     hypothesis: str
 
-    @property
-    def wer(self) -> float:
-        return self.errors / max(1, self.words)
-
 
 def _print_scores(title: str, rows: list[Scored], reference: str) -> float:
+    def columns(errors: WordErrors) -> str:
+        return (f"{errors.reference_words:>5} {errors.wer:>7.1%} {errors.substitutions:>4} {errors.deletions:>4} "
+                f"{errors.insertions:>4}")
+
     print(f"\n{title}")
-    print(f"{'file':<58} {'words':>5} {'WER':>7} {'RTF':>5}  hypothesis")
+    print(f"{'file':<58} {'words':>5} {'WER':>7} {'S':>4} {'D':>4} {'I':>4} {'RTF':>5}  hypothesis")
     for row in rows:
-        print(f"{row.name[-58:]:<58} {row.words:>5} {row.wer:>7.1%} {row.elapsed_s / row.audio_s:>5.2f}  {row.hypothesis[:70]}")
-    errors, words = sum(r.errors for r in rows), sum(r.words for r in rows)
+        print(f"{row.name[-58:]:<58} {columns(row.errors)} {row.elapsed_s / row.audio_s:>5.2f}  {row.hypothesis[:70]}")
+    total = sum((row.errors for row in rows), WordErrors())
     rtf = sum(r.elapsed_s for r in rows) / sum(r.audio_s for r in rows)
-    print(f"{'overall':<58} {words:>5} {errors / words:>7.1%} {rtf:>5.2f}   reference: {reference}")
-    return errors / words
+    print(f"{'overall':<58} {columns(total)} {rtf:>5.2f}   reference: {reference}")
+    print("(WER by jiwer: S substitutions, D deletions, I insertions, in words)")
+    return total.wer
 
 
 def _duration_s(wav: bytes) -> float:
@@ -289,8 +280,7 @@ def cmd_eval_asr(args: argparse.Namespace) -> int:
                         return _fail(exc)
                     elapsed = time.perf_counter() - started
                     hypothesis = _transcript(response)
-                    ref = _normalize(reference)
-                    scored.append(Scored(path, word_errors(ref, _normalize(hypothesis)), len(ref), _duration_s(audio), elapsed, hypothesis))
+                    scored.append(Scored(path, word_errors(_normalize(reference), _normalize(hypothesis)), _duration_s(audio), elapsed, hypothesis))
                 _print_scores(f"model {model}: {len(scored)} files from {args.data}", scored, PUBLISHED_WER)
         return 0
 
@@ -328,8 +318,7 @@ def cmd_eval_round_trip(args: argparse.Namespace) -> int:
                     except grpc.aio.AioRpcError as exc:
                         return _fail(exc)
                     hypothesis = _transcript(response)
-                    ref = _normalize(question)
-                    scored.append(Scored(question, word_errors(ref, _normalize(hypothesis)), len(ref), _duration_s(audio),
+                    scored.append(Scored(question, word_errors(_normalize(question), _normalize(hypothesis)), _duration_s(audio),
                                          time.perf_counter() - started, hypothesis))
                 _print_scores(f"round trip, model {model}", scored, f"target <= {ROUND_TRIP_TARGET:.0%} WER with the domain model")
         return 0
