@@ -56,7 +56,7 @@ from services.dialogue.slots import OrderBook
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "chat.json"
 BENCH_KEY = "bench-admin-key"
-STAGES = ("intent_ms", "retrieval_ms", "first_token_ms", "total_ms")
+STAGES = ("intent_ms", "retrieval_ms", "evidence_ms", "verify_ms", "first_token_ms", "total_ms")
 
 
 def questions(count: int) -> list[str]:
@@ -119,7 +119,7 @@ async def index_kb(settings: DialogueSettings, metadata: Sequence[tuple[str, str
 
 async def timed_turn(responses: AsyncIterator[dialogue_pb2.ChatResponse]) -> dict[str, float]:
     """Reads one turn's responses, started by the caller just before: first token and total as the reader
-    sees them; the service's own intent and retrieval stages from the last message."""
+    sees them; the service's own intent, retrieval, evidence and verifier stages from the last message."""
     started = time.perf_counter()
     first = 0.0
     latency = dialogue_pb2.TurnLatency()
@@ -129,7 +129,10 @@ async def timed_turn(responses: AsyncIterator[dialogue_pb2.ChatResponse]) -> dic
         if response.final:
             latency = response.latency
     total = (time.perf_counter() - started) * 1000
-    return {"intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "first_token_ms": first, "total_ms": total}
+    return {
+        "intent_ms": latency.intent_ms, "retrieval_ms": latency.retrieval_ms, "evidence_ms": latency.evidence_ms,
+        "verify_ms": latency.verify_ms, "first_token_ms": first, "total_ms": total,
+    }
 
 
 async def grpc_turn(stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], question: str) -> dict[str, float]:

@@ -181,11 +181,18 @@ def _claim(taken: list[Finding], candidates: Iterable[Finding]) -> list[Finding]
     return sorted(taken + claimed, key=lambda finding: finding.start)  # merges two sorted runs
 
 
-class Redactor:
-    """Redacts the kinds of personal data one policy names."""
+def public_key(value: str) -> str:
+    """How a published contact detail is compared: case, spaces and punctuation do not matter."""
+    return re.sub(r"[\s()./-]", "", value).lower()
 
-    def __init__(self, kinds: frozenset[PiiKind]) -> None:
+
+class Redactor:
+    """Redacts the kinds of personal data one policy names, except the tenant's published contact
+    details (a help centre's own e-mail address and hotline are not personal data)."""
+
+    def __init__(self, kinds: frozenset[PiiKind], public: frozenset[str] = frozenset()) -> None:
         self.kinds = kinds
+        self.public = frozenset(public_key(value) for value in public)
 
     def find(self, text: str) -> tuple[Finding, ...]:
         """Non-overlapping findings in text order; the first kind to claim a span keeps it."""
@@ -193,7 +200,7 @@ class Redactor:
         for kind in _KIND_ORDER:
             if kind in self.kinds:
                 taken = _claim(taken, _findings(text, kind))
-        return tuple(taken)
+        return tuple(finding for finding in taken if public_key(text[finding.start:finding.end]) not in self.public)
 
     def redact(self, text: str) -> Redaction:
         findings = self.find(text)
@@ -210,16 +217,31 @@ class Redactor:
 
 
 class PiiPolicy:
-    """Which kinds each tenant redacts; tenants not named follow the `*` entry."""
+    """Which kinds each tenant redacts; tenants not named follow the `*` entry. A tenant's
+    published contact details (`public`, `tenant=value|value,…`) are kept wherever they appear."""
 
-    def __init__(self, kinds_by_tenant: Mapping[str, frozenset[PiiKind]]) -> None:
+    def __init__(self, kinds_by_tenant: Mapping[str, frozenset[PiiKind]], public: Mapping[str, frozenset[str]] | None = None) -> None:
         self._kinds = dict(kinds_by_tenant)
-        self._redactors = {tenant: Redactor(kinds) for tenant, kinds in self._kinds.items()}
+        self._public = dict(public or {})
+        tenants = set(self._kinds) | set(self._public)
+        self._redactors = {
+            tenant: Redactor(self._kinds_of(tenant), self._public.get(tenant, frozenset())) for tenant in tenants
+        }
         self._none = Redactor(frozenset())
 
+    def _kinds_of(self, tenant: str) -> frozenset[PiiKind]:
+        return self._kinds.get(tenant, self._kinds.get(DEFAULT_TENANT, frozenset()))
+
     @classmethod
-    def parse(cls, spec: str) -> PiiPolicy:
+    def parse(cls, spec: str, public_spec: str = "") -> PiiPolicy:
         kinds_by_tenant: dict[str, frozenset[PiiKind]] = {}
+        public: dict[str, frozenset[str]] = {}
+        for entry in filter(None, (part.strip() for part in public_spec.split(","))):
+            tenant, sep, values = entry.partition("=")
+            kept = frozenset(value.strip() for value in values.split("|") if value.strip())
+            if not sep or not tenant.strip() or not kept:
+                raise InvalidArgument("pii_public", f"entry {entry!r} is not tenant=value|value")
+            public[tenant.strip()] = kept
         for entry in filter(None, (part.strip() for part in spec.split(","))):
             tenant, sep, kinds = entry.partition("=")
             if not sep or not tenant.strip():
@@ -235,7 +257,7 @@ class PiiPolicy:
                     f"entry {entry!r} names unknown kinds {unknown}; use {', '.join(k.value for k in PiiKind)} or none",
                 )
             kinds_by_tenant[tenant.strip()] = frozenset(PiiKind(name) for name in names)
-        return cls(kinds_by_tenant)
+        return cls(kinds_by_tenant, public)
 
     def redactor(self, tenant: str) -> Redactor:
         return self._redactors.get(tenant) or self._redactors.get(DEFAULT_TENANT) or self._none

@@ -17,6 +17,7 @@ from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
 from services.dialogue.backends import Backends, GrpcEmbedder, GrpcGenerator, GrpcRetriever, GrpcTokenCounter, LocalEmbedder
 from services.dialogue.core import DialogueCore, DialogueLimits
+from services.dialogue.answers import GroundingLimits
 from services.dialogue.handlers import subscriptions
 from services.dialogue.servicer import DialogueServicer
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore
@@ -29,14 +30,21 @@ def limits_of(settings: DialogueSettings) -> DialogueLimits:
     return DialogueLimits(
         max_message_chars=settings.dialogue_max_message_chars,
         context_tokens=settings.dialogue_context_tokens,
-        answer_max_tokens=settings.dialogue_answer_max_tokens,
-        spoken_answer_sentences=settings.dialogue_spoken_answer_sentences,
         recent_turns=settings.dialogue_recent_turns,
         top_k=settings.dialogue_top_k,
-        min_retrieval_score=settings.dialogue_min_retrieval_score,
         call_timeout_s=settings.dialogue_call_timeout_s,
         summary_words=settings.dialogue_summary_words,
         max_summary_source_chars=settings.dialogue_max_summary_source_chars,
+        grounding=GroundingLimits(
+            evidence_sentences=settings.dialogue_evidence_sentences,
+            min_evidence_score=settings.dialogue_min_evidence_score,
+            min_support=settings.dialogue_min_draft_support,
+            drafts=settings.dialogue_drafts,
+            draft_max_tokens=settings.dialogue_draft_max_tokens,
+            spoken_sentences=settings.dialogue_spoken_answer_sentences,
+        ),
+        script_confidence=settings.dialogue_script_confidence,
+        strong_evidence_margin=settings.dialogue_strong_evidence_margin,
     )
 
 

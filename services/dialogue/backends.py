@@ -46,7 +46,11 @@ class Embedder(Protocol):
 
 
 class Retriever(Protocol):
-    async def search(self, tenant: str, query: str, top_k: int, timeout_s: float) -> list[Passage]: ...
+    async def search(
+        self, tenant: str, query: str, top_k: int, timeout_s: float, vector: Sequence[float] = ()
+    ) -> list[Passage]:
+        """Hybrid search; `vector` is the query's embedding when the caller already has it."""
+        ...
 
     async def document(self, tenant: str, document_id: str, timeout_s: float) -> tuple[str, str]:
         """(title, full text) of an indexed document."""
@@ -87,23 +91,21 @@ class GrpcRetriever:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
-    async def search(self, tenant: str, query: str, top_k: int, timeout_s: float) -> list[Passage]:
-        # Hybrid ranking finds the passages; the dense scores (cosine) say how well they match,
+    async def search(
+        self, tenant: str, query: str, top_k: int, timeout_s: float, vector: Sequence[float] = ()
+    ) -> list[Passage]:
+        # Hybrid ranking finds the passages; their dense scores (cosine) say how well they match,
         # which rank-fused scores cannot.
-        def request(mode: retrieval_pb2.SearchMode.ValueType) -> retrieval_pb2.SearchRequest:
-            return retrieval_pb2.SearchRequest(tenant=tenant, query=query, top_k=top_k, mode=mode)
-
+        request = retrieval_pb2.SearchRequest(
+            tenant=tenant, query=query, top_k=top_k, mode=retrieval_pb2.SEARCH_MODE_HYBRID, query_vector=list(vector)
+        )
         try:
-            hybrid, dense = await asyncio.gather(
-                self._stub.Search(request(retrieval_pb2.SEARCH_MODE_HYBRID), timeout=timeout_s),
-                self._stub.Search(request(retrieval_pb2.SEARCH_MODE_DENSE), timeout=timeout_s),
-            )
+            response = await self._stub.Search(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, "retrieval") from None
-        cosine = {hit.chunk.chunk_id: hit.score for hit in dense.hits}
         return [
-            Passage(hit.chunk.document_id, hit.chunk.title, hit.chunk.chunk_id, hit.chunk.text, cosine.get(hit.chunk.chunk_id, 0.0))
-            for hit in hybrid.hits
+            Passage(hit.chunk.document_id, hit.chunk.title, hit.chunk.chunk_id, hit.chunk.text, hit.dense_score)
+            for hit in response.hits
         ]
 
     async def document(self, tenant: str, document_id: str, timeout_s: float) -> tuple[str, str]:

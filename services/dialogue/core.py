@@ -1,33 +1,35 @@
 """The dialogue logic, shared by the gRPC API (and later voice turns): sessions, intents, slots,
 grounded answers with citations, hand-offs and summaries.
 
-One turn: classify the message (intent + slots) → act on it: a scripted reply (greetings, the
-order-status flow), an honest "I don't know" with a hand-off, or a retrieval-augmented answer
-streamed from the generation model with the documents it was given as citations. The session is
-saved in the KV bucket and `llmos.dialogue.turn.completed` carries the latency of each stage.
+One turn: a follow-up is rewritten to stand alone, the message is classified (intent + slots),
+the knowledge base is searched and the evidence for the question selected → a grounded answer
+(`answers.AnswerComposer`: the model's verified draft, or the evidence itself, each sentence
+cited), a scripted reply (greetings, the order-status flow), or an honest "the help centre does
+not say" with a hand-off. The session is saved in the KV bucket and
+`llmos.dialogue.turn.completed` carries the latency of each stage and the answer's path.
 """
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.bus.broker import Bus
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED
 from llmos.errors import InvalidArgument
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier
+from llmos.ports import Publisher
 from llmos.v1 import dialogue_pb2, events_pb2
+from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
 from services.dialogue.backends import Backends, Passage, remaining
-from services.dialogue.prompt import BuiltPrompt, PastTurn, build_prompt
-from services.dialogue.repetition import stop_at_repetition
+from services.dialogue.grounding import Question, standalone
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import ORDER_NUMBER, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer
@@ -45,12 +47,13 @@ SCRIPTED = {
     "goodbye": "Thank you for contacting Northwind Outfitters. Goodbye!",
 }
 HANDOFF_OFFER = "Would you like me to connect you with a member of our customer-service team?"
-DONT_KNOW = "I'm sorry, I don't know the answer to that from our help centre."
+DONT_KNOW = "I'm sorry, our help centre does not say."
 OUT_OF_SCOPE_REPLY = "I'm sorry, I can only help with questions about Northwind Outfitters: orders, products, delivery, returns and your account."
 HUMAN_REPLY = "Of course. I'm handing this conversation over to a member of our customer-service team; they will see what you have written so far."
 ASK_ORDER = "Which order is it about? Order numbers look like NW-204518; you find yours in the confirmation e-mail."
-_MODEL_DOES_NOT_KNOW = re.compile(r"\b(don'?t|do not) know\b|\bno information\b", re.IGNORECASE)
-_CITATION_MARK = re.compile(r"\[(\d{1,2})\]")
+# Intents with a scripted reply, which a confident intent takes unless the evidence is strong.
+SCRIPTED_INTENTS = frozenset({*SCRIPTED, "order_status", "human_agent"})
+BRAND = "Northwind Outfitters"
 
 
 def now() -> Timestamp:
@@ -63,14 +66,14 @@ def now() -> Timestamp:
 class DialogueLimits:
     max_message_chars: int
     context_tokens: int
-    answer_max_tokens: int
-    spoken_answer_sentences: int
     recent_turns: int
     top_k: int
-    min_retrieval_score: float
     call_timeout_s: float
     summary_words: int
     max_summary_source_chars: int
+    grounding: GroundingLimits
+    script_confidence: float  # an intent this confident runs its script ...
+    strong_evidence_margin: float  # ... unless the evidence scores this much above the minimum
 
 
 @dataclass
@@ -114,18 +117,16 @@ class SearchCache:
 
 @dataclass
 class Reply:
-    """What the turn decided, before streaming: scripted text, or passages to answer from."""
+    """What the turn answers, and why a person should take over when one should."""
 
-    intent: dialogue_pb2.Intent
-    text: str = ""
-    passages: list[Passage] = field(default_factory=list)
+    answer: Answer
     handoff_reason: str = ""
 
 
 class DialogueCore:
     def __init__(
         self,
-        bus: Bus,
+        bus: Publisher,
         sessions: SessionStore,
         audit: AuditLog,
         classifier: IntentClassifier,
@@ -141,6 +142,7 @@ class DialogueCore:
         self._orders = orders
         self._limits = limits
         self._summarizer = Summarizer(backends.embedder, backends.generator, backends.tokens, limits.context_tokens)
+        self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, BRAND)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
 
     def _timeout(self, deadline: float | None) -> float:
@@ -185,113 +187,87 @@ class DialogueCore:
         stored = await self._open(tenant, request)
         session = stored.session
         timer = TurnTimer()
-
-        vector = await self._backends.embedder.embed([message], self._timeout(deadline))
-        prediction = self._classifier.predict([message], vector)[0]
+        question = standalone(message, _last_question(session))
+        texts = [message] if question.text == message else [message, question.text]
+        vectors = await self._backends.embedder.embed(texts, self._timeout(deadline))
+        prediction = self._classifier.predict([message], vectors[:1])[0]
         timer.lap("intent")
         intent = dialogue_pb2.Intent(name=prediction.intent, confidence=prediction.confidence)
-        reply = await self._decide(tenant, session, message, intent, timer, deadline)
+        reply = await self._reply(tenant, session, message, question, vectors[-1], intent, timer, deadline, request.spoken)
         intent.slots.update({key: value for key, value in session.slots.items() if key not in INTERNAL_SLOTS})
 
-        first = dialogue_pb2.ChatResponse(session_id=session.session_id, intent=intent)
-        answer_parts: list[str] = []
-        citations: list[dialogue_pb2.Citation] = []
         first_token_ms = 0.0
-        if reply.passages:
-            prompt = await self._prompt_within_budget(session, message, reply.passages, deadline, request.spoken)
-            timer.lap("prompt")
-            stream = stop_at_repetition(
-                self._backends.generator.stream(prompt.messages, self._limits.answer_max_tokens, self._timeout(deadline)),
-                self._limits.spoken_answer_sentences if request.spoken else None,
-            )
-            async for delta in stream:
-                if not answer_parts:
-                    first_token_ms = timer.since_start_ms()
-                    first.delta = delta
-                    yield first
-                else:
-                    yield dialogue_pb2.ChatResponse(session_id=session.session_id, delta=delta)
-                answer_parts.append(delta)
-            timer.lap("generation")
-            answer = "".join(answer_parts).strip()
-            if not answer or _MODEL_DOES_NOT_KNOW.search(answer):
-                reply.handoff_reason = "the model found no answer in the retrieved passages"
-                tail = f"\n\n{HANDOFF_OFFER}" if answer else f"{DONT_KNOW} {HANDOFF_OFFER}"
-            else:
-                citations = cite(answer, prompt.passages, self._limits.min_retrieval_score)
-                tail = ""
-            if tail:
-                answer = (answer + tail).strip()
-                if answer_parts:
-                    yield dialogue_pb2.ChatResponse(session_id=session.session_id, delta=tail)
-                else:
-                    first_token_ms = timer.since_start_ms()
-                    first.delta = answer
-                    yield first
-        else:
-            answer = reply.text
-            first_token_ms = timer.since_start_ms()
-            first.delta = answer
-            yield first
+        for index, sentence in enumerate(reply.answer.sentences):
+            response = dialogue_pb2.ChatResponse(session_id=session.session_id, delta=sentence.text if index == 0 else f" {sentence.text}")
+            if sentence.citation is not None:
+                response.citation.CopyFrom(sentence.citation)
+            if index == 0:
+                response.intent.CopyFrom(intent)
+                first_token_ms = timer.since_start_ms()
+            yield response
         total_ms = timer.since_start_ms()
         latency = dialogue_pb2.TurnLatency(
             intent_ms=timer.stages.get("intent", 0.0),
             retrieval_ms=timer.stages.get("retrieval", 0.0),
             first_token_ms=first_token_ms,
             total_ms=total_ms,
+            evidence_ms=timer.stages.get("evidence", 0.0),
+            verify_ms=reply.answer.verify_ms,
         )
         # Saved and announced before the last message, so a client that stops reading then loses nothing.
-        await self._finish(principal, stored, message, answer, intent, citations, reply.handoff_reason, timer, total_ms, deadline)
+        turn = dialogue_pb2.Turn(
+            user_message=message, answer=reply.answer.text, intent=intent, citations=reply.answer.citations(),
+            time=now(), standalone_question=question.text,
+        )
+        await self._finish(principal, stored, turn, reply, {**timer.stages, "total": total_ms}, deadline)
         yield dialogue_pb2.ChatResponse(
-            session_id=session.session_id, citations=citations, handoff=bool(reply.handoff_reason), final=True, latency=latency
+            session_id=session.session_id, citations=turn.citations, handoff=bool(reply.handoff_reason), final=True,
+            latency=latency, grounding=reply.answer.report,
         )
 
-    async def _decide(
-        self, tenant: str, session: dialogue_pb2.Session, message: str, intent: dialogue_pb2.Intent, timer: TurnTimer,
-        deadline: float | None,
+    async def _reply(
+        self, tenant: str, session: dialogue_pb2.Session, message: str, question: Question, vector: np.ndarray,
+        intent: dialogue_pb2.Intent, timer: TurnTimer, deadline: float | None, spoken: bool,
     ) -> Reply:
+        """Knowledge before scripts: a question the help centre answers is answered from it, even
+        when an intent fires; a script takes over when its intent is confident and the evidence is
+        not strong, or when there is no evidence. Out of scope needs both the intent and no evidence."""
         expecting = session.slots.get(AWAITING) == ORDER_NUMBER
         extracted = extract_order_number(message, expecting)
         if extracted.value:
             session.slots[ORDER_NUMBER] = extracted.value
-        if intent.name == "order_status" or (expecting and (extracted.value or extracted.problem)):
+        if extracted.value or (expecting and extracted.problem):
             intent.name = "order_status"
-            return Reply(intent, self._order_status(tenant, session, extracted.problem))
-        if intent.name in SCRIPTED:
-            return Reply(intent, SCRIPTED[intent.name])
-        if intent.name == "human_agent":
-            return Reply(intent, HUMAN_REPLY, handoff_reason="the customer asked for a person")
-        if intent.name == OUT_OF_SCOPE:
-            return Reply(intent, f"{OUT_OF_SCOPE_REPLY} {HANDOFF_OFFER}", handoff_reason="out-of-scope request")
-        passages = self.search_cache.get(tenant, message)
+            return scripted(self._order_status(tenant, session, extracted.problem))
+        passages = self.search_cache.get(tenant, question.text)
         if passages is None:
-            passages = await self._backends.retriever.search(tenant, message, self._limits.top_k, self._timeout(deadline))
-            self.search_cache.put(tenant, message, passages)
-        timer.lap("retrieval")
-        if not passages or max(passage.score for passage in passages) < self._limits.min_retrieval_score:
-            return Reply(intent, f"{DONT_KNOW} {HANDOFF_OFFER}", handoff_reason="low retrieval confidence")
-        return Reply(intent, passages=passages)
-
-    async def _prompt_within_budget(
-        self, session: dialogue_pb2.Session, message: str, passages: list[Passage], deadline: float | None, spoken: bool
-    ) -> BuiltPrompt:
-        """The turn's prompt; recent turns that do not fit are folded into the running summary first,
-        so a tight budget shortens what the model sees of the past but never silently loses it."""
-        while True:
-            prompt = await build_prompt(
-                self._backends.tokens,
-                self._limits.context_tokens - self._limits.answer_max_tokens,
-                message,
-                passages,
-                session.summary,
-                [PastTurn(turn.user_message, turn.answer) for turn in session.turns[_folded_turns(session):]],
-                self._timeout(deadline),
-                spoken,
+            passages = await self._backends.retriever.search(
+                tenant, question.text, self._limits.top_k, self._timeout(deadline), vector.tolist()
             )
-            if not prompt.dropped_turns:
-                return prompt
-            # Each round folds at least one turn, so this ends when every past turn is in the summary.
-            await self._fold(session, prompt.dropped_turns, deadline)
+            self.search_cache.put(tenant, question.text, passages)
+        timer.lap("retrieval")
+        evidence = await self._composer.evidence(question, vector, passages, spoken, self._timeout(deadline))
+        timer.lap("evidence")
+        strong = bool(evidence) and evidence[0].score >= self._limits.grounding.min_evidence_score + self._limits.strong_evidence_margin
+        confident = intent.confidence >= self._limits.script_confidence
+        if intent.name in SCRIPTED_INTENTS and confident and not strong:
+            return self._script(tenant, session, intent)
+        if evidence and (intent.name != OUT_OF_SCOPE or strong):
+            answer = await self._composer.compose(question.text, evidence, spoken, self._timeout(deadline))
+            timer.lap("generation")
+            return Reply(answer)
+        if intent.name == OUT_OF_SCOPE:
+            return declined(f"{OUT_OF_SCOPE_REPLY} {HANDOFF_OFFER}", "out-of-scope request")
+        if intent.name in SCRIPTED_INTENTS:
+            return self._script(tenant, session, intent)
+        return declined(f"{DONT_KNOW} {HANDOFF_OFFER}", "the help centre does not answer this")
+
+    def _script(self, tenant: str, session: dialogue_pb2.Session, intent: dialogue_pb2.Intent) -> Reply:
+        if intent.name == "order_status":
+            return scripted(self._order_status(tenant, session, ""))
+        if intent.name == "human_agent":
+            return scripted(HUMAN_REPLY, "the customer asked for a person")
+        return scripted(SCRIPTED[intent.name])
 
     async def _fold(self, session: dialogue_pb2.Session, count: int, deadline: float | None) -> None:
         """Fold the `count` oldest unfolded turns into the session's running summary (extractive)."""
@@ -319,53 +295,48 @@ class DialogueCore:
         return f"Your order {order.number} ({order.items}) is {order.status}: {order.detail}."
 
     async def _finish(
-        self,
-        principal: Principal,
-        stored: StoredSession,
-        message: str,
-        answer: str,
-        intent: dialogue_pb2.Intent,
-        citations: list[dialogue_pb2.Citation],
-        handoff_reason: str,
-        timer: TurnTimer,
-        total_ms: float,
+        self, principal: Principal, stored: StoredSession, turn: dialogue_pb2.Turn, reply: Reply, stages: dict[str, float],
         deadline: float | None,
     ) -> None:
         session = stored.session
-        session.turns.append(
-            dialogue_pb2.Turn(user_message=message, answer=answer, intent=intent, citations=citations, time=now())
-        )
+        session.turns.append(turn)
         # Turns that left the recent window live on in the running summary.
         leaving = len(session.turns) - _folded_turns(session) - self._limits.recent_turns
         if leaving > 0:
             await self._fold(session, leaving, deadline)
         await self._sessions.put(stored)
-        stages = {**timer.stages, "total": total_ms}
+        turn_index = len(session.turns) - 1
+        report = reply.answer.report
+        drafted = len(report.sentences) if report.path == dialogue_pb2.ANSWER_PATH_DRAFT else 0
         await self._bus.publish(
             DIALOGUE_TURN_COMPLETED,
             events_pb2.DialogueTurnCompleted(
                 session_id=session.session_id,
                 tenant=session.tenant,
-                turn_index=len(session.turns) - 1,
-                intent=intent.name,
-                answered=not handoff_reason,
-                cited_document_ids=[citation.document_id for citation in citations],
+                turn_index=turn_index,
+                intent=turn.intent.name,
+                answered=not reply.handoff_reason,
+                cited_document_ids=[citation.document_id for citation in turn.citations],
                 stage_latency_ms=stages,
                 completed_at=now(),
+                answer_path=dialogue_pb2.AnswerPath.Name(report.path).removeprefix("ANSWER_PATH_").lower(),
+                draft_sentences=drafted,
+                evidence_sentences=len(report.sentences) - drafted,
+                conflict=report.conflict,
             ),
-            msg_id=f"{session.tenant}/{session.session_id}/{len(session.turns) - 1}",
+            msg_id=f"{session.tenant}/{session.session_id}/{turn_index}",
         )
-        if handoff_reason:
+        if reply.handoff_reason:
             await self._bus.publish(
                 DIALOGUE_HANDOFF_REQUESTED,
                 events_pb2.DialogueHandoffRequested(
                     session_id=session.session_id,
                     tenant=session.tenant,
-                    reason=handoff_reason,
-                    last_user_message=message,
+                    reason=reply.handoff_reason,
+                    last_user_message=turn.user_message,
                     requested_at=now(),
                 ),
-                msg_id=f"{session.tenant}/{session.session_id}/{len(session.turns) - 1}/handoff",
+                msg_id=f"{session.tenant}/{session.session_id}/{turn_index}/handoff",
             )
         await self._audit.record(principal, session.tenant, "dialogue/chat", f"session/{session.session_id}")
 
@@ -403,22 +374,17 @@ def _folded_turns(session: dialogue_pb2.Session) -> int:
     return int(session.slots.get(FOLDED_TURNS, "0"))
 
 
-def cite(answer: str, passages: list[Passage], min_score: float) -> list[dialogue_pb2.Citation]:
-    """The documents behind an answer: the passages it marks ([n]), else the confident ones it was given.
+def _last_question(session: dialogue_pb2.Session) -> str:
+    """The previous turn's question, as it stood alone: the topic of an elliptic follow-up."""
+    if not session.turns:
+        return ""
+    last = session.turns[-1]
+    return last.standalone_question or last.user_message
 
-    Only passages that were in the prompt are ever cited, one citation per document.
-    """
-    marked = [int(number) - 1 for number in _CITATION_MARK.findall(answer)]
-    chosen = [passages[index] for index in marked if 0 <= index < len(passages)]
-    if not chosen:
-        chosen = [passage for passage in passages if passage.score >= min_score]
-    seen: set[str] = set()
-    citations = []
-    for passage in chosen:
-        if passage.document_id not in seen:
-            seen.add(passage.document_id)
-            citations.append(
-                dialogue_pb2.Citation(document_id=passage.document_id, title=passage.title, chunk_id=passage.chunk_id, score=passage.score)
-            )
-    return citations
 
+def scripted(text: str, handoff_reason: str = "") -> Reply:
+    return Reply(Answer([AnswerSentence(text)], dialogue_pb2.GroundingReport(path=dialogue_pb2.ANSWER_PATH_SCRIPTED)), handoff_reason)
+
+
+def declined(text: str, handoff_reason: str) -> Reply:
+    return Reply(Answer([AnswerSentence(text)], dialogue_pb2.GroundingReport(path=dialogue_pb2.ANSWER_PATH_DECLINED)), handoff_reason)

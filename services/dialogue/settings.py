@@ -19,15 +19,25 @@ class DialogueSettings(PlatformSettings):
     # A session untouched this long is gone (the KV bucket itself keeps entries at most 24 h).
     dialogue_session_idle_ttl_s: float = 1800.0
     dialogue_max_message_chars: int = 2000
-    # Prompt: the model's context window, the answer's share of it, and what is retrieved.
+    # The model's context window (summaries), and how many passages a question retrieves.
     dialogue_context_tokens: int = 2048
-    dialogue_answer_max_tokens: int = 200
-    # A spoken answer (Converse, or ChatRequest.spoken) ends after this many sentences.
+    dialogue_top_k: int = 4
+    # A spoken answer (Converse, or ChatRequest.spoken) holds at most this many sentences.
     dialogue_spoken_answer_sentences: int = 2
     dialogue_recent_turns: int = 4
-    dialogue_top_k: int = 4
-    # Under this cosine similarity of the best passage, the assistant says it does not know.
-    dialogue_min_retrieval_score: float = 0.35
+    # Grounded answers (chosen on the development set demo/questions.yaml with `llmos eval answers`):
+    # at most this many source sentences answer a question; under this evidence score the help
+    # centre does not answer it; a model draft is sent only when each of its sentences has this
+    # share of its content words in one evidence sentence (and every fact of it is in the evidence).
+    dialogue_evidence_sentences: int = 3
+    dialogue_min_evidence_score: float = 0.2
+    dialogue_min_draft_support: float = 0.8
+    dialogue_drafts: bool = False
+    dialogue_draft_max_tokens: int = 64
+    # A scripted intent (greeting, order status, a person) this confident takes over, unless the
+    # evidence scores this much above the minimum.
+    dialogue_script_confidence: float = 0.9
+    dialogue_strong_evidence_margin: float = 0.3
     # Limit of each call to another service when the client set no deadline (else: its deadline).
     dialogue_call_timeout_s: float = 60.0
     # Summaries: default length, and the longest text accepted.

@@ -19,18 +19,16 @@ and the part summaries are summarized together (reduce), repeatedly if they stil
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from llmos.errors import InvalidArgument
+from llmos.text import split_sentences
 from services.dialogue.backends import Embedder, Generator, TokenCounter
 from services.dialogue.repetition import stop_at_repetition
 
-# Split after . ! ? (optionally closing quotes/brackets) followed by whitespace.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
 # Extractive selection, tuned on the 50 REALSumm documents of shared/data/realsumm (CNN/DailyMail,
 # target length = the reference's word count) and nowhere else:
 MIN_SENTENCE_WORDS = 10  # shorter ones (headings, bylines, "scroll down for video") only when the others fall short
@@ -44,15 +42,6 @@ TOKENS_PER_WORD = 1.6
 MIN_TARGET_WORDS = 10
 MAX_TARGET_WORDS = 1000
 MAX_MAP_DEPTH = 4
-
-
-def split_sentences(text: str) -> list[str]:
-    sentences: list[str] = []
-    for paragraph in re.split(r"\n\s*\n|\n(?=[#*-] )", text):
-        paragraph = " ".join(paragraph.split()).lstrip("#*- ").strip()
-        if paragraph:
-            sentences.extend(part.strip() for part in _SENTENCE_END.split(paragraph) if part.strip())
-    return sentences
 
 
 def words(text: str) -> int:

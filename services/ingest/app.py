@@ -40,7 +40,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap_tokens,
         settings.ingest_max_document_bytes,
-        PiiPolicy.parse(settings.ingest_pii_policy),
+        PiiPolicy.parse(settings.ingest_pii_policy, settings.ingest_pii_public),
     )
     return ServiceParts(
         grpc=[

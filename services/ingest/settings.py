@@ -16,6 +16,9 @@ class IngestSettings(PlatformSettings):
     # Personal data to redact before chunking, per tenant: `tenant=kind|kind,…`, `*` for the
     # rest, `none` for nothing; kinds: email, phone, card, iban (see llmos.pii).
     ingest_pii_policy: str = "*=email|phone|card|iban"
+    # A tenant's published contact details, kept by redaction: `tenant=value|value,…` (its
+    # help centre's e-mail addresses and phone numbers are what customers ask for).
+    ingest_pii_public: str = ""
     # Documents of the bulk lane (standard and batch priority) processed at once; interactive
     # documents have their own consumer and never wait behind them.
     ingest_bulk_workers: int = 4
@@ -25,6 +28,15 @@ class IngestSettings(PlatformSettings):
     def _valid_policy(cls, value: str) -> str:
         try:
             PiiPolicy.parse(value)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("ingest_pii_public")
+    @classmethod
+    def _valid_public(cls, value: str) -> str:
+        try:
+            PiiPolicy.parse("", value)
         except InvalidArgument as exc:
             raise ValueError(exc.message) from None
         return value

@@ -240,9 +240,12 @@ class RetrievalCore:
         where = _filter(tenant, request.filter)
         depth = max(top_k, self._limits.candidates)
         rankings: list[list[Hit]] = []
+        cosine: dict[str, float] = {}
         if mode in (retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_DENSE):
-            vector = (await self._embedder.embed([query], tenant))[0]
-            rankings.append(await self._run(lambda: self._index.dense(vector.tolist(), where, depth)))
+            vector = await self._query_vector(tenant, query, request.query_vector)
+            dense = await self._run(lambda: self._index.dense(vector, where, depth))
+            cosine = {hit.chunk.chunk_id: hit.score for hit in dense}
+            rankings.append(dense)
         if mode in (retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_SPARSE):
             sparse = self._bm25.query(query)
             rankings.append(await self._run(lambda: self._index.sparse(sparse, where, depth)))
@@ -251,8 +254,24 @@ class RetrievalCore:
             asked = list(dict.fromkeys(hit.chunk.document_id for hit in hits))[:ASKED_PER_SEARCH]
             await self._profiles.record_asked(tenant, request.user_id, asked)
         return retrieval_pb2.SearchResponse(
-            hits=[retrieval_pb2.ScoredChunk(chunk=hit.chunk, score=hit.score) for hit in hits], mode=mode
+            hits=[
+                retrieval_pb2.ScoredChunk(chunk=hit.chunk, score=hit.score, dense_score=cosine.get(hit.chunk.chunk_id, 0.0))
+                for hit in hits
+            ],
+            mode=mode,
         )
+
+    async def _query_vector(self, tenant: str, query: str, given: Sequence[float]) -> list[float]:
+        """The caller's query embedding when it sent one (it must fit the index), else embedded here."""
+        if not given:
+            return (await self._embedder.embed([query], tenant))[0].tolist()
+        if len(given) != self._dimensions:
+            raise InvalidArgument("query_vector", f"has {len(given)} dimensions; the index holds {self._dimensions}")
+        vector = np.asarray(given, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        if not math.isfinite(norm) or norm == 0.0:
+            raise InvalidArgument("query_vector", "must be finite and not all zeros")
+        return (vector / norm).tolist()
 
     # Recommend --------------------------------------------------------------------------
 

@@ -12,7 +12,16 @@ import pytest
 
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED, DOCS_INDEXED, dead_letter_subject
 from llmos.cli.stack import stop_pids, wait_until_serving
-from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc
+from llmos.v1 import (
+    common_pb2,
+    dialogue_pb2,
+    dialogue_pb2_grpc,
+    events_pb2,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
 from tests.conftest import RunningStack, _settings_from, free_port
 from tests.grpc_helpers import ADMIN, GLOBEX_USER
 from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
@@ -128,16 +137,35 @@ async def index_demo_kb(stack: RunningStack, names: tuple[str, ...]) -> None:
             assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED, f"{name} not indexed: {status}"
 
 
+async def stack_document(stack: RunningStack, document_id: str) -> retrieval_pb2.GetDocumentResponse:
+    async with grpc.aio.insecure_channel(stack.addr("retrieval")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        return await stub.GetDocument(retrieval_pb2.GetDocumentRequest(document_id=document_id), metadata=ADMIN, timeout=30)
+
+
 async def test_grounded_answer_streams_with_citations(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
     await index_demo_kb(stack, ("giftcards", "care", "returns"))
     responses = await chat(dialogue, "How long is a gift card valid?")
     final = responses[-1]
+    answer = "".join(r.delta for r in responses)
     assert final.final and len(responses) > 2  # streamed in pieces
-    assert not final.handoff, "".join(r.delta for r in responses)
+    assert not final.handoff, answer
+    assert "three years" in answer  # the fact, not only the article
     cited = {citation.document_id: citation.title for citation in final.citations}
     assert "giftcards" in cited and cited["giftcards"] == "Gift cards"
     assert set(cited) <= {"giftcards", "care", "returns"}  # never a document it was not given
-    assert final.latency.first_token_ms > 0 and final.latency.retrieval_ms > 0
+    assert all(r.citation.document_id in cited for r in responses if r.delta)  # each sentence cites its article
+    report = final.grounding
+    assert report.path in (dialogue_pb2.ANSWER_PATH_DRAFT, dialogue_pb2.ANSWER_PATH_EVIDENCE) and report.sentences
+    # Each grounded sentence points at its source sentence by chunk and offsets.
+    chunks = {}
+    for document_id in {sentence.document_id for sentence in report.sentences}:
+        document = await stack_document(stack, document_id)
+        chunks.update({chunk.chunk_id: chunk.text for chunk in document.chunks})
+    for sentence in report.sentences:
+        source = chunks[sentence.chunk_id][sentence.start_offset:sentence.end_offset]
+        assert " ".join(source.replace("**", "").split()) == sentence.source_text
+    assert final.latency.first_token_ms > 0 and final.latency.retrieval_ms > 0 and final.latency.evidence_ms > 0
 
 
 @pytest.mark.timeout(600)  # several generation calls; slow on a loaded two-core machine

@@ -77,6 +77,16 @@ def test_policy_per_tenant_with_default() -> None:
     assert PiiPolicy.parse("").redactor("acme").redact(text).text == text
 
 
+def test_a_tenants_published_contact_details_are_kept() -> None:
+    policy = PiiPolicy.parse("*=email|phone", "shop=help@shop.example|+49 40 1234 5670")
+    text = "Write to HELP@shop.example or call +49 (40) 1234-5670; Jo is at jo@mail.example, +49 40 9876 5432."
+    kept = policy.redactor("shop").redact(text)
+    assert kept.text == "Write to HELP@shop.example or call +49 (40) 1234-5670; Jo is at [EMAIL], [PHONE]."
+    assert policy.redactor("other").redact(text).text.count("[EMAIL]") == 2  # another tenant's are not public
+    with pytest.raises(InvalidArgument, match="pii_public"):
+        PiiPolicy.parse("*=email", "shop=")
+
+
 @pytest.mark.parametrize("spec", ["email", "*=email|fax", "=email", "*="])
 def test_bad_policy_specs_name_the_problem(spec: str) -> None:
     with pytest.raises(InvalidArgument, match="pii_policy"):

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from llmos.cli import answers
 from llmos.cli.client import api_key
 from llmos.cli.client import metadata as cli_metadata
 from llmos.cli.client import channel as cli_channel
@@ -285,7 +286,7 @@ def cmd_eval_intents(args: argparse.Namespace) -> int:
 
 def cmd_eval_summarize(args: argparse.Namespace) -> int:
     from llmos.evaluation import Rouge, rouge
-    from services.dialogue.summarize import split_sentences
+    from llmos.text import split_sentences
 
     settings = load_settings(PlatformSettings)
     metadata = cli_metadata(settings, args.api_key)
@@ -322,38 +323,6 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_answers(args: argparse.Namespace) -> int:
-    import yaml
-
-    settings = load_settings(PlatformSettings)
-    metadata = cli_metadata(settings, args.api_key)
-    questions = yaml.safe_load((Path(args.data) / "questions.yaml").read_text(encoding="utf-8"))
-    in_domain = questions["in_domain"]
-    out_of_domain = questions["out_of_domain"]
-
-    async def run() -> tuple[list[bool], list[bool], list[bool], list[float]]:
-        hits, grounded_handoffs, out_handoffs, totals = [], [], [], []
-        channel, stub = _stub(settings)
-        async with channel:
-            for item in in_domain:
-                _, _, citations, final = await _turn(stub, metadata, "", item["question"], 300.0, echo=False)
-                hits.append(item["source"] in {citation.document_id for citation in citations})
-                grounded_handoffs.append(final.handoff)
-                totals.append(final.latency.total_ms)
-            for question in out_of_domain:
-                _, _, citations, final = await _turn(stub, metadata, "", question, 300.0, echo=False)
-                out_handoffs.append(final.handoff and not citations)
-        return hits, grounded_handoffs, out_handoffs, totals
-
-    hits, in_handoffs, out_handoffs, totals = asyncio.run(run())
-    print(f"answers: {args.data}/questions.yaml — {len(in_domain)} in-domain, {len(out_of_domain)} out-of-domain, via DialogueService.Chat")
-    print(f"{'citation hit rate (expected article cited)':<48} {np.mean(hits):>7.1%}")
-    print(f"{'in-domain questions answered (no hand-off)':<48} {1 - np.mean(in_handoffs):>7.1%}")
-    print(f"{'out-of-domain: honest I-dont-know + hand-off':<48} {np.mean(out_handoffs):>7.1%}")
-    print(f"{'turn latency p50 / p95 (ms)':<48} {np.percentile(totals, 50):>7.0f} / {np.percentile(totals, 95):.0f}")
-    return 0
-
-
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
     def with_key(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         parser.add_argument("--api-key", default="", help="API key (default: the first in LLMOS_API_KEYS)")
@@ -381,7 +350,5 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     summaries.add_argument("--modes", nargs="+", choices=("extractive", "abstractive"), default=["extractive", "abstractive"])
     summaries.add_argument("--limit", type=int, default=0, help="only the first N documents")
     summaries.set_defaults(run=cmd_eval_summarize)
-    answers = with_key(evals.add_parser("answers", help="citation hit rate and honest I-don't-know rate on the demo domain"))
-    answers.add_argument("--data", default=str(DEMO), help="a folder with questions.yaml")
-    answers.set_defaults(run=cmd_eval_answers)
+    answers.register(evals)
 

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmos.v1 import speech_pb2 as llmos_dot_v1_dot_speech__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/dialogue.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/speech.proto\"c\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06spoken\x18\x05 \x01(\x08\"O\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x84\x01\n\x06Intent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12*\n\x05slots\x18\x03 \x03(\x0b\x32\x1b.llmos.v1.Intent.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0bTurnLatency\x12\x11\n\tintent_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xc2\x01\n\x0c\x43hatResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12%\n\tcitations\x18\x03 \x03(\x0b\x32\x12.llmos.v1.Citation\x12 \n\x06intent\x18\x04 \x01(\x0b\x32\x10.llmos.v1.Intent\x12\x0f\n\x07handoff\x18\x05 \x01(\x08\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12&\n\x07latency\x18\x07 \x01(\x0b\x32\x15.llmos.v1.TurnLatency\"\xb3\x01\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x39\n\x0brecognition\x18\x04 \x01(\x0b\x32$.llmos.v1.StreamingRecognitionConfig\x12\x12\n\nvoice_name\x18\x05 \x01(\t\x12\x1d\n\x15output_sample_rate_hz\x18\x06 \x01(\x05\"j\n\x0f\x43onverseRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.llmos.v1.ConverseConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x42\x12\n\x10\x63onverse_request\"\xfb\x01\n\x10\x43onverseResponse\x12\x37\n\ntranscript\x18\x01 \x01(\x0b\x32!.llmos.v1.SpeechRecognitionResultH\x00\x12\x16\n\x0c\x61nswer_delta\x18\x02 \x01(\tH\x00\x12\x33\n\x05\x61udio\x18\x03 \x01(\x0b\x32\".llmos.v1.SynthesizeSpeechResponseH\x00\x12\x30\n\x0eturn_completed\x18\x04 \x01(\x0b\x32\x16.llmos.v1.ChatResponseH\x00\x12\x12\n\x08\x62\x61rge_in\x18\x05 \x01(\x08H\x00\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x07\n\x05\x65vent\"\x8e\x01\n\x10SummarizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x64ocument_id\x18\x02 \x01(\tH\x00\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.llmos.v1.SummaryMode\x12\x14\n\x0ctarget_words\x18\x04 \x01(\x05\x12\x0e\n\x06tenant\x18\x05 \x01(\tB\x08\n\x06source\"s\n\x11SummarizeResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.llmos.v1.SummaryMode\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\x12\x11\n\tmap_steps\x18\x04 \x01(\x05\"7\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\x9f\x01\n\x04Turn\x12\x14\n\x0cuser_message\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12 \n\x06intent\x18\x03 \x01(\x0b\x32\x10.llmos.v1.Intent\x12%\n\tcitations\x18\x04 \x03(\x0b\x32\x12.llmos.v1.Citation\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa9\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1d\n\x05turns\x18\x04 \x03(\x0b\x32\x0e.llmos.v1.Turn\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12+\n\x05slots\x18\x06 \x03(\x0b\x32\x1c.llmos.v1.Session.SlotsEntry\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"7\n\x12\x45ndSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65nded\x18\x02 \x01(\x08*f\n\x0bSummaryMode\x12\x1c\n\x18SUMMARY_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SUMMARY_MODE_EXTRACTIVE\x10\x01\x12\x1c\n\x18SUMMARY_MODE_ABSTRACTIVE\x10\x02\x32\xde\x02\n\x0f\x44ialogueService\x12\x37\n\x04\x43hat\x12\x15.llmos.v1.ChatRequest\x1a\x16.llmos.v1.ChatResponse0\x01\x12\x45\n\x08\x43onverse\x12\x19.llmos.v1.ConverseRequest\x1a\x1a.llmos.v1.ConverseResponse(\x01\x30\x01\x12\x44\n\tSummarize\x12\x1a.llmos.v1.SummarizeRequest\x1a\x1b.llmos.v1.SummarizeResponse\x12<\n\nGetSession\x12\x1b.llmos.v1.GetSessionRequest\x1a\x11.llmos.v1.Session\x12G\n\nEndSession\x12\x1b.llmos.v1.EndSessionRequest\x1a\x1c.llmos.v1.EndSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmos/v1/dialogue.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/speech.proto\"c\n\x0b\x43hatRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06spoken\x18\x05 \x01(\x08\"O\n\x08\x43itation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x84\x01\n\x06Intent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12*\n\x05slots\x18\x03 \x03(\x0b\x32\x1b.llmos.v1.Intent.SlotsEntry\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x0bTurnLatency\x12\x11\n\tintent_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x13\n\x0b\x65vidence_ms\x18\x05 \x01(\x01\x12\x11\n\tverify_ms\x18\x06 \x01(\x01\"\x96\x02\n\x0c\x43hatResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12%\n\tcitations\x18\x03 \x03(\x0b\x32\x12.llmos.v1.Citation\x12 \n\x06intent\x18\x04 \x01(\x0b\x32\x10.llmos.v1.Intent\x12\x0f\n\x07handoff\x18\x05 \x01(\x08\x12\r\n\x05\x66inal\x18\x06 \x01(\x08\x12&\n\x07latency\x18\x07 \x01(\x0b\x32\x15.llmos.v1.TurnLatency\x12$\n\x08\x63itation\x18\x08 \x01(\x0b\x32\x12.llmos.v1.Citation\x12,\n\tgrounding\x18\t \x01(\x0b\x32\x19.llmos.v1.GroundingReport\"\x97\x01\n\x10GroundedSentence\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\t\x12\x14\n\x0cstart_offset\x18\x04 \x01(\x05\x12\x12\n\nend_offset\x18\x05 \x01(\x05\x12\x13\n\x0bsource_text\x18\x06 \x01(\t\x12\x0f\n\x07support\x18\x07 \x01(\x02\"\xab\x01\n\x0fGroundingReport\x12\"\n\x04path\x18\x01 \x01(\x0e\x32\x14.llmos.v1.AnswerPath\x12-\n\tsentences\x18\x02 \x03(\x0b\x32\x1a.llmos.v1.GroundedSentence\x12\x16\n\x0e\x64raft_problems\x18\x03 \x03(\t\x12\x10\n\x08\x63onflict\x18\x04 \x01(\x08\x12\x1b\n\x13standalone_question\x18\x05 \x01(\t\"\xb3\x01\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x39\n\x0brecognition\x18\x04 \x01(\x0b\x32$.llmos.v1.StreamingRecognitionConfig\x12\x12\n\nvoice_name\x18\x05 \x01(\t\x12\x1d\n\x15output_sample_rate_hz\x18\x06 \x01(\x05\"j\n\x0f\x43onverseRequest\x12*\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x18.llmos.v1.ConverseConfigH\x00\x12\x17\n\raudio_content\x18\x02 \x01(\x0cH\x00\x42\x12\n\x10\x63onverse_request\"\xfb\x01\n\x10\x43onverseResponse\x12\x37\n\ntranscript\x18\x01 \x01(\x0b\x32!.llmos.v1.SpeechRecognitionResultH\x00\x12\x16\n\x0c\x61nswer_delta\x18\x02 \x01(\tH\x00\x12\x33\n\x05\x61udio\x18\x03 \x01(\x0b\x32\".llmos.v1.SynthesizeSpeechResponseH\x00\x12\x30\n\x0eturn_completed\x18\x04 \x01(\x0b\x32\x16.llmos.v1.ChatResponseH\x00\x12\x12\n\x08\x62\x61rge_in\x18\x05 \x01(\x08H\x00\x12\x12\n\nsession_id\x18\x06 \x01(\tB\x07\n\x05\x65vent\"\x8e\x01\n\x10SummarizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x15\n\x0b\x64ocument_id\x18\x02 \x01(\tH\x00\x12#\n\x04mode\x18\x03 \x01(\x0e\x32\x15.llmos.v1.SummaryMode\x12\x14\n\x0ctarget_words\x18\x04 \x01(\x05\x12\x0e\n\x06tenant\x18\x05 \x01(\tB\x08\n\x06source\"s\n\x11SummarizeResponse\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12#\n\x04mode\x18\x02 \x01(\x0e\x32\x15.llmos.v1.SummaryMode\x12\x15\n\rsource_tokens\x18\x03 \x01(\x05\x12\x11\n\tmap_steps\x18\x04 \x01(\x05\"7\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xbc\x01\n\x04Turn\x12\x14\n\x0cuser_message\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12 \n\x06intent\x18\x03 \x01(\x0b\x32\x10.llmos.v1.Intent\x12%\n\tcitations\x18\x04 \x03(\x0b\x32\x12.llmos.v1.Citation\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13standalone_question\x18\x06 \x01(\t\"\xa9\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x1d\n\x05turns\x18\x04 \x03(\x0b\x32\x0e.llmos.v1.Turn\x12\x0f\n\x07summary\x18\x05 \x01(\t\x12+\n\x05slots\x18\x06 \x03(\x0b\x32\x1c.llmos.v1.Session.SlotsEntry\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a,\n\nSlotsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"7\n\x12\x45ndSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x65nded\x18\x02 \x01(\x08*\x8e\x01\n\nAnswerPath\x12\x1b\n\x17\x41NSWER_PATH_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41NSWER_PATH_DRAFT\x10\x01\x12\x18\n\x14\x41NSWER_PATH_EVIDENCE\x10\x02\x12\x18\n\x14\x41NSWER_PATH_SCRIPTED\x10\x03\x12\x18\n\x14\x41NSWER_PATH_DECLINED\x10\x04*f\n\x0bSummaryMode\x12\x1c\n\x18SUMMARY_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SUMMARY_MODE_EXTRACTIVE\x10\x01\x12\x1c\n\x18SUMMARY_MODE_ABSTRACTIVE\x10\x02\x32\xde\x02\n\x0f\x44ialogueService\x12\x37\n\x04\x43hat\x12\x15.llmos.v1.ChatRequest\x1a\x16.llmos.v1.ChatResponse0\x01\x12\x45\n\x08\x43onverse\x12\x19.llmos.v1.ConverseRequest\x1a\x1a.llmos.v1.ConverseResponse(\x01\x30\x01\x12\x44\n\tSummarize\x12\x1a.llmos.v1.SummarizeRequest\x1a\x1b.llmos.v1.SummarizeResponse\x12<\n\nGetSession\x12\x1b.llmos.v1.GetSessionRequest\x1a\x11.llmos.v1.Session\x12G\n\nEndSession\x12\x1b.llmos.v1.EndSessionRequest\x1a\x1c.llmos.v1.EndSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTENT_SLOTSENTRY']._serialized_options = b'8\001'
   _globals['_SESSION_SLOTSENTRY']._loaded_options = None
   _globals['_SESSION_SLOTSENTRY']._serialized_options = b'8\001'
-  _globals['_SUMMARYMODE']._serialized_start=2144
-  _globals['_SUMMARYMODE']._serialized_end=2246
+  _globals['_ANSWERPATH']._serialized_start=2627
+  _globals['_ANSWERPATH']._serialized_end=2769
+  _globals['_SUMMARYMODE']._serialized_start=2771
+  _globals['_SUMMARYMODE']._serialized_end=2873
   _globals['_CHATREQUEST']._serialized_start=93
   _globals['_CHATREQUEST']._serialized_end=192
   _globals['_CITATION']._serialized_start=194
@@ -47,32 +49,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTENT']._serialized_end=408
   _globals['_INTENT_SLOTSENTRY']._serialized_start=364
   _globals['_INTENT_SLOTSENTRY']._serialized_end=408
-  _globals['_TURNLATENCY']._serialized_start=410
-  _globals['_TURNLATENCY']._serialized_end=506
-  _globals['_CHATRESPONSE']._serialized_start=509
-  _globals['_CHATRESPONSE']._serialized_end=703
-  _globals['_CONVERSECONFIG']._serialized_start=706
-  _globals['_CONVERSECONFIG']._serialized_end=885
-  _globals['_CONVERSEREQUEST']._serialized_start=887
-  _globals['_CONVERSEREQUEST']._serialized_end=993
-  _globals['_CONVERSERESPONSE']._serialized_start=996
-  _globals['_CONVERSERESPONSE']._serialized_end=1247
-  _globals['_SUMMARIZEREQUEST']._serialized_start=1250
-  _globals['_SUMMARIZEREQUEST']._serialized_end=1392
-  _globals['_SUMMARIZERESPONSE']._serialized_start=1394
-  _globals['_SUMMARIZERESPONSE']._serialized_end=1509
-  _globals['_GETSESSIONREQUEST']._serialized_start=1511
-  _globals['_GETSESSIONREQUEST']._serialized_end=1566
-  _globals['_TURN']._serialized_start=1569
-  _globals['_TURN']._serialized_end=1728
-  _globals['_SESSION']._serialized_start=1731
-  _globals['_SESSION']._serialized_end=2028
+  _globals['_TURNLATENCY']._serialized_start=411
+  _globals['_TURNLATENCY']._serialized_end=547
+  _globals['_CHATRESPONSE']._serialized_start=550
+  _globals['_CHATRESPONSE']._serialized_end=828
+  _globals['_GROUNDEDSENTENCE']._serialized_start=831
+  _globals['_GROUNDEDSENTENCE']._serialized_end=982
+  _globals['_GROUNDINGREPORT']._serialized_start=985
+  _globals['_GROUNDINGREPORT']._serialized_end=1156
+  _globals['_CONVERSECONFIG']._serialized_start=1159
+  _globals['_CONVERSECONFIG']._serialized_end=1338
+  _globals['_CONVERSEREQUEST']._serialized_start=1340
+  _globals['_CONVERSEREQUEST']._serialized_end=1446
+  _globals['_CONVERSERESPONSE']._serialized_start=1449
+  _globals['_CONVERSERESPONSE']._serialized_end=1700
+  _globals['_SUMMARIZEREQUEST']._serialized_start=1703
+  _globals['_SUMMARIZEREQUEST']._serialized_end=1845
+  _globals['_SUMMARIZERESPONSE']._serialized_start=1847
+  _globals['_SUMMARIZERESPONSE']._serialized_end=1962
+  _globals['_GETSESSIONREQUEST']._serialized_start=1964
+  _globals['_GETSESSIONREQUEST']._serialized_end=2019
+  _globals['_TURN']._serialized_start=2022
+  _globals['_TURN']._serialized_end=2210
+  _globals['_SESSION']._serialized_start=2213
+  _globals['_SESSION']._serialized_end=2510
   _globals['_SESSION_SLOTSENTRY']._serialized_start=364
   _globals['_SESSION_SLOTSENTRY']._serialized_end=408
-  _globals['_ENDSESSIONREQUEST']._serialized_start=2030
-  _globals['_ENDSESSIONREQUEST']._serialized_end=2085
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=2087
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=2142
-  _globals['_DIALOGUESERVICE']._serialized_start=2249
-  _globals['_DIALOGUESERVICE']._serialized_end=2599
+  _globals['_ENDSESSIONREQUEST']._serialized_start=2512
+  _globals['_ENDSESSIONREQUEST']._serialized_end=2567
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=2569
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=2624
+  _globals['_DIALOGUESERVICE']._serialized_start=2876
+  _globals['_DIALOGUESERVICE']._serialized_end=3226
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,36 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AnswerPath:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnswerPathEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnswerPath.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANSWER_PATH_UNSPECIFIED: _AnswerPath.ValueType  # 0
+    ANSWER_PATH_DRAFT: _AnswerPath.ValueType  # 1
+    """the model phrased it from the evidence and the verifier passed the draft"""
+    ANSWER_PATH_EVIDENCE: _AnswerPath.ValueType  # 2
+    """the evidence sentences themselves (no draft, or the draft failed)"""
+    ANSWER_PATH_SCRIPTED: _AnswerPath.ValueType  # 3
+    """a scripted reply (greeting, order status, hand-off)"""
+    ANSWER_PATH_DECLINED: _AnswerPath.ValueType  # 4
+    """no evidence: an honest "the help centre does not say", nothing cited"""
+
+class AnswerPath(_AnswerPath, metaclass=_AnswerPathEnumTypeWrapper):
+    """Which path produced an answer."""
+
+ANSWER_PATH_UNSPECIFIED: AnswerPath.ValueType  # 0
+ANSWER_PATH_DRAFT: AnswerPath.ValueType  # 1
+"""the model phrased it from the evidence and the verifier passed the draft"""
+ANSWER_PATH_EVIDENCE: AnswerPath.ValueType  # 2
+"""the evidence sentences themselves (no draft, or the draft failed)"""
+ANSWER_PATH_SCRIPTED: AnswerPath.ValueType  # 3
+"""a scripted reply (greeting, order status, hand-off)"""
+ANSWER_PATH_DECLINED: AnswerPath.ValueType  # 4
+"""no evidence: an honest "the help centre does not say", nothing cited"""
+Global___AnswerPath: _TypeAlias = AnswerPath  # noqa: Y015
+
 class _SummaryMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -159,10 +189,16 @@ class TurnLatency(_message.Message):
     RETRIEVAL_MS_FIELD_NUMBER: _builtins.int
     FIRST_TOKEN_MS_FIELD_NUMBER: _builtins.int
     TOTAL_MS_FIELD_NUMBER: _builtins.int
+    EVIDENCE_MS_FIELD_NUMBER: _builtins.int
+    VERIFY_MS_FIELD_NUMBER: _builtins.int
     intent_ms: _builtins.float
     retrieval_ms: _builtins.float
     first_token_ms: _builtins.float
     total_ms: _builtins.float
+    evidence_ms: _builtins.float
+    """cutting the passages into sentences, embedding new ones, selecting the evidence"""
+    verify_ms: _builtins.float
+    """checking the model's draft against the evidence"""
     def __init__(
         self,
         *,
@@ -170,10 +206,12 @@ class TurnLatency(_message.Message):
         retrieval_ms: _builtins.float = ...,
         first_token_ms: _builtins.float = ...,
         total_ms: _builtins.float = ...,
+        evidence_ms: _builtins.float = ...,
+        verify_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_token_ms", b"first_token_ms", "intent_ms", b"intent_ms", "retrieval_ms", b"retrieval_ms", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evidence_ms", b"evidence_ms", "first_token_ms", b"first_token_ms", "intent_ms", b"intent_ms", "retrieval_ms", b"retrieval_ms", "total_ms", b"total_ms", "verify_ms", b"verify_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,6 +228,8 @@ class ChatResponse(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    CITATION_FIELD_NUMBER: _builtins.int
+    GROUNDING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     delta: _builtins.str
     """answer text since the previous message"""
@@ -198,7 +238,7 @@ class ChatResponse(_message.Message):
     final: _builtins.bool
     @_builtins.property
     def citations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Citation]:
-        """on the last message"""
+        """on the last message: every document the answer's sentences cite"""
 
     @_builtins.property
     def intent(self) -> Global___Intent:
@@ -206,6 +246,14 @@ class ChatResponse(_message.Message):
 
     @_builtins.property
     def latency(self) -> Global___TurnLatency:
+        """on the last message"""
+
+    @_builtins.property
+    def citation(self) -> Global___Citation:
+        """the source of the answer sentence this delta completes, if any"""
+
+    @_builtins.property
+    def grounding(self) -> Global___GroundingReport:
         """on the last message"""
 
     def __init__(
@@ -218,14 +266,98 @@ class ChatResponse(_message.Message):
         handoff: _builtins.bool = ...,
         final: _builtins.bool = ...,
         latency: Global___TurnLatency | None = ...,
+        citation: Global___Citation | None = ...,
+        grounding: Global___GroundingReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "latency", b"latency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "grounding", b"grounding", "intent", b"intent", "latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "delta", b"delta", "final", b"final", "handoff", b"handoff", "intent", b"intent", "latency", b"latency", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation", b"citation", "citations", b"citations", "delta", b"delta", "final", b"final", "grounding", b"grounding", "handoff", b"handoff", "intent", b"intent", "latency", b"latency", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatResponse: _TypeAlias = ChatResponse  # noqa: Y015
+
+@_typing.final
+class GroundedSentence(_message.Message):
+    """One answer sentence and the source sentence that supports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    START_OFFSET_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    SOURCE_TEXT_FIELD_NUMBER: _builtins.int
+    SUPPORT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """the answer sentence as sent"""
+    document_id: _builtins.str
+    chunk_id: _builtins.str
+    start_offset: _builtins.int
+    """the supporting sentence is the chunk's text[start_offset:end_offset]"""
+    end_offset: _builtins.int
+    source_text: _builtins.str
+    """that source sentence"""
+    support: _builtins.float
+    """share of the answer sentence's content words found in it (1 for evidence itself)"""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        document_id: _builtins.str = ...,
+        chunk_id: _builtins.str = ...,
+        start_offset: _builtins.int = ...,
+        end_offset: _builtins.int = ...,
+        source_text: _builtins.str = ...,
+        support: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "document_id", b"document_id", "end_offset", b"end_offset", "source_text", b"source_text", "start_offset", b"start_offset", "support", b"support", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroundedSentence: _TypeAlias = GroundedSentence  # noqa: Y015
+
+@_typing.final
+class GroundingReport(_message.Message):
+    """How the answer was checked against the knowledge base."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SENTENCES_FIELD_NUMBER: _builtins.int
+    DRAFT_PROBLEMS_FIELD_NUMBER: _builtins.int
+    CONFLICT_FIELD_NUMBER: _builtins.int
+    STANDALONE_QUESTION_FIELD_NUMBER: _builtins.int
+    path: Global___AnswerPath.ValueType
+    conflict: _builtins.bool
+    """two passages state different values for the same thing; both are cited"""
+    standalone_question: _builtins.str
+    """the question the evidence was selected for (follow-ups rewritten)"""
+    @_builtins.property
+    def sentences(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroundedSentence]: ...
+    @_builtins.property
+    def draft_problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why a model draft was not sent ("12 EUR is not in the evidence")"""
+
+    def __init__(
+        self,
+        *,
+        path: Global___AnswerPath.ValueType = ...,
+        sentences: _abc.Iterable[Global___GroundedSentence] | None = ...,
+        draft_problems: _abc.Iterable[_builtins.str] | None = ...,
+        conflict: _builtins.bool = ...,
+        standalone_question: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflict", b"conflict", "draft_problems", b"draft_problems", "path", b"path", "sentences", b"sentences", "standalone_question", b"standalone_question"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroundingReport: _TypeAlias = GroundingReport  # noqa: Y015
 
 @_typing.final
 class ConverseConfig(_message.Message):
@@ -425,8 +557,11 @@ class Turn(_message.Message):
     INTENT_FIELD_NUMBER: _builtins.int
     CITATIONS_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    STANDALONE_QUESTION_FIELD_NUMBER: _builtins.int
     user_message: _builtins.str
     answer: _builtins.str
+    standalone_question: _builtins.str
+    """the message rewritten to stand alone (a follow-up joined to its topic)"""
     @_builtins.property
     def intent(self) -> Global___Intent: ...
     @_builtins.property
@@ -441,10 +576,11 @@ class Turn(_message.Message):
         intent: Global___Intent | None = ...,
         citations: _abc.Iterable[Global___Citation] | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        standalone_question: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "citations", b"citations", "intent", b"intent", "time", b"time", "user_message", b"user_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "citations", b"citations", "intent", b"intent", "standalone_question", b"standalone_question", "time", b"time", "user_message", b"user_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -465,12 +465,24 @@ class DialogueTurnCompleted(_message.Message):
     CITED_DOCUMENT_IDS_FIELD_NUMBER: _builtins.int
     STAGE_LATENCY_MS_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    ANSWER_PATH_FIELD_NUMBER: _builtins.int
+    DRAFT_SENTENCES_FIELD_NUMBER: _builtins.int
+    EVIDENCE_SENTENCES_FIELD_NUMBER: _builtins.int
+    CONFLICT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     tenant: _builtins.str
     turn_index: _builtins.int
     intent: _builtins.str
     answered: _builtins.bool
     """false when the assistant said it did not know"""
+    answer_path: _builtins.str
+    """draft, evidence, scripted or declined (GroundingReport.path)"""
+    draft_sentences: _builtins.int
+    """answer sentences the model phrased and the verifier passed"""
+    evidence_sentences: _builtins.int
+    """answer sentences quoted from the evidence"""
+    conflict: _builtins.bool
+    """the evidence disagreed with itself; both sources were cited"""
     @_builtins.property
     def cited_document_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -488,10 +500,14 @@ class DialogueTurnCompleted(_message.Message):
         cited_document_ids: _abc.Iterable[_builtins.str] | None = ...,
         stage_latency_ms: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
+        answer_path: _builtins.str = ...,
+        draft_sentences: _builtins.int = ...,
+        evidence_sentences: _builtins.int = ...,
+        conflict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "cited_document_ids", b"cited_document_ids", "completed_at", b"completed_at", "intent", b"intent", "session_id", b"session_id", "stage_latency_ms", b"stage_latency_ms", "tenant", b"tenant", "turn_index", b"turn_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_path", b"answer_path", "answered", b"answered", "cited_document_ids", b"cited_document_ids", "completed_at", b"completed_at", "conflict", b"conflict", "draft_sentences", b"draft_sentences", "evidence_sentences", b"evidence_sentences", "intent", b"intent", "session_id", b"session_id", "stage_latency_ms", b"stage_latency_ms", "tenant", b"tenant", "turn_index", b"turn_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

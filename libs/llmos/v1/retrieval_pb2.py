@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/retrieval.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"C\n\x0cSearchFilter\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0f\n\x07sources\x18\x03 \x03(\t\"\x9a\x01\n\rSearchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.llmos.v1.SearchMode\x12&\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x16.llmos.v1.SearchFilter\x12\x0f\n\x07user_id\x18\x06 \x01(\t\"<\n\x0bScoredChunk\x12\x1e\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.llmos.v1.ScoredChunk\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.llmos.v1.SearchMode\"X\n\x10RecommendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x14\n\x0cinclude_seen\x18\x04 \x01(\x08\"S\n\x0eRecommendation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x11RecommendResponse\x12\x31\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x18.llmos.v1.Recommendation\"o\n\x12GetDocumentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12#\n\x04page\x18\x03 \x01(\x0b\x32\x15.llmos.v1.PageRequest\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"\xb3\x01\n\x13GetDocumentResponse\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x05\x12\x1f\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x0f.llmos.v1.Chunk\x12$\n\x04page\x18\x07 \x01(\x0b\x32\x16.llmos.v1.PageResponse*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x03\x32\xe1\x01\n\x10RetrievalService\x12;\n\x06Search\x12\x17.llmos.v1.SearchRequest\x1a\x18.llmos.v1.SearchResponse\x12\x44\n\tRecommend\x12\x1a.llmos.v1.RecommendRequest\x1a\x1b.llmos.v1.RecommendResponse\x12J\n\x0bGetDocument\x12\x1c.llmos.v1.GetDocumentRequest\x1a\x1d.llmos.v1.GetDocumentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llmos/v1/retrieval.proto\x12\x08llmos.v1\x1a\x15llmos/v1/common.proto\"C\n\x0cSearchFilter\x12\x14\n\x0c\x64ocument_ids\x18\x01 \x03(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x0f\n\x07sources\x18\x03 \x03(\t\"\xb0\x01\n\rSearchRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\"\n\x04mode\x18\x04 \x01(\x0e\x32\x14.llmos.v1.SearchMode\x12&\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x16.llmos.v1.SearchFilter\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x14\n\x0cquery_vector\x18\x07 \x03(\x02\"Q\n\x0bScoredChunk\x12\x1e\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x0f.llmos.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0b\x64\x65nse_score\x18\x03 \x01(\x02\"Y\n\x0eSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.llmos.v1.ScoredChunk\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.llmos.v1.SearchMode\"X\n\x10RecommendRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x14\n\x0cinclude_seen\x18\x04 \x01(\x08\"S\n\x0eRecommendation\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x11RecommendResponse\x12\x31\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x18.llmos.v1.Recommendation\"o\n\x12GetDocumentRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12#\n\x04page\x18\x03 \x01(\x0b\x32\x15.llmos.v1.PageRequest\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"\xb3\x01\n\x13GetDocumentResponse\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\x05\x12\x1f\n\x06\x63hunks\x18\x06 \x03(\x0b\x32\x0f.llmos.v1.Chunk\x12$\n\x04page\x18\x07 \x01(\x0b\x32\x16.llmos.v1.PageResponse*p\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SEARCH_MODE_HYBRID\x10\x01\x12\x15\n\x11SEARCH_MODE_DENSE\x10\x02\x12\x16\n\x12SEARCH_MODE_SPARSE\x10\x03\x32\xe1\x01\n\x10RetrievalService\x12;\n\x06Search\x12\x17.llmos.v1.SearchRequest\x1a\x18.llmos.v1.SearchResponse\x12\x44\n\tRecommend\x12\x1a.llmos.v1.RecommendRequest\x1a\x1b.llmos.v1.RecommendResponse\x12J\n\x0bGetDocument\x12\x1c.llmos.v1.GetDocumentRequest\x1a\x1d.llmos.v1.GetDocumentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmos.v1.retrieval_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHMODE']._serialized_start=982
-  _globals['_SEARCHMODE']._serialized_end=1094
+  _globals['_SEARCHMODE']._serialized_start=1025
+  _globals['_SEARCHMODE']._serialized_end=1137
   _globals['_SEARCHFILTER']._serialized_start=61
   _globals['_SEARCHFILTER']._serialized_end=128
   _globals['_SEARCHREQUEST']._serialized_start=131
-  _globals['_SEARCHREQUEST']._serialized_end=285
-  _globals['_SCOREDCHUNK']._serialized_start=287
-  _globals['_SCOREDCHUNK']._serialized_end=347
-  _globals['_SEARCHRESPONSE']._serialized_start=349
-  _globals['_SEARCHRESPONSE']._serialized_end=438
-  _globals['_RECOMMENDREQUEST']._serialized_start=440
-  _globals['_RECOMMENDREQUEST']._serialized_end=528
-  _globals['_RECOMMENDATION']._serialized_start=530
-  _globals['_RECOMMENDATION']._serialized_end=613
-  _globals['_RECOMMENDRESPONSE']._serialized_start=615
-  _globals['_RECOMMENDRESPONSE']._serialized_end=685
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=687
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=798
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=801
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=980
-  _globals['_RETRIEVALSERVICE']._serialized_start=1097
-  _globals['_RETRIEVALSERVICE']._serialized_end=1322
+  _globals['_SEARCHREQUEST']._serialized_end=307
+  _globals['_SCOREDCHUNK']._serialized_start=309
+  _globals['_SCOREDCHUNK']._serialized_end=390
+  _globals['_SEARCHRESPONSE']._serialized_start=392
+  _globals['_SEARCHRESPONSE']._serialized_end=481
+  _globals['_RECOMMENDREQUEST']._serialized_start=483
+  _globals['_RECOMMENDREQUEST']._serialized_end=571
+  _globals['_RECOMMENDATION']._serialized_start=573
+  _globals['_RECOMMENDATION']._serialized_end=656
+  _globals['_RECOMMENDRESPONSE']._serialized_start=658
+  _globals['_RECOMMENDRESPONSE']._serialized_end=728
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=730
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=841
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=844
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=1023
+  _globals['_RETRIEVALSERVICE']._serialized_start=1140
+  _globals['_RETRIEVALSERVICE']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

@@ -83,6 +83,7 @@ class SearchRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    QUERY_VECTOR_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """administrators only; otherwise the caller's tenant"""
     query: _builtins.str
@@ -93,6 +94,10 @@ class SearchRequest(_message.Message):
     """when set, the query is remembered in the user's profile for Recommend"""
     @_builtins.property
     def filter(self) -> Global___SearchFilter: ...
+    @_builtins.property
+    def query_vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the query's embedding when the caller has it (dense and hybrid modes)"""
+
     def __init__(
         self,
         *,
@@ -102,10 +107,11 @@ class SearchRequest(_message.Message):
         mode: Global___SearchMode.ValueType = ...,
         filter: Global___SearchFilter | None = ...,
         user_id: _builtins.str = ...,
+        query_vector: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "mode", b"mode", "query", b"query", "tenant", b"tenant", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "mode", b"mode", "query", b"query", "query_vector", b"query_vector", "tenant", b"tenant", "top_k", b"top_k", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,7 +123,11 @@ class ScoredChunk(_message.Message):
 
     CHUNK_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    DENSE_SCORE_FIELD_NUMBER: _builtins.int
     score: _builtins.float
+    """the ranking score of the mode (cosine, BM25, or fused)"""
+    dense_score: _builtins.float
+    """cosine similarity to the query in dense and hybrid modes (0: not among the dense candidates)"""
     @_builtins.property
     def chunk(self) -> _common_pb2.Chunk: ...
     def __init__(
@@ -125,10 +135,11 @@ class ScoredChunk(_message.Message):
         *,
         chunk: _common_pb2.Chunk | None = ...,
         score: _builtins.float = ...,
+        dense_score: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "dense_score", b"dense_score", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

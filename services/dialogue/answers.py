@@ -1,0 +1,190 @@
+"""One grounded answer: evidence selected from the passages, phrased by the model or quoted, checked.
+
+`AnswerComposer.evidence` picks the source sentences for a question (`grounding.select_evidence`);
+`AnswerComposer.compose` asks the model to phrase them, verifies the draft, and returns the
+answer's sentences with their citations and the grounding report. A draft that fails the
+verifier is never sent: the evidence is, briefly framed. Chat and spoken answers (Converse) use
+the same composer; a spoken answer is shorter and unframed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmos.v1 import dialogue_pb2
+from services.dialogue.backends import Embedder, Generator, Passage
+from services.dialogue.grounding import (
+    Candidate,
+    Evidence,
+    EvidenceWeights,
+    Question,
+    candidates,
+    conflicting,
+    select_evidence,
+    verify,
+)
+from services.dialogue.prompt import draft_messages
+from services.dialogue.repetition import stop_at_repetition
+
+SENTENCE_VECTOR_ENTRIES = 8192
+
+
+@dataclass(frozen=True)
+class GroundingLimits:
+    evidence_sentences: int  # at most this many source sentences answer a question
+    min_evidence_score: float  # under this, the help centre does not answer the question
+    min_support: float  # share of a draft sentence's content words an evidence sentence must hold
+    drafts: bool  # let the model phrase the evidence (verified), or always quote it
+    draft_max_tokens: int
+    spoken_sentences: int  # a spoken answer holds at most this many sentences
+
+
+@dataclass(frozen=True)
+class AnswerSentence:
+    text: str  # as streamed, framing included
+    grounded: dialogue_pb2.GroundedSentence | None = None  # None for framing-only text
+    source: Passage | None = None
+
+    @property
+    def citation(self) -> dialogue_pb2.Citation | None:
+        if self.source is None:
+            return None
+        return dialogue_pb2.Citation(
+            document_id=self.source.document_id, title=self.source.title, chunk_id=self.source.chunk_id, score=self.source.score
+        )
+
+
+@dataclass
+class Answer:
+    sentences: list[AnswerSentence]
+    report: dialogue_pb2.GroundingReport
+    verify_ms: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return " ".join(sentence.text for sentence in self.sentences)
+
+    def citations(self) -> list[dialogue_pb2.Citation]:
+        """One citation per document, in the order the answer first cites it."""
+        cited: dict[str, dialogue_pb2.Citation] = {}
+        for sentence in self.sentences:
+            citation = sentence.citation
+            if citation is not None and citation.document_id not in cited:
+                cited[citation.document_id] = citation
+        return list(cited.values())
+
+
+class SentenceVectors:
+    """Embeddings of source sentences, remembered: the knowledge base repeats across questions."""
+
+    def __init__(self, embedder: Embedder, entries: int = SENTENCE_VECTOR_ENTRIES) -> None:
+        self._embedder = embedder
+        self._entries = entries
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    async def of(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
+        missing = list(dict.fromkeys(text for text in texts if text not in self._vectors))
+        if missing:
+            for text, vector in zip(missing, await self._embedder.embed(missing, timeout_s), strict=True):
+                self._vectors[text] = vector
+        for text in texts:
+            self._vectors.move_to_end(text)
+        rows = [self._vectors[text] for text in texts]
+        while len(self._vectors) > self._entries:
+            self._vectors.popitem(last=False)
+        return np.array(rows, dtype=np.float32)
+
+
+def grounded(text: str, shown: str, evidence: Evidence, support: float) -> AnswerSentence:
+    """An answer sentence (`shown` as streamed, `text` the claim itself) backed by `evidence`."""
+    report = dialogue_pb2.GroundedSentence(
+        text=text,
+        document_id=evidence.passage.document_id,
+        chunk_id=evidence.passage.chunk_id,
+        start_offset=evidence.start,
+        end_offset=evidence.end,
+        source_text=evidence.text,
+        support=support,
+    )
+    return AnswerSentence(shown, report, evidence.passage)
+
+
+@dataclass
+class AnswerComposer:
+    embedder: Embedder
+    generator: Generator
+    limits: GroundingLimits
+    brand: str
+    weights: EvidenceWeights = field(default_factory=EvidenceWeights)
+
+    def __post_init__(self) -> None:
+        self._sentence_vectors = SentenceVectors(self.embedder)
+
+    async def evidence(
+        self, question: Question, question_vector: np.ndarray, passages: Sequence[Passage], spoken: bool, timeout_s: float
+    ) -> list[Evidence]:
+        """The best source sentences for `question`; empty when none answers it well enough."""
+        found: list[Candidate] = candidates(passages)
+        if not found:
+            return []
+        vectors = await self._sentence_vectors.of([candidate.text for candidate in found], timeout_s)
+        limit = min(self.limits.evidence_sentences, self.limits.spoken_sentences) if spoken else self.limits.evidence_sentences
+        chosen = select_evidence(question.text, question_vector, found, vectors, limit, self.weights, question.kind)
+        if not chosen or chosen[0].score < self.limits.min_evidence_score:
+            return []
+        return chosen
+
+    async def compose(self, question: str, evidence: Sequence[Evidence], spoken: bool, timeout_s: float) -> Answer:
+        report = dialogue_pb2.GroundingReport(standalone_question=question)
+        pair = conflicting(evidence)
+        if pair is not None:
+            report.conflict = True
+            report.path = dialogue_pb2.ANSWER_PATH_EVIDENCE
+            return Answer(reported(self._quoted(list(pair), spoken, conflict=True), report), report)
+        if self.limits.drafts:
+            pieces = stop_at_repetition(
+                self.generator.stream(draft_messages(self.brand, question, [item.text for item in evidence], spoken),
+                                      self.limits.draft_max_tokens, timeout_s),
+                self.limits.spoken_sentences if spoken else None,
+            )
+            draft = "".join([piece async for piece in pieces])
+            started = time.perf_counter()
+            verdict = verify(draft, evidence, self.limits.min_support, [self.brand])
+            verify_ms = (time.perf_counter() - started) * 1000
+            if verdict.passed:
+                report.path = dialogue_pb2.ANSWER_PATH_DRAFT
+                sentences = [grounded(checked.text, checked.text, checked.evidence, checked.support) for checked in verdict.sentences]
+                return Answer(reported(sentences, report), report, verify_ms)
+            report.draft_problems.extend(verdict.problems)
+        else:
+            verify_ms = 0.0
+        report.path = dialogue_pb2.ANSWER_PATH_EVIDENCE
+        return Answer(reported(self._quoted(list(evidence), spoken, conflict=False), report), report, verify_ms)
+
+    def _quoted(self, evidence: list[Evidence], spoken: bool, conflict: bool) -> list[AnswerSentence]:
+        """The evidence itself: each sentence cited, framed by the article it comes from (unless spoken)."""
+        sentences: list[AnswerSentence] = []
+        if conflict:
+            sentences.append(AnswerSentence("Our help-centre articles differ on this."))
+        # Grouped by article (the best one first), so each article is named once.
+        order = {document: rank for rank, document in reversed(list(enumerate(item.passage.document_id for item in evidence)))}
+        evidence = sorted(evidence, key=lambda item: order[item.passage.document_id])
+        previous_document = ""
+        for item in evidence:
+            frame = ""
+            if not spoken and item.passage.document_id != previous_document:
+                frame = f'Our article "{item.passage.title}" says: '
+            previous_document = item.passage.document_id
+            sentences.append(grounded(item.text, frame + item.text, item, 1.0))
+        return sentences
+
+
+def reported(sentences: list[AnswerSentence], report: dialogue_pb2.GroundingReport) -> list[AnswerSentence]:
+    """`sentences`, their grounding added to `report`."""
+    report.sentences.extend(sentence.grounded for sentence in sentences if sentence.grounded is not None)
+    return sentences
