@@ -169,7 +169,7 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
     bus = MemoryPublisher()
     generator = CountingGenerator(GrpcGenerator(inference))
     core = DialogueCore(
-        bus,  # type: ignore[arg-type]
+        bus,
         SessionStore(MemoryBucket(), settings.dialogue_session_idle_ttl_s, AtRest(None, "bench sessions")),
         AuditLog(bus, "dialogue-bench"),
         classifier,
