@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmos.text import sentence_spans
 from llmos.v1 import dialogue_pb2
 from services.dialogue.backends import Embedder, Generator, Passage
 from services.dialogue.grounding import (
@@ -137,6 +138,14 @@ class AnswerComposer:
         chosen = select_evidence(question.text, question_vector, found, vectors, limit, self.weights, question.kind)
         if not chosen or chosen[0].score < self.limits.min_evidence_score:
             return []
+        if spoken:  # a caller hears at most `spoken_sentences` sentences; a joined piece of evidence is two
+            kept, sentences = [], 0
+            for item in chosen:
+                sentences += len(sentence_spans(item.text))
+                if kept and sentences > self.limits.spoken_sentences:
+                    break
+                kept.append(item)
+            chosen = kept
         return chosen
 
     async def compose(self, question: str, evidence: Sequence[Evidence], spoken: bool, timeout_s: float) -> Answer:

@@ -51,8 +51,10 @@ DONT_KNOW = "I'm sorry, our help centre does not say."
 OUT_OF_SCOPE_REPLY = "I'm sorry, I can only help with questions about Northwind Outfitters: orders, products, delivery, returns and your account."
 HUMAN_REPLY = "Of course. I'm handing this conversation over to a member of our customer-service team; they will see what you have written so far."
 ASK_ORDER = "Which order is it about? Order numbers look like NW-204518; you find yours in the confirmation e-mail."
-# Intents with a scripted reply, which a confident intent takes unless the evidence is strong.
+# Intents with a scripted reply, which a confident intent takes unless the evidence is strong; a
+# transactional one takes it even then: "where is my order?" needs the order, not the tracking article.
 SCRIPTED_INTENTS = frozenset({*SCRIPTED, "order_status", "human_agent"})
+TRANSACTIONAL_INTENTS = frozenset({"order_status"})
 BRAND = "Northwind Outfitters"
 
 
@@ -231,7 +233,8 @@ class DialogueCore:
     ) -> Reply:
         """Knowledge before scripts: a question the help centre answers is answered from it, even
         when an intent fires; a script takes over when its intent is confident and the evidence is
-        not strong, or when there is no evidence. Out of scope needs both the intent and no evidence."""
+        not strong (a transactional intent: whenever it is confident), or when there is no evidence.
+        Out of scope needs both the intent and no strong evidence."""
         expecting = session.slots.get(AWAITING) == ORDER_NUMBER
         extracted = extract_order_number(message, expecting)
         if extracted.value:
@@ -250,7 +253,7 @@ class DialogueCore:
         timer.lap("evidence")
         strong = bool(evidence) and evidence[0].score >= self._limits.grounding.min_evidence_score + self._limits.strong_evidence_margin
         confident = intent.confidence >= self._limits.script_confidence
-        if intent.name in SCRIPTED_INTENTS and confident and not strong:
+        if intent.name in SCRIPTED_INTENTS and confident and (not strong or intent.name in TRANSACTIONAL_INTENTS):
             return self._script(tenant, session, intent)
         if evidence and (intent.name != OUT_OF_SCOPE or strong):
             answer = await self._composer.compose(question.text, evidence, spoken, self._timeout(deadline))

@@ -141,7 +141,11 @@ async def test_speech_over_the_answer_cancels_it_within_200_ms(stubs) -> None:  
     order = kinds([event for _, event in events])
     assert order.count("barge_in") == 1, order
     barge = order.index("barge_in")
-    assert "turn_completed" not in order[:barge], "the first answer was cut off, not completed"
+    # The answer is ready at once (quoted evidence) and its audio sent faster than it plays: the
+    # caller interrupts it while it is still playing, which is what barge-in is for.
+    first_audio = next(at for at, event in events if event.WhichOneof("event") == "audio")
+    played_ms = sum(event.audio.duration_ms for _, event in events[:barge] if event.WhichOneof("event") == "audio")
+    assert events[barge][0] - first_audio < played_ms / 1000, "the barge-in came after the answer had played out"
     assert events[barge][0] - sent_at <= 0.2
     # The interruption became the next turn; nothing of the first answer came after the barge-in.
     after = order[barge + 1:]

@@ -389,11 +389,20 @@ async def test_out_of_scope_without_evidence_hands_off_citing_nothing() -> None:
 
 
 async def test_an_information_question_reaches_the_knowledge_base_despite_its_intent() -> None:
-    # "order" makes the stand-in classifier say order_status, confidently; the articles answer it.
-    numbers = Passage("orders", "Orders", "c5", "An order number looks like NW- followed by six digits.", 0.8)
-    core, _, _ = make_core(ScriptedGenerator(""), [numbers])
-    responses = await turn(core, "what does an order number look like?")
-    assert "six digits" in text_of(responses) and responses[-1].citations[0].document_id == "orders"
+    # "human" makes the stand-in classifier say human_agent, confidently; the articles answer it.
+    phone = Passage("contact", "Contact", "c5", "The phone number of a human agent is +49 40 1234 5670.", 0.8)
+    core, bus, _ = make_core(ScriptedGenerator(""), [phone])
+    responses = await turn(core, "what is the phone number of a human agent?")
+    assert "+49 40 1234 5670" in text_of(responses) and responses[-1].citations[0].document_id == "contact"
+    assert not responses[-1].handoff
+
+
+async def test_a_confident_order_status_runs_the_order_flow_even_with_strong_evidence() -> None:
+    tracking = Passage("shipping", "Shipping", "c6", "Where is my order? Follow your order from the tracking link.", 0.9)
+    core, _, _ = make_core(ScriptedGenerator(""), [tracking])
+    responses = await turn(core, "where is my order?")
+    assert "Which order" in text_of(responses)
+    assert responses[-1].grounding.path == dialogue_pb2.ANSWER_PATH_SCRIPTED
 
 
 async def test_order_flow_asks_validates_and_remembers_the_number() -> None:
