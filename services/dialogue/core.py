@@ -143,7 +143,9 @@ class DialogueCore:
         self._backends = backends
         self._orders = orders
         self._limits = limits
-        self._summarizer = Summarizer(backends.embedder, backends.generator, backends.tokens, limits.context_tokens)
+        self._summarizer = Summarizer(
+            backends.embedder, backends.generator, backends.tokens, limits.context_tokens, limits.grounding.min_support
+        )
         self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, BRAND)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
 
@@ -369,7 +371,8 @@ class DialogueCore:
         else:
             summary = await self._summarizer.extractive(text, target, self._timeout(deadline))
         return dialogue_pb2.SummarizeResponse(
-            summary=summary.text, mode=mode, source_tokens=summary.source_tokens, map_steps=summary.map_steps
+            summary=summary.text, mode=mode, source_tokens=summary.source_tokens, map_steps=summary.map_steps,
+            model_sentences=summary.model_sentences, supported_sentences=summary.supported_sentences,
         )
 
 

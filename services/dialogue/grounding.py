@@ -359,3 +359,37 @@ def verify(draft: str, evidence: Sequence[Evidence], min_support: float, allowed
         verdict.problems.extend(f"{fact.removeprefix('tel:')} is not in the sentence it restates" for fact in sorted(elsewhere))
         verdict.sentences.append(CheckedSentence(sentence, evidence[best], scores[best]))
     return verdict
+
+
+@dataclass(frozen=True)
+class GroundedSummary:
+    text: str
+    model_sentences: int  # sentences the model wrote
+    supported: int  # of them, those the verifier passed
+
+
+SUMMARY_SOURCES_PER_SENTENCE = 3  # source sentences a summary sentence is checked against
+
+
+def ground_summary(summary: str, source: str, min_support: float) -> GroundedSummary:
+    """A model's summary with each sentence checked like a draft answer, against the source sentences
+    that share most of its words: a supported sentence stays, an unsupported one is replaced by the
+    source sentence it drew most from (once), or dropped when it drew on none."""
+    document = Passage("", "", "", source, 0.0)
+    spans = sentence_spans(source)
+    words = [content_words(span.text) for span in spans]
+    written = [span.text for span in sentence_spans(clean_draft(summary))]
+    kept: list[str] = []
+    quoted: set[int] = set()
+    supported = 0
+    for sentence in written:
+        claim = content_words(sentence)
+        ranked = sorted(range(len(spans)), key=lambda index: -support(claim, words[index]))[:SUMMARY_SOURCES_PER_SENTENCE]
+        evidence = [Evidence(plain(spans[index].text), document, spans[index].start, spans[index].end, 0.0, False) for index in ranked]
+        if evidence and verify(sentence, evidence, min_support).passed:
+            supported += 1
+            kept.append(sentence)
+        elif ranked and ranked[0] not in quoted and support(claim, words[ranked[0]]) > 0:
+            quoted.add(ranked[0])
+            kept.append(evidence[0].text)
+    return GroundedSummary(" ".join(kept), len(written), supported)

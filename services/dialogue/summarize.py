@@ -13,7 +13,10 @@ in 82 words and plain centrality with maximal marginal relevance's 32.8/8.8/29.0
 
 Abstractive: the generation model writes the summary. A text longer than what fits in the context
 next to the answer is cut at sentence boundaries into parts that fit (map), each part is summarized,
-and the part summaries are summarized together (reduce), repeatedly if they still do not fit.
+and the part summaries are summarized together (reduce), repeatedly if they still do not fit. Each
+sentence of the result is then checked against the source like a draft answer
+(`grounding.ground_summary`): unsupported sentences are replaced by the source sentence they drew
+on, or dropped, so a summary invents no "Summit in Hamburg".
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from llmos.errors import InvalidArgument
 from llmos.text import split_sentences
 from services.dialogue.backends import Embedder, Generator, TokenCounter
+from services.dialogue.grounding import ground_summary
 from services.dialogue.repetition import stop_at_repetition
 
 # Extractive selection, tuned on the 50 REALSumm documents of shared/data/realsumm (CNN/DailyMail,
@@ -103,14 +107,19 @@ class Summary:
     text: str
     source_tokens: int
     map_steps: int
+    model_sentences: int = 0  # abstractive: sentences the model wrote ...
+    supported_sentences: int = 0  # ... and those the verifier passed
 
 
 class Summarizer:
-    def __init__(self, embedder: Embedder, generator: Generator, tokens: TokenCounter, context_tokens: int) -> None:
+    def __init__(
+        self, embedder: Embedder, generator: Generator, tokens: TokenCounter, context_tokens: int, min_support: float
+    ) -> None:
         self._embedder = embedder
         self._generator = generator
         self._tokens = tokens
         self._context_tokens = context_tokens
+        self._min_support = min_support
 
     @staticmethod
     def check_target(target_words: int) -> None:
@@ -131,7 +140,8 @@ class Summarizer:
         (source_tokens,) = await self._tokens.count([text], timeout_s)
         steps = [0]
         summary = await self._reduce(text, source_tokens, target_words, timeout_s, steps, depth=0)
-        return Summary(clip_words(summary, target_words), source_tokens, steps[0])
+        grounded = ground_summary(summary, text, self._min_support)
+        return Summary(clip_words(grounded.text, target_words), source_tokens, steps[0], grounded.model_sentences, grounded.supported)
 
     def _answer_tokens(self, target_words: int) -> int:
         return int(target_words * TOKENS_PER_WORD) + 16

@@ -184,7 +184,7 @@ def test_clip_prefers_a_sentence_end() -> None:
 
 async def test_long_text_is_summarized_map_reduce_within_target() -> None:
     generator = ScriptedGenerator("short part summary with a few words.")
-    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300)
+    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300, min_support=0.8)
     text = " ".join(f"Sentence number {i} talks about topic {i % 7} at some length here." for i in range(120))
     summary = await summarizer.abstractive(text, 20, 5.0)
     assert summary.map_steps > 2 and len(generator.calls) == summary.map_steps
@@ -193,8 +193,22 @@ async def test_long_text_is_summarized_map_reduce_within_target() -> None:
     assert short.map_steps == 1
 
 
+async def test_an_abstractive_summary_keeps_supported_sentences_and_replaces_invented_ones() -> None:
+    source = (
+        "The Hamburg store has a repair desk for small repairs while you wait. "
+        "Stores are open Monday to Saturday from 10:00 to 20:00. Click and collect orders wait ten days."
+    )
+    generator = ScriptedGenerator("The Hamburg store has a repair desk for small repairs. Stores host a Summit in Berlin on Sundays at 9:00.")
+    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300, min_support=0.8)
+    summary = await summarizer.abstractive(source, 60, 5.0)
+    assert summary.model_sentences == 2 and summary.supported_sentences == 1
+    assert summary.text.startswith("The Hamburg store has a repair desk for small repairs.")
+    assert "Summit" not in summary.text and "Berlin" not in summary.text
+    assert "Stores are open Monday to Saturday from 10:00 to 20:00." in summary.text  # the source it drew on
+
+
 async def test_extractive_summary_honours_target_words() -> None:
-    summarizer = Summarizer(HashEmbedder(), ScriptedGenerator(""), WordCounter(), context_tokens=300)
+    summarizer = Summarizer(HashEmbedder(), ScriptedGenerator(""), WordCounter(), context_tokens=300, min_support=0.8)
     text = " ".join(f"Fact {i} about returns and refunds is stated in this sentence." for i in range(30))
     summary = await summarizer.extractive(text, 25, 5.0)
     assert 0 < len(summary.text.split()) <= 25 and summary.map_steps == 1

@@ -505,11 +505,18 @@ class SummarizeResponse(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     SOURCE_TOKENS_FIELD_NUMBER: _builtins.int
     MAP_STEPS_FIELD_NUMBER: _builtins.int
+    MODEL_SENTENCES_FIELD_NUMBER: _builtins.int
+    SUPPORTED_SENTENCES_FIELD_NUMBER: _builtins.int
     summary: _builtins.str
     mode: Global___SummaryMode.ValueType
     source_tokens: _builtins.int
     map_steps: _builtins.int
     """> 1 when the source was longer than the context (map-reduce)"""
+    model_sentences: _builtins.int
+    """Abstractive: the sentences the model wrote, and how many of them the verifier found supported
+    by a source sentence; the others were replaced by the source sentence they drew on, or dropped.
+    """
+    supported_sentences: _builtins.int
     def __init__(
         self,
         *,
@@ -517,10 +524,12 @@ class SummarizeResponse(_message.Message):
         mode: Global___SummaryMode.ValueType = ...,
         source_tokens: _builtins.int = ...,
         map_steps: _builtins.int = ...,
+        model_sentences: _builtins.int = ...,
+        supported_sentences: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["map_steps", b"map_steps", "mode", b"mode", "source_tokens", b"source_tokens", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["map_steps", b"map_steps", "mode", b"mode", "model_sentences", b"model_sentences", "source_tokens", b"source_tokens", "summary", b"summary", "supported_sentences", b"supported_sentences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
