@@ -49,6 +49,7 @@ from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, in
 from services.dialogue.app import limits_of
 from services.dialogue.backends import Backends, Generator, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
 from services.dialogue.core import DialogueCore
+from services.dialogue.replies import load_assistant
 from services.dialogue.sessions import SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
@@ -176,6 +177,7 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
         Backends(embedder, GrpcRetriever(retrieval), generator, tokens),
         OrderBook.from_file(settings.dialogue_orders_file),
         limits_of(settings),
+        load_assistant(settings.dialogue_assistant_file),
     )
     principal = Principal("bench", "bench", frozenset({"admin"}))
     grpc_rows, local_rows = [], []

@@ -19,6 +19,7 @@ from services.dialogue.backends import Backends, GrpcEmbedder, GrpcGenerator, Gr
 from services.dialogue.core import DialogueCore, DialogueLimits
 from services.dialogue.answers import GroundingLimits
 from services.dialogue.handlers import subscriptions
+from services.dialogue.replies import load_assistant
 from services.dialogue.servicer import DialogueServicer
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore
 from services.dialogue.settings import DialogueSettings
@@ -56,6 +57,7 @@ def voice_limits_of(settings: DialogueSettings) -> VoiceLimits:
 
 
 async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
+    assistant = load_assistant(settings.dialogue_assistant_file)
     # The classifier is trained here when its artefact is missing, with the same MiniLM the
     # inference service serves (loaded only then); at run time the inference service embeds.
     async def embed_locally(texts: Sequence[str]) -> np.ndarray:
@@ -82,6 +84,7 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         backends,
         OrderBook.from_file(settings.dialogue_orders_file),
         limits_of(settings),
+        assistant,
     )
 
     voice = VoiceTurns(core, GrpcRecognizer(speech), GrpcSynthesizer(speech), voice_limits_of(settings))

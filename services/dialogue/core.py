@@ -30,6 +30,7 @@ from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
 from services.dialogue.backends import Backends, Passage, remaining
 from services.dialogue.grounding import Question, standalone
+from services.dialogue.replies import SMALL_TALK, Assistant
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import ORDER_NUMBER, OrderBook, extract_order_number
 from services.dialogue.summarize import Summarizer
@@ -41,21 +42,10 @@ MAX_ID_CHARS = 128
 SUMMARY_FOLD_WORDS = 80
 SEARCH_CACHE_ENTRIES = 512
 
-SCRIPTED = {
-    "greet": "Hello! I'm the Northwind Outfitters assistant. Ask me about orders, returns, delivery, sizes or anything else in our help centre.",
-    "thanks": "You're welcome! Is there anything else I can help you with?",
-    "goodbye": "Thank you for contacting Northwind Outfitters. Goodbye!",
-}
-HANDOFF_OFFER = "Would you like me to connect you with a member of our customer-service team?"
-DONT_KNOW = "I'm sorry, our help centre does not say."
-OUT_OF_SCOPE_REPLY = "I'm sorry, I can only help with questions about Northwind Outfitters: orders, products, delivery, returns and your account."
-HUMAN_REPLY = "Of course. I'm handing this conversation over to a member of our customer-service team; they will see what you have written so far."
-ASK_ORDER = "Which order is it about? Order numbers look like NW-204518; you find yours in the confirmation e-mail."
 # Intents with a scripted reply, which a confident intent takes unless the evidence is strong; a
 # transactional one takes it even then: "where is my order?" needs the order, not the tracking article.
-SCRIPTED_INTENTS = frozenset({*SCRIPTED, "order_status", "human_agent"})
+SCRIPTED_INTENTS = frozenset({*SMALL_TALK, "order_status", "human_agent"})
 TRANSACTIONAL_INTENTS = frozenset({"order_status"})
-BRAND = "Northwind Outfitters"
 
 
 def now() -> Timestamp:
@@ -135,6 +125,7 @@ class DialogueCore:
         backends: Backends,
         orders: OrderBook,
         limits: DialogueLimits,
+        assistant: Assistant,
     ) -> None:
         self._bus = bus
         self._sessions = sessions
@@ -143,10 +134,12 @@ class DialogueCore:
         self._backends = backends
         self._orders = orders
         self._limits = limits
+        self._assistant = assistant
+        self._replies = assistant.replies
         self._summarizer = Summarizer(
             backends.embedder, backends.generator, backends.tokens, limits.context_tokens, limits.grounding.min_support
         )
-        self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, BRAND)
+        self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
 
     def _timeout(self, deadline: float | None) -> float:
@@ -262,17 +255,17 @@ class DialogueCore:
             timer.lap("generation")
             return Reply(answer)
         if intent.name == OUT_OF_SCOPE:
-            return declined(f"{OUT_OF_SCOPE_REPLY} {HANDOFF_OFFER}", "out-of-scope request")
+            return declined(f"{self._replies.out_of_scope} {self._replies.handoff_offer}", "out-of-scope request")
         if intent.name in SCRIPTED_INTENTS:
             return self._script(tenant, session, intent)
-        return declined(f"{DONT_KNOW} {HANDOFF_OFFER}", "the help centre does not answer this")
+        return declined(f"{self._replies.dont_know} {self._replies.handoff_offer}", "the help centre does not answer this")
 
     def _script(self, tenant: str, session: dialogue_pb2.Session, intent: dialogue_pb2.Intent) -> Reply:
         if intent.name == "order_status":
             return scripted(self._order_status(tenant, session, ""))
         if intent.name == "human_agent":
-            return scripted(HUMAN_REPLY, "the customer asked for a person")
-        return scripted(SCRIPTED[intent.name])
+            return scripted(self._replies.human, "the customer asked for a person")
+        return scripted(self._assistant.scripted(intent.name))
 
     async def _fold(self, session: dialogue_pb2.Session, count: int, deadline: float | None) -> None:
         """Fold the `count` oldest unfolded turns into the session's running summary (extractive)."""
@@ -290,7 +283,7 @@ class DialogueCore:
         number = session.slots.get(ORDER_NUMBER)
         if not number:
             session.slots[AWAITING] = ORDER_NUMBER
-            return ASK_ORDER
+            return self._replies.ask_order
         order = self._orders.find(tenant, number)
         if order is None:
             del session.slots[ORDER_NUMBER]

@@ -14,6 +14,8 @@ class DialogueSettings(PlatformSettings):
     dialogue_intents_file: Path = DEMO / "intents.yaml"
     # Out-of-fold in-scope accuracy the out-of-scope threshold must keep (higher: fewer rejections).
     dialogue_intent_target_accuracy: float = 0.95
+    # The assistant's voice: the company it speaks for and its scripted replies.
+    dialogue_assistant_file: Path = DEMO / "assistant.yaml"
     # Orders the order-status flow can look up (a stand-in for the order system).
     dialogue_orders_file: Path = DEMO / "orders.yaml"
     # A session untouched this long is gone (the KV bucket itself keeps entries at most 24 h).

@@ -20,7 +20,9 @@ from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.backends import Backends, Passage, stitch
 from services.dialogue.answers import GroundingLimits
-from services.dialogue.core import DONT_KNOW, OUT_OF_SCOPE_REPLY, DialogueCore, DialogueLimits
+from llmos.settings import SettingsError
+from services.dialogue.core import DialogueCore, DialogueLimits
+from services.dialogue.replies import load_assistant
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import Order, OrderBook, extract_order_number
 from llmos.text import split_sentences
@@ -103,6 +105,8 @@ LIMITS = DialogueLimits(
     max_summary_source_chars=100_000, grounding=GROUNDING, script_confidence=0.8, strong_evidence_margin=0.3,
 )
 ADMIN = Principal("tester", "acme", frozenset({"admin"}))
+ASSISTANT = load_assistant(REPO / "demo" / "assistant.yaml")
+DONT_KNOW, OUT_OF_SCOPE_REPLY = ASSISTANT.replies.dont_know, ASSISTANT.replies.out_of_scope
 
 
 def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[DialogueCore, MemoryPublisher, FixedRetriever]:
@@ -116,6 +120,7 @@ def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[Di
         Backends(HashEmbedder(), retriever, generator, WordCounter()),
         OrderBook([Order("NW-204518", "acme", "Shipped", "handed to DHL on 2 June", "rain jacket")]),
         LIMITS,
+        ASSISTANT,
     )
     return core, bus, retriever
 
@@ -417,6 +422,17 @@ async def test_a_confident_order_status_runs_the_order_flow_even_with_strong_evi
     responses = await turn(core, "where is my order?")
     assert "Which order" in text_of(responses)
     assert responses[-1].grounding.path == dialogue_pb2.ANSWER_PATH_SCRIPTED
+
+
+def test_the_assistant_speaks_for_the_company_its_file_names(tmp_path: Path) -> None:
+    other = tmp_path / "assistant.yaml"
+    text = (REPO / "demo" / "assistant.yaml").read_text(encoding="utf-8").replace("Northwind Outfitters", "Contoso Bikes")
+    other.write_text(text, encoding="utf-8")
+    assistant = load_assistant(other)
+    assert assistant.brand == "Contoso Bikes" and "Contoso Bikes assistant" in assistant.scripted("greet")
+    other.write_text("brand: Contoso\nreplies: {greet: hi}\n", encoding="utf-8")
+    with pytest.raises(SettingsError, match="lacks replies.thanks, replies.goodbye"):
+        load_assistant(other)
 
 
 async def test_order_flow_asks_validates_and_remembers_the_number() -> None:
