@@ -49,8 +49,14 @@ def now() -> Timestamp:
 
 
 def chunk_id(tenant: str, document_id: str, index: int) -> str:
-    """Stable across re-submissions, so the new chunks overwrite the old ones."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"llmos:{tenant}/{document_id}#{index}"))
+    """Stable across re-submissions, so the new chunks overwrite the old ones.
+
+    Each part is prefixed with its length, so no tenant or document id can end where another
+    begins, whatever separators they hold (tenant `acme` with document `eu/faq` is not tenant
+    `acme/eu` with document `faq`).
+    """
+    name = "".join(f"{len(part)}:{part}" for part in (tenant, document_id, str(index)))
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"llmos:chunk:{name}"))
 
 
 STATUS_BUCKET = "document_status"
