@@ -37,6 +37,7 @@ import yaml
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
+from llmos.clients import InferenceClient, RetrievalClient
 from llmos.cli.stack import Stack
 from llmos.crypto import AtRest
 from llmos.grpcutil.client import bearer, open_channel
@@ -168,13 +169,13 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
     retrieval = open_channel(settings.retrieval_addr, BENCH_KEY)
     inference = open_channel(settings.inference_addr, BENCH_KEY)
     bus = MemoryPublisher()
-    generator = CountingGenerator(GrpcGenerator(inference))
+    generator = CountingGenerator(GrpcGenerator(InferenceClient(inference)))
     core = DialogueCore(
         bus,
         SessionStore(MemoryBucket(), settings.dialogue_session_idle_ttl_s, AtRest(None, "bench sessions")),
         AuditLog(bus, "dialogue-bench"),
         classifier,
-        Backends(embedder, GrpcRetriever(retrieval), generator, tokens),
+        Backends(embedder, GrpcRetriever(RetrievalClient(retrieval)), generator, tokens),
         OrderBook.from_file(settings.dialogue_orders_file),
         limits_of(settings),
         load_assistant(settings.dialogue_assistant_file),

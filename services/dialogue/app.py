@@ -9,13 +9,14 @@ import numpy as np
 from llmos.audio import EndpointConfig
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
+from llmos.clients import InferenceClient, RetrievalClient, SpeechClient, TokenizerClient
 from llmos.crypto import AtRest
 from llmos.grpcutil.client import open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
-from services.dialogue.backends import Backends, GrpcEmbedder, GrpcGenerator, GrpcRetriever, GrpcTokenCounter, LocalEmbedder
+from services.dialogue.backends import Backends, GrpcGenerator, GrpcRetriever, LocalEmbedder
 from services.dialogue.core import DialogueCore, DialogueLimits
 from services.dialogue.answers import GroundingLimits
 from services.dialogue.handlers import subscriptions
@@ -24,7 +25,7 @@ from services.dialogue.servicer import DialogueServicer
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
-from services.dialogue.voice import GrpcRecognizer, GrpcSynthesizer, VoiceLimits, VoiceTurns
+from services.dialogue.voice import VoiceLimits, VoiceTurns
 
 
 def limits_of(settings: DialogueSettings) -> DialogueLimits:
@@ -73,7 +74,8 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         open_channel(settings.speech_addr, settings.service_api_key),
     ]
     inference, retrieval, tokenizer, speech = channels
-    backends = Backends(GrpcEmbedder(inference), GrpcRetriever(retrieval), GrpcGenerator(inference), GrpcTokenCounter(tokenizer))
+    inference_client = InferenceClient(inference)
+    backends = Backends(inference_client, GrpcRetriever(RetrievalClient(retrieval)), GrpcGenerator(inference_client), TokenizerClient(tokenizer))
     core = DialogueCore(
         bus,
         SessionStore(
@@ -87,7 +89,8 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         assistant,
     )
 
-    voice = VoiceTurns(core, GrpcRecognizer(speech), GrpcSynthesizer(speech), voice_limits_of(settings))
+    speech_client = SpeechClient(speech)
+    voice = VoiceTurns(core, speech_client, speech_client, voice_limits_of(settings))
 
     async def close() -> None:
         for channel in channels:

@@ -23,12 +23,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED
+from llmos.deadline import Deadline, timeout_within
 from llmos.errors import InvalidArgument
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier
 from llmos.ports import Publisher
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
-from services.dialogue.backends import Backends, Passage, remaining
+from services.dialogue.backends import Backends, Passage
 from services.dialogue.grounding import Question, standalone
 from services.dialogue.replies import SMALL_TALK, Assistant
 from services.dialogue.sessions import SessionStore, StoredSession
@@ -142,8 +143,8 @@ class DialogueCore:
         self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
 
-    def _timeout(self, deadline: float | None) -> float:
-        return remaining(deadline, self._limits.call_timeout_s)
+    def _timeout(self, deadline: Deadline | None) -> float:
+        return timeout_within(deadline, self._limits.call_timeout_s)
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class DialogueCore:
         return text
 
     async def chat(
-        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: float | None
+        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
         message = self._validate(request.message)
         stored = await self._open(tenant, request)
@@ -224,7 +225,7 @@ class DialogueCore:
 
     async def _reply(
         self, tenant: str, session: dialogue_pb2.Session, message: str, question: Question, vector: np.ndarray,
-        intent: dialogue_pb2.Intent, timer: TurnTimer, deadline: float | None, spoken: bool,
+        intent: dialogue_pb2.Intent, timer: TurnTimer, deadline: Deadline | None, spoken: bool,
     ) -> Reply:
         """Knowledge before scripts: a question the help centre answers is answered from it, even
         when an intent fires; a script takes over when its intent is confident and the evidence is
@@ -267,7 +268,7 @@ class DialogueCore:
             return scripted(self._replies.human, "the customer asked for a person")
         return scripted(self._assistant.scripted(intent.name))
 
-    async def _fold(self, session: dialogue_pb2.Session, count: int, deadline: float | None) -> None:
+    async def _fold(self, session: dialogue_pb2.Session, count: int, deadline: Deadline | None) -> None:
         """Fold the `count` oldest unfolded turns into the session's running summary (extractive)."""
         start = _folded_turns(session)
         leaving = session.turns[start:start + count]
@@ -294,7 +295,7 @@ class DialogueCore:
 
     async def _finish(
         self, principal: Principal, stored: StoredSession, turn: dialogue_pb2.Turn, reply: Reply, stages: dict[str, float],
-        deadline: float | None,
+        deadline: Deadline | None,
     ) -> None:
         session = stored.session
         session.turns.append(turn)
@@ -341,7 +342,7 @@ class DialogueCore:
     # --- summaries ------------------------------------------------------------------------
 
     async def summarize(
-        self, tenant: str, request: dialogue_pb2.SummarizeRequest, deadline: float | None
+        self, tenant: str, request: dialogue_pb2.SummarizeRequest, deadline: Deadline | None
     ) -> dialogue_pb2.SummarizeResponse:
         target = request.target_words or self._limits.summary_words
         Summarizer.check_target(target)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from llmos.auth import current_principal, effective_tenant
+from llmos.deadline import Deadline
 from llmos.grpcutil.streams import config_then_audio
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
 from services.dialogue.core import DialogueCore
 from services.dialogue.voice import VoiceTurns
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's deadline in event-loop time, so every downstream call fits inside it."""
-    left = context.time_remaining()
-    return None if left is None else asyncio.get_running_loop().time() + left
 
 
 class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
@@ -28,7 +22,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Chat(
         self, request: dialogue_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
-        async for response in self._core.chat(current_principal(), effective_tenant(request.tenant), request, deadline_of(context)):
+        async for response in self._core.chat(current_principal(), effective_tenant(request.tenant), request, Deadline.of(context)):
             yield response
 
     async def Converse(
@@ -36,13 +30,13 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
         first, audio = await config_then_audio(request_iterator, dialogue_pb2.ConverseRequest, "config", "audio_content")
         tenant = effective_tenant(first.config.tenant)
-        async for response in self._voice.converse(current_principal(), tenant, first.config, audio, deadline_of(context)):
+        async for response in self._voice.converse(current_principal(), tenant, first.config, audio, Deadline.of(context)):
             yield response
 
     async def Summarize(
         self, request: dialogue_pb2.SummarizeRequest, context: grpc.aio.ServicerContext
     ) -> dialogue_pb2.SummarizeResponse:
-        return await self._core.summarize(effective_tenant(request.tenant), request, deadline_of(context))
+        return await self._core.summarize(effective_tenant(request.tenant), request, Deadline.of(context))
 
     async def GetSession(
         self, request: dialogue_pb2.GetSessionRequest, context: grpc.aio.ServicerContext

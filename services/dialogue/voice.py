@@ -26,15 +26,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import grpc
-
 from llmos.audio import Encoding, Endpointer, EndpointConfig, PcmStream, Resampler, SpeechStart
 from llmos.auth import Principal
+from llmos.deadline import Deadline, timeout_within
 from llmos.errors import InvalidArgument
-from llmos.grpcutil.status import error_from_rpc
 from llmos.utterances import UtteranceChunker
-from llmos.v1 import dialogue_pb2, speech_pb2, speech_pb2_grpc
-from services.dialogue.backends import remaining
+from llmos.v1 import dialogue_pb2, speech_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -46,53 +43,22 @@ class TurnLogic(Protocol):
     """One text turn, streamed: DialogueCore.chat."""
 
     def chat(
-        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: float | None
+        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]: ...
 
 
 class Recognizer(Protocol):
-    def stream(
+    """The speech service's streaming recognition (llmos.clients.SpeechClient)."""
+
+    def recognize_stream(
         self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
     ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]: ...
 
 
 class Synthesizer(Protocol):
-    def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]: ...
+    """The speech service's streaming synthesis (llmos.clients.SpeechClient)."""
 
-
-class GrpcRecognizer:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
-
-    async def stream(
-        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
-    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
-        async def requests() -> AsyncIterator[speech_pb2.StreamingRecognizeRequest]:
-            yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
-            async for chunk in audio:
-                yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
-
-        try:
-            async for response in self._stub.StreamingRecognize(requests(), timeout=timeout_s):
-                for result in response.results:
-                    yield result
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "speech") from None
-
-
-class GrpcSynthesizer:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
-
-    async def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
-        call = self._stub.SynthesizeStream(request, timeout=timeout_s)
-        try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "speech") from None
-        finally:
-            call.cancel()  # a barge-in closes this generator early: stop the synthesis too
+    def synthesize_stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]: ...
 
 
 @dataclass(frozen=True)
@@ -111,7 +77,7 @@ class VoiceTurns:
 
     async def converse(
         self, principal: Principal, tenant: str, config: dialogue_pb2.ConverseConfig, audio: AsyncIterator[bytes],
-        deadline: float | None,
+        deadline: Deadline | None,
     ) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
         recognition = self._recognition_config(config, tenant)
         conversation = _Conversation(self, principal, tenant, config, recognition, self._speech_detector(recognition), deadline)
@@ -183,7 +149,7 @@ class _Conversation:
 
     def __init__(
         self, voice: VoiceTurns, principal: Principal, tenant: str, config: dialogue_pb2.ConverseConfig,
-        recognition: speech_pb2.StreamingRecognitionConfig, detector: SpeechDetector, deadline: float | None,
+        recognition: speech_pb2.StreamingRecognitionConfig, detector: SpeechDetector, deadline: Deadline | None,
     ) -> None:
         self._voice = voice
         self._principal = principal
@@ -240,8 +206,8 @@ class _Conversation:
 
     async def _listen(self) -> None:
         """Transcripts out; each final one with words starts a turn."""
-        timeout_s = None if self._deadline is None else remaining(self._deadline, 0.0)
-        async for result in self._voice.recognizer.stream(self._recognition, self._audio_for_recognizer(), timeout_s):
+        timeout_s = None if self._deadline is None else timeout_within(self._deadline, 0.0)
+        async for result in self._voice.recognizer.recognize_stream(self._recognition, self._audio_for_recognizer(), timeout_s):
             self._emit(transcript=result)
             text = result.alternatives[0].transcript.strip() if result.alternatives else ""
             if result.is_final and text:
@@ -321,7 +287,7 @@ class _Conversation:
                 text=piece, voice_name=self._config.voice_name, sample_rate_hz=self._config.output_sample_rate_hz,
                 encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, tenant=self._tenant,
             )
-            timeout_s = remaining(self._deadline, self._voice.limits.call_timeout_s)
-            async for audio in self._voice.synthesizer.stream(request, timeout_s):
+            timeout_s = timeout_within(self._deadline, self._voice.limits.call_timeout_s)
+            async for audio in self._voice.synthesizer.synthesize_stream(request, timeout_s):
                 self._playing_until = max(self._playing_until, loop.time()) + audio.duration_ms / 1000
                 self._emit(audio=audio)

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from llmos.bus.subjects import CHUNKS_EMBEDDED
+from llmos.deadline import Deadline
 from llmos.errors import FailedPrecondition, InvalidArgument, LlmosError
 from llmos.models.catalog import get_spec
 from llmos.models.store import load_manifest
@@ -234,7 +235,7 @@ class InferenceCore:
         )
 
     async def generate(
-        self, request: inference_pb2.GenerateRequest, tenant: str, deadline_s: float | None
+        self, request: inference_pb2.GenerateRequest, tenant: str, deadline: Deadline | None
     ) -> AsyncIterator[StreamEvent]:
         """Validate and queue a request; the stream yields its tokens, then its finish."""
         _check_model("model", request.model, self.generation.name)
@@ -257,7 +258,7 @@ class InferenceCore:
         )
         try:
             async for event in self._generator.submit(
-                GenerationRequest(prompt_ids, sampling, tenant, request.priority, deadline_s)
+                GenerationRequest(prompt_ids, sampling, tenant, request.priority, deadline)
             ):
                 if event.finish is not None and event.usage is not None:
                     span.set_attributes({

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from opentelemetry import metrics
 
+from llmos.deadline import Deadline
 from llmos.errors import DeadlineExceeded, LlmosError, ResourceExhausted, Unavailable
 from llmos.tokenization import ModelTokenizer
 from services.inference.batching import PRIORITY_NAMES, priority_rank
@@ -70,7 +71,7 @@ class GenerationRequest:
     sampling: SamplingConfig
     tenant: str
     priority: int
-    deadline_s: float | None = None  # seconds from submission; None: no deadline
+    deadline: Deadline | None = None  # None: no deadline
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class _Sequence:
     events: asyncio.Queue[StreamEvent | LlmosError]
     arrived: float
     rng: np.random.Generator
-    deadline: float | None
+    deadline: float | None  # time.monotonic() seconds (Deadline.at)
     rank: int = 1
     cancelled: bool = False
     row: int = -1
@@ -263,7 +264,7 @@ class GenerationScheduler:
             events=asyncio.Queue(),
             arrived=now,
             rng=np.random.default_rng(request.sampling.seed),
-            deadline=now + request.deadline_s if request.deadline_s is not None else None,
+            deadline=request.deadline.at if request.deadline is not None else None,
             rank=priority_rank(request.priority),
         )
         with self._condition:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmos.auth import effective_tenant
+from llmos.deadline import Deadline
 from llmos.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.core import InferenceCore
 from services.inference.scheduler import FinishReason, StreamEvent
@@ -44,7 +45,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         tenant = effective_tenant(request.tenant)
         # A client that goes away cancels this generator, which frees its decode slot.
-        async for event in self._core.generate(request, tenant, context.time_remaining()):
+        async for event in self._core.generate(request, tenant, Deadline.of(context)):
             yield _response(event)
 
     async def Embed(

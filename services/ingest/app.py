@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
+from llmos.clients import TokenizerClient
 from llmos.grpcutil.client import open_channel
-from llmos.grpcutil.status import error_from_rpc
 from llmos.pii import PiiPolicy
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
-from llmos.v1 import ingest_pb2, ingest_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from llmos.v1 import ingest_pb2, ingest_pb2_grpc
 from services.ingest.core import STATUS_BUCKET, DocumentStatusStore, IngestCore
 from services.ingest.handlers import subscriptions
 from services.ingest.servicer import IngestServicer
@@ -23,14 +21,10 @@ TOKENIZE_TIMEOUT_S = 30.0
 
 async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
     channel = open_channel(settings.tokenizer_addr, settings.service_api_key)
-    tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+    tokenizer = TokenizerClient(channel)
 
     async def token_offsets(text: str) -> Sequence[tuple[int, int]]:
-        try:
-            response = await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), timeout=TOKENIZE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, "tokenizer") from None
-        return [(offset.start, offset.end) for offset in response.offsets]
+        return await tokenizer.token_offsets(text, TOKENIZE_TIMEOUT_S)
 
     core = IngestCore(
         bus,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from llmos.bus.broker import Bus
+from llmos.clients import InferenceClient
 from llmos.crypto import AtRest
 from llmos.grpcutil.client import open_channel
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
@@ -44,7 +45,7 @@ async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
     core = RetrievalCore(
         SealedTextIndex(open_index(settings), AtRest.from_settings(settings, "chunk text in the index")),
         Bm25Encoder(settings.retrieval_bm25_avg_len),
-        InferenceEmbedder(channel, settings.retrieval_dimensions, settings.retrieval_embed_timeout_s),
+        InferenceEmbedder(InferenceClient(channel), settings.retrieval_dimensions, settings.retrieval_embed_timeout_s),
         KvProfileStore(bus.bucket(PROFILES_BUCKET), settings.retrieval_profile_items),
         settings.retrieval_dimensions,
         SearchLimits(

@@ -5,20 +5,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import grpc
-
 from llmos.audio import EndpointConfig
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
+from llmos.clients import RetrievalClient
 from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.grpcutil.client import open_channel
-from llmos.grpcutil.status import error_from_rpc
 from llmos.models import artefact_dir
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.settings import ExecutionProvider
-from llmos.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc, speech_pb2, speech_pb2_grpc
+from llmos.v1 import speech_pb2, speech_pb2_grpc
 from services.speech.asr import AsrEngine
-from services.speech.core import RecognitionLimits, SpeechCore
+from services.speech.core import DocumentText, RecognitionLimits, SpeechCore
 from services.speech.domain import DomainCorpus, general_unigrams, intent_examples, read_seed
 from services.speech.handlers import subscriptions
 from services.speech.servicer import SpeechServicer
@@ -73,28 +71,19 @@ def shared_domain_text(settings: SpeechSettings) -> str:
     return "\n".join(intent_examples(path))
 
 
+def document_reader(retrieval: RetrievalClient) -> DocumentText:
+    """Indexed documents' text for the domain corpus, read as the dialogue service reads them."""
+
+    async def document_text(tenant: str, document_id: str) -> str:
+        _, text = await retrieval.document(tenant, document_id, GET_DOCUMENT_TIMEOUT_S)
+        return text
+
+    return document_text
+
+
 async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
     seeds = parse_seed(settings.speech_domain_seed)
     channel = open_channel(settings.retrieval_addr, settings.service_api_key)
-    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-
-    async def document_text(tenant: str, document_id: str) -> str:
-        """The document's text, page by page of its chunks, from the retrieval service."""
-        texts: list[str] = []
-        token = ""
-        while True:
-            request = retrieval_pb2.GetDocumentRequest(
-                tenant=tenant, document_id=document_id, page=common_pb2.PageRequest(page_token=token)
-            )
-            try:
-                response = await retrieval.GetDocument(request, timeout=GET_DOCUMENT_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                raise error_from_rpc(exc, "retrieval") from None
-            texts.extend(chunk.text for chunk in response.chunks)
-            token = response.page.next_page_token
-            if not token:
-                return "\n".join(texts)
-
     endpointing = EndpointConfig(
         settings.speech_start_history_ms, settings.speech_start_threshold,
         settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
@@ -110,7 +99,7 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         voice_catalog(settings),
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,
-        document_text,
+        document_reader(RetrievalClient(channel)),
     )
     for tenant, paths in seeds.items():
         await core.seed(tenant, [document for path in paths for document in read_seed(path)])

@@ -13,12 +13,13 @@ import pytest
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.crypto import AtRest
+from llmos.deadline import Deadline
 from llmos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_intents_file, train_intent_classifier
 from llmos.ports import Versioned
 from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.v1 import dialogue_pb2, events_pb2
-from services.dialogue.backends import Backends, Passage, stitch
+from services.dialogue.backends import Backends, Passage
 from services.dialogue.answers import GroundingLimits
 from llmos.settings import SettingsError
 from services.dialogue.core import DialogueCore, DialogueLimits
@@ -125,7 +126,7 @@ def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[Di
     return core, bus, retriever
 
 
-async def turn(core: DialogueCore, message: str, session_id: str = "", deadline: float | None = None) -> list[dialogue_pb2.ChatResponse]:
+async def turn(core: DialogueCore, message: str, session_id: str = "", deadline: Deadline | None = None) -> list[dialogue_pb2.ChatResponse]:
     request = dialogue_pb2.ChatRequest(session_id=session_id, message=message)
     return [response async for response in core.chat(ADMIN, "acme", request, deadline)]
 
@@ -220,14 +221,6 @@ async def test_extractive_summary_honours_target_words() -> None:
     assert summary.text.endswith("sentence.")  # whole sentences
     short = await summarizer.extractive("It rained all day. The match was called off.", 20, 5.0)
     assert short.text == "It rained all day. The match was called off."  # short sentences when nothing longer fills it
-
-
-def test_chunks_are_stitched_without_their_overlap() -> None:
-    from llmos.v1 import common_pb2
-
-    text = "abcdefghijklmnopqrstuvwxyz"
-    chunks = [common_pb2.Chunk(index=1, text=text[8:20], start_offset=8), common_pb2.Chunk(index=0, text=text[:12], start_offset=0)]
-    assert stitch(chunks) == text[:20]
 
 
 # --- intents --------------------------------------------------------------------------------
@@ -476,7 +469,7 @@ async def test_a_slow_generation_fails_within_the_deadline() -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(DeadlineExceeded):
-        await turn(core, "can I return boots?", deadline=loop.time() + 0.5)
+        await turn(core, "can I return boots?", deadline=Deadline.after(0.5))
     assert loop.time() - started < 2.0
 
 

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
+from llmos.deadline import Deadline
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2
 from services.inference.decoder import CachedPrefix, DecoderConfig
@@ -207,7 +208,7 @@ async def test_a_deadline_passing_while_a_long_prompt_is_read_frees_its_slot() -
     streaming = asyncio.ensure_future(run(engine, [1], max_new=40))
     while not decoder.batch_sizes:
         await asyncio.sleep(0.001)
-    request = GenerationRequest([5] * 599 + [10], SamplingConfig(3), "t", common_pb2.PRIORITY_BATCH, deadline_s=0.06)
+    request = GenerationRequest([5] * 599 + [10], SamplingConfig(3), "t", common_pb2.PRIORITY_BATCH, deadline=Deadline.after(0.06))
     with pytest.raises(DeadlineExceeded, match="prompt was being read"):
         [event async for event in engine.submit(request)]
     assert "prefill 88" not in decoder.log  # it stopped before the last piece

@@ -13,6 +13,7 @@ import pytest
 
 from llmos.audio import Encoding, EndpointConfig, decode_clip, pcm_to_samples, resample, samples_to_pcm
 from llmos.auth import Principal
+from llmos.deadline import Deadline
 from llmos.errors import InvalidArgument
 from llmos.v1 import dialogue_pb2, speech_pb2
 from services.dialogue.voice import SpeechDetector, VoiceLimits, VoiceTurns
@@ -47,7 +48,7 @@ class SlowAnswers:
         self.messages: list[str] = []
         self.cancelled_at: list[float] = []
 
-    async def chat(self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: float | None
+    async def chat(self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None
                    ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
         self.messages.append(request.message)
         session_id = request.session_id or "session-1"
@@ -68,8 +69,8 @@ class InProcessRecognizer:
     def __init__(self) -> None:
         self._engine = AsrEngine(1, 30.0, 0.5)
 
-    async def stream(self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
-                     ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
+    async def recognize_stream(self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
+                               ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
         recognizer = StreamingRecognizer(self._engine, RATE, EndpointConfig(), interim_results=config.interim_results)
         try:
             async for chunk in audio:
@@ -90,8 +91,8 @@ class EspeakSynthesizer:
     def __init__(self) -> None:
         self._voices = VoiceCatalog([EspeakVoice()], "espeak-en-us")
 
-    async def stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float
-                     ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
+    async def synthesize_stream(self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float
+                                ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
         voice = self._voices.get(request.voice_name)
         samples = await asyncio.to_thread(voice.speak, request.text, 1.0)
         yield speech_pb2.SynthesizeSpeechResponse(

@@ -1,0 +1,50 @@
+"""What every client of a platform service does the same way.
+
+A call carries the caller's credentials (or none: a service's channel adds its own key, see
+`llmos.grpcutil.client.open_channel`) and a timeout; a failed call becomes the platform error
+with the same meaning, named after the service that failed (`error_from_rpc`), so callers
+handle `llmos.errors` and never gRPC's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from llmos.grpcutil.status import error_from_rpc
+
+Metadata = tuple[tuple[str, str], ...]
+Response = TypeVar("Response")
+
+
+class ServiceClient:
+    """The stub of one service, the credentials its calls carry, and its errors mapped once."""
+
+    service = ""  # the callee's name in error messages
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
+        self._channel = channel
+        self._metadata = metadata or None
+
+    async def _unary(
+        self, method: Callable[..., Awaitable[Response]], request: Any, timeout_s: float | None
+    ) -> Response:
+        try:
+            return await method(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, self.service) from None
+
+    async def _stream(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> AsyncIterator[Any]:
+        """The responses of a server-streaming call (`request` may be an iterator of requests).
+        A reader that stops early (a looping answer, a barge-in) cancels the call, so the service
+        stops working for nobody."""
+        call = method(request, timeout=timeout_s, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, self.service) from None
+        finally:
+            call.cancel()

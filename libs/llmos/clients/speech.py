@@ -1,0 +1,39 @@
+"""Typed calls of the speech service: streaming recognition and streaming synthesis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmos.clients.base import Metadata, ServiceClient
+from llmos.v1 import speech_pb2, speech_pb2_grpc
+
+
+class SpeechClient(ServiceClient):
+    service = "speech"
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
+        super().__init__(channel, metadata)
+        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
+
+    async def recognize_stream(
+        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
+    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
+        """Interim and final transcripts of `audio` as it arrives."""
+
+        async def requests() -> AsyncIterator[speech_pb2.StreamingRecognizeRequest]:
+            yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+            async for chunk in audio:
+                yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+        async for response in self._stream(self._stub.StreamingRecognize, requests(), timeout_s):
+            for result in response.results:
+                yield result
+
+    async def synthesize_stream(
+        self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float | None
+    ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
+        """The audio of `request.text`, sentence by sentence."""
+        async for response in self._stream(self._stub.SynthesizeStream, request, timeout_s):
+            yield response
