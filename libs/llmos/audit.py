@@ -20,6 +20,31 @@ from llmos.v1 import events_pb2
 ALLOW = events_pb2.AUDIT_DECISION_ALLOW
 DENY = events_pb2.AUDIT_DECISION_DENY
 
+# Longest text kept in one field of a record: a caller's megabyte `document_id` is neither
+# redacted, carried nor stored whole (and cannot push the record over the bus's payload limit).
+MAX_AUDIT_TEXT_CHARS = 1024
+# How far past the cut text is redacted, so personal data straddling the cut is replaced whole
+# instead of half kept (longer than the longest finding: an e-mail address is at most 254).
+_REDACTION_MARGIN_CHARS = 320
+
+
+def bounded(text: str, limit: int = MAX_AUDIT_TEXT_CHARS) -> str:
+    """`text` cut to `limit` characters, marked with the length it had."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[cut from {len(text)} characters]"
+
+
+def bounded_redacted(text: str, limit: int = MAX_AUDIT_TEXT_CHARS) -> str:
+    """Personal data redacted and `text` cut to `limit` characters, marked with the length it had.
+
+    Only the head is redacted, so the work is bounded too whatever the caller sent.
+    """
+    if len(text) <= limit:
+        return redact(text)
+    head = redact(text[: limit + _REDACTION_MARGIN_CHARS])[:limit]
+    return f"{head}…[cut from {len(text)} characters]"
+
 
 def audit_event(
     service: str,
@@ -30,20 +55,21 @@ def audit_event(
     decision: events_pb2.AuditDecision.ValueType,
     reason: str = "",
 ) -> events_pb2.AuditEvent:
-    """An event stamped with a fresh id, the current time and the current trace; free text in it
-    (resource, reason) has personal data redacted."""
+    """An event stamped with a fresh id, the current time and the current trace; every text in it
+    is cut to a bounded length (the tenant of a dead-lettered payload, a caller's resource ids) and
+    free text (resource, reason) has personal data redacted."""
     time = Timestamp()
     time.GetCurrentTime()
     return events_pb2.AuditEvent(
         event_id=uuid.uuid4().hex,
         time=time,
-        principal=principal,
-        tenant=tenant,
-        service=service,
-        action=action,
-        resource=redact(resource),
+        principal=bounded(principal),
+        tenant=bounded(tenant),
+        service=bounded(service),
+        action=bounded(action),
+        resource=bounded_redacted(resource),
         decision=decision,
-        reason=redact(reason),
+        reason=bounded_redacted(reason),
         trace_id=current_trace_id(),
     )
 

@@ -304,6 +304,8 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
             subjects=list(spec.subjects),
             description=spec.description,
             max_age=float(spec.max_age_s),
+            max_msg_size=spec.max_msg_size,
+            max_bytes=spec.max_bytes,
             duplicate_window=120.0,
         )
         try:
@@ -322,7 +324,14 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
 
 def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
     """What declare_streams sets; the server fills in the rest."""
-    return (sorted(config.subjects or ()), config.max_age, config.description, config.duplicate_window)
+    return (
+        sorted(config.subjects or ()),
+        config.max_age,
+        config.description,
+        config.duplicate_window,
+        config.max_msg_size,
+        config.max_bytes,
+    )
 
 
 async def declare_buckets(js: JetStreamContext) -> None:

@@ -36,6 +36,8 @@ class StreamSpec:
     subjects: tuple[str, ...]
     max_age_s: int  # how long messages are kept; consumers catch up within it
     description: str
+    max_msg_size: int = -1  # largest message the stream takes, in bytes (-1: the server's max_payload)
+    max_bytes: int = -1  # size of the stream, in bytes, past which the oldest messages go (-1: no limit)
 
 
 DAY_S = 24 * 3600
@@ -46,7 +48,12 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec("DOCS", ("llmos.docs.>",), 7 * DAY_S, "document lifecycle: indexed, failed, deleted"),
     StreamSpec("DIALOGUE", ("llmos.dialogue.>",), 7 * DAY_S, "turns completed and hand-offs"),
     StreamSpec("SPEECH", ("llmos.speech.>",), 7 * DAY_S, "recognition and synthesis events"),
-    StreamSpec("AUDIT", ("llmos.audit.>",), 30 * DAY_S, "audit events waiting for the audit service"),
+    # Records are bounded (llmos.audit.MAX_AUDIT_TEXT_CHARS per field), so 64 KiB holds any of
+    # them; at 1 GiB the oldest go first, long stored by the audit service unless it lagged that far.
+    StreamSpec(
+        "AUDIT", ("llmos.audit.>",), 30 * DAY_S, "audit events waiting for the audit service",
+        max_msg_size=64 * 1024, max_bytes=1024**3,
+    ),
     StreamSpec("DLQ", ("llmos.dlq.>",), 30 * DAY_S, "messages that kept failing, with their error"),
 )
 

@@ -3,7 +3,8 @@
 On the server, one interceptor wraps each handler so that, in order: the caller's trace context
 is extracted from metadata and a SERVER span opened; the caller is authenticated and authorized
 for the method (`llmos.policy`), every refusal and every call touching a tenant's data is
-audited, and the principal is kept for the request; a malformed request becomes
+audited (an allowed call whose record cannot be published is refused: UNAVAILABLE), and the
+principal is kept for the request; a malformed request becomes
 INVALID_ARGUMENT instead of an internal error; and platform errors are mapped to status codes
 (`llmos.grpcutil.status`).
 On the client, the current trace context and the caller's credentials travel in metadata.
@@ -220,8 +221,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
         try:
             await self._audit_sink(event)
-        except Exception:  # noqa: BLE001 - a lost audit publish is logged, the call itself goes on
+        except Exception as exc:  # noqa: BLE001 - whatever the bus raised, the record is lost
             logger.exception("could not publish the audit event of %s", method)
+            if decision == ALLOW:
+                # Fail closed: a call that touches a tenant's data is not served unaudited.
+                raise errors.Unavailable(
+                    f"{method.lstrip('/')} was refused: its audit record could not be published; retry later"
+                ) from exc
 
     async def _call(
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]], request: Any
