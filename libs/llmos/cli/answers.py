@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import yaml
 from rich.console import Console
@@ -29,13 +28,14 @@ from rich.table import Table
 
 from llmos.cli.client import channel as cli_channel
 from llmos.cli.client import metadata as cli_metadata
+from llmos.clients import DialogueClient, RetrievalClient
 from llmos.facts import facts, normalize
-from llmos.grpcutil.status import error_from_rpc
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from llmos.v1 import dialogue_pb2
 
 DEMO = Path(__file__).resolve().parents[3] / "demo"
 QUESTIONS_FILE = "questions.yaml"
+DOCUMENT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -104,19 +104,17 @@ class Outcome:
         return all(facts_found(self.answer, self.case.facts))
 
 
-async def ask(
-    stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], case: Case, timeout_s: float
-) -> Outcome:
+async def ask(dialogue: DialogueClient, case: Case, timeout_s: float) -> Outcome:
     session_id = ""
     for message in case.turns:
-        async for response in stub.Chat(dialogue_pb2.ChatRequest(session_id=session_id, message=message), metadata=metadata, timeout=timeout_s):
+        async for response in dialogue.chat(dialogue_pb2.ChatRequest(session_id=session_id, message=message), timeout_s):
             session_id = response.session_id or session_id
     started = time.perf_counter()
     first_token_s = 0.0
     parts: list[str] = []
     final = dialogue_pb2.ChatResponse()
     request = dialogue_pb2.ChatRequest(session_id=session_id, message=case.question)
-    async for response in stub.Chat(request, metadata=metadata, timeout=timeout_s):
+    async for response in dialogue.chat(request, timeout_s):
         if response.delta:
             if not parts:
                 first_token_s = time.perf_counter() - started
@@ -131,96 +129,17 @@ async def ask(
 
 
 class DocumentTexts:
-    """Full texts of cited documents, read once through RetrievalService.GetDocument."""
+    """Full texts of cited documents (title first), read once through RetrievalService.GetDocument."""
 
-    def __init__(self, stub: retrieval_pb2_grpc.RetrievalServiceStub, metadata: Sequence[tuple[str, str]]) -> None:
-        self._stub = stub
-        self._metadata = metadata
+    def __init__(self, retrieval: RetrievalClient) -> None:
+        self._retrieval = retrieval
         self._texts: dict[str, str] = {}
 
     async def text(self, document_id: str) -> str:
         if document_id not in self._texts:
-            parts: list[str] = []
-            token = ""
-            while True:
-                try:
-                    response = await self._stub.GetDocument(
-                        retrieval_pb2.GetDocumentRequest(document_id=document_id, page=common_pb2.PageRequest(page_size=100, page_token=token)),
-                        metadata=self._metadata, timeout=30,
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    raise error_from_rpc(exc, "retrieval") from None
-                parts.append(response.title)
-                parts.extend(chunk.text for chunk in response.chunks)
-                token = response.page.next_page_token
-                if not token:
-                    break
-            self._texts[document_id] = "\n".join(parts)
+            title, text = await self._retrieval.document("", document_id, DOCUMENT_TIMEOUT_S)
+            self._texts[document_id] = f"{title}\n{text}"
         return self._texts[document_id]
-
-
-async def unsupported_facts(outcome: Outcome, documents: DocumentTexts) -> list[str]:
-    """Facts of an answer found in none of the documents it cites (nor in the question asked)."""
-    if outcome.declined or outcome.path == "scripted":
-        return []
-    sources = [outcome.case.question, *outcome.case.turns, *[await documents.text(document) for document in outcome.cited]]
-    known = set().union(*(facts(text) for text in sources))
-    return sorted(facts(outcome.answer) - known)
-
-
-def percent(values: Sequence[bool]) -> str:
-    return f"{np.mean(values):.1%}" if len(values) else "-"
-
-
-def report(outcomes: Sequence[Outcome], source: str, show_failures: bool) -> None:
-    answerable = [o for o in outcomes if not o.case.decline and not o.case.out_of_domain]
-    unanswerable = [o for o in outcomes if o.case.decline]
-    foreign = [o for o in outcomes if o.case.out_of_domain]
-    two_part = [o for o in answerable if len(o.case.facts) >= 2]
-    with_source = [o for o in answerable if o.case.source]
-    answered = [o for o in answerable if not o.declined]
-    first_tokens = [o.first_token_s for o in outcomes]
-    totals = [o.total_s for o in outcomes]
-    table = Table(title=f"answers: {source} — {len(answerable)} answerable, {len(unanswerable)} unanswerable in-domain, "
-                  f"{len(foreign)} out-of-domain, via DialogueService.Chat")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("target")
-    # (measure, value, the target issue 12 set for an unseen set in this format)
-    rows = [
-        ("fact accuracy", percent([o.facts_right for o in answerable]), ">= 90%"),
-        ("two-part completeness (all facts of 2-fact questions)", percent([o.facts_right for o in two_part]), ""),
-        ("expected article cited", percent([o.case.source in o.cited for o in with_source]), ""),
-        ("unsupported facts in answers", percent([bool(o.unsupported) for o in answered]), "0%"),
-        ("answered by the model's verified draft", percent([o.path == "draft" for o in answered]), ""),
-        ("answered by the evidence itself", percent([o.path == "evidence" for o in answered]), ""),
-        ("in-domain questions declined", percent([o.declined for o in answerable]), "<= 5%"),
-        ("in-domain unanswerable declined", percent([o.declined for o in unanswerable]), ""),
-        ("out-of-domain declined, nothing cited", percent([o.declined and not o.cited for o in foreign]), ">= 95%"),
-        ("first token p50 / p95 (s)", f"{np.percentile(first_tokens, 50):.2f} / {np.percentile(first_tokens, 95):.2f}",
-         "p95 <= 1.0 (quiet machine)"),
-        ("total p50 / p95 (s)", f"{np.percentile(totals, 50):.2f} / {np.percentile(totals, 95):.2f}", ""),
-    ]
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    if show_failures:
-        for outcome in outcomes:
-            case = outcome.case
-            wrong = (
-                (case.out_of_domain or case.decline) and not outcome.declined
-                or not (case.out_of_domain or case.decline) and (not outcome.facts_right or outcome.declined)
-                or outcome.unsupported
-            )
-            if wrong:
-                expected = "decline" if case.out_of_domain or case.decline else " & ".join("/".join(v) for v in case.facts)
-                console.print(
-                    f"{' | '.join([*case.turns, case.question])}  expected {expected} ({case.source or '-'})\n"
-                    f"  -> {outcome.path}: {outcome.answer!r} cites {outcome.cited}"
-                    + (f" unsupported {outcome.unsupported}" if outcome.unsupported else ""),
-                    markup=False, highlight=False, soft_wrap=True,
-                )
 
 
 def cmd_eval_answers(args: argparse.Namespace) -> int:
@@ -233,10 +152,10 @@ def cmd_eval_answers(args: argparse.Namespace) -> int:
         outcomes: list[Outcome] = []
         dialogue_channel, retrieval_channel = cli_channel(settings, "dialogue"), cli_channel(settings, "retrieval")
         async with dialogue_channel, retrieval_channel:
-            stub = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
-            documents = DocumentTexts(retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel), metadata)
+            dialogue = DialogueClient(dialogue_channel, metadata)
+            documents = DocumentTexts(RetrievalClient(retrieval_channel, metadata))
             for case in cases:
-                outcome = await ask(stub, metadata, case, args.timeout)
+                outcome = await ask(dialogue, case, args.timeout)
                 outcome.unsupported = await unsupported_facts(outcome, documents)
                 outcomes.append(outcome)
         return outcomes

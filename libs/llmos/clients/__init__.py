@@ -4,9 +4,10 @@ Callers get platform errors (`llmos.errors`) and plain values, never gRPC's exce
 """
 
 from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.dialogue import DialogueClient
 from llmos.clients.inference import InferenceClient
 from llmos.clients.retrieval import RetrievalClient, stitch
 from llmos.clients.speech import SpeechClient
 from llmos.clients.tokenizer import TokenizerClient
 
-__all__ = ["InferenceClient", "Metadata", "RetrievalClient", "ServiceClient", "SpeechClient", "TokenizerClient", "stitch"]
+__all__ = ["DialogueClient", "InferenceClient", "Metadata", "RetrievalClient", "ServiceClient", "SpeechClient", "TokenizerClient", "stitch"]
