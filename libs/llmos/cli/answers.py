@@ -142,6 +142,70 @@ class DocumentTexts:
         return self._texts[document_id]
 
 
+async def unsupported_facts(outcome: Outcome, documents: DocumentTexts) -> list[str]:
+    """Facts of an answer found in none of the documents it cites (nor in the question asked)."""
+    if outcome.declined or outcome.path == "scripted":
+        return []
+    sources = [outcome.case.question, *outcome.case.turns, *[await documents.text(document) for document in outcome.cited]]
+    known = set().union(*(facts(text) for text in sources))
+    return sorted(facts(outcome.answer) - known)
+
+
+def percent(values: Sequence[bool]) -> str:
+    return f"{np.mean(values):.1%}" if len(values) else "-"
+
+
+def report(outcomes: Sequence[Outcome], source: str, show_failures: bool) -> None:
+    answerable = [o for o in outcomes if not o.case.decline and not o.case.out_of_domain]
+    unanswerable = [o for o in outcomes if o.case.decline]
+    foreign = [o for o in outcomes if o.case.out_of_domain]
+    two_part = [o for o in answerable if len(o.case.facts) >= 2]
+    with_source = [o for o in answerable if o.case.source]
+    answered = [o for o in answerable if not o.declined]
+    first_tokens = [o.first_token_s for o in outcomes]
+    totals = [o.total_s for o in outcomes]
+    table = Table(title=f"answers: {source} — {len(answerable)} answerable, {len(unanswerable)} unanswerable in-domain, "
+                  f"{len(foreign)} out-of-domain, via DialogueService.Chat")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    # (measure, value, the target issue 12 set for an unseen set in this format)
+    rows = [
+        ("fact accuracy", percent([o.facts_right for o in answerable]), ">= 90%"),
+        ("two-part completeness (all facts of 2-fact questions)", percent([o.facts_right for o in two_part]), ""),
+        ("expected article cited", percent([o.case.source in o.cited for o in with_source]), ""),
+        ("unsupported facts in answers", percent([bool(o.unsupported) for o in answered]), "0%"),
+        ("answered by the model's verified draft", percent([o.path == "draft" for o in answered]), ""),
+        ("answered by the evidence itself", percent([o.path == "evidence" for o in answered]), ""),
+        ("in-domain questions declined", percent([o.declined for o in answerable]), "<= 5%"),
+        ("in-domain unanswerable declined", percent([o.declined for o in unanswerable]), ""),
+        ("out-of-domain declined, nothing cited", percent([o.declined and not o.cited for o in foreign]), ">= 95%"),
+        ("first token p50 / p95 (s)", f"{np.percentile(first_tokens, 50):.2f} / {np.percentile(first_tokens, 95):.2f}",
+         "p95 <= 1.0 (quiet machine)"),
+        ("total p50 / p95 (s)", f"{np.percentile(totals, 50):.2f} / {np.percentile(totals, 95):.2f}", ""),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    if show_failures:
+        for outcome in outcomes:
+            case = outcome.case
+            wrong = (
+                (case.out_of_domain or case.decline) and not outcome.declined
+                or not (case.out_of_domain or case.decline) and (not outcome.facts_right or outcome.declined)
+                or outcome.unsupported
+            )
+            if wrong:
+                expected = "decline" if case.out_of_domain or case.decline else " & ".join("/".join(v) for v in case.facts)
+                console.print(
+                    f"{' | '.join([*case.turns, case.question])}  expected {expected} ({case.source or '-'})\n"
+                    f"  -> {outcome.path}: {outcome.answer!r} cites {outcome.cited}"
+                    + (f" unsupported {outcome.unsupported}" if outcome.unsupported else ""),
+                    markup=False, highlight=False, soft_wrap=True,
+                )
+
+
 def cmd_eval_answers(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
     metadata = cli_metadata(settings, args.api_key)
