@@ -33,7 +33,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
         token_offsets,
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap_tokens,
-        settings.ingest_max_document_bytes,
+        settings.document_limits(),
         PiiPolicy.parse(settings.ingest_pii_policy, settings.ingest_pii_public),
     )
     return ServiceParts(

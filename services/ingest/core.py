@@ -28,7 +28,7 @@ from llmos.pii import PiiPolicy
 from llmos.ports import Bucket, Publisher, VersionedStore
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
 from services.ingest.chunking import chunk_spans, normalize
-from services.ingest.extract import SUPPORTED_MIME_TYPES, extract_text
+from services.ingest.extract import SUPPORTED_MIME_TYPES, ExtractionLimits, extract_text
 
 MAX_ID_CHARS = 256
 # Stages a document moves through in order; a report never moves a status backwards.
@@ -40,6 +40,19 @@ _PIPELINE_ORDER = (
 )
 
 TokenOffsets = Callable[[str], Awaitable[Sequence[tuple[int, int]]]]
+
+
+@dataclass(frozen=True)
+class DocumentLimits:
+    """Sizes a submission may have: its metadata travels with every chunk (copied into each
+    chunk's payload and index entry), so an unbounded title or tag list multiplies."""
+
+    max_document_bytes: int
+    max_title_chars: int
+    max_source_chars: int
+    max_tags: int
+    max_tag_chars: int
+    extraction: ExtractionLimits
 
 
 def now() -> Timestamp:
@@ -107,7 +120,7 @@ class IngestCore:
         token_offsets: TokenOffsets,
         chunk_tokens: int,
         overlap_tokens: int,
-        max_document_bytes: int,
+        limits: DocumentLimits,
         pii: PiiPolicy,
     ) -> None:
         self._publisher = publisher
@@ -116,19 +129,31 @@ class IngestCore:
         self._token_offsets = token_offsets
         self._chunk_tokens = chunk_tokens
         self._overlap_tokens = overlap_tokens
-        self._max_document_bytes = max_document_bytes
+        self._limits = limits
         self._pii = pii
 
     def _validate(self, document: events_pb2.DocumentSubmitted) -> None:
+        limits = self._limits
         if not document.tenant:
             raise InvalidArgument("tenant", "every document belongs to a tenant")
-        if len(document.document_id) > MAX_ID_CHARS:
-            raise InvalidArgument("document_id", f"longer than {MAX_ID_CHARS} characters")
+        for field, value, limit in (
+            ("tenant", document.tenant, MAX_ID_CHARS),
+            ("document_id", document.document_id, MAX_ID_CHARS),
+            ("title", document.title, limits.max_title_chars),
+            ("source", document.source, limits.max_source_chars),
+        ):
+            if len(value) > limit:
+                raise InvalidArgument(field, f"{len(value)} characters is over the limit of {limit}")
+        if len(document.tags) > limits.max_tags:
+            raise InvalidArgument("tags", f"{len(document.tags)} tags is over the limit of {limits.max_tags}")
+        for position, tag in enumerate(document.tags):
+            if len(tag) > limits.max_tag_chars:
+                raise InvalidArgument(f"tags[{position}]", f"{len(tag)} characters is over the limit of {limits.max_tag_chars}")
         if not document.content:
             raise InvalidArgument("content", "the document is empty")
-        if len(document.content) > self._max_document_bytes:
+        if len(document.content) > limits.max_document_bytes:
             raise InvalidArgument(
-                "content", f"{len(document.content)} bytes is over the limit of {self._max_document_bytes}"
+                "content", f"{len(document.content)} bytes is over the limit of {limits.max_document_bytes}"
             )
         mime_type = document.mime_type or "text/plain"
         if mime_type not in SUPPORTED_MIME_TYPES:
@@ -140,7 +165,9 @@ class IngestCore:
         """Normalized, redacted text and the number of personal-data findings removed."""
         self._validate(document)
         # PDF parsing is CPU-bound: keep the event loop (and the other lane) responsive.
-        raw = await asyncio.to_thread(extract_text, document.mime_type or "text/plain", document.content)
+        raw = await asyncio.to_thread(
+            extract_text, document.mime_type or "text/plain", document.content, self._limits.extraction
+        )
         text = normalize(raw)
         if not text:
             raise InvalidArgument("content", "the document has no text once whitespace is removed")

@@ -1,15 +1,20 @@
 """Text out of a submitted document: plain text and Markdown as they are, HTML without its
 boilerplate, PDF from its text layer. Every failure is an InvalidArgument naming `content`.
+
+A few kilobytes of PDF can expand to gigabytes of text (pages sharing one compressed content
+stream), so PDF extraction stops at a page count and a text length (ExtractionLimits); pypdf's
+own limits on each stream's decompression raise LimitReachedError, refused the same way.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from html.parser import HTMLParser
 
 from pypdf import PdfReader
-from pypdf.errors import PyPdfError
+from pypdf.errors import LimitReachedError, PyPdfError
 
 from llmos.errors import InvalidArgument
 
@@ -104,15 +109,39 @@ def html_text(html: str) -> str:
     return main if main.strip() else "".join(parser.all_text)
 
 
-def pdf_text(content: bytes) -> str:
-    """The text layer of every page, pages separated by a blank line."""
+@dataclass(frozen=True)
+class ExtractionLimits:
+    """How much text a document may yield, whatever its size on the wire."""
+
+    max_pdf_pages: int
+    max_text_chars: int
+
+
+def pdf_text(content: bytes, limits: ExtractionLimits) -> str:
+    """The text layer of every page, pages separated by a blank line; refused, without reading
+    on, once it has more pages or text than `limits` allow."""
     try:
         reader = PdfReader(io.BytesIO(content))
         if reader.is_encrypted:
             raise InvalidArgument("content", "the PDF is encrypted; submit an unencrypted copy")
-        return "\n\n".join(page.extract_text() or "" for page in reader.pages)
+        if len(reader.pages) > limits.max_pdf_pages:
+            raise InvalidArgument(
+                "content", f"the PDF has {len(reader.pages)} pages; at most {limits.max_pdf_pages} are accepted"
+            )
+        pages: list[str] = []
+        length = 0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            length += len(pages[-1]) + 2
+            if length > limits.max_text_chars:
+                raise InvalidArgument(
+                    "content", f"the PDF's text is longer than {limits.max_text_chars} characters (a decompression bomb?)"
+                )
+        return "\n\n".join(pages)
     except InvalidArgument:
         raise
+    except LimitReachedError as exc:
+        raise InvalidArgument("content", f"the PDF expands past a decompression limit ({exc})") from None
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
         raise InvalidArgument("content", f"not a readable PDF ({type(exc).__name__}: {exc})") from None
 
@@ -124,10 +153,10 @@ def _decode(content: bytes) -> str:
         raise InvalidArgument("content", f"not valid UTF-8 (byte {exc.start})") from None
 
 
-def extract_text(mime_type: str, content: bytes) -> str:
+def extract_text(mime_type: str, content: bytes, limits: ExtractionLimits) -> str:
     """The raw text of a document of `mime_type` (one of SUPPORTED_MIME_TYPES)."""
     if mime_type == PDF_TYPE:
-        text = pdf_text(content)
+        text = pdf_text(content, limits)
         if not text.strip():
             raise InvalidArgument("content", "the PDF has no text layer (a scan?); submit its text instead")
         return text

@@ -1,12 +1,22 @@
-"""The ingest core's defences: unambiguous chunk ids."""
+"""The ingest core's defences: unambiguous chunk ids, bounded metadata."""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.ingest.core import chunk_id
+from llmos.audit import AuditLog
+from llmos.auth import Principal
+from llmos.errors import InvalidArgument
+from llmos.pii import PiiPolicy
+from llmos.testing import MemoryBucket, MemoryPublisher
+from llmos.v1 import events_pb2
+from services.ingest.core import DocumentStatusStore, IngestCore, chunk_id
+from services.ingest.settings import IngestSettings
 
 pytestmark = pytest.mark.unit
 
@@ -37,3 +47,58 @@ def test_chunk_ids_are_stable_for_the_same_input() -> None:
     """Re-submitting a document overwrites its chunks only while the ids stay the same, release to release."""
     assert chunk_id("acme", "eu/faq", 3) == chunk_id("acme", "eu/faq", 3)
     assert chunk_id("acme", "eu/faq", 3) == "b2376a5f-0574-5c0d-8b0d-5d47e851e658"
+
+
+async def word_offsets(text: str) -> Sequence[tuple[int, int]]:
+    return [(match.start(), match.end()) for match in re.finditer(r"\S+", text)]
+
+
+def ingest_core() -> IngestCore:
+    """The core with the default settings' limits, in memory."""
+    return IngestCore(
+        MemoryPublisher(),
+        DocumentStatusStore(MemoryBucket()),
+        AuditLog(MemoryPublisher(), "ingest"),
+        word_offsets,
+        chunk_tokens=64,
+        overlap_tokens=8,
+        limits=IngestSettings().document_limits(),
+        pii=PiiPolicy.parse("*=none"),
+    )
+
+
+OPERATOR = Principal("olga", "acme", frozenset({"operator"}))
+
+
+def document(**fields: object) -> events_pb2.DocumentSubmitted:
+    return events_pb2.DocumentSubmitted(tenant="acme", document_id="faq", content=b"Returns are free.", **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"title": "t" * 513}, "title"),
+        ({"source": "s" * 2049}, "source"),
+        ({"tags": ["t"] * 65}, "tags"),
+        ({"tags": ["ok", "t" * 129]}, "tags[1]"),
+        ({"tenant": "a" * 257}, "tenant"),
+    ],
+    ids=["title", "source", "tag count", "tag length", "tenant"],
+)
+async def test_oversized_metadata_is_invalid_argument_naming_the_field(fields: dict[str, object], field: str) -> None:
+    submitted = document()
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(submitted, name).extend(value)
+        else:
+            setattr(submitted, name, value)
+    with pytest.raises(InvalidArgument, match="over the limit") as error:
+        await ingest_core().submit(OPERATOR, submitted)
+    assert error.value.field == field
+
+
+async def test_metadata_at_the_limits_is_accepted() -> None:
+    submitted = document(title="t" * 512, source="s" * 2048)
+    submitted.tags.extend(["t" * 128] * 64)
+    result = await ingest_core().submit(OPERATOR, submitted)
+    assert not result.unchanged

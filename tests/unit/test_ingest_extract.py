@@ -6,11 +6,13 @@ import pytest
 
 from llmos.errors import InvalidArgument
 from services.ingest.chunking import normalize
-from services.ingest.extract import extract_text, html_text
-from tests.pdf_helpers import minimal_pdf
+from services.ingest.extract import ExtractionLimits, extract_text, html_text
+from tests.pdf_helpers import many_page_pdf, minimal_pdf
 from tests.timing_helpers import cpu_seconds, cpu_seconds_within
 
 pytestmark = pytest.mark.unit
+
+LIMITS = ExtractionLimits(max_pdf_pages=2000, max_text_chars=16 * 1024 * 1024)
 
 PAGE = """<!doctype html><html><head><title>Help</title><style>p{color:red}</style>
 <script>track()</script></head><body>
@@ -34,7 +36,30 @@ def test_html_without_a_main_element_drops_furniture_and_scripts() -> None:
 
 def test_pdf_text_layer() -> None:
     pdf = minimal_pdf(["Returns are free within 30 days.", "Refunds take five days."])
-    assert normalize(extract_text("application/pdf", pdf)) == "Returns are free within 30 days.\nRefunds take five days."
+    assert normalize(extract_text("application/pdf", pdf, LIMITS)) == "Returns are free within 30 days.\nRefunds take five days."
+
+
+LINES = [f"Returns are free within thirty days of delivery number {line}" for line in range(400)]  # 23 kB of text
+
+
+def test_a_pdf_with_more_pages_than_the_limit_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="the PDF has 11 pages; at most 10") as error:
+        extract_text("application/pdf", many_page_pdf(LINES[:1], 11), ExtractionLimits(max_pdf_pages=10, max_text_chars=10**6))
+    assert error.value.field == "content"
+
+
+def test_a_pdf_bomb_is_refused_once_its_text_passes_the_limit_without_reading_on() -> None:
+    """300 pages sharing one compressed stream: 32 kB that extract to 7 MB of text."""
+    limits = ExtractionLimits(max_pdf_pages=10_000, max_text_chars=100_000)
+    one_page = cpu_seconds(lambda: extract_text("application/pdf", many_page_pdf(LINES, 1), limits))
+    bomb = many_page_pdf(LINES, 300)
+
+    def refuse() -> None:
+        with pytest.raises(InvalidArgument, match="longer than 100000 characters") as error:
+            extract_text("application/pdf", bomb, limits)
+        assert error.value.field == "content"
+
+    cpu_seconds_within(refuse, 50 * one_page)
 
 
 @pytest.mark.parametrize(
@@ -47,7 +72,7 @@ def test_pdf_text_layer() -> None:
 )
 def test_unreadable_documents_are_invalid_argument(mime_type: str, content: bytes, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message) as error:
-        extract_text(mime_type, content)
+        extract_text(mime_type, content, LIMITS)
     assert error.value.field == "content"
 
 
