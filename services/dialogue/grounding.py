@@ -342,7 +342,8 @@ def verify(draft: str, evidence: Sequence[Evidence], min_support: float, allowed
     if not text or not evidence:
         verdict.problems.append("the draft is empty")
         return verdict
-    known = set().union(*(item.facts for item in evidence)) | {name.lower() for name in allowed_names}
+    # A fact is known when the evidence states it: as a fact, or as a word (a name in lower-case text).
+    known = set().union(*(item.facts | content_words(item.text) for item in evidence)) | {name.lower() for name in allowed_names}
     said = facts(text)
     verdict.problems.extend(f"{fact.removeprefix('tel:')} is not in the evidence" for fact in sorted(said - known))
     verdict.problems.extend(f"leaves out {fact.removeprefix('tel:')}" for fact in sorted(evidence[0].answer_facts - said))
@@ -355,7 +356,7 @@ def verify(draft: str, evidence: Sequence[Evidence], min_support: float, allowed
         if scores[best] < min_support:
             verdict.problems.append(f"not supported by the evidence: {sentence!r}")
         # Facts of two evidence sentences in one draft sentence make a claim neither makes.
-        elsewhere = (facts(sentence) & known) - evidence[best].facts - allowed
+        elsewhere = (facts(sentence) & known) - evidence[best].facts - sources[best] - allowed
         verdict.problems.extend(f"{fact.removeprefix('tel:')} is not in the sentence it restates" for fact in sorted(elsewhere))
         verdict.sentences.append(CheckedSentence(sentence, evidence[best], scores[best]))
     return verdict
