@@ -379,7 +379,7 @@ def ground_summary(summary: str, source: str, min_support: float) -> GroundedSum
     document = Passage("", "", "", source, 0.0)
     spans = sentence_spans(source)
     words = [content_words(span.text) for span in spans]
-    written = [span.text for span in sentence_spans(clean_draft(summary))]
+    written = [span.text for span in sentence_spans(clean_draft(summary)) if content_words(span.text)]  # no stray marks
     kept: list[str] = []
     quoted: set[int] = set()
     supported = 0

@@ -204,12 +204,12 @@ async def test_an_abstractive_summary_keeps_supported_sentences_and_replaces_inv
         "The Hamburg store has a repair desk for small repairs while you wait. "
         "Stores are open Monday to Saturday from 10:00 to 20:00. Click and collect orders wait ten days."
     )
-    generator = ScriptedGenerator("The Hamburg store has a repair desk for small repairs. Stores host a Summit in Berlin on Sundays at 9:00.")
+    generator = ScriptedGenerator("The Hamburg store has a repair desk for small repairs. Stores host a Summit in Berlin on Sundays at 9:00. *")
     summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300, min_support=0.8)
     summary = await summarizer.abstractive(source, 60, 5.0)
     assert summary.model_sentences == 2 and summary.supported_sentences == 1
     assert summary.text.startswith("The Hamburg store has a repair desk for small repairs.")
-    assert "Summit" not in summary.text and "Berlin" not in summary.text
+    assert "Summit" not in summary.text and "Berlin" not in summary.text and "*" not in summary.text
     assert "Stores are open Monday to Saturday from 10:00 to 20:00." in summary.text  # the source it drew on
 
 
