@@ -15,6 +15,7 @@ from services.ingest.core import STATUS_BUCKET, DocumentStatusStore, IngestCore
 from services.ingest.handlers import subscriptions
 from services.ingest.servicer import IngestServicer
 from services.ingest.settings import IngestSettings
+from services.ingest.worker import ExtractionWorkers
 
 TOKENIZE_TIMEOUT_S = 30.0
 
@@ -26,6 +27,13 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
     async def token_offsets(text: str) -> Sequence[tuple[int, int]]:
         return await tokenizer.token_offsets(text, TOKENIZE_TIMEOUT_S)
 
+    workers = ExtractionWorkers(settings.ingest_extract_workers, settings.ingest_extract_timeout_s)
+    workers.start()
+
+    async def close() -> None:
+        await workers.close()
+        await channel.close()
+
     core = IngestCore(
         bus,
         DocumentStatusStore(bus.bucket(STATUS_BUCKET)),
@@ -35,6 +43,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
         settings.ingest_chunk_overlap_tokens,
         settings.document_limits(),
         PiiPolicy.parse(settings.ingest_pii_policy, settings.ingest_pii_public),
+        workers,
     )
     return ServiceParts(
         grpc=[
@@ -46,7 +55,7 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
             )
         ],
         subscriptions=subscriptions(core, settings.ingest_bulk_workers),
-        close=channel.close,
+        close=close,
     )
 
 

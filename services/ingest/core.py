@@ -12,7 +12,6 @@ forward, for the content it was about only.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,8 +26,9 @@ from llmos.errors import InvalidArgument, LlmosError, NotFound
 from llmos.pii import PiiPolicy
 from llmos.ports import Bucket, Publisher, VersionedStore
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
-from services.ingest.chunking import chunk_spans, normalize
+from services.ingest.chunking import chunk_spans
 from services.ingest.extract import SUPPORTED_MIME_TYPES, ExtractionLimits, extract_text
+from services.ingest.worker import ExtractionWorkers, Extractor, Prepared, in_thread, prepare
 
 MAX_ID_CHARS = 256
 # Stages a document moves through in order; a report never moves a status backwards.
@@ -122,7 +122,12 @@ class IngestCore:
         overlap_tokens: int,
         limits: DocumentLimits,
         pii: PiiPolicy,
+        workers: ExtractionWorkers | None = None,
+        extract: Extractor = extract_text,
     ) -> None:
+        """`workers` run extraction and redaction with a time limit (the service always gives
+        them; without, as in some unit tests, they run in a thread with none); `extract` turns
+        content into text, a module-level function so a worker process can import it."""
         self._publisher = publisher
         self._statuses = statuses
         self._audit = audit
@@ -131,6 +136,8 @@ class IngestCore:
         self._overlap_tokens = overlap_tokens
         self._limits = limits
         self._pii = pii
+        self._run = workers.run if workers is not None else in_thread
+        self._extract = extract
 
     def _validate(self, document: events_pb2.DocumentSubmitted) -> None:
         limits = self._limits
@@ -164,15 +171,17 @@ class IngestCore:
     async def _text(self, document: events_pb2.DocumentSubmitted) -> tuple[str, int]:
         """Normalized, redacted text and the number of personal-data findings removed."""
         self._validate(document)
-        # PDF parsing is CPU-bound: keep the event loop (and the other lane) responsive.
-        raw = await asyncio.to_thread(
-            extract_text, document.mime_type or "text/plain", document.content, self._limits.extraction
+        # Parsing and redaction are CPU work on the sender's input: off the event loop, in a
+        # worker process killed when it runs past the time limit (services.ingest.worker).
+        prepared: Prepared = await self._run(
+            prepare,
+            self._extract,
+            document.mime_type or "text/plain",
+            document.content,
+            self._limits.extraction,
+            self._pii.redactor(document.tenant),
         )
-        text = normalize(raw)
-        if not text:
-            raise InvalidArgument("content", "the document has no text once whitespace is removed")
-        redaction = self._pii.redactor(document.tenant).redact(text)
-        return redaction.text, len(redaction.findings)
+        return prepared.text, prepared.redacted
 
     async def submit(self, principal: Principal, document: events_pb2.DocumentSubmitted) -> SubmitResult:
         if not document.document_id:

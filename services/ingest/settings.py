@@ -32,6 +32,10 @@ class IngestSettings(PlatformSettings):
     # Documents of the bulk lane (standard and batch priority) processed at once; interactive
     # documents have their own consumer and never wait behind them.
     ingest_bulk_workers: int = 4
+    # Extraction and redaction run in worker processes (this many, warm); a document whose
+    # extraction runs longer than the timeout has its worker killed and is refused.
+    ingest_extract_workers: int = 2
+    ingest_extract_timeout_s: float = 30.0
 
     @field_validator("ingest_pii_policy")
     @classmethod
@@ -53,6 +57,7 @@ class IngestSettings(PlatformSettings):
 
     @field_validator(
         "ingest_bulk_workers",
+        "ingest_extract_workers",
         "ingest_max_title_chars",
         "ingest_max_source_chars",
         "ingest_max_tags",
@@ -64,6 +69,13 @@ class IngestSettings(PlatformSettings):
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("ingest_extract_timeout_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be more than 0")
         return value
 
     def document_limits(self) -> DocumentLimits:
