@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-admin-key"

@@ -39,8 +39,8 @@ from bench.inference.service import REPO, print_table, write_results
 from llmos.audit import ALLOW, DENY, audit_event
 from llmos.bus.codec import encode
 from llmos.bus.subjects import AUDIT_ALL, audit_subject, stream_for
-from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.v1 import audit_pb2, audit_pb2_grpc, events_pb2
 from services.audit.core import AuditStore
 from tests.conftest import free_port

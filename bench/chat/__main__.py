@@ -38,12 +38,12 @@ import yaml
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.clients import InferenceClient, RetrievalClient
-from llmos.cli.stack import Stack
 from llmos.crypto import AtRest
 from llmos.grpcutil.client import bearer, open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.settings import SERVICE_NAMES, load_settings
+from llmos.stack import Stack
 from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, ingest_pb2_grpc

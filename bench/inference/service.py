@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_KEY = "bench-key"

@@ -30,9 +30,9 @@ import numpy as np
 
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
-from llmos.cli.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

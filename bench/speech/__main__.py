@@ -27,13 +27,13 @@ import numpy as np
 from pocketsphinx import Decoder
 
 from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, resample, samples_to_pcm
-from llmos.cli.client import channel
-from llmos.cli.speech import DEMO_QUESTIONS, VoiceTurn, audio_request_bytes, voice_turn
-from llmos.cli.stack import Stack
 from llmos.grpcutil.client import bearer
 from llmos.models import artefact_dir
 from llmos.settings import PlatformSettings, load_settings
+from llmos.stack import Stack
 from llmos.v1 import dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
+from llmos_cli.client import channel
+from llmos_cli.speech import DEMO_QUESTIONS, VoiceTurn, audio_request_bytes, voice_turn
 from services.speech.asr import AsrEngine, recognize_clip
 from llmos.utterances import split_for_speech
 from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 def llmos(env: dict[str, str], cwd: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "llmos.cli.main", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "llmos_cli.main", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 

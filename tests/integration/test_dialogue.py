@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED, DOCS_INDEXED, dead_letter_subject
-from llmos.cli.stack import stop_pids, wait_until_serving
+from llmos.stack import stop_pids, wait_until_serving
 from llmos.v1 import (
     common_pb2,
     dialogue_pb2,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED
-from llmos.cli.stack import stop_pids, wait_until_serving
 from llmos.models.store import artefact_dir
+from llmos.stack import stop_pids, wait_until_serving
 from llmos.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import NatsServer, RunningStack, _settings_from, platform_environment
 from tests.grpc_helpers import ADMIN, GLOBEX_USER, call_with_raw_bytes

@@ -27,7 +27,7 @@ import pytest
 from llmos.bus.subjects import CHUNKS_EMBEDDED, stream_for
 from llmos.v1 import common_pb2, events_pb2
 from services.ingest.core import chunk_id
-from llmos.cli.stack import nats_command, port_open
+from llmos.stack import nats_command, port_open
 from services.retrieval.index import ChunkFilter, EdgeIndex, Hit
 from tests.conftest import NatsServer, free_port, platform_environment
 

@@ -176,7 +176,7 @@ async def test_llmos_voice_answers_the_demo_recording_aloud(stubs, stack: Runnin
     env = {**stack.env, "LLMOS_API_KEY": TEST_API_KEY}
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "llmos.cli.main", "voice", str(question), "-o", str(answer), "--voice", ANSWER_VOICE],
+        [sys.executable, "-m", "llmos_cli.main", "voice", str(question), "-o", str(answer), "--voice", ANSWER_VOICE],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,9 +14,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from llmos.cli.stack import nats_server_binary, port_open
 from llmos.natsauth import ADMIN_USER, COMPOSE_AUTHORIZATION, GRANTS, compose_secrets, password_variable
 from llmos.settings import SERVICE_NAMES
+from llmos.stack import nats_server_binary, port_open
 from tests.conftest import NatsServer, free_port
 from tests.security.test_nats_permissions import violations
 

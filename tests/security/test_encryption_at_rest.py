@@ -17,11 +17,11 @@ import pytest
 
 from llmos.bus.broker import declare_buckets
 from llmos.bus.kv import NatsBucket
-from llmos.cli.stack import nats_command, port_open
 from llmos.crypto import AtRest, Sealer, new_key_entry
 from llmos.errors import FailedPrecondition
 from llmos.ports import tenant_key
 from llmos.settings import PlatformSettings, SettingsError
+from llmos.stack import nats_command, port_open
 from llmos.v1 import dialogue_pb2, retrieval_pb2
 from services.dialogue.sessions import SESSIONS_BUCKET, SessionStore, StoredSession
 from services.retrieval.core import RetrievalCore

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.security
 
 
 def llmos_keys(stack: RunningStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmos.cli.main", "keys", *args], env=stack.env, cwd=stack.home,
+    return subprocess.run([sys.executable, "-m", "llmos_cli.main", "keys", *args], env=stack.env, cwd=stack.home,
                           capture_output=True, text=True, timeout=60)
 
 

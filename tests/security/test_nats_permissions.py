@@ -16,9 +16,9 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from llmos.bus.broker import Bus, declare_buckets, declare_streams
-from llmos.cli.stack import nats_command, port_open
 from llmos.natsauth import ADMIN_USER, GRANTS, authorization_block, new_credentials
 from llmos.settings import SERVICE_NAMES
+from llmos.stack import nats_command, port_open
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.security

@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmos.cli.stack import stop_pids, wait_until_serving
 from llmos.grpcutil.tls import TlsFiles, caller_credentials
+from llmos.stack import stop_pids, wait_until_serving
 from llmos.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import NatsServer, _settings_from, platform_environment
 from tests.grpc_helpers import ADMIN
@@ -27,7 +27,7 @@ def tls_services(nats_server: NatsServer, models_home: Path, tmp_path_factory: p
     home = tmp_path_factory.mktemp("tls-home")
     (home / "models").symlink_to(models_home / "models", target_is_directory=True)
     certs = home / "certs"
-    subprocess.run([sys.executable, "-m", "llmos.cli.main", "certs", "--out", str(certs)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "llmos_cli.main", "certs", "--out", str(certs)], check=True, capture_output=True)
     env = platform_environment(nats_server, home) | {"LLMOS_TLS_DIR": str(certs), "LLMOS_TLS_MUTUAL": "true"}
     settings = _settings_from(env)
     (home / "logs").mkdir()

@@ -22,8 +22,8 @@ import jsonschema
 import pytest
 import yaml
 
-from llmos.cli.stack import nats_server_binary
 from llmos.natsauth import compose_secrets
+from llmos.stack import nats_server_binary
 
 pytestmark = pytest.mark.unit
 

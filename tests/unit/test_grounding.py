@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmos.cli.answers import contains, facts_found, load_cases
 from llmos.facts import content_words, facts, normalize
+from llmos_cli.answers import contains, facts_found, load_cases
 from services.dialogue.backends import Passage
 from services.dialogue.grounding import (
     AnswerType,

@@ -1,4 +1,4 @@
-"""The retrieval evaluation's arithmetic and file handling (llmos.cli.kb)."""
+"""The retrieval evaluation's arithmetic and file handling (llmos_cli.kb)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmos.cli.kb import collect_files, documents_by_best_chunk, load_beir, ndcg_at_k, recall_at_k
 from llmos.v1 import common_pb2, retrieval_pb2
+from llmos_cli.kb import collect_files, documents_by_best_chunk, load_beir, ndcg_at_k, recall_at_k
 
 pytestmark = pytest.mark.unit
 

@@ -10,12 +10,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from llmos.cli.client import Metadata, api_key, channel, metadata
-from llmos.cli.dialogue import demo_tour
-from llmos.cli.speech import print_voice_turn, voice_turn
-from llmos.cli.stack import Stack
-from llmos.cli.tracetree import render_tree, trace_spans
 from llmos.settings import PlatformSettings
+from llmos.stack import Stack
 from llmos.telemetry import SPAN_FILE, read_spans
 from llmos.v1 import (
     audit_pb2,
@@ -27,8 +23,12 @@ from llmos.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from llmos_cli.client import Metadata, api_key, channel, metadata
+from llmos_cli.dialogue import demo_tour
+from llmos_cli.speech import print_voice_turn, voice_turn
+from llmos_cli.tracetree import render_tree, trace_spans
 
-DEMO_KB = Path(__file__).resolve().parents[3] / "demo" / "kb"
+DEMO_KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"
 
 

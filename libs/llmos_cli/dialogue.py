@@ -20,15 +20,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from llmos.cli import answers
-from llmos.cli.client import api_key
-from llmos.cli.client import metadata as cli_metadata
-from llmos.cli.client import channel as cli_channel
 from llmos.grpcutil.client import bearer
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from llmos_cli import answers
+from llmos_cli.client import api_key
+from llmos_cli.client import metadata as cli_metadata
+from llmos_cli.client import channel as cli_channel
 
-DEMO = Path(__file__).resolve().parents[3] / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "demo"
 HELD_BACK_FRACTION = 0.2
 SPLIT_SEED = 0
 OOS_LABELS = ("oos", "out_of_scope")

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmos.cli.client import Metadata, channel, metadata
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import audit_pb2, audit_pb2_grpc, common_pb2, events_pb2
+from llmos_cli.client import Metadata, channel, metadata
 
 PAGE_SIZE = 200
 

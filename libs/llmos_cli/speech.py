@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from llmos.cli.client import Metadata, channel, metadata
 from llmos.evaluation import WordErrors, word_errors
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
+from llmos_cli.client import Metadata, channel, metadata
 
 PUBLISHED_WER = "PocketSphinx general model: ~32% WER on LibriSpeech test-clean (published); 24.5% on the 16 shared clips"
 ROUND_TRIP_TARGET = 0.10

@@ -7,11 +7,11 @@ from urllib.parse import urlparse
 
 
 from llmos.bus.subjects import STREAMS
-from llmos.cli.stack import port_open
 from llmos.grpcutil.health_probe import check
 from llmos.grpcutil.tls import caller_credentials
 from llmos.natsauth import connect_cli
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import port_open
 
 
 async def _quiet(error: Exception) -> None:

@@ -17,7 +17,7 @@ from llmos.telemetry import SPAN_FILE, read_spans
 
 # Modules that add subcommands of their area: each exposes `register(commands, evals)`, adding
 # its commands to `commands` and its `llmos eval <task>` evaluations to `evals`.
-COMMAND_MODULES: tuple[str, ...] = ("llmos.cli.keys", "llmos.cli.audit", "llmos.cli.speech", "llmos.cli.kb", "llmos.cli.dialogue")
+COMMAND_MODULES: tuple[str, ...] = ("llmos_cli.keys", "llmos_cli.audit", "llmos_cli.speech", "llmos_cli.kb", "llmos_cli.dialogue")
 
 
 def _settings() -> PlatformSettings:
@@ -25,7 +25,7 @@ def _settings() -> PlatformSettings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from llmos.cli.stack import Stack
+    from llmos.stack import Stack
 
     settings = _settings()
     stack = Stack(settings)
@@ -61,7 +61,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from llmos.cli.stack import stop_stack
+    from llmos.stack import stop_stack
 
     stopped = stop_stack(_settings())
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
@@ -69,13 +69,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from llmos.cli.status import print_status
+    from llmos_cli.status import print_status
 
     return asyncio.run(print_status(_settings()))
 
 
 def cmd_streams(args: argparse.Namespace) -> int:
-    from llmos.cli.stack import declare_as_admin
+    from llmos.stack import declare_as_admin
 
     asyncio.run(declare_as_admin(_settings()))
     print("streams and buckets match this version's configuration")
@@ -83,7 +83,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from llmos.cli.tracetree import last_trace_id, render_tree, trace_spans
+    from llmos_cli.tracetree import last_trace_id, render_tree, trace_spans
 
     settings = _settings()
     spans = read_spans(settings.telemetry_dir / SPAN_FILE)
@@ -118,7 +118,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from llmos.cli.demo import run_demo
+    from llmos_cli.demo import run_demo
 
     return run_demo(_settings())
 

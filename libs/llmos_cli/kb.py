@@ -25,10 +25,10 @@ import grpc
 
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import DOCS_EVENTS, DOCS_FAILED, DOCS_INDEXED
-from llmos.cli.client import Metadata, channel, metadata
 from llmos.natsauth import connect_cli
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from llmos_cli.client import Metadata, channel, metadata
 
 T = TypeVar("T")
 MIME_TYPES = {

@@ -26,14 +26,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from llmos.cli.client import channel as cli_channel
-from llmos.cli.client import metadata as cli_metadata
 from llmos.clients import DialogueClient, RetrievalClient
 from llmos.facts import facts, normalize
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2
+from llmos_cli.client import channel as cli_channel
+from llmos_cli.client import metadata as cli_metadata
 
-DEMO = Path(__file__).resolve().parents[3] / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "demo"
 QUESTIONS_FILE = "questions.yaml"
 DOCUMENT_TIMEOUT_S = 30.0
 
