@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -53,17 +54,20 @@ async def word_offsets(text: str) -> Sequence[tuple[int, int]]:
     return [(match.start(), match.end()) for match in re.finditer(r"\S+", text)]
 
 
-def ingest_core() -> IngestCore:
-    """The core with the default settings' limits, in memory."""
+def ingest_core(
+    publisher: MemoryPublisher | None = None, pii: str = "*=none", **extraction: Any
+) -> IngestCore:
+    """The core with the default settings' limits, in memory (`extraction`: workers=, extract=)."""
     return IngestCore(
-        MemoryPublisher(),
+        publisher or MemoryPublisher(),
         DocumentStatusStore(MemoryBucket()),
         AuditLog(MemoryPublisher(), "ingest"),
         word_offsets,
         chunk_tokens=64,
         overlap_tokens=8,
         limits=IngestSettings().document_limits(),
-        pii=PiiPolicy.parse("*=none"),
+        pii=PiiPolicy.parse(pii),
+        **extraction,
     )
 
 

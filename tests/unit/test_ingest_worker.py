@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 
-from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.bus.subjects import CHUNKS_CREATED, DOCS_FAILED
 from llmos.errors import InvalidArgument
-from llmos.pii import PiiPolicy
-from llmos.testing import MemoryBucket, MemoryPublisher
+from llmos.testing import MemoryPublisher
 from llmos.v1 import events_pb2
-from services.ingest.core import DocumentStatusStore, IngestCore
+from services.ingest.core import IngestCore
 from services.ingest.extract import ExtractionLimits, extract_text
-from services.ingest.settings import IngestSettings
 from services.ingest.worker import ExtractionWorkers
+from tests.unit.test_ingest_core import ingest_core
 
 pytestmark = pytest.mark.unit
 
@@ -35,10 +32,6 @@ def slow_extract(mime_type: str, content: bytes, limits: ExtractionLimits) -> st
     return extract_text(mime_type, content, limits)
 
 
-async def word_offsets(text: str) -> Sequence[tuple[int, int]]:
-    return [(match.start(), match.end()) for match in re.finditer(r"\S+", text)]
-
-
 @pytest.fixture
 async def workers() -> AsyncIterator[ExtractionWorkers]:
     pool = ExtractionWorkers(1, TIMEOUT_S)
@@ -48,18 +41,7 @@ async def workers() -> AsyncIterator[ExtractionWorkers]:
 
 
 def core(workers: ExtractionWorkers, publisher: MemoryPublisher) -> IngestCore:
-    return IngestCore(
-        publisher,
-        DocumentStatusStore(MemoryBucket()),
-        AuditLog(MemoryPublisher(), "ingest"),
-        word_offsets,
-        chunk_tokens=64,
-        overlap_tokens=8,
-        limits=IngestSettings().document_limits(),
-        pii=PiiPolicy.parse("*=email"),
-        workers=workers,
-        extract=slow_extract,
-    )
+    return ingest_core(publisher, "*=email", workers=workers, extract=slow_extract)
 
 
 def document(document_id: str, content: bytes) -> events_pb2.DocumentSubmitted:
