@@ -80,6 +80,7 @@ RPC_PERMISSIONS: dict[str, Permission] = {
     "/llmos.v1.IngestService/SubmitDocument": _P.DOCUMENTS_WRITE,
     "/llmos.v1.IngestService/GetDocumentStatus": _P.DOCUMENTS_READ,
     "/llmos.v1.IngestService/DeleteDocument": _P.DOCUMENTS_WRITE,
+    "/llmos.v1.IngestService/ListDocuments": _P.DOCUMENTS_READ,
     "/llmos.v1.TokenizerService/Tokenize": _P.TOKENIZE,
     "/llmos.v1.TokenizerService/Detokenize": _P.TOKENIZE,
     "/llmos.v1.TokenizerService/CountTokens": _P.TOKENIZE,

@@ -34,9 +34,15 @@ async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
         await workers.close()
         await channel.close()
 
+    async def status_keys(prefix: str) -> list[str]:
+        # The bucket stream's subjects (one per key ever written): one request, no watcher.
+        subjects = f"$KV.{STATUS_BUCKET}."
+        info = await bus.jetstream.stream_info(f"KV_{STATUS_BUCKET}", subjects_filter=f"{subjects}{prefix}>")
+        return [subject[len(subjects):] for subject in info.state.subjects or {}]
+
     core = IngestCore(
         bus,
-        DocumentStatusStore(bus.bucket(STATUS_BUCKET)),
+        DocumentStatusStore(bus.bucket(STATUS_BUCKET), status_keys),
         AuditLog(bus, bus.service),
         token_offsets,
         settings.ingest_chunk_tokens,

@@ -12,6 +12,7 @@ forward, for the content it was about only.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED, DOCS_FAILED
-from llmos.errors import InvalidArgument, LlmosError, NotFound
+from llmos.errors import InvalidArgument, LlmosError, NotFound, Unimplemented
 from llmos.pii import PiiPolicy
 from llmos.ports import Bucket, Publisher, VersionedStore
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
@@ -31,6 +32,9 @@ from services.ingest.extract import SUPPORTED_MIME_TYPES, ExtractionLimits, extr
 from services.ingest.worker import ExtractionWorkers, Extractor, Prepared, in_thread, prepare
 
 MAX_ID_CHARS = 256
+# Documents in one page of ListDocuments.
+DEFAULT_LIST_PAGE_SIZE = 50
+MAX_LIST_PAGE_SIZE = 500
 # Stages a document moves through in order; a report never moves a status backwards.
 _PIPELINE_ORDER = (
     common_pb2.DOCUMENT_STAGE_RECEIVED,
@@ -75,14 +79,35 @@ def chunk_id(tenant: str, document_id: str, index: int) -> str:
 STATUS_BUCKET = "document_status"
 
 
+# Lists the keys of the status bucket starting with a prefix (`KvKeyLister` on JetStream).
+KeyLister = Callable[[str], Awaitable[Sequence[str]]]
+_INDEX_PREFIX = "index."
+
+
+def index_prefix(tenant: str) -> str:
+    """Keys of a tenant's document index entries start with this (the tenant hashed: keys allow a
+    restricted alphabet)."""
+    return f"{_INDEX_PREFIX}{hashlib.sha256(tenant.encode()).hexdigest()}."
+
+
+def index_key(tenant: str, document_id: str) -> str:
+    """The document id hex-encoded, so keys sort in document id order (UTF-8 byte order)."""
+    return index_prefix(tenant) + document_id.encode().hex()
+
+
 class DocumentStatusStore:
     """Each document's stage, in a KV bucket so it survives restarts and is shared by replicas.
 
     Reports from later stages arrive concurrently (embedded, indexed): `change` applies an
     update as a compare-and-set on the entry's revision, retrying when another writer won.
+    Status keys are hashes of tenant and document id, so listing a tenant's documents reads an
+    index beside them: one empty entry per document, keyed by tenant and document id, written
+    before the status itself (an index entry without a status is skipped).
     """
 
-    def __init__(self, bucket: Bucket) -> None:
+    def __init__(self, bucket: Bucket, list_keys: KeyLister | None = None) -> None:
+        self._bucket = bucket
+        self._list_keys = list_keys
         self._records = VersionedStore(
             bucket,
             ingest_pb2.DocumentStatus.SerializeToString,
@@ -96,7 +121,16 @@ class DocumentStatusStore:
         return stored.value if stored else None
 
     async def put(self, status: ingest_pb2.DocumentStatus) -> None:
+        await self._bucket.put(index_key(status.tenant, status.document_id), b"")
         await self._records.put(status.tenant, status.document_id, status)
+
+    async def document_ids(self, tenant: str) -> list[str]:
+        """Every document id the tenant has a status for, sorted."""
+        if self._list_keys is None:
+            raise Unimplemented("listing documents needs a key lister for the status bucket")
+        prefix = index_prefix(tenant)
+        keys = await self._list_keys(prefix)
+        return sorted(bytes.fromhex(key[len(prefix):]).decode() for key in keys if key.startswith(prefix))
 
     async def change(self, tenant: str, document_id: str, update: Callable[[ingest_pb2.DocumentStatus], bool]) -> bool:
         """Apply `update` (which returns False to leave the entry alone) atomically."""
@@ -279,6 +313,32 @@ class IngestCore:
         if status is None:
             raise NotFound(f"no document {document_id!r} in tenant {tenant!r}")
         return status
+
+    async def list(
+        self, tenant: str, page_size: int, page_token: str, stage: common_pb2.DocumentStage.ValueType, include_deleted: bool
+    ) -> tuple[list[ingest_pb2.DocumentStatus], str]:
+        """A page of the tenant's documents after `page_token` (a document id), in document id
+        order, and the next page's token (empty: the last page)."""
+        if page_size < 0 or page_size > MAX_LIST_PAGE_SIZE:
+            raise InvalidArgument("page.page_size", f"{page_size} is out of range; give 1 to {MAX_LIST_PAGE_SIZE} (0: {DEFAULT_LIST_PAGE_SIZE})")
+        if len(page_token) > MAX_ID_CHARS:
+            raise InvalidArgument("page.page_token", "is not a token this service returned")
+        size = page_size or DEFAULT_LIST_PAGE_SIZE
+
+        def wanted(status: ingest_pb2.DocumentStatus | None) -> bool:
+            if status is None:  # its index entry was written, its status not (yet)
+                return False
+            if stage != common_pb2.DOCUMENT_STAGE_UNSPECIFIED:
+                return status.stage == stage
+            return include_deleted or status.stage != common_pb2.DOCUMENT_STAGE_DELETED
+
+        remaining = [document_id for document_id in await self._statuses.document_ids(tenant) if document_id > page_token]
+        found: list[ingest_pb2.DocumentStatus] = []
+        while remaining and len(found) < size:
+            batch, remaining = remaining[: size - len(found)], remaining[size - len(found):]
+            statuses = await asyncio.gather(*(self._statuses.get(tenant, document_id) for document_id in batch))
+            found += [status for status in statuses if wanted(status)]
+        return found, found[-1].document_id if found and remaining else ""
 
     async def delete(self, principal: Principal, tenant: str, document_id: str) -> bool:
         status = await self.status(tenant, document_id)

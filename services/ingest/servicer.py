@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from llmos.auth import current_principal, effective_tenant
-from llmos.v1 import events_pb2, ingest_pb2, ingest_pb2_grpc
+from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
 from services.ingest.core import IngestCore, now
 
 
@@ -43,3 +43,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.DeleteDocumentResponse:
         deleted = await self._core.delete(current_principal(), effective_tenant(request.tenant), request.document_id)
         return ingest_pb2.DeleteDocumentResponse(document_id=request.document_id, deleted=deleted)
+
+    async def ListDocuments(
+        self, request: ingest_pb2.ListDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListDocumentsResponse:
+        documents, next_token = await self._core.list(
+            effective_tenant(request.tenant), request.page.page_size, request.page.page_token, request.stage, request.include_deleted
+        )
+        return ingest_pb2.ListDocumentsResponse(documents=documents, page=common_pb2.PageResponse(next_page_token=next_token))

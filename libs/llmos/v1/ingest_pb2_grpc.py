@@ -51,6 +51,11 @@ class IngestServiceStub:
                 request_serializer=llmos_dot_v1_dot_ingest__pb2.DeleteDocumentRequest.SerializeToString,
                 response_deserializer=llmos_dot_v1_dot_ingest__pb2.DeleteDocumentResponse.FromString,
                 _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/llmos.v1.IngestService/ListDocuments',
+                request_serializer=llmos_dot_v1_dot_ingest__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=llmos_dot_v1_dot_ingest__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -76,6 +81,13 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDocuments(self, request, context):
+        """The tenant's documents with their status, in document id order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.DeleteDocument,
                     request_deserializer=llmos_dot_v1_dot_ingest__pb2.DeleteDocumentRequest.FromString,
                     response_serializer=llmos_dot_v1_dot_ingest__pb2.DeleteDocumentResponse.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=llmos_dot_v1_dot_ingest__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=llmos_dot_v1_dot_ingest__pb2.ListDocumentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class IngestService:
             '/llmos.v1.IngestService/DeleteDocument',
             llmos_dot_v1_dot_ingest__pb2.DeleteDocumentRequest.SerializeToString,
             llmos_dot_v1_dot_ingest__pb2.DeleteDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmos.v1.IngestService/ListDocuments',
+            llmos_dot_v1_dot_ingest__pb2.ListDocumentsRequest.SerializeToString,
+            llmos_dot_v1_dot_ingest__pb2.ListDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class IngestServiceStub:
     SubmitDocument: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.SubmitDocumentRequest, _ingest_pb2.SubmitDocumentResponse]
     GetDocumentStatus: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetDocumentStatusRequest, _ingest_pb2.DocumentStatus]
     DeleteDocument: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.DeleteDocumentRequest, _ingest_pb2.DeleteDocumentResponse]
+    ListDocuments: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListDocumentsRequest, _ingest_pb2.ListDocumentsResponse]
+    """The tenant's documents with their status, in document id order, a page at a time."""
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -49,6 +51,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     SubmitDocument: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SubmitDocumentRequest, _ingest_pb2.SubmitDocumentResponse]  # type: ignore[assignment]
     GetDocumentStatus: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetDocumentStatusRequest, _ingest_pb2.DocumentStatus]  # type: ignore[assignment]
     DeleteDocument: _aio.UnaryUnaryMultiCallable[_ingest_pb2.DeleteDocumentRequest, _ingest_pb2.DeleteDocumentResponse]  # type: ignore[assignment]
+    ListDocuments: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListDocumentsRequest, _ingest_pb2.ListDocumentsResponse]  # type: ignore[assignment]
+    """The tenant's documents with their status, in document id order, a page at a time."""
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts documents into a tenant's knowledge base: clean, redact PII, de-duplicate, chunk by
@@ -75,5 +79,13 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.DeleteDocumentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.DeleteDocumentResponse, _abc.Awaitable[_ingest_pb2.DeleteDocumentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDocuments(
+        self,
+        request: _ingest_pb2.ListDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListDocumentsResponse, _abc.Awaitable[_ingest_pb2.ListDocumentsResponse]]:
+        """The tenant's documents with their status, in document id order, a page at a time."""
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
