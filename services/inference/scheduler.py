@@ -144,22 +144,29 @@ class _Sequence:
 
 
 class PrefixCache:
-    """Recent prompts' KV caches; any prefix of one is the exact cache of that prefix."""
+    """Recent prompts' KV caches; any prefix of one is the exact cache of that prefix.
+
+    Entries are kept per tenant and found only by the tenant that made them: a prefix reused
+    across tenants would show in the usage (cached prompt tokens) and the time to first token,
+    telling one tenant what another's prompts begin with. The token budget is shared.
+    """
 
     def __init__(self, max_tokens: int, min_tokens: int) -> None:
-        self._entries: OrderedDict[int, CachedPrefix] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[str, CachedPrefix]] = OrderedDict()
         self._max_tokens = max_tokens
         self.min_tokens = min_tokens
         self._next_key = 0
 
     @property
     def tokens(self) -> int:
-        return sum(len(entry.token_ids) for entry in self._entries.values())
+        return sum(len(entry.token_ids) for _, entry in self._entries.values())
 
-    def lookup(self, prompt: np.ndarray) -> tuple[CachedPrefix | None, int]:
-        """The entry sharing the longest prefix with `prompt`, and that prefix's length."""
+    def lookup(self, tenant: str, prompt: np.ndarray) -> tuple[CachedPrefix | None, int]:
+        """The tenant's entry sharing the longest prefix with `prompt`, and that prefix's length."""
         best: tuple[CachedPrefix | None, int, int] = (None, 0, -1)
-        for key, entry in self._entries.items():
+        for key, (owner, entry) in self._entries.items():
+            if owner != tenant:
+                continue
             n = min(len(entry.token_ids), len(prompt))
             differs = np.flatnonzero(entry.token_ids[:n] != prompt[:n])
             common = int(differs[0]) if differs.size else n
@@ -171,10 +178,10 @@ class PrefixCache:
         self._entries.move_to_end(key)
         return entry, common
 
-    def add(self, entry: CachedPrefix) -> None:
+    def add(self, tenant: str, entry: CachedPrefix) -> None:
         if self._max_tokens <= 0 or len(entry.token_ids) > self._max_tokens:
             return
-        self._entries[self._next_key] = entry
+        self._entries[self._next_key] = (tenant, entry)
         self._next_key += 1
         while self.tokens > self._max_tokens:
             self._entries.popitem(last=False)
@@ -407,7 +414,7 @@ class GenerationScheduler:
         sequence.row = len(self._running)
         self._running.append(sequence)
         prompt = np.asarray(sequence.request.prompt_ids, dtype=np.int64)
-        entry, common = self._prefix_cache.lookup(prompt)
+        entry, common = self._prefix_cache.lookup(sequence.request.tenant, prompt)
         cached = max(0, min(common, len(prompt) - MIN_PREFILL_PIECE))
         if entry is not None:
             self._decoder.load_prefix(sequence.row, entry, cached)
@@ -432,7 +439,7 @@ class GenerationScheduler:
         if sequence.prefilling:
             return done - started
         if len(prompt) >= self._prefix_cache.min_tokens and sequence.cached_tokens < len(prompt) - MIN_PREFILL_PIECE:
-            self._prefix_cache.add(self._decoder.save_prefix(sequence.row, prompt))
+            self._prefix_cache.add(sequence.request.tenant, self._decoder.save_prefix(sequence.row, prompt))
         self._accept(sequence, sample(logits, sequence.request.sampling, sequence.rng))
         return done - started
 

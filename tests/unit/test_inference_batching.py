@@ -162,11 +162,12 @@ def prefix(ids: list[int]) -> CachedPrefix:
 
 def test_prefix_cache_finds_the_longest_shared_prefix_and_evicts_by_tokens() -> None:
     cache = PrefixCache(max_tokens=10, min_tokens=3)
-    cache.add(prefix([1, 2, 3, 4, 5]))
-    cache.add(prefix([1, 2, 9, 9]))
-    entry, common = cache.lookup(np.array([1, 2, 3, 4, 7, 8]))
+    cache.add("acme", prefix([1, 2, 3, 4, 5]))
+    cache.add("acme", prefix([1, 2, 9, 9]))
+    entry, common = cache.lookup("acme", np.array([1, 2, 3, 4, 7, 8]))
     assert common == 4 and entry is not None and list(entry.token_ids) == [1, 2, 3, 4, 5]
-    assert cache.lookup(np.array([1, 2, 8]))[1] == 0  # 2 shared tokens is under min_tokens
-    cache.add(prefix([5, 5, 5, 5]))  # 13 tokens > 10: the least recently used goes
+    assert cache.lookup("acme", np.array([1, 2, 8]))[1] == 0  # 2 shared tokens is under min_tokens
+    cache.add("acme", prefix([5, 5, 5, 5]))  # 13 tokens > 10: the least recently used goes
     assert cache.tokens <= 10
-    assert cache.lookup(np.array([1, 2, 9, 9]))[1] == 0
+    assert cache.lookup("acme", np.array([1, 2, 9, 9]))[1] == 0
+    assert cache.lookup("globex", np.array([1, 2, 3, 4, 7, 8]))[1] == 0  # another tenant's entry is never found
