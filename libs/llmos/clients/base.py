@@ -1,9 +1,9 @@
 """What every client of a platform service does the same way.
 
 A call carries the caller's credentials (or none: a service's channel adds its own key, see
-`llmos.grpcutil.client.open_channel`) and a timeout; a failed call becomes the platform error
-with the same meaning, named after the service that failed (`error_from_rpc`), so callers
-handle `llmos.errors` and never gRPC's.
+`llmos.grpcutil.client.open_channel`) and a timeout in seconds (None: no deadline); a failed call
+becomes the platform error with the same meaning, named after the service that failed
+(`error_from_rpc`), so callers handle `llmos.errors` and never gRPC's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from llmos.grpcutil.status import error_from_rpc
 
 Metadata = tuple[tuple[str, str], ...]
 Response = TypeVar("Response")
+Client = TypeVar("Client", bound="ServiceClient")
 
 
 class ServiceClient:
@@ -28,6 +29,11 @@ class ServiceClient:
         self._channel = channel
         self._metadata = metadata or None
 
+    def with_credentials(self: Client, metadata: Metadata) -> Client:
+        """The same service over the same channel, calling as another caller (a gateway serving
+        each request with that request's key)."""
+        return type(self)(self._channel, metadata)
+
     async def _unary(
         self, method: Callable[..., Awaitable[Response]], request: Any, timeout_s: float | None
     ) -> Response:
@@ -37,9 +43,10 @@ class ServiceClient:
             raise error_from_rpc(exc, self.service) from None
 
     async def _stream(self, method: Callable[..., Any], request: Any, timeout_s: float | None) -> AsyncIterator[Any]:
-        """The responses of a server-streaming call (`request` may be an iterator of requests).
-        A reader that stops early (a looping answer, a barge-in) cancels the call, so the service
-        stops working for nobody."""
+        """The responses of a server-streaming call (`request` may be an iterator of requests:
+        client and bidirectional streaming). A reader that stops early (a looping answer, a
+        barge-in) and closes the iterator cancels the call, so the service stops working for
+        nobody; `contextlib.aclosing` closes it at once."""
         call = method(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for response in call:

@@ -1,4 +1,4 @@
-"""Typed calls of the speech service: streaming recognition and streaming synthesis."""
+"""Typed calls of the speech service: recognition and synthesis, whole or streaming, and voices."""
 
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ class SpeechClient(ServiceClient):
         super().__init__(channel, metadata)
         self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
 
+    async def recognize(
+        self, config: speech_pb2.RecognitionConfig, audio: bytes, *, timeout_s: float | None = None
+    ) -> list[speech_pb2.SpeechRecognitionResult]:
+        """The transcript of a whole recording, one result per spoken segment."""
+        request = speech_pb2.RecognizeRequest(config=config, audio=audio)
+        return list((await self._unary(self._stub.Recognize, request, timeout_s)).results)
+
     async def recognize_stream(
         self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
     ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
@@ -31,9 +38,25 @@ class SpeechClient(ServiceClient):
             for result in response.results:
                 yield result
 
+    async def synthesize(
+        self, request: speech_pb2.SynthesizeSpeechRequest, *, timeout_s: float | None = None
+    ) -> speech_pb2.SynthesizeSpeechResponse:
+        """The audio of `request.text`, whole."""
+        return await self._unary(self._stub.Synthesize, request, timeout_s)
+
     async def synthesize_stream(
         self, request: speech_pb2.SynthesizeSpeechRequest, timeout_s: float | None
     ) -> AsyncIterator[speech_pb2.SynthesizeSpeechResponse]:
         """The audio of `request.text`, sentence by sentence."""
         async for response in self._stream(self._stub.SynthesizeStream, request, timeout_s):
             yield response
+
+    async def voices(self, *, language_code: str = "", timeout_s: float | None = None) -> list[speech_pb2.Voice]:
+        """The voices the service speaks with (`language_code` empty: all)."""
+        request = speech_pb2.ListVoicesRequest(language_code=language_code)
+        return list((await self._unary(self._stub.ListVoices, request, timeout_s)).voices)
+
+
+def transcript(results: list[speech_pb2.SpeechRecognitionResult]) -> str:
+    """The best alternative of each result, joined."""
+    return " ".join(result.alternatives[0].transcript for result in results if result.alternatives)

@@ -46,5 +46,13 @@ def error_from_rpc(error: grpc.aio.AioRpcError, callee: str) -> errors.LlmosErro
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.InvalidArgument(callee, error.details() or "invalid argument")
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.ResourceExhausted(message, retry_after_s=1.0)
+        return errors.ResourceExhausted(message, retry_after_s=_retry_after_s(error))
     return errors.Unavailable(message)
+
+
+def _retry_after_s(error: grpc.aio.AioRpcError) -> float:
+    """The back-off the service asked for in its trailers (`trailing_metadata_for`), else 1 s."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_MS_KEY and str(value).isdigit():
+            return int(value) / 1000
+    return 1.0
