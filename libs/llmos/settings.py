@@ -65,6 +65,8 @@ class PlatformSettings(BaseSettings):
     speech_addr: str
     dialogue_addr: str
     audit_addr: str
+    # The HTTP gateway (services/gateway): OpenAI-compatible API, REST and the web console.
+    gateway_addr: str = "127.0.0.1:8080"
     qdrant_url: str = ""
     otlp_endpoint: str = ""
     log_level: str = "INFO"
@@ -99,6 +101,7 @@ class PlatformSettings(BaseSettings):
         "speech_addr",
         "dialogue_addr",
         "audit_addr",
+        "gateway_addr",
     )
     @classmethod
     def _valid_addr(cls, value: str) -> str:

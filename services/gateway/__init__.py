@@ -1,0 +1,1 @@
+"""The HTTP gateway: OpenAI-compatible API and REST for the platform, over the gRPC services."""
