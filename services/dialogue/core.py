@@ -20,25 +20,27 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmos.audit import AuditLog
+from llmos.audit import DENY, AuditLog
 from llmos.auth import Principal
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED
 from llmos.deadline import Deadline, timeout_within
-from llmos.errors import InvalidArgument
+from llmos.errors import InvalidArgument, PermissionDenied
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier
 from llmos.ports import Publisher
+from llmos.users import acting_user, check_owner
 from llmos.v1 import dialogue_pb2, events_pb2
 from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
 from services.dialogue.backends import Backends, Passage
 from services.dialogue.grounding import Question, standalone
 from services.dialogue.replies import SMALL_TALK, Assistant
 from services.dialogue.sessions import SessionStore, StoredSession
-from services.dialogue.slots import ORDER_NUMBER, OrderBook, extract_order_number
+from services.dialogue.slots import ORDER_NUMBER, ORDER_PROOF, OrderBook, extract_order_number, extract_order_proofs
 from services.dialogue.summarize import Summarizer
 
 AWAITING = "awaiting"  # session slot naming the slot the assistant just asked for
 FOLDED_TURNS = "folded_turns"  # session slot: how many of the oldest turns the running summary covers
-INTERNAL_SLOTS = frozenset({AWAITING, FOLDED_TURNS})
+OPENED_ORDER = "opened_order"  # session slot: the order number this conversation gave the proof of
+INTERNAL_SLOTS = frozenset({AWAITING, FOLDED_TURNS, OPENED_ORDER})
 MAX_ID_CHARS = 128
 SUMMARY_FOLD_WORDS = 80
 SEARCH_CACHE_ENTRIES = 512
@@ -148,22 +150,40 @@ class DialogueCore:
 
     # --- sessions -------------------------------------------------------------------------
 
-    async def _open(self, tenant: str, request: dialogue_pb2.ChatRequest) -> StoredSession:
+    async def _owned(self, principal: Principal, tenant: str, session_id: str) -> StoredSession:
+        """The session, when `principal` is its user or may act for other users (audited if not)."""
+        stored = await self._sessions.get(tenant, session_id)
+        try:
+            check_owner(principal, stored.session.user_id, f"session {session_id!r}")
+        except PermissionDenied as denied:
+            await self._audit.record(principal, tenant, "dialogue/session", f"session/{session_id}", DENY, denied.message)
+            raise
+        return stored
+
+    async def _open(self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest) -> StoredSession:
         if len(request.session_id) > MAX_ID_CHARS:
             raise InvalidArgument("session_id", f"longer than {MAX_ID_CHARS} characters")
+        if len(request.user_id) > MAX_ID_CHARS:
+            raise InvalidArgument("user_id", f"longer than {MAX_ID_CHARS} characters")
+        # The session's user is the caller; only operators and administrators start one for another.
+        user_id = acting_user(principal, request.user_id)
         if request.session_id:
-            return await self._sessions.get(tenant, request.session_id)
-        session = dialogue_pb2.Session(session_id=uuid.uuid4().hex, tenant=tenant, user_id=request.user_id, created_at=now())
+            stored = await self._owned(principal, tenant, request.session_id)
+            if request.user_id and request.user_id != stored.session.user_id:
+                raise InvalidArgument("user_id", f"session {request.session_id!r} is another user's; leave user_id empty to go on with it")
+            return stored
+        session = dialogue_pb2.Session(session_id=uuid.uuid4().hex, tenant=tenant, user_id=user_id, created_at=now())
         return StoredSession(session, 0)
 
-    async def get_session(self, tenant: str, session_id: str) -> dialogue_pb2.Session:
+    async def get_session(self, principal: Principal, tenant: str, session_id: str) -> dialogue_pb2.Session:
         if not session_id:
             raise InvalidArgument("session_id", "is required")
-        return (await self._sessions.get(tenant, session_id)).session
+        return (await self._owned(principal, tenant, session_id)).session
 
     async def end_session(self, principal: Principal, tenant: str, session_id: str) -> dialogue_pb2.EndSessionResponse:
         if not session_id:
             raise InvalidArgument("session_id", "is required")
+        await self._owned(principal, tenant, session_id)
         await self._sessions.delete(tenant, session_id)
         await self._audit.record(principal, tenant, "dialogue/end-session", f"session/{session_id}")
         return dialogue_pb2.EndSessionResponse(session_id=session_id, ended=True)
@@ -182,7 +202,7 @@ class DialogueCore:
         self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
         message = self._validate(request.message)
-        stored = await self._open(tenant, request)
+        stored = await self._open(principal, tenant, request)
         session = stored.session
         timer = TurnTimer()
         question = standalone(message, _last_question(session))
@@ -231,13 +251,14 @@ class DialogueCore:
         when an intent fires; a script takes over when its intent is confident and the evidence is
         not strong (a transactional intent: whenever it is confident), or when there is no evidence.
         Out of scope needs both the intent and no strong evidence."""
-        expecting = session.slots.get(AWAITING) == ORDER_NUMBER
-        extracted = extract_order_number(message, expecting)
+        awaiting = session.slots.get(AWAITING)
+        extracted = extract_order_number(message, awaiting == ORDER_NUMBER)
         if extracted.value:
             session.slots[ORDER_NUMBER] = extracted.value
-        if extracted.value or (expecting and extracted.problem):
+        proofs = extract_order_proofs(message) if extracted.value or awaiting == ORDER_PROOF else []
+        if extracted.value or (awaiting == ORDER_NUMBER and extracted.problem) or proofs:
             intent.name = "order_status"
-            return scripted(self._order_status(tenant, session, extracted.problem))
+            return scripted(self._order_status(tenant, session, extracted.problem, proofs))
         passages = self.search_cache.get(tenant, question.text)
         if passages is None:
             passages = await self._backends.retriever.search(
@@ -263,7 +284,7 @@ class DialogueCore:
 
     def _script(self, tenant: str, session: dialogue_pb2.Session, intent: dialogue_pb2.Intent) -> Reply:
         if intent.name == "order_status":
-            return scripted(self._order_status(tenant, session, ""))
+            return scripted(self._order_status(tenant, session, "", []))
         if intent.name == "human_agent":
             return scripted(self._replies.human, "the customer asked for a person")
         return scripted(self._assistant.scripted(intent.name))
@@ -277,7 +298,12 @@ class DialogueCore:
         session.summary = summary.text
         session.slots[FOLDED_TURNS] = str(start + len(leaving))
 
-    def _order_status(self, tenant: str, session: dialogue_pb2.Session, problem: str) -> str:
+    def _order_status(self, tenant: str, session: dialogue_pb2.Session, problem: str, proofs: list[str]) -> str:
+        """The order flow: the number, then the order's e-mail or postcode, then its status.
+
+        An unknown number and a wrong e-mail or postcode get the same reply, and the proof is
+        asked for before anything is looked up, so no reply tells which order numbers exist.
+        """
         if problem:
             session.slots[AWAITING] = ORDER_NUMBER
             return f"Sorry, {problem}. Which order do you mean?"
@@ -285,11 +311,22 @@ class DialogueCore:
         if not number:
             session.slots[AWAITING] = ORDER_NUMBER
             return self._replies.ask_order
-        order = self._orders.find(tenant, number)
+        if session.slots.get(OPENED_ORDER) == number:
+            order = self._orders.reopen(tenant, number)
+        elif not proofs:
+            session.slots[AWAITING] = ORDER_PROOF
+            return f"To look up order {number}, please send the e-mail address or the postcode the order was placed with."
+        else:
+            order = self._orders.open(tenant, number, proofs)
         if order is None:
             del session.slots[ORDER_NUMBER]
+            session.slots.pop(OPENED_ORDER, None)
             session.slots[AWAITING] = ORDER_NUMBER
-            return f"I can't find order {number} in your account. Please check the number (NW- and six digits) and send it again."
+            return (
+                f"I can't find an order {number} with those details. Please check the order number (NW- and six digits) "
+                "and send it again, then the e-mail address or postcode of the order."
+            )
+        session.slots[OPENED_ORDER] = number
         session.slots.pop(AWAITING, None)
         return f"Your order {order.number} ({order.items}) is {order.status}: {order.detail}."
 

@@ -1,4 +1,5 @@
-"""gRPC adapter of the dialogue core: the tenant always comes from the caller's credentials."""
+"""gRPC adapter of the dialogue core: the tenant always comes from the caller's credentials, and
+the core checks the session's user against the caller (`llmos.users`)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def GetSession(
         self, request: dialogue_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> dialogue_pb2.Session:
-        return await self._core.get_session(effective_tenant(request.tenant), request.session_id)
+        return await self._core.get_session(current_principal(), effective_tenant(request.tenant), request.session_id)
 
     async def EndSession(
         self, request: dialogue_pb2.EndSessionRequest, context: grpc.aio.ServicerContext

@@ -5,6 +5,10 @@ longer than the idle TTL is treated as gone (and deleted); the bucket drops entr
 its own TTL regardless. Writes are compare-and-set on the entry's revision, so two turns racing on
 one session cannot silently overwrite each other.
 
+A session belongs to the user who started it (`Session.user_id`, the caller's subject, or the
+customer an operator named); the dialogue core lets only that user, operators and administrators
+read, continue or end it.
+
 Entries are sealed with AES-GCM (`llmos.crypto.AtRest`): the KV holds the key id, nonce and
 ciphertext only, and the entry's key is the associated data, so an entry copied under another
 session's key fails to open.

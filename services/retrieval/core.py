@@ -226,8 +226,10 @@ class RetrievalCore:
         return requested or self._limits.default_top_k
 
     async def search(
-        self, tenant: str, request: retrieval_pb2.SearchRequest
+        self, tenant: str, request: retrieval_pb2.SearchRequest, user_id: str = ""
     ) -> retrieval_pb2.SearchResponse:
+        """Hybrid, dense or sparse search; the top documents go into `user_id`'s profile (the
+        request's user as `llmos.users.acting_user` settled it; empty: nobody's)."""
         query = request.query.strip()
         if not query:
             raise InvalidArgument("query", "is empty")
@@ -250,9 +252,9 @@ class RetrievalCore:
             sparse = self._bm25.query(query)
             rankings.append(await self._run(lambda: self._index.sparse(sparse, where, depth)))
         hits = (rrf(rankings, self._limits.rrf_k) if len(rankings) > 1 else rankings[0])[:top_k]
-        if request.user_id and hits:
+        if user_id and hits:
             asked = list(dict.fromkeys(hit.chunk.document_id for hit in hits))[:ASKED_PER_SEARCH]
-            await self._profiles.record_asked(tenant, request.user_id, asked)
+            await self._profiles.record_asked(tenant, user_id, asked)
         return retrieval_pb2.SearchResponse(
             hits=[
                 retrieval_pb2.ScoredChunk(chunk=hit.chunk, score=hit.score, dense_score=cosine.get(hit.chunk.chunk_id, 0.0))
@@ -287,11 +289,14 @@ class RetrievalCore:
             for document_id, group in grouped.items()
         }
 
-    async def recommend(self, tenant: str, request: retrieval_pb2.RecommendRequest) -> retrieval_pb2.RecommendResponse:
-        if not request.user_id:
+    async def recommend(
+        self, tenant: str, request: retrieval_pb2.RecommendRequest, user_id: str
+    ) -> retrieval_pb2.RecommendResponse:
+        """Documents like those in `user_id`'s profile (the request's user, settled by the caller)."""
+        if not user_id:
             raise InvalidArgument("user_id", "is required: recommendations are for one user")
         top_k = self._top_k(request.top_k)
-        profile = await self._profiles.get(tenant, request.user_id)
+        profile = await self._profiles.get(tenant, user_id)
         seeds = profile.seen()
         if not seeds:
             return retrieval_pb2.RecommendResponse()
@@ -324,7 +329,10 @@ class RetrievalCore:
 
     # Documents --------------------------------------------------------------------------
 
-    async def get_document(self, tenant: str, request: retrieval_pb2.GetDocumentRequest) -> retrieval_pb2.GetDocumentResponse:
+    async def get_document(
+        self, tenant: str, request: retrieval_pb2.GetDocumentRequest, user_id: str = ""
+    ) -> retrieval_pb2.GetDocumentResponse:
+        """A page of the document's chunks, recorded as read in `user_id`'s profile (empty: nobody's)."""
         if not request.document_id:
             raise InvalidArgument("document_id", "is required")
         page_size = request.page.page_size or self._limits.page_size
@@ -340,8 +348,8 @@ class RetrievalCore:
         chunks = sorted((hit.chunk for hit in hits), key=lambda chunk: chunk.index)
         page = chunks[start:start + page_size]
         following = start + page_size
-        if request.user_id:
-            await self._profiles.record_read(tenant, request.user_id, request.document_id)
+        if user_id:
+            await self._profiles.record_read(tenant, user_id, request.document_id)
         first = chunks[0]
         return retrieval_pb2.GetDocumentResponse(
             document_id=request.document_id,

@@ -47,8 +47,10 @@ async def test_order_flow_is_remembered_in_the_session(dialogue, stack: RunningS
     assert first[0].intent.name == "order_status" and "Which order" in "".join(r.delta for r in first)
     second = await chat(dialogue, "777001", session_id)
     assert "NW-777001" in "".join(r.delta for r in second) and second[-1].final
+    third = await chat(dialogue, "jonas.berg@example.com", session_id)  # the order's e-mail opens it
+    assert "Shipped" in "".join(r.delta for r in third)
     session = await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN)
-    assert len(session.turns) == 2 and session.slots["order_number"] == "NW-777001"
+    assert len(session.turns) == 3 and session.slots["order_number"] == "NW-777001"
     event = events_pb2.DialogueTurnCompleted.FromString(
         (await last_message(stack.settings.nats_url, DIALOGUE_TURN_COMPLETED, after_seq=before)).data
     )

@@ -14,7 +14,7 @@ from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.crypto import AtRest
 from llmos.deadline import Deadline
-from llmos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from llmos.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from llmos.intents import OUT_OF_SCOPE, IntentClassifier, Prediction, load_intents_file, train_intent_classifier
 from llmos.ports import Versioned
 from llmos.testing import MemoryBucket, MemoryPublisher
@@ -25,7 +25,7 @@ from llmos.settings import SettingsError
 from services.dialogue.core import DialogueCore, DialogueLimits
 from services.dialogue.replies import load_assistant
 from services.dialogue.sessions import SessionStore, StoredSession
-from services.dialogue.slots import Order, OrderBook, extract_order_number
+from services.dialogue.slots import MAX_PROOFS_PER_MESSAGE, Order, OrderBook, extract_order_number, extract_order_proofs
 from llmos.text import split_sentences
 from services.dialogue.summarize import Summarizer, clip_words, directed_centrality, select_sentences
 
@@ -119,7 +119,7 @@ def make_core(generator: ScriptedGenerator, passages: list[Passage]) -> tuple[Di
         AuditLog(bus, "dialogue"),
         KeywordClassifier(),  # type: ignore[arg-type]
         Backends(HashEmbedder(), retriever, generator, WordCounter()),
-        OrderBook([Order("NW-204518", "acme", "Shipped", "handed to DHL on 2 June", "rain jacket")]),
+        OrderBook([Order("NW-204518", "acme", "Shipped", "handed to DHL on 2 June", "rain jacket", "ann@example.com", "SW1A 1AA")]),
         LIMITS,
         ASSISTANT,
     )
@@ -356,7 +356,7 @@ async def test_the_model_sees_only_the_evidence_and_the_standalone_question() ->
     system, user = generator.calls[-1]
     assert user[0] == "user" and standalone in user[1] and RETURNS.text in user[1]
     assert "You can return any item within 30 days." not in system[1] + user[1].replace(RETURNS.text, "")
-    session = await core.get_session("acme", session_id)
+    session = await core.get_session(ADMIN, "acme", session_id)
     assert session.turns[-1].standalone_question == standalone
 
 
@@ -364,7 +364,7 @@ async def test_a_looping_answer_is_cut_at_its_first_repeat_and_stored_that_way()
     core, _, _ = make_core(ScriptedGenerator("You can return any item within 30 days. " * 5), [RETURNS, SHIPPING])
     responses = await turn(core, RETURN_QUESTION)
     assert text_of(responses).strip() == "You can return any item within 30 days."
-    session = await core.get_session("acme", responses[0].session_id)
+    session = await core.get_session(ADMIN, "acme", responses[0].session_id)
     assert session.turns[-1].answer == "You can return any item within 30 days."
 
 
@@ -436,12 +436,32 @@ async def test_order_flow_asks_validates_and_remembers_the_number() -> None:
     second = await turn(core, "it's NW-12", session_id)
     assert "six digits" in text_of(second)
     third = await turn(core, "204518", session_id)
-    assert "NW-204518" in text_of(third) and "Shipped" in text_of(third)
+    assert "NW-204518" in text_of(third) and "postcode" in text_of(third) and "Shipped" not in text_of(third)
     assert third[0].intent.slots["order_number"] == "NW-204518"
-    fourth = await turn(core, "and what's the status of my order now?", session_id)
-    assert "Shipped" in text_of(fourth)  # remembered across turns
-    unknown = await turn(core, "order NW-999999?", session_id)
-    assert "can't find order NW-999999" in text_of(unknown)
+    fourth = await turn(core, "the postcode is sw1a 1aa", session_id)
+    assert "NW-204518" in text_of(fourth) and "Shipped" in text_of(fourth)
+    fifth = await turn(core, "and what's the status of my order now?", session_id)
+    assert "Shipped" in text_of(fifth)  # remembered across turns
+    unknown = await turn(core, "order NW-999999? it's ann@example.com", session_id)
+    assert "can't find an order NW-999999" in text_of(unknown)
+
+
+async def test_a_wrong_email_gets_the_reply_of_an_unknown_order() -> None:
+    core, _, _ = make_core(ScriptedGenerator("x"), [RETURNS])
+    replies = []
+    for number, proof in (("NW-204518", "someone@example.com"), ("NW-123456", "someone@example.com"), ("NW-204518", "10115")):
+        session_id = (await turn(core, f"where is {number}?"))[0].session_id
+        replies.append(text_of(await turn(core, proof, session_id)).replace(number, "NW-#"))
+    assert len(set(replies)) == 1 and "can't find" in replies[0]
+    session_id = (await turn(core, "where is NW-204518? my e-mail is Ann@Example.com"))[0].session_id
+    session = await core.get_session(ADMIN, "acme", session_id)
+    assert "Shipped" in session.turns[-1].answer and "ann@example.com" not in str(dict(session.slots)).lower()
+
+
+def test_order_proofs_are_found_and_bounded() -> None:
+    assert extract_order_proofs("mail Jonas.Berg@Example.com, postcode SW1A 1AA") == ["jonas.berg@example.com", "sw1a1aa"]
+    assert extract_order_proofs("order NW-777001 placed 777001") == []
+    assert len(extract_order_proofs(" ".join(str(10000 + n) for n in range(300)))) == MAX_PROOFS_PER_MESSAGE
 
 
 async def test_old_turns_fold_into_the_running_summary() -> None:
@@ -449,7 +469,7 @@ async def test_old_turns_fold_into_the_running_summary() -> None:
     session_id = (await turn(core, "hello there"))[0].session_id
     for message in ("can I return boots?", "can I return a tent?", "can I return socks?"):
         await turn(core, message, session_id)
-    session = await core.get_session("acme", session_id)
+    session = await core.get_session(ADMIN, "acme", session_id)
     assert len(session.turns) == 4
     assert "hello there" in session.summary
 
@@ -511,3 +531,26 @@ async def test_a_spoken_answer_quotes_without_framing() -> None:
     request = dialogue_pb2.ChatRequest(message=RETURN_QUESTION, spoken=True)
     responses = [response async for response in core.chat(ADMIN, "acme", request, None)]
     assert text_of(responses) == "You can return any item within 30 days of delivery."
+
+
+async def test_a_session_is_its_users_and_an_operators_only() -> None:
+    core, bus, _ = make_core(ScriptedGenerator("x"), [RETURNS])
+    alice, mallory = Principal("alice", "acme", frozenset({"user"})), Principal("mallory", "acme", frozenset({"user"}))
+    operator = Principal("olga", "acme", frozenset({"operator"}))
+    request = dialogue_pb2.ChatRequest(message="hello")
+    session_id = [r async for r in core.chat(alice, "acme", request, None)][0].session_id
+    assert (await core.get_session(alice, "acme", session_id)).user_id == "alice"
+    with pytest.raises(PermissionDenied, match="belongs to another user"):
+        await core.get_session(mallory, "acme", session_id)
+    with pytest.raises(PermissionDenied):
+        await core.end_session(mallory, "acme", session_id)
+    with pytest.raises(PermissionDenied):
+        [r async for r in core.chat(mallory, "acme", dialogue_pb2.ChatRequest(session_id=session_id, message="hi"), None)]
+    with pytest.raises(PermissionDenied, match="may act only as itself"):
+        [r async for r in core.chat(mallory, "acme", dialogue_pb2.ChatRequest(message="hi", user_id="alice"), None)]
+    audited = [event for subject, event in bus.published if subject.startswith("llmos.audit.")]
+    assert any(isinstance(event, events_pb2.AuditEvent) and event.decision == events_pb2.AUDIT_DECISION_DENY for event in audited)
+    # An operator acts for customers: a session started for alice is hers.
+    for_alice = [r async for r in core.chat(operator, "acme", dialogue_pb2.ChatRequest(message="hello", user_id="alice"), None)]
+    assert (await core.get_session(alice, "acme", for_alice[0].session_id)).user_id == "alice"
+    assert (await core.end_session(operator, "acme", session_id)).ended

@@ -164,15 +164,17 @@ async def test_document_pages_in_chunk_order(core: RetrievalCore) -> None:
 async def test_recommend_from_reading_excludes_what_was_seen(core: RetrievalCore, profiles: KvProfileStore) -> None:
     await load_corpus(core)
     await core.index_embedded(embedded("acme", "refund-times", ["Refunds reach your card in five working days."]))
-    assert not (await core.recommend("acme", retrieval_pb2.RecommendRequest(user_id="ann"))).recommendations
-    await core.get_document("acme", retrieval_pb2.GetDocumentRequest(document_id="returns", user_id="ann"))
-    response = await core.recommend("acme", retrieval_pb2.RecommendRequest(user_id="ann", top_k=2))
+    assert not (await core.recommend("acme", retrieval_pb2.RecommendRequest(), "ann")).recommendations
+    await core.get_document("acme", retrieval_pb2.GetDocumentRequest(document_id="returns"), "ann")
+    response = await core.recommend("acme", retrieval_pb2.RecommendRequest(top_k=2), "ann")
     ids = [rec.document_id for rec in response.recommendations]
     assert ids[0] == "refund-times" and "returns" not in ids and "secret" not in ids
     assert response.recommendations[0].reason == "similar to Title of returns"
-    with_seen = await core.recommend("acme", retrieval_pb2.RecommendRequest(user_id="ann", include_seen=True, top_k=1))
+    with_seen = await core.recommend("acme", retrieval_pb2.RecommendRequest(include_seen=True, top_k=1), "ann")
     assert with_seen.recommendations[0].document_id == "returns"
-    await core.search("acme", search("password login", user_id="ann"))
+    # The core records for the user its caller settled, never for one the request names.
+    await core.search("acme", search("password login", user_id="bob"), "ann")
+    assert not (await profiles.get("acme", "bob")).seen()
     assert (await profiles.get("acme", "ann")).asked[0] == "password"
 
 
