@@ -38,10 +38,11 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from bench.inference.service import REPO, print_table, write_results
 from llmos.audit import ALLOW, DENY, audit_event
 from llmos.bus.codec import encode
+from llmos.clients import AuditClient
 from llmos.bus.subjects import AUDIT_ALL, audit_subject, stream_for
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
-from llmos.v1 import audit_pb2, audit_pb2_grpc, events_pb2
+from llmos.v1 import audit_pb2, events_pb2
 from services.audit.core import AuditStore
 from tests.conftest import free_port
 
@@ -231,7 +232,7 @@ async def bare_consumer(url: str, count: int) -> float:
 
 async def verify(stack: AuditStack) -> audit_pb2.VerifyAuditResponse:
     async with grpc.aio.insecure_channel(stack.settings.audit_addr) as channel:
-        return await audit_pb2_grpc.AuditServiceStub(channel).Verify(audit_pb2.VerifyAuditRequest(), metadata=METADATA, timeout=300)
+        return await AuditClient(channel, METADATA).verify(timeout_s=300)
 
 
 async def bench_bus(count: int) -> dict[str, float]:

@@ -37,7 +37,7 @@ import yaml
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.clients import InferenceClient, RetrievalClient
+from llmos.clients import DialogueClient, InferenceClient, IngestClient, Metadata, RetrievalClient
 from llmos.crypto import AtRest
 from llmos.grpcutil.client import bearer, open_channel
 from llmos.intents import ensure_intent_classifier
@@ -46,7 +46,7 @@ from llmos.settings import SERVICE_NAMES, load_settings
 from llmos.stack import Stack
 from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
-from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from llmos.v1 import common_pb2, dialogue_pb2, ingest_pb2
 from services.dialogue.app import limits_of
 from services.dialogue.backends import Backends, Generator, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
 from services.dialogue.core import DialogueCore
@@ -95,26 +95,19 @@ def private_environment(home: Path) -> None:
         os.environ[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
 
 
-async def index_kb(settings: DialogueSettings, metadata: Sequence[tuple[str, str]]) -> None:
+async def index_kb(settings: DialogueSettings, metadata: Metadata) -> None:
     articles = sorted((REPO / "demo" / "kb").glob("*.md"))
     async with grpc.aio.insecure_channel(settings.ingest_addr) as channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+        ingest = IngestClient(channel, metadata)
         for article in articles:
-            await ingest.SubmitDocument(
+            await ingest.submit(
                 ingest_pb2.SubmitDocumentRequest(
                     document_id=article.stem, title=article.read_text().splitlines()[0].lstrip("# "),
                     mime_type="text/markdown", content=article.read_bytes(),
                 ),
-                metadata=metadata,
             )
-        pending = {article.stem for article in articles}
-        deadline = time.monotonic() + 300
-        while pending and time.monotonic() < deadline:
-            for document_id in list(pending):
-                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=document_id), metadata=metadata)
-                if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
-                    pending.discard(document_id)
-            await asyncio.sleep(0.2)
+        statuses = await ingest.wait_until_settled([article.stem for article in articles], within_s=300, poll_s=0.2)
+        pending = [name for name, status in statuses.items() if status.stage != common_pb2.DOCUMENT_STAGE_INDEXED]
         if pending:
             raise SystemExit(f"not indexed after 300 s: {sorted(pending)}")
 
@@ -137,8 +130,8 @@ async def timed_turn(responses: AsyncIterator[dialogue_pb2.ChatResponse]) -> dic
     }
 
 
-async def grpc_turn(stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], question: str) -> dict[str, float]:
-    return await timed_turn(stub.Chat(dialogue_pb2.ChatRequest(message=question), metadata=metadata, timeout=300))
+async def grpc_turn(dialogue: DialogueClient, question: str) -> dict[str, float]:
+    return await timed_turn(dialogue.chat(dialogue_pb2.ChatRequest(message=question), 300))
 
 
 async def local_turn(core: DialogueCore, principal: Principal, question: str) -> dict[str, float]:
@@ -157,7 +150,7 @@ class CountingGenerator:
         return self._inner.stream(messages, max_new_tokens, timeout_s)
 
 
-async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str]], asked: list[str]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+async def run_both(settings: DialogueSettings, metadata: Metadata, asked: list[str]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """Each question once over gRPC and once in process, alternating which goes first, so neither
     run systematically meets the other's warm caches (e.g. the inference service's prompt prefixes)."""
     # One thread: an intra-op pool here would spin between calls and take CPU from the services.
@@ -183,18 +176,18 @@ async def run_both(settings: DialogueSettings, metadata: Sequence[tuple[str, str
     principal = Principal("bench", "bench", frozenset({"admin"}))
     grpc_rows, local_rows = [], []
     async with grpc.aio.insecure_channel(settings.dialogue_addr) as channel:
-        stub = dialogue_pb2_grpc.DialogueServiceStub(channel)
+        dialogue = DialogueClient(channel, metadata)
         # One warm-up turn each, worded unlike the measured ones, so start-up is not measured.
-        await grpc_turn(stub, metadata, "Hello, what are your store opening hours?")
+        await grpc_turn(dialogue, "Hello, what are your store opening hours?")
         await local_turn(core, principal, "Hi, when are your stores open?")
         for index, question in enumerate(asked):
             calls = generator.calls
             if index % 2:
-                grpc_rows.append(await grpc_turn(stub, metadata, question))
+                grpc_rows.append(await grpc_turn(dialogue, question))
                 local_rows.append(await local_turn(core, principal, question))
             else:
                 local_rows.append(await local_turn(core, principal, question))
-                grpc_rows.append(await grpc_turn(stub, metadata, question))
+                grpc_rows.append(await grpc_turn(dialogue, question))
             # Same classifier, same passages: the gRPC turn took the same path as the in-process one.
             grpc_rows[-1]["model"] = local_rows[-1]["model"] = float(generator.calls > calls)
     await retrieval.close()

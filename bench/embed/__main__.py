@@ -23,10 +23,11 @@ import grpc
 import numpy as np
 
 from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
+from llmos.clients import InferenceClient
 from llmos.embedding import EmbeddingModel
 from llmos.models.catalog import get_spec, locate_source
 from llmos.models.store import artefact_dir
-from llmos.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from llmos.v1 import common_pb2
 
 DATA = Path("/work/shared/data")
 CALL_TEXTS = 64
@@ -46,19 +47,15 @@ def load_texts(count: int) -> list[str]:
     return queries[:half] + abstracts[:count - half]
 
 
-async def embed_through_service(stub: inference_pb2_grpc.InferenceServiceStub, texts: list[str], concurrency: int) -> np.ndarray:
+async def embed_through_service(inference: InferenceClient, texts: list[str], concurrency: int) -> np.ndarray:
     limit = asyncio.Semaphore(concurrency)
 
-    async def call(part: list[str]) -> list[list[float]]:
+    async def call(part: list[str]) -> np.ndarray:
         async with limit:
-            response = await stub.Embed(
-                inference_pb2.EmbedRequest(texts=part, priority=common_pb2.PRIORITY_BATCH), metadata=METADATA, timeout=600
-            )
-        return [list(e.values) for e in response.embeddings]
+            return await inference.embed(part, 600, priority=common_pb2.PRIORITY_BATCH)
 
     parts = [texts[i:i + CALL_TEXTS] for i in range(0, len(texts), CALL_TEXTS)]
-    results = await asyncio.gather(*(call(part) for part in parts))
-    return np.array([vector for part in results for vector in part], dtype=np.float32)
+    return np.concatenate(await asyncio.gather(*(call(part) for part in parts)))
 
 
 def timed(embed: Callable[[list[str]], np.ndarray], texts: list[str]) -> tuple[np.ndarray, float]:
@@ -93,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
         async def served_rounds() -> None:
             async with grpc.aio.insecure_channel(addr) as channel:
-                stub = inference_pb2_grpc.InferenceServiceStub(channel)
-                await embed_through_service(stub, texts[:8], 1)  # warm-up
+                inference = InferenceClient(channel, METADATA)
+                await embed_through_service(inference, texts[:8], 1)  # warm-up
                 for embed in paths.values():
                     embed(texts[:8])
                 for number, indices in enumerate(rounds_of(texts, args.rounds), start=1):
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         vectors[name][indices], elapsed = timed(embed, part)
                         seconds[name] += elapsed
                     started = time.perf_counter()
-                    vectors["served"][indices] = await embed_through_service(stub, part, concurrency=4)
+                    vectors["served"][indices] = await embed_through_service(inference, part, concurrency=4)
                     seconds["served"] += time.perf_counter() - started
                     print(f"  round {number}/{args.rounds}: " + ", ".join(f"{name} {seconds[name]:.1f} s" for name in seconds),
                           flush=True)

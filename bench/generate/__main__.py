@@ -26,10 +26,11 @@ import grpc
 import numpy as np
 
 from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
+from llmos.clients import InferenceClient
 from llmos.models.catalog import get_spec, locate_source
 from llmos.models.store import artefact_dir
 from llmos.tokenization import ModelTokenizer
-from llmos.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from llmos.v1 import common_pb2, inference_pb2
 
 QUESTIONS = [
     "What is the capital of France?", "Write a short poem about the sea.", "How do I return a parcel?",
@@ -60,8 +61,8 @@ def chat(system: str | None, question: str) -> list[common_pb2.ChatMessage]:
     return [*messages, common_pb2.ChatMessage(role="user", content=question)]
 
 
-async def stream(stub, messages, max_new: int, priority: int = common_pb2.PRIORITY_STANDARD,  # type: ignore[no-untyped-def]
-                 tenant: str = "") -> StreamResult:
+async def stream(inference: InferenceClient, messages: list[common_pb2.ChatMessage], max_new: int,
+                 priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_STANDARD, tenant: str = "") -> StreamResult:
     request = inference_pb2.GenerateRequest(
         messages=inference_pb2.ChatMessages(messages=messages), priority=priority, tenant=tenant,
         sampling=inference_pb2.SamplingParams(max_new_tokens=max_new),
@@ -69,7 +70,7 @@ async def stream(stub, messages, max_new: int, priority: int = common_pb2.PRIORI
     started = time.perf_counter()
     first = 0.0
     tokens = 0
-    async for response in stub.Generate(request, metadata=METADATA, timeout=900):
+    async for response in inference.generate(request, timeout_s=900):
         if response.token_ids and not first:
             first = time.perf_counter() - started
         tokens += len(response.token_ids)
@@ -94,23 +95,23 @@ def p95(values: list[float]) -> float:
 async def service_benchmarks(addr: str, args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        await stream(stub, chat(None, "Hello"), 4)  # warm-up
-        single = [await stream(stub, chat(None, q), args.max_new) for q in QUESTIONS[:3]]
+        inference = InferenceClient(channel, METADATA)
+        await stream(inference, chat(None, "Hello"), 4)  # warm-up
+        single = [await stream(inference, chat(None, q), args.max_new) for q in QUESTIONS[:3]]
         out["single_decode_tps"] = float(np.median([r.decode_rate for r in single]))
         out["single_ttft_ms"] = float(np.median([r.ttft_s for r in single])) * 1000
-        cold = await stream(stub, chat(SYSTEM, QUESTIONS[0]), 2)  # fills the prefix cache
+        cold = await stream(inference, chat(SYSTEM, QUESTIONS[0]), 2)  # fills the prefix cache
         out["prefix_cold_ttft_ms"] = cold.ttft_s * 1000
-        prefixed = [await stream(stub, chat(SYSTEM, q), 2) for q in QUESTIONS[1:4]]
+        prefixed = [await stream(inference, chat(SYSTEM, q), 2) for q in QUESTIONS[1:4]]
         out["prefix_ttft_ms"] = float(np.median([r.ttft_s for r in prefixed])) * 1000
 
         for count in (8, args.wide):
             requests = [chat(None, QUESTIONS[i % len(QUESTIONS)]) for i in range(count)]
             started = time.perf_counter()
-            sequential = [await stream(stub, m, args.max_new) for m in requests] if count == 8 else []
+            sequential = [await stream(inference, m, args.max_new) for m in requests] if count == 8 else []
             sequential_s = time.perf_counter() - started
             started = time.perf_counter()
-            together = await asyncio.gather(*(stream(stub, m, args.max_new) for m in requests))
+            together = await asyncio.gather(*(stream(inference, m, args.max_new) for m in requests))
             together_s = time.perf_counter() - started
             out[f"concurrent{count}_tps"] = sum(r.tokens for r in together) / together_s
             out[f"concurrent{count}_p95_ttft_ms"] = p95([r.ttft_s for r in together]) * 1000
@@ -118,15 +119,15 @@ async def service_benchmarks(addr: str, args: argparse.Namespace) -> dict[str, f
                 out["sequential8_tps"] = sum(r.tokens for r in sequential) / sequential_s
 
         # B's questions are new in both phases (numbered), so neither phase hits the prefix cache.
-        alone = [await stream(stub, chat(None, f"Question {i}: {q}"), 16, common_pb2.PRIORITY_INTERACTIVE, "tenant-b")
+        alone = [await stream(inference, chat(None, f"Question {i}: {q}"), 16, common_pb2.PRIORITY_INTERACTIVE, "tenant-b")
                  for i, q in enumerate(QUESTIONS[:5])]
         out["fair_b_alone_p95_ttft_ms"] = p95([r.ttft_s for r in alone]) * 1000
-        flood = [asyncio.ensure_future(stream(stub, chat(None, QUESTIONS[i % 8]), args.flood_tokens,
+        flood = [asyncio.ensure_future(stream(inference, chat(None, QUESTIONS[i % 8]), args.flood_tokens,
                                               common_pb2.PRIORITY_BATCH, "tenant-a")) for i in range(args.flood)]
         await asyncio.sleep(1.0)
         loaded = []
         for i, q in enumerate(QUESTIONS[:5], start=5):
-            loaded.append(await stream(stub, chat(None, f"Question {i}: {q}"), 16, common_pb2.PRIORITY_INTERACTIVE,
+            loaded.append(await stream(inference, chat(None, f"Question {i}: {q}"), 16, common_pb2.PRIORITY_INTERACTIVE,
                                        "tenant-b"))
         out["fair_b_loaded_p95_ttft_ms"] = p95([r.ttft_s for r in loaded]) * 1000
         await asyncio.gather(*flood)

@@ -30,10 +30,11 @@ import numpy as np
 
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
+from llmos.clients import RetrievalClient
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
-from llmos.v1 import common_pb2, events_pb2, retrieval_pb2, retrieval_pb2_grpc
+from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "ingest.json"
@@ -152,7 +153,7 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
     await watch_stages(connection, seen)
     start_seq = await last_sequence(js, DOCS_INDEXED)
     channel = grpc.aio.insecure_channel(stack.settings.service_addr("retrieval"))
-    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+    retrieval = RetrievalClient(channel, METADATA)
     try:
         bulk = documents(bulk_count)
         started = time.perf_counter()
@@ -174,10 +175,10 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
             document.submitted_at.GetCurrentTime()
             published = time.perf_counter()
             await js.publish(INGEST_REQUESTED, document.SerializeToString())
-            request = retrieval_pb2.SearchRequest(query="store opens late for stocktaking", top_k=1,
-                                                  mode=retrieval_pb2.SEARCH_MODE_SPARSE,
-                                                  filter=retrieval_pb2.SearchFilter(document_ids=[document_id]))
-            while not (await retrieval.Search(request, metadata=METADATA)).hits:
+            only_this = retrieval_pb2.SearchFilter(document_ids=[document_id])
+            while not await retrieval.search(
+                "", "store opens late for stocktaking", 1, None, retrieval_pb2.SEARCH_MODE_SPARSE, search_filter=only_this
+            ):
                 if time.perf_counter() - published > 60:
                     raise TimeoutError(f"{document_id} not searchable within 60 s")
                 await asyncio.sleep(0.01)

@@ -27,11 +27,12 @@ import numpy as np
 from pocketsphinx import Decoder
 
 from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, resample, samples_to_pcm
+from llmos.clients import DialogueClient, SpeechClient
 from llmos.grpcutil.client import bearer
 from llmos.models import artefact_dir
 from llmos.settings import PlatformSettings, load_settings
 from llmos.stack import Stack
-from llmos.v1 import dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
+from llmos.v1 import speech_pb2
 from llmos_cli.client import channel
 from llmos_cli.speech import DEMO_QUESTIONS, VoiceTurn, audio_request_bytes, voice_turn
 from services.speech.asr import AsrEngine, recognize_clip
@@ -101,12 +102,11 @@ async def spoken_questions(settings: PlatformSettings, questions: list[str]) -> 
     """Each question said once by the speech service (Kokoro), 16 kHz WAV, a short pause before it."""
     metadata = (("authorization", bearer(BENCH_KEY)),)
     async with channel(settings, "speech") as speech_channel:
-        stub = speech_pb2_grpc.SpeechServiceStub(speech_channel)
+        speech = SpeechClient(speech_channel, metadata)
         recordings = []
         for question in questions:
-            response = await stub.Synthesize(
-                speech_pb2.SynthesizeSpeechRequest(text=question, voice_name="jm_kumo", sample_rate_hz=16000),
-                metadata=metadata, timeout=300,
+            response = await speech.synthesize(
+                speech_pb2.SynthesizeSpeechRequest(text=question, voice_name="jm_kumo", sample_rate_hz=16000), timeout_s=300
             )
             samples = np.concatenate([np.zeros(4800, np.int16), pcm_to_samples(response.audio)])
             recordings.append(encode_wav(samples, 16000))
@@ -117,11 +117,11 @@ async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -
     metadata = (("authorization", bearer(BENCH_KEY)),)
     turns = []
     async with channel(settings, "dialogue") as dialogue_channel:
-        stub = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
+        dialogue = DialogueClient(dialogue_channel, metadata)
         for recording in recordings:
             # Hanging up at the first answer audio cancels the rest of the turn, so one turn's long
             # answer does not slow the next one down.
-            turns.append(await voice_turn(stub, metadata, recording, until_first_audio=True))
+            turns.append(await voice_turn(dialogue, recording, until_first_audio=True))
     return turns
 
 

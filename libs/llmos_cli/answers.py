@@ -30,8 +30,7 @@ from llmos.clients import DialogueClient, RetrievalClient
 from llmos.facts import facts, normalize
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2
-from llmos_cli.client import channel as cli_channel
-from llmos_cli.client import metadata as cli_metadata
+from llmos_cli.client import connect
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 QUESTIONS_FILE = "questions.yaml"
@@ -208,16 +207,13 @@ def report(outcomes: Sequence[Outcome], source: str, show_failures: bool) -> Non
 
 def cmd_eval_answers(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
-    metadata = cli_metadata(settings, args.api_key)
     path = Path(args.data) / QUESTIONS_FILE
     cases = load_cases(path)
 
     async def run() -> list[Outcome]:
         outcomes: list[Outcome] = []
-        dialogue_channel, retrieval_channel = cli_channel(settings, "dialogue"), cli_channel(settings, "retrieval")
-        async with dialogue_channel, retrieval_channel:
-            dialogue = DialogueClient(dialogue_channel, metadata)
-            documents = DocumentTexts(RetrievalClient(retrieval_channel, metadata))
+        async with connect(settings, DialogueClient, args.api_key) as dialogue, connect(settings, RetrievalClient, args.api_key) as retrieval:
+            documents = DocumentTexts(retrieval)
             for case in cases:
                 outcome = await ask(dialogue, case, args.timeout)
                 outcome.unsupported = await unsupported_facts(outcome, documents)

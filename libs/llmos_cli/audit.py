@@ -6,11 +6,10 @@ import argparse
 import asyncio
 from datetime import datetime, timezone
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
+from llmos.clients import AuditClient
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import audit_pb2, audit_pb2_grpc, common_pb2, events_pb2
-from llmos_cli.client import Metadata, channel, metadata
+from llmos.v1 import audit_pb2, events_pb2
+from llmos_cli.client import connect
 
 PAGE_SIZE = 200
 
@@ -23,36 +22,20 @@ def _line(record: audit_pb2.AuditRecord) -> str:
     return f"#{record.sequence:<6} {when} {event.tenant:<10} {event.principal:<14} {decision:<5} {event.action} {event.resource}{reason}"
 
 
-def _request(args: argparse.Namespace, page_token: str) -> audit_pb2.QueryAuditRequest:
-    request = audit_pb2.QueryAuditRequest(
-        tenant=args.tenant, principal=args.principal, action=args.action,
-        page=common_pb2.PageRequest(page_size=PAGE_SIZE, page_token=page_token),
-    )
-    if args.since:
-        since = Timestamp()
-        since.FromDatetime(datetime.fromisoformat(args.since).replace(tzinfo=timezone.utc))
-        request.start_time.CopyFrom(since)
-    return request
-
-
-async def _pages(stub: audit_pb2_grpc.AuditServiceStub, args: argparse.Namespace, md: Metadata, token: str) -> tuple[list[audit_pb2.AuditRecord], str]:
-    records = [record async for record in stub.Query(_request(args, token), metadata=md)]
-    return records, str(records[-1].sequence) if records else token
-
-
 async def _query(settings: PlatformSettings, args: argparse.Namespace, follow: bool) -> int:
-    async with channel(settings, "audit") as audit_channel:
-        stub = audit_pb2_grpc.AuditServiceStub(audit_channel)
-        md = metadata(settings, args.key)
-        token = ""
+    since = datetime.fromisoformat(args.since).replace(tzinfo=timezone.utc) if args.since else None
+    async with connect(settings, AuditClient, args.key) as audit:
+        after = 0
         while True:
-            records, token = await _pages(stub, args, md, token)
-            for record in records:
+            records = audit.query(
+                tenant=args.tenant, principal=args.principal, action=args.action, since=since, after_sequence=after, page_size=PAGE_SIZE
+            )
+            async for record in records:
                 print(_line(record), flush=True)
-            if len(records) < PAGE_SIZE:
-                if not follow:
-                    return 0
-                await asyncio.sleep(1.0)
+                after = record.sequence
+            if not follow:
+                return 0
+            await asyncio.sleep(1.0)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -68,11 +51,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     async def verify() -> int:
-        settings = load_settings(PlatformSettings)
-        async with channel(settings, "audit") as audit_channel:
-            result = await audit_pb2_grpc.AuditServiceStub(audit_channel).Verify(
-                audit_pb2.VerifyAuditRequest(), metadata=metadata(settings, args.key)
-            )
+        async with connect(load_settings(PlatformSettings), AuditClient, args.key) as audit:
+            result = await audit.verify()
         if result.intact:
             print(f"intact: {result.records_checked} records chained")
             return 0

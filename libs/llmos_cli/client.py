@@ -1,14 +1,20 @@
-"""How command-line tools call the services: which API key, and a channel that follows TLS."""
+"""How command-line tools call the services: which API key, a channel that follows TLS, and the
+service's typed client (`llmos.clients`) over it."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
 import grpc
 
+from llmos.clients import Metadata, ServiceClient
 from llmos.grpcutil.client import CHANNEL_OPTIONS, bearer
 from llmos.grpcutil.tls import caller_credentials
 from llmos.settings import PlatformSettings
 
-Metadata = tuple[tuple[str, str], ...]
+Client = TypeVar("Client", bound=ServiceClient)
 
 
 def api_key(settings: PlatformSettings, explicit: str = "") -> str:
@@ -33,3 +39,11 @@ def channel(settings: PlatformSettings, service: str) -> grpc.aio.Channel:
     if credentials is not None:
         return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+
+
+@asynccontextmanager
+async def connect(settings: PlatformSettings, client: type[Client], key: str = "") -> AsyncIterator[Client]:
+    """The client of one service, calling with `key` (see `api_key`), its channel closed on leaving."""
+    credentials = metadata(settings, key)
+    async with channel(settings, client.service) as service_channel:
+        yield client(service_channel, credentials)

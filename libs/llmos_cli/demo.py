@@ -10,20 +10,12 @@ import asyncio
 import time
 from pathlib import Path
 
+from llmos.clients import AuditClient, DialogueClient, IngestClient, TokenizerClient
 from llmos.settings import PlatformSettings
 from llmos.stack import Stack
 from llmos.telemetry import SPAN_FILE, read_spans
-from llmos.v1 import (
-    audit_pb2,
-    audit_pb2_grpc,
-    common_pb2,
-    dialogue_pb2_grpc,
-    ingest_pb2,
-    ingest_pb2_grpc,
-    tokenizer_pb2,
-    tokenizer_pb2_grpc,
-)
-from llmos_cli.client import Metadata, api_key, channel, metadata
+from llmos.v1 import common_pb2, ingest_pb2
+from llmos_cli.client import api_key, connect
 from llmos_cli.dialogue import demo_tour
 from llmos_cli.speech import print_voice_turn, voice_turn
 from llmos_cli.tracetree import render_tree, trace_spans
@@ -32,42 +24,26 @@ DEMO_KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"
 
 
-async def _wait_until_indexed(
-    ingest: ingest_pb2_grpc.IngestServiceStub, document_ids: list[str], md: Metadata, timeout_s: float = 300.0
-) -> None:
+async def _wait_until_indexed(ingest: IngestClient, document_ids: list[str], timeout_s: float = 300.0) -> None:
     """Answers cite what is searchable: wait until every article is embedded and indexed."""
     started = time.monotonic()
-    pending = set(document_ids)
-    while pending and time.monotonic() - started < timeout_s:
-        for document_id in sorted(pending):
-            status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=document_id), metadata=md)
-            if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
-                pending.discard(document_id)
-        await asyncio.sleep(0.5)
+    statuses = await ingest.wait_until_settled(document_ids, within_s=timeout_s)
+    pending = [document_id for document_id, status in statuses.items() if status.stage != common_pb2.DOCUMENT_STAGE_INDEXED]
     state = f"still not indexed: {', '.join(sorted(pending))}" if pending else "all indexed"
     print(f"  {state} after {time.monotonic() - started:.1f} s")
 
 
 async def _tour(settings: PlatformSettings) -> None:
-    md = metadata(settings)
-    async with channel(settings, "tokenizer") as tokenizer_channel:
-        tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(tokenizer_channel)
+    async with connect(settings, TokenizerClient) as tokenizer:
         print("\n== tokenizer: the model's own chat template and token counts")
-        templated = await tokenizer.ApplyChatTemplate(
-            tokenizer_pb2.ApplyChatTemplateRequest(
-                messages=[common_pb2.ChatMessage(role="user", content="Where is my order NW-204518?")],
-                add_generation_prompt=True,
-            ),
-            metadata=md,
-        )
+        templated = await tokenizer.apply_chat_template([("user", "Where is my order NW-204518?")])
         print(templated.prompt.rstrip())
         print(f"-> {templated.token_count} tokens")
 
-    async with channel(settings, "ingest") as ingest_channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+    async with connect(settings, IngestClient) as ingest:
         print(f"\n== ingest: the Northwind help centre ({DEMO_KB})")
         for article in sorted(DEMO_KB.glob("*.md")):
-            response = await ingest.SubmitDocument(
+            response = await ingest.submit(
                 ingest_pb2.SubmitDocumentRequest(
                     document_id=article.stem,
                     title=article.read_text().splitlines()[0].lstrip("# "),
@@ -75,26 +51,22 @@ async def _tour(settings: PlatformSettings) -> None:
                     content=article.read_bytes(),
                     source=f"demo/kb/{article.name}",
                 ),
-                metadata=md,
             )
-            status = await ingest.GetDocumentStatus(
-                ingest_pb2.GetDocumentStatusRequest(document_id=article.stem), metadata=md
-            )
+            status = await ingest.status(article.stem)
             stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
             note = "unchanged since last run" if response.unchanged else f"{status.chunk_count} chunks"
             print(f"  {article.stem:<14} {stage:<8} {note}  sha256 {response.content_hash[:12]}")
-        await _wait_until_indexed(ingest, [article.stem for article in DEMO_KB.glob("*.md")], md)
+        await _wait_until_indexed(ingest, [article.stem for article in DEMO_KB.glob("*.md")])
 
     await demo_tour(settings, api_key(settings))
-    await _voice_turn(settings, md)
+    await _voice_turn(settings)
     await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
-    async with channel(settings, "audit") as audit_channel:
-        audit = audit_pb2_grpc.AuditServiceStub(audit_channel)
+    async with connect(settings, AuditClient) as audit:
         print("\n== audit: who did what, chained by SHA-256")
-        async for record in audit.Query(audit_pb2.QueryAuditRequest(page=common_pb2.PageRequest(page_size=5)), metadata=md):
+        async for record in audit.query(limit=5):
             event = record.event
             print(f"  #{record.sequence:<3} {event.principal:<8} {event.action:<14} {event.resource:<20} {record.hash[:12]}")
-        verdict = await audit.Verify(audit_pb2.VerifyAuditRequest(), metadata=md)
+        verdict = await audit.verify()
         print(f"  chain intact: {verdict.intact} ({verdict.records_checked} records)")
 
     spans = read_spans(settings.telemetry_dir / SPAN_FILE)
@@ -105,11 +77,11 @@ async def _tour(settings: PlatformSettings) -> None:
         print("\n".join(render_tree(trace_spans(spans, latest["trace_id"]))))
 
 
-async def _voice_turn(settings: PlatformSettings, md: Metadata) -> None:
+async def _voice_turn(settings: PlatformSettings) -> None:
     """A spoken question, streamed in real time as from a microphone; the answer comes back spoken."""
     print(f"\n== voice: a spoken question to DialogueService.Converse ({DEMO_QUESTION.name}, streamed in real time)")
-    async with channel(settings, "dialogue") as dialogue_channel:
-        turn = await voice_turn(dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel), md, DEMO_QUESTION.read_bytes())
+    async with connect(settings, DialogueClient) as dialogue:
+        turn = await voice_turn(dialogue, DEMO_QUESTION.read_bytes())
     print_voice_turn(turn)
     answer = settings.home / "demo-answer.wav"
     if turn.sample_rate:

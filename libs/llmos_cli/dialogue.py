@@ -17,16 +17,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from llmos.grpcutil.client import bearer
+from llmos.clients import DialogueClient
+from llmos.errors import LlmosError
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from llmos.v1 import dialogue_pb2
 from llmos_cli import answers
-from llmos_cli.client import api_key
-from llmos_cli.client import metadata as cli_metadata
-from llmos_cli.client import channel as cli_channel
+from llmos_cli.client import api_key, connect
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 HELD_BACK_FRACTION = 0.2
@@ -34,19 +32,13 @@ SPLIT_SEED = 0
 OOS_LABELS = ("oos", "out_of_scope")
 
 
-def _stub(settings: PlatformSettings) -> tuple[grpc.aio.Channel, dialogue_pb2_grpc.DialogueServiceStub]:
-    channel = cli_channel(settings, "dialogue")
-    return channel, dialogue_pb2_grpc.DialogueServiceStub(channel)
-
-
 async def _turn(
-    stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Sequence[tuple[str, str]], session_id: str, message: str,
-    timeout_s: float, echo: bool,
+    dialogue: DialogueClient, session_id: str, message: str, timeout_s: float, echo: bool,
 ) -> tuple[str, str, list[dialogue_pb2.Citation], dialogue_pb2.ChatResponse]:
     """One Chat call: (session id, answer, citations, final message), streaming the answer if `echo`."""
     answer: list[str] = []
     final = dialogue_pb2.ChatResponse()
-    async for response in stub.Chat(dialogue_pb2.ChatRequest(session_id=session_id, message=message), metadata=metadata, timeout=timeout_s):
+    async for response in dialogue.chat(dialogue_pb2.ChatRequest(session_id=session_id, message=message), timeout_s):
         session_id = response.session_id or session_id
         if response.delta:
             answer.append(response.delta)
@@ -70,13 +62,11 @@ async def conversation(settings: PlatformSettings, api_key: str, messages: Seque
 
     This is also what `llmos demo` calls to show a multi-turn conversation.
     """
-    metadata = (("authorization", bearer(api_key)),)
-    channel, stub = _stub(settings)
     session_id = ""
-    async with channel:
+    async with connect(settings, DialogueClient, api_key) as dialogue:
         for message in messages:
             print(f"you> {message}\nassistant> ", end="", flush=True)
-            session_id, _, citations, final = await _turn(stub, metadata, session_id, message, timeout_s, echo=True)
+            session_id, _, citations, final = await _turn(dialogue, session_id, message, timeout_s, echo=True)
             print_citations(citations, final.handoff)
     return session_id
 
@@ -96,15 +86,13 @@ async def demo_tour(settings: PlatformSettings, api_key: str, document_id: str =
     looked up across turns, an out-of-scope hand-off, and both kinds of summary of an article."""
     print("\n== dialogue: a conversation with the Northwind assistant")
     session_id = await conversation(settings, api_key, DEMO_CONVERSATION)
-    metadata = (("authorization", bearer(api_key)),)
-    channel, stub = _stub(settings)
-    async with channel:
-        session = await stub.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=10)
+    async with connect(settings, DialogueClient, api_key) as dialogue:
+        session = await dialogue.session(session_id, timeout_s=10)
         print(f"  session {session_id}: {len(session.turns)} turns, slots {dict(session.slots)}")
         for mode in (dialogue_pb2.SUMMARY_MODE_EXTRACTIVE, dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE):
             name = dialogue_pb2.SummaryMode.Name(mode).removeprefix("SUMMARY_MODE_").lower()
-            response = await stub.Summarize(
-                dialogue_pb2.SummarizeRequest(document_id=document_id, mode=mode, target_words=40), metadata=metadata, timeout=300
+            response = await dialogue.summarize(
+                dialogue_pb2.SummarizeRequest(document_id=document_id, mode=mode, target_words=40), timeout_s=300
             )
             print(f"\n== summary of {document_id!r} ({name}, {response.source_tokens} tokens in)\n{response.summary}")
 
@@ -117,12 +105,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
-    metadata = cli_metadata(settings, args.api_key)
 
     async def loop() -> None:
-        channel, stub = _stub(settings)
         session_id = args.session
-        async with channel:
+        async with connect(settings, DialogueClient, args.api_key) as dialogue:
             print("Northwind assistant (empty line or Ctrl-D to quit)")
             while True:
                 try:
@@ -133,9 +119,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     break
                 print("assistant> ", end="", flush=True)
                 try:
-                    session_id, _, citations, final = await _turn(stub, metadata, session_id, message, 120.0, echo=True)
-                except grpc.aio.AioRpcError as exc:
-                    print(f"\n[{exc.code().name}] {exc.details()}")
+                    session_id, _, citations, final = await _turn(dialogue, session_id, message, 120.0, echo=True)
+                except LlmosError as exc:  # this message failed; the conversation goes on
+                    print(f"\n[{type(exc).__name__}] {exc.message}")
                     continue
                 print_citations(citations, final.handoff)
             if session_id:
@@ -147,7 +133,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_summarize(args: argparse.Namespace) -> int:
     settings = load_settings(PlatformSettings)
-    metadata = cli_metadata(settings, args.api_key)
     mode = dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE if args.mode == "abstractive" else dialogue_pb2.SUMMARY_MODE_EXTRACTIVE
     if args.doc:
         request = dialogue_pb2.SummarizeRequest(document_id=args.doc, mode=mode, target_words=args.words)
@@ -158,9 +143,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
         return 2
 
     async def call() -> dialogue_pb2.SummarizeResponse:
-        channel, stub = _stub(settings)
-        async with channel:
-            return await stub.Summarize(request, metadata=metadata, timeout=600)
+        async with connect(settings, DialogueClient, args.api_key) as dialogue:
+            return await dialogue.summarize(request, timeout_s=600)
 
     response = asyncio.run(call())
     print(response.summary)
@@ -289,7 +273,6 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     from llmos.text import split_sentences
 
     settings = load_settings(PlatformSettings)
-    metadata = cli_metadata(settings, args.api_key)
     documents = [json.loads(line) for line in (Path(args.data) / "docs.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     documents = documents[: args.limit] if args.limit else documents
     modes = {"extractive": dialogue_pb2.SUMMARY_MODE_EXTRACTIVE, "abstractive": dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE}
@@ -299,8 +282,7 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         nonlocal written, supported
-        channel, stub = _stub(settings)
-        async with channel:
+        async with connect(settings, DialogueClient, args.api_key) as dialogue:
             for document in documents:
                 reference = split_sentences(document["reference"])
                 target = len(document["reference"].split())
@@ -308,9 +290,9 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
                 scores["lead-3"].append(rouge(lead, reference))
                 lengths["lead-3"].append(len(" ".join(lead).split()))
                 for name in args.modes:
-                    response = await stub.Summarize(
+                    response = await dialogue.summarize(
                         dialogue_pb2.SummarizeRequest(text=document["document"], mode=modes[name], target_words=max(target, 10)),
-                        metadata=metadata, timeout=600,
+                        timeout_s=600,
                     )
                     scores[name].append(rouge(split_sentences(response.summary), reference))
                     lengths[name].append(len(response.summary.split()))

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
-
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import DOCS_EVENTS, DOCS_FAILED, DOCS_INDEXED
+from llmos.clients import IngestClient, RetrievalClient
+from llmos.errors import LlmosError
 from llmos.natsauth import connect_cli
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
-from llmos_cli.client import Metadata, channel, metadata
+from llmos.v1 import common_pb2, events_pb2, ingest_pb2, retrieval_pb2
+from llmos_cli.client import connect
 
 T = TypeVar("T")
 MIME_TYPES = {
@@ -177,36 +177,33 @@ async def _ingest(args: argparse.Namespace, settings: PlatformSettings) -> int:
     if not documents:
         print("no supported files found", file=sys.stderr)
         return 1
-    auth = metadata(settings, args.key)
     start_seq = await bus_position(settings) if args.wait else 0
     rows: dict[str, list[str]] = {}
     progress = Progress("submitted", len(documents))
     tenant = args.tenant
-    async with channel(settings, "ingest") as ingest_channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+    async with connect(settings, IngestClient, args.key) as ingest:
 
         async def submit(document: FileDocument) -> None:
             try:
-                response = await ingest.SubmitDocument(
+                response = await ingest.submit(
                     ingest_pb2.SubmitDocumentRequest(
                         tenant=args.tenant, document_id=document.document_id, title=_title(document),
                         mime_type=document.mime_type, content=document.path.read_bytes(), source=str(document.path),
                         tags=args.tag, priority=PRIORITIES[args.priority],
                     ),
-                    metadata=auth, timeout=RPC_TIMEOUT_S,
+                    timeout_s=RPC_TIMEOUT_S,
                 )
                 stage = "unchanged" if response.unchanged else common_pb2.DocumentStage.Name(response.stage).removeprefix("DOCUMENT_STAGE_").lower()
                 rows[document.document_id] = [str(document.path), document.document_id, stage, ""]
-            except grpc.aio.AioRpcError as exc:
-                rows[document.document_id] = [str(document.path), document.document_id, "failed", f"{exc.code().name}: {exc.details()}"]
+            except LlmosError as exc:  # this file is reported failed; the others go on
+                rows[document.document_id] = [str(document.path), document.document_id, "failed", f"{type(exc).__name__}: {exc.message}"]
             progress.advance()
 
         await bounded(documents, args.concurrency, submit)
         waiting = [doc for doc, row in rows.items() if row[2] not in ("failed", "unchanged")]
         if args.wait and waiting:
             if not tenant:
-                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=waiting[0]), metadata=auth)
-                tenant = status.tenant
+                tenant = (await ingest.status(waiting[0], timeout_s=RPC_TIMEOUT_S)).tenant
             outcome = await watch_documents(settings, tenant, waiting, start_seq, args.timeout, Progress("indexed", len(waiting)))
             for document_id in outcome.indexed:
                 rows[document_id][2] = "indexed"
@@ -236,17 +233,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 async def _search(args: argparse.Namespace, settings: PlatformSettings) -> int:
-    auth = metadata(settings, args.key)
-    async with channel(settings, "retrieval") as retrieval_channel:
-        response = await retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel).Search(
-            retrieval_pb2.SearchRequest(
-                tenant=args.tenant, query=args.query, top_k=args.top_k, mode=MODES[args.mode],
-                filter=retrieval_pb2.SearchFilter(document_ids=args.document, tags=args.tag, sources=args.source),
-            ),
-            metadata=auth, timeout=RPC_TIMEOUT_S,
+    async with connect(settings, RetrievalClient, args.key) as retrieval:
+        hits = await retrieval.search(
+            args.tenant, args.query, args.top_k, RPC_TIMEOUT_S, MODES[args.mode],
+            search_filter=retrieval_pb2.SearchFilter(document_ids=args.document, tags=args.tag, sources=args.source),
         )
     rows = []
-    for rank, hit in enumerate(response.hits, start=1):
+    for rank, hit in enumerate(hits, start=1):
         snippet = " ".join(hit.chunk.text.split())
         rows.append([str(rank), f"{hit.score:.4f}", hit.chunk.document_id, hit.chunk.title,
                      f"{hit.chunk.start_offset}-{hit.chunk.end_offset}", snippet[:80] + ("…" if len(snippet) > 80 else "")])
@@ -258,11 +251,7 @@ async def _search(args: argparse.Namespace, settings: PlatformSettings) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_search(args, load_settings(PlatformSettings)))
-    except grpc.aio.AioRpcError as exc:
-        print(f"llmos search: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+    return asyncio.run(_search(args, load_settings(PlatformSettings)))
 
 
 # llmos eval retrieval ----------------------------------------------------------------------
@@ -314,13 +303,10 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
     data = load_beir(Path(args.data))
     queries = dict(list(data.queries.items())[: args.max_queries or None])
     tenant = f"eval-{uuid.uuid4().hex[:8]}"
-    auth = metadata(settings, args.key)
     print(f"{args.data}: {len(data.corpus)} documents, {len(queries)} queries; throwaway tenant {tenant}")
     start_seq = await bus_position(settings)
     started = time.perf_counter()
-    async with channel(settings, "ingest") as ingest_channel, channel(settings, "retrieval") as retrieval_channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
-        retrieval = retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel)
+    async with connect(settings, IngestClient, args.key) as ingest, connect(settings, RetrievalClient, args.key) as retrieval:
         submitted = Progress("submitted", len(data.corpus))
         watcher = asyncio.create_task(
             watch_documents(settings, tenant, [str(doc["_id"]) for doc in data.corpus], start_seq, args.timeout,
@@ -330,12 +316,12 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
         async def submit(document: dict[str, str]) -> None:
             # BEIR's convention for dense and sparse models alike: title, then text.
             content = "\n\n".join(part for part in (document.get("title", ""), document.get("text", "")) if part)
-            await ingest.SubmitDocument(
+            await ingest.submit(
                 ingest_pb2.SubmitDocumentRequest(
                     tenant=tenant, document_id=str(document["_id"]), title=document.get("title", ""),
                     content=content.encode("utf-8"), mime_type="text/plain", priority=common_pb2.PRIORITY_BATCH,
                 ),
-                metadata=auth, timeout=RPC_TIMEOUT_S,
+                timeout_s=RPC_TIMEOUT_S,
             )
             submitted.advance()
 
@@ -351,12 +337,9 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
 
                 async def run_query(item: tuple[str, str], mode: str = mode, progress: Progress = progress) -> tuple[str, list[str]]:
                     query_id, text = item
-                    response = await retrieval.Search(
-                        retrieval_pb2.SearchRequest(tenant=tenant, query=text, top_k=args.top_chunks, mode=MODES[mode]),
-                        metadata=auth, timeout=RPC_TIMEOUT_S,
-                    )
+                    hits = await retrieval.search(tenant, text, args.top_chunks, RPC_TIMEOUT_S, MODES[mode])
                     progress.advance()
-                    return query_id, documents_by_best_chunk(response.hits)
+                    return query_id, documents_by_best_chunk(hits)
 
                 ranked = dict(await bounded(list(queries.items()), args.concurrency, run_query))  # type: ignore[arg-type]
                 results[mode] = {
@@ -367,7 +350,7 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
             if not args.keep:
                 await bounded(
                     data.corpus, args.concurrency,
-                    lambda doc: _delete_quietly(ingest, tenant, str(doc["_id"]), auth),
+                    lambda doc: _delete_quietly(ingest, tenant, str(doc["_id"])),
                 )
     rows = [
         [mode, f"{r['ndcg@10']:.3f}", f"{r['recall@100']:.3f}", REFERENCE_NDCG10[mode][0], f"{REFERENCE_NDCG10[mode][1]:.3f}"]
@@ -383,10 +366,10 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
     return 0
 
 
-async def _delete_quietly(ingest: ingest_pb2_grpc.IngestServiceStub, tenant: str, document_id: str, auth: Metadata) -> None:
+async def _delete_quietly(ingest: IngestClient, tenant: str, document_id: str) -> None:
     try:
-        await ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(tenant=tenant, document_id=document_id), metadata=auth)
-    except grpc.aio.AioRpcError:
+        await ingest.delete(document_id, tenant=tenant)
+    except LlmosError:
         pass  # a document that never made it in has nothing to delete
 
 

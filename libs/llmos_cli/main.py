@@ -11,13 +11,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmos.errors import LlmosError
+from llmos import errors
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
 from llmos.telemetry import SPAN_FILE, read_spans
 
 # Modules that add subcommands of their area: each exposes `register(commands, evals)`, adding
 # its commands to `commands` and its `llmos eval <task>` evaluations to `evals`.
 COMMAND_MODULES: tuple[str, ...] = ("llmos_cli.keys", "llmos_cli.audit", "llmos_cli.speech", "llmos_cli.kb", "llmos_cli.dialogue")
+# What to do about a platform error a command could not handle, beside its message.
+NEXT_STEPS: dict[type[errors.LlmosError], str] = {
+    errors.Unavailable: "is the platform running? Start it with `llmos up --detach`; `llmos status` shows each service's health",
+    errors.Unauthenticated: "pass an API key with --key / --api-key or set LLMOS_API_KEY (an administrator issues one with `llmos keys create`)",
+    errors.PermissionDenied: "this API key's role may not do that: use a key whose role may (`llmos keys create --role ...`)",
+    errors.DeadlineExceeded: "the service did not answer in time: it may be busy or still loading; retry, or see `llmos status`",
+}
 
 
 def _settings() -> PlatformSettings:
@@ -111,8 +118,8 @@ def cmd_models_build(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from llmos.grpcutil.tls import CLIENT_NAME, make_certificates
 
-    make_certificates(args.out, (*SERVICE_NAMES, CLIENT_NAME), tuple(args.host))
-    print(f"CA and certificates for {', '.join(SERVICE_NAMES)} and {CLIENT_NAME} in {args.out}")
+    ca_folder = make_certificates(args.out, (*SERVICE_NAMES, CLIENT_NAME), tuple(args.host), args.ca_dir)
+    print(f"certificates for {', '.join(SERVICE_NAMES)} and {CLIENT_NAME} in {args.out}; the CA's key in {ca_folder} (keep it apart)")
     print(f"serve TLS with LLMOS_TLS_DIR={args.out} (and LLMOS_TLS_MUTUAL=true for mutual TLS)")
     return 0
 
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs = commands.add_parser("certs", help="make a development CA and a certificate per service")
     certs.add_argument("--out", type=Path, required=True, help="folder for ca.pem, <service>.pem, <service>-key.pem")
     certs.add_argument("--host", action="append", default=["localhost", "127.0.0.1"], help="extra host names or IPs")
+    certs.add_argument("--ca-dir", type=Path, help="the CA's folder, kept from services (default: OUT-ca); an existing CA there signs")
     certs.set_defaults(run=cmd_certs)
 
     commands.add_parser("demo", help="start the stack, show the main flows, stop it").set_defaults(run=cmd_demo)
@@ -169,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 2
-    except LlmosError as exc:
+    except errors.LlmosError as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
+        next_step = next((step for kind, step in NEXT_STEPS.items() if isinstance(exc, kind)), "")
+        if next_step:
+            print(f"  {next_step}", file=sys.stderr)
         return 1
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"llmos: {exc}", file=sys.stderr)

@@ -6,19 +6,19 @@ import argparse
 import asyncio
 import io
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
+from llmos.clients import DialogueClient, SpeechClient, transcript
 from llmos.evaluation import WordErrors, word_errors
 from llmos.settings import PlatformSettings, load_settings
-from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
-from llmos_cli.client import Metadata, channel, metadata
+from llmos.v1 import dialogue_pb2, speech_pb2
+from llmos_cli.client import connect
 
 PUBLISHED_WER = "PocketSphinx general model: ~32% WER on LibriSpeech test-clean (published); 24.5% on the 16 shared clips"
 ROUND_TRIP_TARGET = 0.10
@@ -44,36 +44,20 @@ def audio_request_bytes(path: Path) -> bytes:
     return encode_wav(samples.mean(axis=1).astype(np.int16), rate)
 
 
-def _stub(args: argparse.Namespace) -> tuple[grpc.aio.Channel, speech_pb2_grpc.SpeechServiceStub, Metadata]:
-    settings = load_settings(PlatformSettings)
-    speech_channel = channel(settings, "speech")
-    return speech_channel, speech_pb2_grpc.SpeechServiceStub(speech_channel), metadata(settings, args.api_key)
+def _speech(args: argparse.Namespace) -> AbstractAsyncContextManager[SpeechClient]:
+    return connect(load_settings(PlatformSettings), SpeechClient, args.api_key)
 
 
-async def _recognize(stub: speech_pb2_grpc.SpeechServiceStub, metadata: tuple[tuple[str, str], ...], audio: bytes,
-                     model: str, words: bool = False) -> speech_pb2.RecognizeResponse:
+async def _recognize(speech: SpeechClient, audio: bytes, model: str, words: bool = False) -> list[speech_pb2.SpeechRecognitionResult]:
     config = speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_WAV, model=model, enable_word_time_offsets=words)
-    return await stub.Recognize(speech_pb2.RecognizeRequest(config=config, audio=audio), metadata=metadata, timeout=TIMEOUT_S)
-
-
-def _transcript(response: speech_pb2.RecognizeResponse) -> str:
-    return " ".join(r.alternatives[0].transcript for r in response.results if r.alternatives)
-
-
-def _fail(exc: grpc.aio.AioRpcError) -> int:
-    print(f"speech service: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    return 1
+    return await speech.recognize(config, audio, timeout_s=TIMEOUT_S)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     async def run() -> int:
-        channel, stub, metadata = _stub(args)
-        async with channel:
-            try:
-                response = await _recognize(stub, metadata, audio_request_bytes(args.file), args.model, words=args.words)
-            except grpc.aio.AioRpcError as exc:
-                return _fail(exc)
-        for result in response.results:
+        async with _speech(args) as speech:
+            results = await _recognize(speech, audio_request_bytes(args.file), args.model, words=args.words)
+        for result in results:
             best = result.alternatives[0]
             print(f"{best.transcript}  (confidence {best.confidence:.2f})" if args.words else best.transcript)
             for word in best.words if args.words else ():
@@ -85,17 +69,13 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def cmd_say(args: argparse.Namespace) -> int:
     async def run() -> int:
-        channel, stub, metadata = _stub(args)
         request = speech_pb2.SynthesizeSpeechRequest(
             text=args.text, voice_name=args.voice, sample_rate_hz=args.rate, speed=args.speed,
             encoding=speech_pb2.AUDIO_ENCODING_WAV,
         )
         started = time.perf_counter()
-        async with channel:
-            try:
-                response = await stub.Synthesize(request, metadata=metadata, timeout=TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                return _fail(exc)
+        async with _speech(args) as speech:
+            response = await speech.synthesize(request, timeout_s=TIMEOUT_S)
         args.output.write_bytes(response.audio)
         elapsed = time.perf_counter() - started
         print(f"{args.output}: {response.duration_ms / 1000:.2f} s at {response.sample_rate_hz} Hz in {elapsed:.2f} s")
@@ -135,7 +115,7 @@ class VoiceTurn:
 
 
 async def voice_turn(
-    stub: dialogue_pb2_grpc.DialogueServiceStub, metadata: Metadata, wav: bytes, *, voice: str = "", rate: int = 0,
+    dialogue: DialogueClient, wav: bytes, *, voice: str = "", rate: int = 0,
     session_id: str = "", realtime: bool = True, until_first_audio: bool = False,
 ) -> VoiceTurn:
     """Stream a recording to Converse as a microphone would (100 ms chunks, in real time unless
@@ -156,14 +136,13 @@ async def voice_turn(
     turn = VoiceTurn()
     speech_ended = 0.0
 
-    async def requests() -> AsyncIterator[dialogue_pb2.ConverseRequest]:
+    async def microphone() -> AsyncIterator[bytes]:
         nonlocal speech_ended
-        yield dialogue_pb2.ConverseRequest(config=config)
         audio = np.concatenate([clip.samples, silence])
         last_speech_chunk = (len(clip.samples) - 1) // step
         started = time.perf_counter()
         for index, start in enumerate(range(0, len(audio), step)):
-            yield dialogue_pb2.ConverseRequest(audio_content=samples_to_pcm(audio[start:start + step]))
+            yield samples_to_pcm(audio[start:start + step])
             if index == last_speech_chunk:
                 speech_ended = time.perf_counter()
             if realtime:
@@ -172,26 +151,26 @@ async def voice_turn(
     def since_speech_end() -> float:
         return time.perf_counter() - speech_ended
 
-    call = stub.Converse(requests(), metadata=metadata, timeout=TIMEOUT_S)
-    async for event in call:
-        kind = event.WhichOneof("event")
-        turn.session_id = event.session_id or turn.session_id
-        if kind == "transcript" and event.transcript.is_final and event.transcript.alternatives:
-            turn.transcript = " ".join(filter(None, (turn.transcript, event.transcript.alternatives[0].transcript)))
-            turn.final_transcript_s = since_speech_end()
-        elif kind == "answer_delta":
-            turn.first_answer_text_s = turn.first_answer_text_s or since_speech_end()
-            turn.answer += event.answer_delta
-        elif kind == "audio":
-            turn.first_answer_audio_s = turn.first_answer_audio_s or since_speech_end()
-            turn.sample_rate = event.audio.sample_rate_hz
-            turn.audio.extend(event.audio.audio)
-            if until_first_audio:
-                call.cancel()
-                break
-        elif kind == "turn_completed":
-            turn.completed_s = since_speech_end()
-            turn.citations = [citation.document_id for citation in event.turn_completed.citations]
+    # Leaving the loop early closes the stream, which hangs up the call.
+    async with aclosing(dialogue.converse(config, microphone(), TIMEOUT_S)) as events:
+        async for event in events:
+            kind = event.WhichOneof("event")
+            turn.session_id = event.session_id or turn.session_id
+            if kind == "transcript" and event.transcript.is_final and event.transcript.alternatives:
+                turn.transcript = " ".join(filter(None, (turn.transcript, event.transcript.alternatives[0].transcript)))
+                turn.final_transcript_s = since_speech_end()
+            elif kind == "answer_delta":
+                turn.first_answer_text_s = turn.first_answer_text_s or since_speech_end()
+                turn.answer += event.answer_delta
+            elif kind == "audio":
+                turn.first_answer_audio_s = turn.first_answer_audio_s or since_speech_end()
+                turn.sample_rate = event.audio.sample_rate_hz
+                turn.audio.extend(event.audio.audio)
+                if until_first_audio:
+                    break
+            elif kind == "turn_completed":
+                turn.completed_s = since_speech_end()
+                turn.citations = [citation.document_id for citation in event.turn_completed.citations]
     return turn
 
 
@@ -210,17 +189,11 @@ def print_voice_turn(turn: VoiceTurn) -> None:
 
 def cmd_voice(args: argparse.Namespace) -> int:
     async def run() -> int:
-        settings = load_settings(PlatformSettings)
-        async with channel(settings, "dialogue") as dialogue_channel:
-            stub = dialogue_pb2_grpc.DialogueServiceStub(dialogue_channel)
-            try:
-                turn = await voice_turn(
-                    stub, metadata(settings, args.api_key), audio_request_bytes(args.file), voice=args.voice, rate=args.rate,
-                    session_id=args.session, realtime=not args.fast,
-                )
-            except grpc.aio.AioRpcError as exc:
-                print(f"dialogue service: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                return 1
+        async with connect(load_settings(PlatformSettings), DialogueClient, args.api_key) as dialogue:
+            turn = await voice_turn(
+                dialogue, audio_request_bytes(args.file), voice=args.voice, rate=args.rate, session_id=args.session,
+                realtime=not args.fast,
+            )
         print_voice_turn(turn)
         if turn.sample_rate:
             args.output.write_bytes(turn.wav())
@@ -267,19 +240,15 @@ def cmd_eval_asr(args: argparse.Namespace) -> int:
     rows = [line.split("\t", 1) for line in (args.data / "transcripts.tsv").read_text(encoding="utf-8").splitlines() if "\t" in line]
 
     async def run() -> int:
-        channel, stub, metadata = _stub(args)
-        async with channel:
+        async with _speech(args) as speech:
             for model in args.model:
                 scored = []
                 for path, reference in rows:
                     audio = audio_request_bytes(args.data / path)
                     started = time.perf_counter()
-                    try:
-                        response = await _recognize(stub, metadata, audio, model)
-                    except grpc.aio.AioRpcError as exc:
-                        return _fail(exc)
+                    results = await _recognize(speech, audio, model)
                     elapsed = time.perf_counter() - started
-                    hypothesis = _transcript(response)
+                    hypothesis = transcript(results)
                     scored.append(Scored(path, word_errors(_normalize(reference), _normalize(hypothesis)), _duration_s(audio), elapsed, hypothesis))
                 _print_scores(f"model {model}: {len(scored)} files from {args.data}", scored, PUBLISHED_WER)
         return 0
@@ -293,8 +262,7 @@ def cmd_eval_round_trip(args: argparse.Namespace) -> int:
     questions = questions[: args.limit]
 
     async def run() -> int:
-        channel, stub, metadata = _stub(args)
-        async with channel:
+        async with _speech(args) as speech:
             spoken = []
             first_audio = []
             for question in questions:
@@ -302,10 +270,7 @@ def cmd_eval_round_trip(args: argparse.Namespace) -> int:
                     text=question, voice_name=args.voice, sample_rate_hz=16000, encoding=speech_pb2.AUDIO_ENCODING_WAV
                 )
                 started = time.perf_counter()
-                try:
-                    response = await stub.Synthesize(request, metadata=metadata, timeout=TIMEOUT_S)
-                except grpc.aio.AioRpcError as exc:
-                    return _fail(exc)
+                response = await speech.synthesize(request, timeout_s=TIMEOUT_S)
                 first_audio.append(time.perf_counter() - started)
                 spoken.append(response.audio)
             print(f"synthesized {len(questions)} questions with {args.voice}: median {statistics.median(first_audio):.2f} s each")
@@ -313,11 +278,7 @@ def cmd_eval_round_trip(args: argparse.Namespace) -> int:
                 scored = []
                 for question, audio in zip(questions, spoken):
                     started = time.perf_counter()
-                    try:
-                        response = await _recognize(stub, metadata, audio, model)
-                    except grpc.aio.AioRpcError as exc:
-                        return _fail(exc)
-                    hypothesis = _transcript(response)
+                    hypothesis = transcript(await _recognize(speech, audio, model))
                     scored.append(Scored(question, word_errors(_normalize(question), _normalize(hypothesis)), _duration_s(audio),
                                          time.perf_counter() - started, hypothesis))
                 _print_scores(f"round trip, model {model}", scored, f"target <= {ROUND_TRIP_TARGET:.0%} WER with the domain model")
