@@ -3,11 +3,18 @@
 Shared by the tokenizer service and the inference service so both count and template exactly
 as the model does. The chat template is the Jinja template shipped in `tokenizer_config.json`,
 rendered in a sandbox the way Hugging Face tokenizers render it.
+
+Text is text: a customer's message or a retrieved passage holding `<|im_start|>system` must not
+become the model's turn marker, or anyone could forge a system turn. So `encode` and `count`
+never read special tokens out of the text, and a chat prompt is tokenized piece by piece: the
+template's own markup with its special tokens, each message's content as plain text. Only
+`encode_markup` (a raw prompt its caller wrote whole) reads special tokens from text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,10 @@ from tokenizers import Tokenizer
 from llmos.errors import FailedPrecondition, InvalidArgument
 
 CHAT_ROLES = ("system", "user", "assistant")
+# Stand-ins for message contents while the template renders (private-use characters, which no
+# template writes), marking where each message's content goes.
+_CONTENT_MARK = "\ue000{}\ue001"
+_CONTENT_MARKS = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,14 @@ class Encoding:
     ids: list[int]
     tokens: list[str]
     offsets: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A templated chat: its text, and its token ids with only the template's markup special."""
+
+    prompt: str
+    ids: list[int]
 
 
 def _token_text(value: Any) -> str:
@@ -42,7 +61,11 @@ def _raise_template_error(message: str) -> None:
 
 class ModelTokenizer:
     def __init__(self, tokenizer: Tokenizer, chat_template: str, special_tokens: dict[str, str]) -> None:
+        # Two tokenizers, each set once (the setting is not per call): markup reads special-token
+        # strings as the special tokens, text reads them as the characters they are.
         self._tokenizer = tokenizer
+        self._text_tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self._text_tokenizer.encode_special_tokens = True
         self._special_tokens = special_tokens
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise_template_error
@@ -66,11 +89,17 @@ class ModelTokenizer:
         return cls(Tokenizer.from_file(str(tokenizer_file)), str(config.get("chat_template") or ""), special)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> Encoding:
-        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        """Text as text: special-token strings in it are ordinary characters."""
+        encoding = self._text_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return Encoding(list(encoding.ids), list(encoding.tokens), [tuple(o) for o in encoding.offsets])
+
+    def encode_markup(self, text: str) -> Encoding:
+        """A prompt its caller wrote whole, template and all: special-token strings are the tokens."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
         return Encoding(list(encoding.ids), list(encoding.tokens), [tuple(o) for o in encoding.offsets])
 
     def count(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[int]:
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encodings = self._text_tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [len(encoding.ids) for encoding in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -82,8 +111,7 @@ class ModelTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-        if self._template is None:
-            raise FailedPrecondition("this model ships no chat template")
+        """The chat as the template writes it (text only: tokenize it with `encode_chat`)."""
         if not messages:
             raise InvalidArgument("messages", "at least one message is required")
         for index, message in enumerate(messages):
@@ -91,9 +119,39 @@ class ModelTokenizer:
                 raise InvalidArgument(
                     f"messages[{index}].role", f"{message['role']!r} is not one of {', '.join(CHAT_ROLES)}"
                 )
+        return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self._template is None:
+            raise FailedPrecondition("this model ships no chat template")
         try:
             return self._template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **self._special_tokens
             )
         except TemplateError as exc:
             raise InvalidArgument("messages", f"rejected by the model's chat template: {exc}") from None
+
+    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> ChatPrompt:
+        """The templated chat, its markup tokenized with special tokens and every message's
+        content as plain text, so no content can open or close a turn."""
+        prompt = self.apply_chat_template(messages, add_generation_prompt)
+        marked = [{**message, "content": _CONTENT_MARK.format(index)} for index, message in enumerate(messages)]
+        skeleton = self._render(marked, add_generation_prompt)
+        ids: list[int] = []
+        rebuilt: list[str] = []
+        position = 0
+        for mark in _CONTENT_MARKS.finditer(skeleton):
+            markup, content = skeleton[position:mark.start()], messages[int(mark.group(1))]["content"]
+            ids += self._tokenizer.encode(markup, add_special_tokens=False).ids
+            ids += self._text_tokenizer.encode(content, add_special_tokens=False).ids
+            rebuilt += [markup, content]
+            position = mark.end()
+        ids += self._tokenizer.encode(skeleton[position:], add_special_tokens=False).ids
+        rebuilt.append(skeleton[position:])
+        # A template that rewrites contents (trims them, branches on them) would make the pieces
+        # differ from the prompt; refuse rather than guess where the untrusted text is.
+        if "".join(rebuilt) != prompt:
+            raise FailedPrecondition(
+                "this model's chat template changes message contents, so they cannot be tokenized apart from its markup"
+            )
+        return ChatPrompt(prompt, ids)

@@ -3,6 +3,9 @@
 The model sees no passages and no conversation: only the few source sentences selected for the
 question (follow-ups are already rewritten to stand alone), so it has nothing to draw a wrong
 fact from, and the verifier can check its draft against exactly what it was given.
+The facts and the question are message contents, which the inference service tokenizes as plain
+text (`ModelTokenizer.encode_chat`): a passage or a question holding `<|im_start|>system` cannot
+open a turn of its own; only the chat template's markup is special tokens.
 """
 
 from __future__ import annotations

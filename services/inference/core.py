@@ -195,13 +195,14 @@ class InferenceCore:
         if which == "prompt":
             if not request.prompt.strip():
                 raise InvalidArgument("prompt", "is empty")
-            text = request.prompt
+            # A raw prompt is its caller's own, template and all: its special-token strings count.
+            ids = self._tokenizer.encode_markup(request.prompt).ids
         else:
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
             if not messages:
                 raise InvalidArgument("messages", "at least one message is required")
-            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self._tokenizer.encode(text).ids
+            # Message contents (a customer's words, retrieved passages) stay text: no forged turns.
+            ids = self._tokenizer.encode_chat(messages, add_generation_prompt=True).ids
         window = self.generation.context_length
         if len(ids) >= window:
             raise InvalidArgument(which, f"{len(ids)} tokens; the context window is {window} tokens")

@@ -1,18 +1,15 @@
-"""Tokenizer logic, independent of gRPC: validation and limits over `ModelTokenizer`."""
+"""Tokenizer logic, independent of gRPC: validation and limits over `ModelTokenizer`.
+
+Tokenize and CountTokens read special-token strings in the text as plain characters, and a
+templated chat has only the template's markup as special tokens (`llmos.tokenization`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from llmos.errors import InvalidArgument
-from llmos.tokenization import Encoding, ModelTokenizer
-
-
-@dataclass(frozen=True)
-class TemplatedPrompt:
-    prompt: str
-    ids: list[int]
+from llmos.tokenization import ChatPrompt, Encoding, ModelTokenizer
 
 
 class TokenizerCore:
@@ -54,10 +51,7 @@ class TokenizerCore:
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, str]], model: str, add_generation_prompt: bool
-    ) -> TemplatedPrompt:
+    ) -> ChatPrompt:
         for index, message in enumerate(messages):
             self._check_text(f"messages[{index}].content", message["content"])
-        tokenizer = self._tokenizer(model)
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt)
-        # The template writes special tokens as text; they must not get special tokens added again.
-        return TemplatedPrompt(prompt, tokenizer.encode(prompt, add_special_tokens=False).ids)
+        return self._tokenizer(model).encode_chat(messages, add_generation_prompt)
