@@ -77,6 +77,7 @@ DEMO_CONVERSATION = (
     "Are returns free if I live in Germany?",
     "Where is my order?",
     "NW-204518",
+    "The postcode is 10115.",  # an order opens with its e-mail or postcode (demo/orders.yaml)
     "What is the capital of Australia?",
 )
 
