@@ -50,6 +50,9 @@ from llmos.v1 import common_pb2, events_pb2
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[MessageT], Awaitable[None]]
+# A handler given the subject a message arrived on as well. NATS permissions say who may publish
+# on a subject, so on a wildcard subscription the subject names the writer; the payload only claims to.
+SubjectHandler = Callable[[str, MessageT], Awaitable[None]]
 # Redelivery back-off after a failure: the n-th retry waits RETRY_DELAYS_S[n-1] (last one repeats).
 RETRY_DELAYS_S = (0.5, 2.0, 5.0)
 ACK_WAIT_S = 60.0
@@ -59,13 +62,25 @@ ACK_WAIT_S = 60.0
 class Subscription(Generic[MessageT]):
     subject: str
     message_type: type[MessageT]
-    handler: Handler[MessageT]
+    handler: Handler[MessageT] | None = None
     batch_size: int = 1
     # Messages handled at once; above 1 a handler can gather work from several messages.
     max_workers: int = 1
     # A second durable consumer on the same subject (e.g. "interactive"): its own position in
     # the stream, so its messages never wait behind another lane's backlog.
     lane: str = ""
+    # Instead of `handler`: one that is also given the subject each message arrived on.
+    subject_handler: SubjectHandler[MessageT] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.subject_handler is None):
+            raise TypeError(f"subscription to {self.subject}: give exactly one of handler and subject_handler")
+
+    async def deliver(self, subject: str, message: MessageT) -> None:
+        if self.handler is not None:
+            await self.handler(message)
+        elif self.subject_handler is not None:
+            await self.subject_handler(subject, message)
 
 
 INTERACTIVE_LANE = "interactive"
@@ -224,7 +239,7 @@ class Bus:
             with trace.use_span(span, end_on_exit=True):
                 try:
                     message = decode(subscription.message_type, raw.data)
-                    await subscription.handler(message)
+                    await subscription.deliver(raw.subject, message)
                 except InvalidArgument as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.message))
                     outcome = "dead-letter"
