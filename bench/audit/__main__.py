@@ -1,4 +1,4 @@
-"""`make bench-audit`: audit records/s with the SHA-256 chain on, the store alone and through the bus.
+"""`make bench-audit`: audit records/s with the keyed (HMAC-SHA256) chain on, the store alone and through the bus.
 
 Store alone (in-process, a temporary SQLite file in WAL mode): `AuditStore.append`, one
 transaction per event as the service does it, against the reference of the same rows inserted
@@ -38,11 +38,13 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from bench.inference.service import REPO, print_table, write_results
 from llmos.audit import ALLOW, DENY, audit_event
 from llmos.bus.codec import encode
+from llmos.crypto import new_key_entry
 from llmos.clients import AuditClient
 from llmos.bus.subjects import AUDIT_ALL, audit_subject, stream_for
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.v1 import audit_pb2, events_pb2
+from services.audit.chain import ChainKeys
 from services.audit.core import AuditStore
 from tests.conftest import free_port
 
@@ -96,10 +98,10 @@ def plain_inserts(path: Path, batch: list[events_pb2.AuditEvent]) -> float:
 def bench_store(count: int, folder: Path) -> dict[str, float]:
     batch = events(count)
     reference_s = plain_inserts(folder / "plain.sqlite3", batch)
-    store = AuditStore(folder / "chained.sqlite3")
+    store = AuditStore(folder / "chained.sqlite3", ChainKeys.from_spec(new_key_entry()), folder / "checkpoint.json")
     started = time.perf_counter()
     for event in batch:
-        store.append(event)
+        store.append(event, "bench")
     chained_s = time.perf_counter() - started
     started = time.perf_counter()
     verification = store.verify()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from llmos.bus.broker import Bus
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import audit_pb2, audit_pb2_grpc
@@ -12,9 +14,20 @@ from services.audit.settings import AuditSettings
 
 
 async def build(settings: AuditSettings, bus: Bus) -> ServiceParts:
-    store = AuditStore(settings.audit_db_path)
+    store = AuditStore(
+        settings.audit_db_path, settings.chain_keys, settings.checkpoint_path, settings.audit_checkpoint_interval_s
+    )
+
+    async def save_checkpoints() -> None:
+        # The last records before a quiet spell get their checkpoint written too.
+        while True:
+            await asyncio.sleep(settings.audit_checkpoint_interval_s)
+            store.save_checkpoint()
+
+    saver = asyncio.create_task(save_checkpoints())
 
     async def close() -> None:
+        saver.cancel()
         store.close()
 
     return ServiceParts(

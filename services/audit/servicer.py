@@ -1,4 +1,5 @@
-"""gRPC adapter of the audit store: Query (tenant-confined, paged) and Verify."""
+"""gRPC adapter of the audit store: Query (tenant-confined, paged) and Verify (against the latest
+checkpoint, and one the caller kept)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         )
         for record in self._store.query(query):
             yield audit_pb2.AuditRecord(
-                sequence=record.sequence, event=record.event, previous_hash=record.previous_hash, hash=record.hash
+                sequence=record.sequence, event=record.event, previous_hash=record.previous_hash, hash=record.hash,
+                key_id=record.key_id,
             )
 
     async def Verify(
         self, request: audit_pb2.VerifyAuditRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.VerifyAuditResponse:
-        result = self._store.verify()
+        result = self._store.verify(request.checkpoint if request.HasField("checkpoint") else None)
         return audit_pb2.VerifyAuditResponse(
             intact=result.intact,
             records_checked=result.records_checked,
             first_broken_sequence=result.first_broken_sequence,
             reason=result.reason,
+            checkpoint=result.checkpoint,
         )

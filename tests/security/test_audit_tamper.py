@@ -44,15 +44,16 @@ async def test_edit_delete_and_reorder_are_reported(stack: RunningStack) -> None
     assert (await verify(stack)).intact
 
     first, second = database.execute("SELECT * FROM audit_records WHERE sequence IN (1, 2) ORDER BY sequence").fetchall()
+    insert = f"INSERT INTO audit_records VALUES ({', '.join('?' * len(first))})"
     try:
         database.execute("DELETE FROM audit_records WHERE sequence IN (1, 2)")
-        database.execute("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (1, *second[1:]))
-        database.execute("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (2, *first[1:]))
+        database.execute(insert, (1, *second[1:]))
+        database.execute(insert, (2, *first[1:]))
         reordered = await verify(stack)
         assert not reordered.intact and reordered.first_broken_sequence == 1
     finally:
         database.execute("DELETE FROM audit_records WHERE sequence IN (1, 2)")
-        database.execute("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", first)
-        database.execute("INSERT INTO audit_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", second)
+        database.execute(insert, first)
+        database.execute(insert, second)
     assert (await verify(stack)).intact
     database.close()

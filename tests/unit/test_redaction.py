@@ -10,8 +10,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmos.audit import ALLOW, audit_event
+from llmos.crypto import new_key_entry
 from llmos.redaction import RedactingLogFilter, RedactingSpanExporter
 from llmos.v1 import events_pb2
+from services.audit.chain import ChainKeys
 from services.audit.core import AuditStore
 
 pytestmark = pytest.mark.unit
@@ -47,5 +49,6 @@ def test_audit_records_are_redacted_at_the_source_and_the_store(tmp_path: Path) 
     event = audit_event("ingest", "alice", "acme", "ingest/submit", "document/jane.doe@example.com", ALLOW, PII)
     assert "jane.doe" not in event.resource + event.reason
     forged = events_pb2.AuditEvent(event_id=uuid.uuid4().hex, tenant="acme", reason=PII)
-    stored = AuditStore(tmp_path / "a.sqlite3").append(forged)
+    store = AuditStore(tmp_path / "a.sqlite3", ChainKeys.from_spec(new_key_entry()), tmp_path / "checkpoint.json")
+    stored = store.append(forged, "ingest")
     assert "jane.doe" not in stored.event.reason and "4111" not in stored.event.reason

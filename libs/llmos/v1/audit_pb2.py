@@ -27,7 +27,7 @@ from llmos.v1 import common_pb2 as llmos_dot_v1_dot_common__pb2
 from llmos.v1 import events_pb2 as llmos_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmos/v1/audit.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\x1a\x15llmos/v1/events.proto\"\xc9\x01\n\x11QueryAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04page\x18\x06 \x01(\x0b\x32\x15.llmos.v1.PageRequest\"i\n\x0b\x41uditRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.llmos.v1.AuditEvent\x12\x15\n\rprevious_hash\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\"\x14\n\x12VerifyAuditRequest\"m\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1d\n\x15\x66irst_broken_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t2\x94\x01\n\x0c\x41uditService\x12=\n\x05Query\x12\x1b.llmos.v1.QueryAuditRequest\x1a\x15.llmos.v1.AuditRecord0\x01\x12\x45\n\x06Verify\x12\x1c.llmos.v1.VerifyAuditRequest\x1a\x1d.llmos.v1.VerifyAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14llmos/v1/audit.proto\x12\x08llmos.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15llmos/v1/common.proto\x1a\x15llmos/v1/events.proto\"\xc9\x01\n\x11QueryAuditRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04page\x18\x06 \x01(\x0b\x32\x15.llmos.v1.PageRequest\"y\n\x0b\x41uditRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.llmos.v1.AuditEvent\x12\x15\n\rprevious_hash\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"w\n\x0f\x41uditCheckpoint\x12\x0f\n\x07records\x18\x01 \x01(\x03\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03mac\x18\x05 \x01(\t\"C\n\x12VerifyAuditRequest\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x19.llmos.v1.AuditCheckpoint\"\x9c\x01\n\x13VerifyAuditResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x03\x12\x1d\n\x15\x66irst_broken_sequence\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12-\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x19.llmos.v1.AuditCheckpoint2\x94\x01\n\x0c\x41uditService\x12=\n\x05Query\x12\x1b.llmos.v1.QueryAuditRequest\x1a\x15.llmos.v1.AuditRecord0\x01\x12\x45\n\x06Verify\x12\x1c.llmos.v1.VerifyAuditRequest\x1a\x1d.llmos.v1.VerifyAuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUERYAUDITREQUEST']._serialized_start=114
   _globals['_QUERYAUDITREQUEST']._serialized_end=315
   _globals['_AUDITRECORD']._serialized_start=317
-  _globals['_AUDITRECORD']._serialized_end=422
-  _globals['_VERIFYAUDITREQUEST']._serialized_start=424
-  _globals['_VERIFYAUDITREQUEST']._serialized_end=444
-  _globals['_VERIFYAUDITRESPONSE']._serialized_start=446
-  _globals['_VERIFYAUDITRESPONSE']._serialized_end=555
-  _globals['_AUDITSERVICE']._serialized_start=558
-  _globals['_AUDITSERVICE']._serialized_end=706
+  _globals['_AUDITRECORD']._serialized_end=438
+  _globals['_AUDITCHECKPOINT']._serialized_start=440
+  _globals['_AUDITCHECKPOINT']._serialized_end=559
+  _globals['_VERIFYAUDITREQUEST']._serialized_start=561
+  _globals['_VERIFYAUDITREQUEST']._serialized_end=628
+  _globals['_VERIFYAUDITRESPONSE']._serialized_start=631
+  _globals['_VERIFYAUDITRESPONSE']._serialized_end=787
+  _globals['_AUDITSERVICE']._serialized_start=790
+  _globals['_AUDITSERVICE']._serialized_end=938
 # @@protoc_insertion_point(module_scope)

@@ -65,11 +65,16 @@ class AuditRecord(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     PREVIOUS_HASH_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     previous_hash: _builtins.str
-    """hex sha256 of the previous record"""
+    """hash of the previous record"""
     hash: _builtins.str
-    """hex sha256 over previous_hash and this record's content"""
+    """hex HMAC-SHA256 under key_id over the key id, sequence, previous_hash and this record's
+    content (plain SHA-256 over previous_hash and content for records stored before keying)
+    """
+    key_id: _builtins.str
+    """empty for records stored before the chain was keyed"""
     @_builtins.property
     def event(self) -> _events_pb2.AuditEvent: ...
     def __init__(
@@ -79,25 +84,72 @@ class AuditRecord(_message.Message):
         event: _events_pb2.AuditEvent | None = ...,
         previous_hash: _builtins.str = ...,
         hash: _builtins.str = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "hash", b"hash", "previous_hash", b"previous_hash", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "hash", b"hash", "key_id", b"key_id", "previous_hash", b"previous_hash", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
 
 @_typing.final
+class AuditCheckpoint(_message.Message):
+    """The chain's length and last hash at a moment, MACed under one of the chain's keys. The audit
+    service keeps its latest one outside the database and checks the log against it; kept
+    elsewhere too (`llmos audit checkpoint`), it can be handed back to Verify.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    records: _builtins.int
+    head: _builtins.str
+    """hash of record `records` (all zeros for none)"""
+    key_id: _builtins.str
+    mac: _builtins.str
+    """hex HMAC-SHA256 over key_id, records, head and time"""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        records: _builtins.int = ...,
+        head: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "key_id", b"key_id", "mac", b"mac", "records", b"records", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditCheckpoint: _TypeAlias = AuditCheckpoint  # noqa: Y015
+
+@_typing.final
 class VerifyAuditRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoint(self) -> Global___AuditCheckpoint:
+        """A checkpoint kept from earlier (optional): the log must still hold its records unchanged."""
+
     def __init__(
         self,
+        *,
+        checkpoint: Global___AuditCheckpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -111,11 +163,18 @@ class VerifyAuditResponse(_message.Message):
     RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
     FIRST_BROKEN_SEQUENCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     intact: _builtins.bool
     records_checked: _builtins.int
     first_broken_sequence: _builtins.int
     """0 when intact"""
     reason: _builtins.str
+    @_builtins.property
+    def checkpoint(self) -> Global___AuditCheckpoint:
+        """The service's latest checkpoint, which the log was checked against; worth keeping
+        elsewhere when intact.
+        """
+
     def __init__(
         self,
         *,
@@ -123,10 +182,11 @@ class VerifyAuditResponse(_message.Message):
         records_checked: _builtins.int = ...,
         first_broken_sequence: _builtins.int = ...,
         reason: _builtins.str = ...,
+        checkpoint: Global___AuditCheckpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_broken_sequence", b"first_broken_sequence", "intact", b"intact", "reason", b"reason", "records_checked", b"records_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "first_broken_sequence", b"first_broken_sequence", "intact", b"intact", "reason", b"reason", "records_checked", b"records_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256.
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
     """
 
     def __init__(self, channel):
@@ -48,7 +50,9 @@ class AuditServiceStub:
 
 
 class AuditServiceServicer:
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256.
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
     """
 
     def Query(self, request, context):
@@ -85,7 +89,9 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256.
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
     """
 
     @staticmethod

@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuditServiceStub:
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256."""
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -38,14 +41,20 @@ class AuditServiceStub:
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256."""
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Query: _aio.UnaryStreamMultiCallable[_audit_pb2.QueryAuditRequest, _audit_pb2.AuditRecord]  # type: ignore[assignment]
     Verify: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditRequest, _audit_pb2.VerifyAuditResponse]  # type: ignore[assignment]
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
-    """A tamper-evident log of who did what: each record is chained to the previous by SHA-256."""
+    """A tamper-evident log of who did what: each record is chained to the previous by an
+    HMAC-SHA256 under a key the database does not hold, and signed checkpoints of the chain's
+    length and head catch records removed at its end.
+    """
 
     @_abc_1.abstractmethod
     def Query(
