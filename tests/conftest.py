@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from llmos.assertions import service_key_environment
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-admin-key"
-TEST_SERVICE_KEY = "test-service-key"
 # Static keys of the services under test: key -> subject:tenant:roles.
 TEST_KEYS = {
     TEST_API_KEY: "tester:acme:admin",
-    TEST_SERVICE_KEY: "platform:platform:service",
     "user-key-acme": "alice:acme:user",
     "operator-key-acme": "olga:acme:operator",
     "user-key-globex": "bob:globex:user",
@@ -86,7 +85,8 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
             "LLMOS_NATS_URL": nats.url,
             "LLMOS_BIND_HOST": "127.0.0.1",
             "LLMOS_API_KEYS": ",".join(f"{key}={identity}" for key, identity in TEST_KEYS.items()),
-            "LLMOS_SERVICE_API_KEY": TEST_SERVICE_KEY,
+            # Each service its own signing key (llmos.assertions), fresh for every test stack.
+            **service_key_environment(),
             "LLMOS_ENCRYPTION_KEYS": new_key_entry("test"),
             "LLMOS_LOG_LEVEL": "INFO",
             # Seven services and the tests share the machine's cores: spinning threads would starve the rest.

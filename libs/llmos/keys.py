@@ -2,7 +2,8 @@
 
 A key reads `llmos_<key id>_<secret>`; the key id names it for listing and revocation, the
 digest of the whole key finds its principal. Services cache a resolved key for a few seconds,
-so a revocation takes effect within `CACHE_TTL_S` everywhere without a restart.
+so a revocation takes effect within `CACHE_TTL_S` everywhere without a restart. Calls between
+services carry no API key but a service assertion (`llmos.assertions`), resolved here too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from llmos.auth import Principal
+from llmos.assertions import SERVICE_SCHEME, AssertionVerifier
+from llmos.auth import SERVICE_ROLE, Principal, check_tenant
 from llmos.errors import InvalidArgument, NotFound, Unauthenticated
 from llmos.policy import ROLES
 
@@ -26,6 +28,7 @@ KEYS_BUCKET = "api_keys"
 KEY_PREFIX = "llmos_"
 CACHE_TTL_S = 5.0
 _BEARER = "bearer "
+_SERVICE = SERVICE_SCHEME.lower() + " "
 
 
 def key_digest(key: str) -> str:
@@ -41,17 +44,26 @@ class ApiKeyRecord:
     created_at: float
 
     def principal(self) -> Principal:
-        return Principal(self.subject, self.tenant, frozenset(self.roles))
+        try:
+            return Principal(self.subject, self.tenant, frozenset(self.roles))
+        except InvalidArgument as exc:
+            # Issued before tenant names had an alphabet: the key names no tenant that can exist now.
+            raise Unauthenticated(f"API key {self.key_id} is no longer valid ({exc.message}); issue a new one") from None
 
 
 def check_identity(subject: str, tenant: str, roles: tuple[str, ...]) -> None:
     if not subject:
         raise InvalidArgument("subject", "is required")
-    if not tenant:
-        raise InvalidArgument("tenant", "is required")
+    check_tenant(tenant)
     unknown = [role for role in roles if role not in ROLES]
     if not roles or unknown:
-        raise InvalidArgument("roles", f"give one or more of {', '.join(ROLES)} (unknown: {', '.join(unknown) or 'none given'})")
+        hint = (
+            "; services have their own identities (LLMOS_SERVICE_SIGNING_KEYS), no API key is a service's"
+            if SERVICE_ROLE in unknown else ""
+        )
+        raise InvalidArgument(
+            "roles", f"give one or more of {', '.join(ROLES)} (unknown: {', '.join(unknown) or 'none given'}){hint}"
+        )
 
 
 class KeyStore:
@@ -118,24 +130,35 @@ def parse_static_keys(spec: str) -> dict[str, Principal]:
             raise InvalidArgument("LLMOS_API_KEYS", f"entry {key[:4]}… is not key=subject:tenant:role|role")
         subject, tenant, roles = parts
         role_tuple = tuple(filter(None, roles.split("|")))
-        check_identity(subject, tenant, role_tuple)
+        try:
+            check_identity(subject, tenant, role_tuple)
+        except InvalidArgument as exc:
+            raise InvalidArgument("LLMOS_API_KEYS", f"entry of {subject!r}: {exc.message}") from None
         keys[key_digest(key)] = Principal(subject, tenant, frozenset(role_tuple))
     return keys
 
 
 class KeyAuthenticator:
-    """Resolves `authorization: Bearer <key>` against static keys, then the key store."""
+    """Resolves `authorization: Bearer <key>` against static keys, then the key store, and
+    `authorization: Service <assertion>` (a call from another service) with `assertions`."""
 
-    def __init__(self, static_keys: dict[str, Principal], store: KeyStore | None = None) -> None:
+    def __init__(
+        self, static_keys: dict[str, Principal], store: KeyStore | None = None, assertions: AssertionVerifier | None = None
+    ) -> None:
         self._static = static_keys
         self._store = store
+        self._assertions = assertions
         self._cache: dict[str, tuple[float, Principal]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <api key>'")
+        if authorization.lower().startswith(_SERVICE):
+            if self._assertions is None:
+                raise Unauthenticated("this service accepts no service assertions; send 'authorization: Bearer <api key>'")
+            return self._assertions.verify(authorization[len(_SERVICE):].strip())
         if not authorization.lower().startswith(_BEARER):
-            raise Unauthenticated("authorization metadata must be 'Bearer <api key>'")
+            raise Unauthenticated("authorization metadata must be 'Bearer <api key>' (or 'Service <assertion>' between services)")
         key = authorization[len(_BEARER):].strip()
         digest = key_digest(key)
         for known, principal in self._static.items():

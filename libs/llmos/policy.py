@@ -1,16 +1,18 @@
-"""Who may call what: permissions per RPC and per role, defined once for every service.
+"""Who may call what: permissions per RPC and per role, and which service calls which RPC,
+defined once for every service.
 
 Each RPC needs one permission; each role grants a set of them. A call whose principal lacks
-the permission is refused with PERMISSION_DENIED naming it. Calls a service makes while serving
-a request carry the caller's credentials, so a role must also grant what the services call on
-its behalf (a user's Chat needs search and generate downstream).
+the permission is refused with PERMISSION_DENIED naming it. A call a service makes for a caller
+acts for the caller's principal (`llmos.assertions`), so a role must also grant what the services
+call on its behalf (a user's Chat needs search and generate downstream); and the calling service
+must be one DESIGN.md has call that RPC (`SERVICE_CALLS`), whoever it acts for.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 
-from llmos.auth import Principal
+from llmos.auth import SERVICE_ROLE, Principal
 from llmos.errors import PermissionDenied
 
 
@@ -59,7 +61,8 @@ _USER = frozenset(
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "user": _USER,
     "operator": _USER | {Permission.DOCUMENTS_WRITE, Permission.AUDIT_READ},
-    "service": frozenset(
+    # A service acting on its own behalf for a bus event's tenant (only inside an assertion).
+    SERVICE_ROLE: frozenset(
         {
             Permission.TOKENIZE,
             Permission.EMBED,
@@ -73,7 +76,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     ),
     "admin": frozenset(Permission),
 }
-ROLES = tuple(ROLE_PERMISSIONS)
+# The roles an API key may carry; SERVICE_ROLE is no key's.
+ROLES = tuple(role for role in ROLE_PERMISSIONS if role != SERVICE_ROLE)
 
 _P = Permission
 RPC_PERMISSIONS: dict[str, Permission] = {
@@ -106,9 +110,64 @@ RPC_PERMISSIONS: dict[str, Permission] = {
 }
 
 
+_DIALOGUE = "/llmos.v1.DialogueService/"
+_INFERENCE = "/llmos.v1.InferenceService/"
+_RETRIEVAL = "/llmos.v1.RetrievalService/"
+_SPEECH = "/llmos.v1.SpeechService/"
+_TOKENIZER = "/llmos.v1.TokenizerService/"
+# The RPCs each service calls on other services (DESIGN.md's flows): its service identity may call
+# these and nothing else. A service missing here signs no assertions (tokenizer, inference, audit).
+SERVICE_CALLS: dict[str, frozenset[str]] = {
+    # chunking by tokens
+    "ingest": frozenset({f"{_TOKENIZER}Tokenize"}),
+    # the query's embedding for hybrid search
+    "retrieval": frozenset({f"{_INFERENCE}Embed"}),
+    # an indexed document's text for the tenant's domain language model
+    "speech": frozenset({f"{_RETRIEVAL}GetDocument"}),
+    # answers, summaries and voice turns
+    "dialogue": frozenset(
+        {
+            f"{_INFERENCE}Embed",
+            f"{_INFERENCE}Generate",
+            f"{_RETRIEVAL}Search",
+            f"{_RETRIEVAL}GetDocument",
+            f"{_TOKENIZER}CountTokens",
+            f"{_SPEECH}StreamingRecognize",
+            f"{_SPEECH}SynthesizeStream",
+        }
+    ),
+    # the HTTP gateway: the OpenAI-compatible API and REST for the platform, for its callers
+    "gateway": frozenset(
+        {
+            f"{_INFERENCE}Generate",
+            f"{_INFERENCE}Embed",
+            f"{_INFERENCE}ListModels",
+            f"{_RETRIEVAL}Search",
+            f"{_RETRIEVAL}Recommend",
+            f"{_RETRIEVAL}GetDocument",
+            f"{_SPEECH}Recognize",
+            f"{_SPEECH}Synthesize",
+            f"{_SPEECH}ListVoices",
+            "/llmos.v1.DialogueService/Chat",
+            "/llmos.v1.DialogueService/Summarize",
+            "/llmos.v1.DialogueService/GetSession",
+            "/llmos.v1.DialogueService/EndSession",
+            "/llmos.v1.IngestService/SubmitDocument",
+            "/llmos.v1.IngestService/GetDocumentStatus",
+            "/llmos.v1.IngestService/DeleteDocument",
+            "/llmos.v1.IngestService/ListDocuments",
+            "/llmos.v1.AuditService/Query",
+            "/llmos.v1.AuditService/Verify",
+        }
+    ),
+}
+
+
 def permissions_of(principal: Principal) -> frozenset[Permission]:
     granted: frozenset[Permission] = frozenset()
     for role in principal.roles:
+        if role == SERVICE_ROLE and not principal.service:
+            continue  # a key stored with the old shared service role grants nothing
         granted |= ROLE_PERMISSIONS.get(role, frozenset())
     return granted
 
@@ -121,8 +180,14 @@ def required_permission(method: str) -> Permission:
 
 
 def authorize(principal: Principal, method: str) -> Permission:
-    """Return the permission used, or raise PermissionDenied naming the missing one."""
+    """Return the permission used, or raise PermissionDenied naming the missing one (or naming
+    the service that may not make this call)."""
     permission = required_permission(method)
+    if principal.service and method not in SERVICE_CALLS.get(principal.service, frozenset()):
+        raise PermissionDenied(
+            f"service {principal.service!r} may not call {method.lstrip('/')} (llmos.policy.SERVICE_CALLS "
+            "lists the calls DESIGN.md gives each service)"
+        )
     if permission not in permissions_of(principal):
         roles = ", ".join(sorted(principal.roles)) or "none"
         raise PermissionDenied(

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmos.assertions import ServiceKeys
 from llmos.bus.broker import Bus, Subscription
 from llmos.bus.subjects import audit_subject
 from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
@@ -92,7 +93,9 @@ class ServiceProcess(Generic[SettingsT]):
         for subject in self.parts.reserved_subjects:
             await self.bus.reserve(subject)
         authenticator = KeyAuthenticator(
-            parse_static_keys(self.settings.api_keys), await KeyStore.open(self.bus.jetstream)
+            parse_static_keys(self.settings.api_keys),
+            await KeyStore.open(self.bus.jetstream),
+            ServiceKeys.from_settings(self.settings).verifier(name),
         )
         self.server = grpc.aio.server(
             interceptors=[ServerInterceptor(name, authenticator, self._publish_audit_event)],

@@ -74,8 +74,11 @@ class PlatformSettings(BaseSettings):
     api_keys: str = ""
     # The key command-line tools present (`llmos audit`, `llmos search`, …).
     api_key: str = ""
-    # The key a service uses for calls it makes on its own behalf (bus handlers, background work).
-    service_api_key: str = ""
+    # Ed25519 keys services sign their calls to each other with (llmos.assertions), `service:key,…`;
+    # a service uses its own entry, so give each only its own (`llmos keys service-keys`).
+    service_signing_keys: str = ""
+    # The public key of every service that calls others, `service:key,…` (not secret).
+    service_public_keys: str = ""
     # Keys sealing data at rest (AES-GCM), `key_id:base64key,...`; the first one seals.
     encryption_keys: str = ""
     # Without encryption keys, services refuse to store session state and document text unless

@@ -1,4 +1,5 @@
-"""`llmos keys create|list|revoke`: API keys in the platform's key store (NATS KV)."""
+"""`llmos keys create|list|revoke`: API keys in the platform's key store (NATS KV); `data-key` and
+`service-keys` print fresh keys for settings."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from llmos.assertions import PUBLIC_KEYS_VARIABLE, SIGNING_KEYS_VARIABLE, new_service_keys
+from llmos.auth import TENANT_ALPHABET
 from llmos.bus.broker import declare_buckets
 from llmos.crypto import new_key_entry
-from llmos.keys import KeyStore
+from llmos.keys import KeyStore, check_identity
 from llmos.natsauth import connect_cli
 from llmos.policy import ROLES
 from llmos.settings import PlatformSettings, load_settings
@@ -27,6 +30,8 @@ async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    check_identity(args.subject, args.tenant, tuple(args.role))  # a bad name fails before connecting
+
     async def create(store: KeyStore) -> int:
         record, key = await store.create(args.subject, args.tenant, tuple(args.role))
         print(f"key id {record.key_id} for {record.subject} in tenant {record.tenant} ({', '.join(record.roles)})")
@@ -63,11 +68,19 @@ def cmd_data_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service_keys(args: argparse.Namespace) -> int:
+    signing, public = new_service_keys()
+    print(f"{SIGNING_KEYS_VARIABLE}={signing}")
+    print(f"{PUBLIC_KEYS_VARIABLE}={public}")
+    print("give each service only its own entry of the signing keys (service:key); every service gets all public keys")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="issue, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="issue a key (printed once)")
     create.add_argument("--subject", required=True, help="who the key is for")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", required=True, help=f"the tenant: {TENANT_ALPHABET}")
     create.add_argument("--role", action="append", choices=ROLES, required=True, help="repeat for several roles")
     create.set_defaults(run=cmd_create)
     keys.add_parser("list", help="issued keys (ids and principals, never the keys)").set_defaults(run=cmd_list)
@@ -75,3 +88,6 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_revoke)
     keys.add_parser("data-key", help="a new key for LLMOS_ENCRYPTION_KEYS (data at rest)").set_defaults(run=cmd_data_key)
+    keys.add_parser(
+        "service-keys", help="new signing keys of the services that call others, and their public keys"
+    ).set_defaults(run=cmd_service_keys)

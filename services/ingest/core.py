@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.audit import AuditLog
-from llmos.auth import Principal
+from llmos.auth import Principal, acting_as
 from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED, DOCS_FAILED
 from llmos.errors import InvalidArgument, LlmosError, NotFound, Unimplemented
 from llmos.pii import PiiPolicy
@@ -230,7 +230,9 @@ class IngestCore:
                 common_pb2.DOCUMENT_STAGE_DELETED,
             ):
                 return SubmitResult(document.document_id, content_hash, previous.stage, unchanged=True)
-            chunks = await self._chunks(document, text)
+            # The tokenizer is called for the submitting principal (a bus publisher: the document's tenant).
+            with acting_as(principal):
+                chunks = await self._chunks(document, text)
         except LlmosError as exc:
             await self._fail(document, exc.message)
             raise

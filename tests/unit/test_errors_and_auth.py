@@ -63,18 +63,26 @@ def test_malformed_key_spec_fails_fast() -> None:
 
 
 def test_tenant_comes_from_the_principal_unless_an_admin_names_another() -> None:
-    with acting_as(Principal("bob", "globex", frozenset({"user"})), None):
+    with acting_as(Principal("bob", "globex", frozenset({"user"}))):
         assert effective_tenant("") == "globex"
         assert effective_tenant("globex") == "globex"
         with pytest.raises(errors.PermissionDenied, match="only administrators"):
             effective_tenant("acme")
-    with acting_as(Principal("alice", "acme", frozenset({"admin"})), None):
+    with acting_as(Principal("alice", "acme", frozenset({"admin"}))):
         assert effective_tenant("globex") == "globex"
-    with acting_as(Principal("speech", "platform", frozenset({"service"})), None):
-        assert effective_tenant("globex") == "globex"
-    with acting_as(Principal("olga", "acme", frozenset({"operator"})), None):
+    # A bus handler acts for its event's tenant and no other, even through a service.
+    with acting_as(Principal("bus:llmos.docs.indexed", "acme", frozenset({"service"}), service="speech")):
+        assert effective_tenant("acme") == "acme"
         with pytest.raises(errors.PermissionDenied):
             effective_tenant("globex")
+    with acting_as(Principal("olga", "acme", frozenset({"operator"}))):
+        with pytest.raises(errors.PermissionDenied):
+            effective_tenant("globex")
+
+
+def test_a_service_role_key_is_refused() -> None:
+    with pytest.raises(errors.InvalidArgument, match="own identities"):
+        parse_static_keys("svc=platform:platform:service")
 
 
 def test_no_principal_outside_a_request() -> None:

@@ -7,7 +7,9 @@ audited (an allowed call whose record cannot be published is refused: UNAVAILABL
 principal is kept for the request; a malformed request becomes
 INVALID_ARGUMENT instead of an internal error; and platform errors are mapped to status codes
 (`llmos.grpcutil.status`).
-On the client, the current trace context and the caller's credentials travel in metadata.
+On the client, the current trace context travels in metadata with the call's credentials: a
+service's channel signs an assertion for the principal it acts for, addressed to the callee
+(`llmos.assertions`); a caller's API key is never forwarded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmos import errors
 from llmos.audit import ALLOW, DENY, audit_event
-from llmos.auth import AUTHORIZATION_HEADER, Principal, acting_as, current_credentials
+from llmos.auth import AUTHORIZATION_HEADER, Principal, acting_as
 from llmos.grpcutil.status import status_for, trailing_metadata_for
 from llmos.policy import DATA_PERMISSIONS, authorize
 from llmos.telemetry import extract_context, inject_context
@@ -188,7 +190,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _admit(
         self, method: str, context: grpc.aio.ServicerContext, span: trace.Span, request: Any
-    ) -> tuple[Principal, str | None]:
+    ) -> Principal:
         """Authenticate and authorize the call; every refusal is audited before it is returned."""
         value = dict(context.invocation_metadata() or ()).get(AUTHORIZATION_HEADER)
         credentials = value if isinstance(value, str) else None
@@ -197,13 +199,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             principal = await self._authenticator.authenticate(credentials)
             span.set_attribute("enduser.id", principal.subject)
             span.set_attribute("llmos.tenant", principal.tenant)
+            if principal.service:
+                span.set_attribute("llmos.caller_service", principal.service)
             permission = authorize(principal, method)
         except (errors.Unauthenticated, errors.PermissionDenied) as exc:
             await self._audit(method, principal, request, DENY, exc.message)
             raise
         if permission in DATA_PERMISSIONS:
             await self._audit(method, principal, request, ALLOW, "")
-        return principal, credentials
+        return principal
 
     async def _audit(
         self, method: str, principal: Principal | None, request: Any, decision: events_pb2.AuditDecision.ValueType, reason: str
@@ -236,8 +240,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
-                principal, credentials = await self._admit(method, context, span, request)
-                with acting_as(principal, credentials):
+                principal = await self._admit(method, context, span, request)
+                with acting_as(principal):
                     result = await run()
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
                 return result
@@ -259,8 +263,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
-                principal, credentials = await self._admit(method, context, span, request)
-                with acting_as(principal, credentials):
+                principal = await self._admit(method, context, span, request)
+                with acting_as(principal):
                     responses = open_stream()
                     if inspect.isasyncgen(responses):
                         async for response in responses:
@@ -310,26 +314,32 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def outgoing_metadata(service_credentials: str | None) -> list[tuple[str, str]]:
-    """Metadata for a call made now: the trace context, and whose behalf it is made on.
-
-    While serving a request, the caller's own credentials are forwarded so the callee sees the
-    original principal; otherwise (a bus handler, a background job) the service's own key is used.
-    """
+def outgoing_metadata(credentials: str | None) -> list[tuple[str, str]]:
+    """Metadata for a call made now: the trace context, and `credentials` when given."""
     carrier: dict[str, str] = {}
     inject_context(carrier)
-    credentials = current_credentials() or service_credentials
     if credentials:
         carrier[AUTHORIZATION_HEADER] = credentials
     return list(carrier.items())
 
 
+# The `authorization` value of the call about to be made (None: the call's own metadata decides);
+# called per call, so a service signs each call for the principal it acts for at that moment.
+CallCredentials = Callable[[], str | None]
+
+
 class _ClientInterceptor:
-    def __init__(self, service_credentials: str | None) -> None:
-        self._service_credentials = service_credentials
+    def __init__(self, credentials: CallCredentials) -> None:
+        self._credentials = credentials
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = list(details.metadata or ()) + outgoing_metadata(self._service_credentials)
+        credentials = self._credentials()
+        metadata = list(details.metadata or ())
+        if credentials is not None:
+            # The channel's credentials replace any the call carried: a service's call carries its
+            # assertion and nothing else, never a key handed to it.
+            metadata = [(key, value) for key, value in metadata if key.lower() != AUTHORIZATION_HEADER]
+        metadata += outgoing_metadata(credentials)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
         )
@@ -355,10 +365,10 @@ class StreamStreamClientInterceptor(_ClientInterceptor, grpc.aio.StreamStreamCli
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-def client_interceptors(service_credentials: str | None) -> list[grpc.aio.ClientInterceptor]:
+def client_interceptors(credentials: CallCredentials) -> list[grpc.aio.ClientInterceptor]:
     return [
-        UnaryUnaryClientInterceptor(service_credentials),
-        UnaryStreamClientInterceptor(service_credentials),
-        StreamUnaryClientInterceptor(service_credentials),
-        StreamStreamClientInterceptor(service_credentials),
+        UnaryUnaryClientInterceptor(credentials),
+        UnaryStreamClientInterceptor(credentials),
+        StreamUnaryClientInterceptor(credentials),
+        StreamStreamClientInterceptor(credentials),
     ]
