@@ -11,7 +11,7 @@ from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.clients import InferenceClient, RetrievalClient, SpeechClient, TokenizerClient
 from llmos.crypto import AtRest
-from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.client import service_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
@@ -68,10 +68,10 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
         settings.home, settings.dialogue_intents_file, embed_locally, settings.dialogue_intent_target_accuracy
     )
     channels = [
-        open_channel(settings.inference_addr, settings.service_api_key),
-        open_channel(settings.retrieval_addr, settings.service_api_key),
-        open_channel(settings.tokenizer_addr, settings.service_api_key),
-        open_channel(settings.speech_addr, settings.service_api_key),
+        service_channel(settings, "dialogue", "inference"),
+        service_channel(settings, "dialogue", "retrieval"),
+        service_channel(settings, "dialogue", "tokenizer"),
+        service_channel(settings, "dialogue", "speech"),
     ]
     inference, retrieval, tokenizer, speech = channels
     inference_client = InferenceClient(inference)

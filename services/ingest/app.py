@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.clients import TokenizerClient
-from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.client import service_channel
 from llmos.pii import PiiPolicy
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import ingest_pb2, ingest_pb2_grpc
@@ -21,7 +21,7 @@ TOKENIZE_TIMEOUT_S = 30.0
 
 
 async def build(settings: IngestSettings, bus: Bus) -> ServiceParts:
-    channel = open_channel(settings.tokenizer_addr, settings.service_api_key)
+    channel = service_channel(settings, "ingest", "tokenizer")
     tokenizer = TokenizerClient(channel)
 
     async def token_offsets(text: str) -> Sequence[tuple[int, int]]:

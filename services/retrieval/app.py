@@ -8,7 +8,7 @@ import re
 from llmos.bus.broker import Bus
 from llmos.clients import InferenceClient
 from llmos.crypto import AtRest
-from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.client import service_channel
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.retrieval.core import RetrievalCore, SearchLimits
@@ -41,7 +41,7 @@ def consumer_replica(settings: RetrievalSettings) -> str:
 
 
 async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
-    channel = open_channel(settings.inference_addr, settings.service_api_key)
+    channel = service_channel(settings, "retrieval", "inference")
     core = RetrievalCore(
         SealedTextIndex(open_index(settings), AtRest.from_settings(settings, "chunk text in the index")),
         Bm25Encoder(settings.retrieval_bm25_avg_len),

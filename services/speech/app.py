@@ -10,7 +10,7 @@ from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.clients import RetrievalClient
 from llmos.errors import FailedPrecondition, InvalidArgument
-from llmos.grpcutil.client import open_channel
+from llmos.grpcutil.client import service_channel
 from llmos.models import artefact_dir
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.settings import ExecutionProvider
@@ -83,7 +83,7 @@ def document_reader(retrieval: RetrievalClient) -> DocumentText:
 
 async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
     seeds = parse_seed(settings.speech_domain_seed)
-    channel = open_channel(settings.retrieval_addr, settings.service_api_key)
+    channel = service_channel(settings, "speech", "retrieval")
     endpointing = EndpointConfig(
         settings.speech_start_history_ms, settings.speech_start_threshold,
         settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
