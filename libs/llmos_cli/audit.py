@@ -1,10 +1,14 @@
-"""`llmos audit tail|query|verify`: read and check the audit trail through AuditService."""
+"""`llmos audit tail|query|verify|checkpoint`: read and check the audit trail through AuditService."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
+
+from google.protobuf import json_format
 
 from llmos.clients import AuditClient
 from llmos.settings import PlatformSettings, load_settings
@@ -49,17 +53,45 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    async def verify() -> int:
+def _kept_checkpoint(path: str) -> audit_pb2.AuditCheckpoint | None:
+    """A checkpoint printed by `llmos audit checkpoint` and kept in a file."""
+    if not path:
+        return None
+    try:
+        return json_format.Parse(Path(path).read_text(), audit_pb2.AuditCheckpoint())
+    except (OSError, json_format.ParseError) as exc:
+        raise SystemExit(f"llmos audit: {path} is not a checkpoint printed by `llmos audit checkpoint`: {exc}") from None
+
+
+def _verified(args: argparse.Namespace) -> audit_pb2.VerifyAuditResponse:
+    async def verify() -> audit_pb2.VerifyAuditResponse:
         async with connect(load_settings(PlatformSettings), AuditClient, args.key) as audit:
-            result = await audit.verify()
-        if result.intact:
-            print(f"intact: {result.records_checked} records chained")
-            return 0
-        print(f"BROKEN at record {result.first_broken_sequence}: {result.reason} ({result.records_checked} good before it)")
-        return 1
+            return await audit.verify(checkpoint=_kept_checkpoint(args.checkpoint))
 
     return asyncio.run(verify())
+
+
+def _broken(result: audit_pb2.VerifyAuditResponse) -> str:
+    return f"BROKEN at record {result.first_broken_sequence}: {result.reason} ({result.records_checked} good before it)"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result = _verified(args)
+    if not result.intact:
+        print(_broken(result))
+        return 1
+    print(f"intact: {result.records_checked} records chained, ending where the service's checkpoint says")
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Print the checkpoint of a verified log, to keep where the audit service's host cannot write."""
+    result = _verified(args)
+    if not result.intact:
+        print(_broken(result), file=sys.stderr)
+        return 1
+    print(json_format.MessageToJson(result.checkpoint, indent=None))
+    return 0
 
 
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
@@ -72,6 +104,11 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
         parser.add_argument("--since", default="", help="ISO time, UTC (e.g. 2026-11-29T06:00)")
         parser.add_argument("--key", default="", help="API key (default: LLMOS_API_KEY)")
         parser.set_defaults(run=run)
-    verify = audit.add_parser("verify", help="walk the hash chain; exit 1 if broken")
-    verify.add_argument("--key", default="")
-    verify.set_defaults(run=cmd_verify)
+    for name, run, help_text in (
+        ("verify", cmd_verify, "walk the hash chain and check it against its checkpoint; exit 1 if broken"),
+        ("checkpoint", cmd_checkpoint, "verify, then print the log's signed checkpoint (JSON) to keep elsewhere"),
+    ):
+        parser = audit.add_parser(name, help=help_text)
+        parser.add_argument("--key", default="")
+        parser.add_argument("--checkpoint", default="", help="a file kept from `llmos audit checkpoint`: the log must still hold it")
+        parser.set_defaults(run=run)

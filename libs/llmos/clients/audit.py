@@ -47,9 +47,12 @@ class AuditClient(ServiceClient):
             if count < size or (wanted and sent >= wanted):
                 return
 
-    async def verify(self, *, timeout_s: float | None = None) -> audit_pb2.VerifyAuditResponse:
-        """Walk the whole hash chain: intact, or the first broken record and why."""
-        return await self._unary(self._stub.Verify, audit_pb2.VerifyAuditRequest(), timeout_s)
+    async def verify(
+        self, *, checkpoint: audit_pb2.AuditCheckpoint | None = None, timeout_s: float | None = None
+    ) -> audit_pb2.VerifyAuditResponse:
+        """Walk the whole hash chain and check it against the service's latest checkpoint (and
+        `checkpoint`, one kept from earlier): intact, or the first broken record and why."""
+        return await self._unary(self._stub.Verify, audit_pb2.VerifyAuditRequest(checkpoint=checkpoint), timeout_s)
 
 
 def _timestamp(moment: datetime | None) -> Timestamp | None:
