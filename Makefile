@@ -31,6 +31,10 @@ protos: $(PYTHON)
 models: install
 	$(VENV)/bin/llmos models build
 
+# Development mode (LLMOS_DEV=true): the stacks these targets start run on .env's published
+# development keys, which services refuse anywhere else (see README, Security).
+demo up bench-inference bench-speech bench-chat bench-ingest bench-audit: export LLMOS_DEV = true
+
 # The embedded default: NATS, embedded Qdrant and all seven services on this machine, then a tour.
 demo: models
 	$(VENV)/bin/llmos demo

@@ -89,6 +89,8 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
             **service_key_environment(),
             "LLMOS_ENCRYPTION_KEYS": new_key_entry("test"),
             "LLMOS_LOG_LEVEL": "INFO",
+            # Test stacks are development stacks (llmos.secrets): the keys above are in the repository.
+            "LLMOS_DEV": "true",
             # Seven services and the tests share the machine's cores: spinning threads would starve the rest.
             "LLMOS_INFERENCE_THREAD_SPINNING": "false",
         }

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
 import grpc
 import pytest
 
-from tests.conftest import TEST_API_KEY
+from llmos.clients import Metadata, ServiceClient
+from tests.conftest import TEST_API_KEY, RunningStack
+
+Client = TypeVar("Client", bound=ServiceClient)
 
 ADMIN = (("authorization", f"Bearer {TEST_API_KEY}"),)
 GLOBEX_USER = (("authorization", "Bearer user-key-globex"),)
@@ -18,3 +25,10 @@ async def call_with_raw_bytes(addr: str, method: str, payload: bytes) -> grpc.ai
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call(payload, metadata=ADMIN, timeout=10)
     return error.value
+
+
+@asynccontextmanager
+async def connected(stack: RunningStack, client: type[Client], metadata: Metadata = ADMIN) -> AsyncIterator[Client]:
+    """The typed client (`llmos.clients`) of one service of the test stack, calling as `metadata`."""
+    async with grpc.aio.insecure_channel(stack.addr(client.service)) as channel:
+        yield client(channel, metadata)

@@ -14,8 +14,9 @@ read and write only its own KV buckets; `api_keys` it may only read. Deleting or
 streams, and reading messages by sequence, are left to `admin`.
 
 The compose deployment uses the same table: `python -m llmos.natsauth compose` writes
-deploy/nats/authorization.conf (passwords as environment references), and
-`python -m llmos.natsauth compose-secrets FILE` makes the env file holding them.
+deploy/nats/authorization.conf (passwords as environment references); the env file holding them
+is made with every other secret of a deployment by `python -m llmos.secrets compose FILE`
+(`python -m llmos.natsauth compose-secrets FILE` does the same).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 import nats
 
 from llmos.bus.subjects import dead_letter_subject, stream_for
-from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 CREDENTIALS_FILE = "nats-credentials.json"
@@ -166,19 +166,6 @@ COMPOSE_HEADER = """\
 # ($LLMOS_NATS_<USER>_PASSWORD, see `python -m llmos.natsauth compose-secrets`).
 """
 COMPOSE_AUTHORIZATION = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "authorization.conf"
-JETSTREAM_KEY_VARIABLE = "LLMOS_JETSTREAM_KEY"
-
-
-def compose_secrets() -> str:
-    """An env file for `docker compose --env-file`: fresh passwords for every NATS user, the
-    JetStream encryption key, the services' data key, and the admin user for command-line tools
-    on the host (`set -a; . FILE` before running them)."""
-    credentials = new_credentials()
-    lines = [f"{password_variable(user)}={password}" for user, password in credentials.items()]
-    lines.append(f"{JETSTREAM_KEY_VARIABLE}={new_secret()}")
-    lines.append(f"LLMOS_ENCRYPTION_KEYS={new_key_entry()}")
-    lines += [f"LLMOS_NATS_USER={ADMIN_USER}", f"LLMOS_NATS_PASSWORD={credentials[ADMIN_USER]}"]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -187,14 +174,9 @@ def main(argv: Sequence[str]) -> None:
         COMPOSE_AUTHORIZATION.write_text(compose_authorization())
         print(f"wrote {COMPOSE_AUTHORIZATION}")
     elif argv[:1] == ["compose-secrets"] and len(argv) == 2:
-        path = Path(argv[1])
-        if path.exists():
-            raise SystemExit(f"{path} exists; keep it (the JetStream data is encrypted under its key) or remove it first")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(compose_secrets())
-        print(f"wrote {path}; start with: docker compose --env-file .env --env-file {path} up")
+        from llmos.secrets import main as secrets_main  # llmos.secrets builds on this module
+
+        secrets_main(["compose", argv[1]])
     else:
         raise SystemExit(usage)
 

@@ -13,10 +13,12 @@ from typing import Any
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import Status
 
 from llmos.pii import ALL_KINDS, Redactor
 
 _REDACTOR = Redactor(ALL_KINDS)
+_FORMATTER = logging.Formatter()
 
 
 def redact(text: str) -> str:
@@ -43,6 +45,14 @@ class RedactingLogFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        # A traceback quotes exception messages (and local values): formatters print the cached
+        # exc_text when there is one, so format it here, redacted.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
@@ -56,7 +66,7 @@ def redacted_span(span: ReadableSpan) -> ReadableSpan:
         events=[Event(event.name, _redact_attributes(event.attributes), event.timestamp) for event in span.events],
         links=span.links,
         kind=span.kind,
-        status=span.status,
+        status=Status(span.status.status_code, redact(span.status.description)) if span.status.description else span.status,
         start_time=span.start_time,
         end_time=span.end_time,
         instrumentation_scope=span.instrumentation_scope,
@@ -64,7 +74,7 @@ def redacted_span(span: ReadableSpan) -> ReadableSpan:
 
 
 class RedactingSpanExporter(SpanExporter):
-    """Wraps an exporter so that no span attribute or event leaves with personal data in it."""
+    """Wraps an exporter so that no span attribute, event or status message leaves with personal data in it."""
 
     def __init__(self, inner: SpanExporter) -> None:
         self._inner = inner

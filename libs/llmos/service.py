@@ -27,7 +27,8 @@ from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
 from llmos.grpcutil.interceptors import ServerInterceptor
 from llmos.grpcutil.tls import TlsFiles, caller_credentials, server_credentials
 from llmos.keys import KeyAuthenticator, KeyStore, parse_static_keys
-from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings
+from llmos.secrets import refuse_published_values
+from llmos.settings import PlatformSettings, SettingsError, SettingsT, load_settings, private_home
 from llmos.telemetry import setup_logging, setup_telemetry
 from llmos.v1 import events_pb2
 
@@ -154,9 +155,11 @@ def run_service(definition: ServiceDefinition[SettingsT]) -> None:
     """Entry point of `python -m services.<name>`."""
     try:
         settings = load_settings(definition.settings_type)
+        refuse_published_values(settings)
     except SettingsError as exc:
         print(f"{definition.name}: {exc}", file=sys.stderr)
         sys.exit(2)
+    private_home(settings.home)
     setup_logging(definition.name, settings.log_level)
     telemetry = setup_telemetry(definition.name, settings.otlp_endpoint, settings.telemetry_dir)
     try:

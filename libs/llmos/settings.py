@@ -8,6 +8,7 @@ per problem, naming the variable to set.
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TypeVar
@@ -91,6 +92,9 @@ class PlatformSettings(BaseSettings):
     tls_dir: Path | None = None
     # With TLS, also require client certificates signed by the CA (mutual TLS).
     tls_mutual: bool = False
+    # Development mode: published development secrets (.env's keys) are accepted, and `llmos up`
+    # warns; outside it a service refuses them (llmos.secrets).
+    dev: bool = False
     # A bus message that fails this many times goes to the dead-letter subject.
     max_deliveries: int = 3
     # How long a service waits for in-flight work when asked to stop.
@@ -146,6 +150,17 @@ class PlatformSettings(BaseSettings):
 
 
 SettingsT = TypeVar("SettingsT", bound=PlatformSettings)
+
+
+def private_home(home: Path) -> Path:
+    """Keep LLMOS_HOME to this user: the folder 0700 (tightened when it exists), and from now on
+    every file this process or its children (nats-server) create 0600 and every folder 0700, so
+    stores, logs, spans and databases written by libraries are private too."""
+    os.umask(0o077)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if home.stat().st_mode & 0o077:
+        home.chmod(0o700)
+    return home
 
 
 def load_settings(cls: type[SettingsT]) -> SettingsT:

@@ -1,7 +1,8 @@
 """The embedded stack: nats-server and every service as local processes (`llmos up|down|status`).
 
-State lives under `$LLMOS_HOME`: JetStream data in `data/jetstream`, one log per process in
-`logs/`, and the running processes in `run/stack.json` so `llmos down` can stop them.
+State lives under `$LLMOS_HOME` (0700; every file the stack writes there is 0600): JetStream
+data in `data/jetstream`, one log per process in `logs/`, and the running processes in
+`run/stack.json` so `llmos down` can stop them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from llmos.bus.broker import declare_streams
 from llmos.grpcutil.health_probe import check
 from llmos.grpcutil.tls import caller_credentials
 from llmos.natsauth import authorization_block, connect_cli, credentials_path, new_credentials, write_credentials
-from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.secrets import development_warning, refuse_published_values
+from llmos.settings import SERVICE_NAMES, PlatformSettings, private_home
 
 STACK_FILE = "stack.json"
 READY_TIMEOUT_S = 120.0
@@ -107,7 +109,7 @@ def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -
 
 def _spawn(command: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         # A new session, so Ctrl-C in the terminal reaches only `llmos up`, which stops the
         # processes in order.
         return subprocess.Popen(
@@ -159,7 +161,8 @@ def stack_file(settings: PlatformSettings) -> Path:
 def write_stack(settings: PlatformSettings, processes: Iterable[StackProcess]) -> None:
     path = stack_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([process.__dict__ for process in processes], indent=2))
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(json.dumps([process.__dict__ for process in processes], indent=2))
 
 
 def read_stack(settings: PlatformSettings) -> list[StackProcess]:
@@ -230,8 +233,14 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> float:
-        """Start NATS and every service; returns seconds until all were SERVING."""
+        """Start NATS and every service; returns seconds until all were SERVING. Published
+        development secrets stop it here, before anything starts, outside development mode."""
         started = time.monotonic()
+        refuse_published_values(self.settings)
+        warning = development_warning(self.settings)
+        if warning:
+            print(warning, file=sys.stderr)
+        private_home(self.settings.home)
         credentials = new_credentials()
         write_credentials(credentials_path(self.settings.home), credentials)
         self.processes["nats"] = start_nats(

@@ -2,7 +2,9 @@
 
 Spans go to an OTLP collector when `LLMOS_OTLP_ENDPOINT` is set, else one JSON object per line
 to `$LLMOS_HOME/telemetry/spans.jsonl`, which `llmos trace` reads. Every process of the stack
-appends to the same file, one `write` per span so lines never interleave.
+appends to the same file, one `write` per span so lines never interleave. Both files are 0600,
+and spans (attributes, events, status messages) and log lines (tracebacks included) pass the
+PII redactor first.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class JsonlSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(json.dumps(span_to_record(span)) + "\n" for span in spans)
         with self._lock:
-            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, lines.encode("utf-8"))
             finally:
@@ -111,7 +113,8 @@ def _metric_exporter(otlp_endpoint: str, telemetry_dir: Path) -> MetricExporter:
 
         return OTLPMetricExporter(endpoint=otlp_endpoint, insecure=True)
     telemetry_dir.mkdir(parents=True, exist_ok=True)
-    stream = (telemetry_dir / METRICS_FILE).open("a", encoding="utf-8")
+    fd = os.open(telemetry_dir / METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    stream = os.fdopen(fd, "a", encoding="utf-8")
     return ConsoleMetricExporter(
         out=stream, formatter=lambda data: data.to_json(indent=None) + "\n"
     )

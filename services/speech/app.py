@@ -9,6 +9,7 @@ from llmos.audio import EndpointConfig
 from llmos.audit import AuditLog
 from llmos.bus.broker import Bus
 from llmos.clients import RetrievalClient
+from llmos.crypto import AtRest
 from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.grpcutil.client import service_channel
 from llmos.models import artefact_dir
@@ -71,6 +72,11 @@ def shared_domain_text(settings: SpeechSettings) -> str:
     return "\n".join(intent_examples(path))
 
 
+def corpus_at_rest(settings: SpeechSettings) -> AtRest:
+    """The domain corpus holds every tenant's document text: sealed like every store of it."""
+    return AtRest.from_settings(settings, "the speech corpus")
+
+
 def document_reader(retrieval: RetrievalClient) -> DocumentText:
     """Indexed documents' text for the domain corpus, read as the dialogue service reads them."""
 
@@ -95,7 +101,10 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         bus,
         AuditLog(bus, bus.service),
         engine,
-        DomainCorpus(settings.home / "speech" / "corpus", shared_domain_text(settings), background, settings.speech_domain_weight),
+        DomainCorpus(
+            settings.home / "speech" / "corpus", corpus_at_rest(settings),
+            shared_domain_text(settings), background, settings.speech_domain_weight,
+        ),
         voice_catalog(settings),
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,

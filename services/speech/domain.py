@@ -2,7 +2,10 @@
 
 Text is kept per tenant and document in the service's own store (`<home>/speech/corpus`), so
 a restart rebuilds the same models; a tenant's model is rebuilt whenever one of its documents
-changes. Text is normalized the way it is spoken: lower case, numbers as words, symbols
+changes. That text is every tenant's documents, so it is sealed with the platform's data-at-rest
+keys (`LLMOS_ENCRYPTION_KEYS`), each file bound to its tenant's folder and its name; files and
+folders are the service user's alone (0600/0700). The ARPA models hold only n-gram statistics
+of the text, and PocketSphinx reads them from a file: they stay in clear, 0600. Text is normalized the way it is spoken: lower case, numbers as words, symbols
 dropped, one sentence a line.
 
 A knowledge base has a few hundred distinct words, and a word outside a model's vocabulary can
@@ -15,6 +18,7 @@ domain's bigrams and trigrams still steer the decoder towards how the domain is 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from io import StringIO
@@ -24,11 +28,24 @@ import yaml
 from pocketsphinx import Decoder
 from pocketsphinx.lm import ArpaBoLM
 
+from llmos.crypto import AtRest
+from llmos.errors import FailedPrecondition
 from llmos.spoken import spoken_words
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 # Bumped when build_arpa changes what it writes, so models built before are rebuilt.
 MODEL_RECIPE = 2
+DOCUMENT_SUFFIX = ".doc"
+# Documents written in plaintext by versions before sealing; sealed at start.
+_PLAINTEXT_SUFFIX = ".txt"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically, readable by this user only."""
+    tmp = path.with_name(path.name + ".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(data)
+    tmp.replace(path)
 
 
 def spoken_sentences(text: str) -> list[str]:
@@ -103,7 +120,7 @@ def _interpolate_unigrams(model: ArpaBoLM, background: Mapping[str, float], doma
 
 
 class DomainCorpus:
-    """Each tenant's spoken-form text by document, on disk, and the tenant's ARPA model.
+    """Each tenant's spoken-form text by document, sealed on disk, and the tenant's ARPA model.
 
     `shared_text` (the dialogue's intent examples: how customers phrase requests) goes into every
     tenant's model beside the tenant's own documents. A model's file name carries the recipe it
@@ -111,16 +128,24 @@ class DomainCorpus:
     """
 
     def __init__(
-        self, root: Path, shared_text: str = "", background: Mapping[str, float] | None = None, domain_weight: float = 1.0
+        self,
+        root: Path,
+        at_rest: AtRest,
+        shared_text: str = "",
+        background: Mapping[str, float] | None = None,
+        domain_weight: float = 1.0,
     ) -> None:
         if not 0.0 < domain_weight <= 1.0:
             raise ValueError(f"domain weight {domain_weight} is not in (0, 1]")
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root = root
+        self._at_rest = at_rest
         self._shared = spoken_sentences(shared_text)
         self._background = background
         self._domain_weight = domain_weight if background else 1.0
         recipe = f"{MODEL_RECIPE}:{self._domain_weight}:{len(background or ())}"
         self._model_name = f"domain-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.arpa"
+        self._seal_plaintext_documents()
 
     @staticmethod
     def _key(value: str) -> str:
@@ -129,31 +154,60 @@ class DomainCorpus:
     def _tenant_dir(self, tenant: str) -> Path:
         return self._root / self._key(tenant)
 
+    def _documents(self, tenant: str) -> Path:
+        return self._tenant_dir(tenant) / "documents"
+
+    def _document_path(self, tenant: str, document_id: str) -> Path:
+        return self._documents(tenant) / f"{self._key(document_id)}{DOCUMENT_SUFFIX}"
+
+    @staticmethod
+    def _bound_to(path: Path) -> bytes:
+        """Associated data of a sealed document: its tenant folder and its name, so a file copied
+        into another tenant's folder does not open."""
+        return f"{path.parent.parent.name}/{path.stem}".encode()
+
+    def _read(self, path: Path) -> str:
+        return self._at_rest.open(path.read_bytes(), self._bound_to(path)).decode("utf-8")
+
+    def _write(self, path: Path, text: str) -> None:
+        path.parent.parent.mkdir(mode=0o700, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        _write_private(path, self._at_rest.seal(text.encode("utf-8"), self._bound_to(path)))
+
+    def _seal_plaintext_documents(self) -> None:
+        for legacy in self._root.glob(f"*/documents/*{_PLAINTEXT_SUFFIX}"):
+            self._write(legacy.with_suffix(DOCUMENT_SUFFIX), legacy.read_text(encoding="utf-8"))
+            legacy.unlink()
+
     def put(self, tenant: str, document_id: str, text: str) -> bool:
         """Store a document's text; False when it is unchanged."""
-        folder = self._tenant_dir(tenant) / "documents"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self._key(document_id)}.txt"
+        path = self._document_path(tenant, document_id)
         content = "\n".join(spoken_sentences(text)) + "\n"
-        if path.exists() and path.read_text(encoding="utf-8") == content:
+        if path.exists() and self._stored(path) == content:
             return False
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(content, encoding="utf-8")
-        tmp.replace(path)
+        self._write(path, content)
         return True
 
+    def _stored(self, path: Path) -> str | None:
+        """A document's stored text; None when it was sealed under a key no longer configured
+        (it is then written again under the current one)."""
+        try:
+            return self._read(path)
+        except FailedPrecondition:
+            return None
+
     def remove(self, tenant: str, document_id: str) -> bool:
-        path = self._tenant_dir(tenant) / "documents" / f"{self._key(document_id)}.txt"
+        path = self._document_path(tenant, document_id)
         if not path.exists():
             return False
         path.unlink()
         return True
 
     def sentences(self, tenant: str) -> list[str]:
-        folder = self._tenant_dir(tenant) / "documents"
+        folder = self._documents(tenant)
         if not folder.exists():
             return []
-        return [line for path in sorted(folder.glob("*.txt")) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return [line for path in sorted(folder.glob(f"*{DOCUMENT_SUFFIX}")) for line in self._read(path).splitlines() if line]
 
     def build(self, tenant: str) -> Path | None:
         """Write the tenant's ARPA model from its text; None when the tenant has no text."""
@@ -166,9 +220,8 @@ class DomainCorpus:
         if not sentences:
             target.unlink(missing_ok=True)
             return None
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(build_arpa(sentences + self._shared, self._background, self._domain_weight), encoding="utf-8")
-        tmp.replace(target)
+        arpa = build_arpa(sentences + self._shared, self._background, self._domain_weight)
+        _write_private(target, arpa.encode("utf-8"))
         return target
 
     def model_path(self, tenant: str) -> Path | None:
@@ -177,6 +230,5 @@ class DomainCorpus:
         return path if path.exists() else None
 
     def has_text(self, tenant: str) -> bool:
-        folder = self._tenant_dir(tenant) / "documents"
-        return folder.exists() and any(folder.glob("*.txt"))
-
+        folder = self._documents(tenant)
+        return folder.exists() and any(folder.glob(f"*{DOCUMENT_SUFFIX}"))

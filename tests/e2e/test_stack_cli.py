@@ -11,8 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from llmos.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import TEST_API_KEY, NatsServer, free_port, platform_environment
+from llmos.clients import IngestClient
+from llmos.v1 import ingest_pb2
+from tests.conftest import NatsServer, free_port, platform_environment
+from tests.grpc_helpers import ADMIN
 
 pytestmark = pytest.mark.e2e
 
@@ -48,10 +50,7 @@ def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
 
         async def submit() -> None:
             async with grpc.aio.insecure_channel(env["LLMOS_INGEST_ADDR"]) as channel:
-                await ingest_pb2_grpc.IngestServiceStub(channel).SubmitDocument(
-                    ingest_pb2.SubmitDocumentRequest(document_id="e2e", content=b"End to end."),
-                    metadata=(("authorization", f"Bearer {TEST_API_KEY}"),),
-                )
+                await IngestClient(channel, ADMIN).submit(ingest_pb2.SubmitDocumentRequest(document_id="e2e", content=b"End to end."))
 
         asyncio.run(submit())
         for _ in range(50):

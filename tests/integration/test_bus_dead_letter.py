@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmos.bus.subjects import INGEST_REQUESTED, dead_letter_subject
-from llmos.v1 import audit_pb2, audit_pb2_grpc, events_pb2, ingest_pb2, ingest_pb2_grpc
+from llmos.clients import AuditClient, IngestClient
+from llmos.errors import NotFound
+from llmos.v1 import events_pb2
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import connected
 from tests.integration.bus_helpers import last_message, last_sequence, publish
 
 pytestmark = pytest.mark.integration
@@ -34,10 +35,9 @@ async def test_garbage_on_a_consumed_subject_is_dead_lettered_and_consumption_co
         tenant="acme", service="fuzz", action="after/garbage", resource="r",
     )
     await publish(url, "llmos.audit.fuzz", event.SerializeToString())
-    async with grpc.aio.insecure_channel(stack.addr("audit")) as channel:
-        stub = audit_pb2_grpc.AuditServiceStub(channel)
+    async with connected(stack, AuditClient) as audit:
         for _ in range(100):
-            records = [r async for r in stub.Query(audit_pb2.QueryAuditRequest(action="after/garbage"), metadata=ADMIN)]
+            records = [r async for r in audit.query(action="after/garbage")]
             if records:
                 break
             await asyncio.sleep(0.1)
@@ -58,21 +58,18 @@ async def test_an_invalid_document_on_the_bus_is_dead_lettered_with_a_failure_ev
 
     good = events_pb2.DocumentSubmitted(document_id="after-bad", tenant="acme", content=b"The consumer goes on.")
     await publish(url, INGEST_REQUESTED, good.SerializeToString())
-    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+    async with connected(stack, IngestClient) as ingest:
         for _ in range(100):
             try:
-                status = await stub.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="after-bad"), metadata=ADMIN)
+                status = await ingest.status("after-bad")
                 break
-            except grpc.aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.NOT_FOUND
+            except NotFound:
                 await asyncio.sleep(0.1)
     assert status.chunk_count == 1
 
-    async with grpc.aio.insecure_channel(stack.addr("audit")) as channel:
-        audit = audit_pb2_grpc.AuditServiceStub(channel)
+    async with connected(stack, AuditClient) as audit:
         for _ in range(100):
-            drops = [r async for r in audit.Query(audit_pb2.QueryAuditRequest(action="bus/dead-letter"), metadata=ADMIN)]
+            drops = [r async for r in audit.query(action="bus/dead-letter")]
             ours = [r.event for r in drops if r.event.resource == f"subject/{INGEST_REQUESTED}" and "image/png" in r.event.reason]
             if ours:
                 break

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import grpc
+from collections.abc import AsyncIterator
+
 import nats
 import pytest
 
@@ -18,9 +19,11 @@ from llmos.bus.subjects import (
     DOCS_INDEXED,
     INGEST_REQUESTED,
 )
-from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc
+from llmos.clients import IngestClient
+from llmos.errors import InvalidArgument, NotFound, PermissionDenied
+from llmos.v1 import common_pb2, events_pb2, ingest_pb2
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN, GLOBEX_USER
+from tests.grpc_helpers import GLOBEX_USER, connected
 from tests.integration.bus_helpers import indexed_events, last_message, last_sequence, publish
 from tests.pdf_helpers import minimal_pdf
 
@@ -33,18 +36,17 @@ ARTICLE = (
 
 
 @pytest.fixture
-async def ingest(stack: RunningStack):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)
+async def ingest(stack: RunningStack) -> AsyncIterator[IngestClient]:
+    async with connected(stack, IngestClient) as client:
+        yield client
 
 
-async def test_submitted_document_is_chunked_onto_the_bus(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_submitted_document_is_chunked_onto_the_bus(ingest: IngestClient, stack: RunningStack) -> None:
     url = stack.settings.nats_url
     before = await last_sequence(url, CHUNKS_CREATED)
-    response = await ingest.SubmitDocument(
+    response = await ingest.submit(
         ingest_pb2.SubmitDocumentRequest(document_id="returns", title="Returns policy", content=ARTICLE.encode(),
                                          mime_type="text/plain", tags=["policy"]),
-        metadata=ADMIN,
     )
     assert response.stage == common_pb2.DOCUMENT_STAGE_CHUNKED and not response.unchanged
     created = events_pb2.ChunksCreated.FromString((await last_message(url, CHUNKS_CREATED, after_seq=before)).data)
@@ -55,40 +57,32 @@ async def test_submitted_document_is_chunked_onto_the_bus(ingest, stack: Running
     assert created.chunks[0].text.startswith("Returns are free")
     assert all(chunk.tags == ["policy"] and chunk.title == "Returns policy" for chunk in created.chunks)
 
-    status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="returns"), metadata=ADMIN)
+    status = await ingest.status("returns")
     assert status.stage == common_pb2.DOCUMENT_STAGE_CHUNKED and status.chunk_count == len(created.chunks)
 
-    again = await ingest.SubmitDocument(
-        ingest_pb2.SubmitDocumentRequest(document_id="returns", content=ARTICLE.encode()), metadata=ADMIN
-    )
+    again = await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="returns", content=ARTICLE.encode()))
     assert again.unchanged and again.content_hash == response.content_hash
 
 
-async def test_documents_are_confined_to_their_tenant(ingest) -> None:  # type: ignore[no-untyped-def]
-    await ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(document_id="secret", content=b"acme only"), metadata=ADMIN)
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="secret"), metadata=GLOBEX_USER)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await ingest.GetDocumentStatus(
-            ingest_pb2.GetDocumentStatusRequest(document_id="secret", tenant="acme"), metadata=GLOBEX_USER
-        )
-    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+async def test_documents_are_confined_to_their_tenant(ingest: IngestClient) -> None:
+    await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="secret", content=b"acme only"))
+    globex = ingest.with_credentials(GLOBEX_USER)
+    with pytest.raises(NotFound):
+        await globex.status("secret")
+    with pytest.raises(PermissionDenied):
+        await globex.status("secret", tenant="acme")
 
 
-async def test_delete_publishes_and_marks_the_document(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_delete_publishes_and_marks_the_document(ingest: IngestClient, stack: RunningStack) -> None:
     url = stack.settings.nats_url
-    await ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(document_id="to-delete", content=b"short lived"), metadata=ADMIN)
+    await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="to-delete", content=b"short lived"))
     before = await last_sequence(url, DOCS_DELETED)
-    response = await ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(document_id="to-delete"), metadata=ADMIN)
-    assert response.deleted
+    assert await ingest.delete("to-delete")
     deleted = events_pb2.DocumentDeleted.FromString((await last_message(url, DOCS_DELETED, after_seq=before)).data)
     assert (deleted.document_id, deleted.tenant) == ("to-delete", "acme")
-    status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="to-delete"), metadata=ADMIN)
-    assert status.stage == common_pb2.DOCUMENT_STAGE_DELETED
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(document_id="never-existed"), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await ingest.status("to-delete")).stage == common_pb2.DOCUMENT_STAGE_DELETED
+    with pytest.raises(NotFound):
+        await ingest.delete("never-existed")
 
 
 @pytest.mark.parametrize(
@@ -102,31 +96,26 @@ async def test_delete_publishes_and_marks_the_document(ingest, stack: RunningSta
         ({"content": b"x" * (4 * 1024 * 1024 + 1)}, "over the limit"),
     ],
 )
-async def test_bad_documents_are_invalid_argument(ingest, request_fields: dict, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(document_id="bad", **request_fields), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in error.value.details()
+async def test_bad_documents_are_invalid_argument(ingest: IngestClient, request_fields: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidArgument) as error:
+        await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="bad", **request_fields))
+    assert message in error.value.message
 
 
-async def test_html_pdf_and_pii_reach_the_chunks_cleaned(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_html_pdf_and_pii_reach_the_chunks_cleaned(ingest: IngestClient, stack: RunningStack) -> None:
     url = stack.settings.nats_url
     page = (
         b"<html><body><nav>Home | Orders</nav><main><h1>Contact</h1><p>Mail help@acme.example or call "
         b"+44 20 7946 0958. Card 4111 1111 1111 1111 on file.</p></main><footer>Acme Ltd</footer></body></html>"
     )
     before = await last_sequence(url, CHUNKS_CREATED)
-    await ingest.SubmitDocument(
-        ingest_pb2.SubmitDocumentRequest(document_id="contact", content=page, mime_type="text/html"), metadata=ADMIN
-    )
+    await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="contact", content=page, mime_type="text/html"))
     created = events_pb2.ChunksCreated.FromString((await last_message(url, CHUNKS_CREATED, after_seq=before)).data)
     assert created.chunks[0].text == "Contact\n\nMail [EMAIL] or call [PHONE]. Card [CARD] on file."
 
     before = await last_sequence(url, CHUNKS_CREATED)
     pdf = minimal_pdf(["Warranty lasts two years.", "Pay to GB82 WEST 1234 5698 7654 32."])
-    await ingest.SubmitDocument(
-        ingest_pb2.SubmitDocumentRequest(document_id="warranty", content=pdf, mime_type="application/pdf"), metadata=ADMIN
-    )
+    await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="warranty", content=pdf, mime_type="application/pdf"))
     created = events_pb2.ChunksCreated.FromString((await last_message(url, CHUNKS_CREATED, after_seq=before)).data)
     assert created.chunks[0].text == "Warranty lasts two years.\nPay to [IBAN]."
 
@@ -146,14 +135,12 @@ async def test_corrupt_pdf_on_the_bus_is_reported_and_dead_lettered(stack: Runni
     assert "not a readable PDF" in letter.error
 
 
-async def test_later_stages_move_the_status_forward_for_current_content_only(ingest, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_later_stages_move_the_status_forward_for_current_content_only(ingest: IngestClient, stack: RunningStack) -> None:
     url = stack.settings.nats_url
-    submitted = await ingest.SubmitDocument(
-        ingest_pb2.SubmitDocumentRequest(document_id="tracked", content=b"Tracked document text."), metadata=ADMIN
-    )
+    submitted = await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="tracked", content=b"Tracked document text."))
 
     async def stage() -> int:
-        return (await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="tracked"), metadata=ADMIN)).stage
+        return (await ingest.status("tracked")).stage
 
     async def wait_for(expected: int) -> None:
         """At least `expected`: the live pipeline (inference, retrieval) reports too, and may be ahead."""

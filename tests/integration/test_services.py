@@ -7,15 +7,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from llmos.clients import TokenizerClient
+from llmos.errors import Unauthenticated
 from llmos.settings import SERVICE_NAMES
-from llmos.v1 import (
-    dialogue_pb2,
-    dialogue_pb2_grpc,
-    tokenizer_pb2,
-    tokenizer_pb2_grpc,
-)
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import connected
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +34,7 @@ async def test_service_is_serving_and_reflects_its_api(stack: RunningStack, serv
 
 
 async def test_calls_without_a_key_are_unauthenticated(stack: RunningStack) -> None:
-    async with grpc.aio.insecure_channel(stack.addr("tokenizer")) as channel:
-        stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.CountTokens(tokenizer_pb2.CountTokensRequest(texts=["hello"]), timeout=5)
-        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.CountTokens(
-                tokenizer_pb2.CountTokensRequest(texts=["hello"]), metadata=(("authorization", "Bearer wrong"),), timeout=5
-            )
-        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for credentials in ((), (("authorization", "Bearer wrong"),)):
+        async with connected(stack, TokenizerClient, credentials) as tokenizer:
+            with pytest.raises(Unauthenticated):
+                await tokenizer.count(["hello"], 5)

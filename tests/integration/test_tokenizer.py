@@ -2,44 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
 import transformers
 
+from llmos.clients import TokenizerClient
+from llmos.errors import InvalidArgument
 from llmos.models import artefact_dir
-from llmos.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN, call_with_raw_bytes
+from tests.grpc_helpers import call_with_raw_bytes, connected
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def tokenizer(stack: RunningStack):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(stack.addr("tokenizer")) as channel:
-        yield tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+async def tokenizer(stack: RunningStack) -> AsyncIterator[TokenizerClient]:
+    async with connected(stack, TokenizerClient) as client:
+        yield client
 
 
-async def test_round_trip_and_offsets(tokenizer) -> None:  # type: ignore[no-untyped-def]
+async def test_round_trip_and_offsets(tokenizer: TokenizerClient) -> None:
     text = "Where is my order #A-1234? It's late — très ennuyeux."
-    encoded = await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), metadata=ADMIN)
+    encoded = await tokenizer.tokenize(text)
     assert len(encoded.ids) == len(encoded.tokens) == len(encoded.offsets) > 5
     assert encoded.offsets[0].start == 0 and encoded.offsets[-1].end == len(text)
-    decoded = await tokenizer.Detokenize(tokenizer_pb2.DetokenizeRequest(ids=encoded.ids), metadata=ADMIN)
-    assert decoded.text == text
+    assert await tokenizer.detokenize(encoded.ids) == text
 
 
-async def test_counts_match_tokenize(tokenizer) -> None:  # type: ignore[no-untyped-def]
+async def test_counts_match_tokenize(tokenizer: TokenizerClient) -> None:
     texts = ["hello world", "a much longer sentence with several more tokens in it", ""]
-    counts = await tokenizer.CountTokens(tokenizer_pb2.CountTokensRequest(texts=texts), metadata=ADMIN)
+    counts = await tokenizer.count_response(texts)
     assert counts.counts[2] == 0
     for text, count in zip(texts[:2], counts.counts[:2]):
-        encoded = await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=text), metadata=ADMIN)
-        assert count == len(encoded.ids)
+        assert count == len((await tokenizer.tokenize(text)).ids)
     assert counts.total == sum(counts.counts)
 
 
-async def test_chat_template_matches_the_models_own(tokenizer, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_chat_template_matches_the_models_own(tokenizer: TokenizerClient, stack: RunningStack) -> None:
     reference = transformers.AutoTokenizer.from_pretrained(str(artefact_dir(stack.home, "smollm2-135m-instruct")))
     conversations = [
         [{"role": "user", "content": "How do I reset my password?"}],
@@ -49,12 +50,8 @@ async def test_chat_template_matches_the_models_own(tokenizer, stack: RunningSta
     ]
     for messages in conversations:
         for add_generation_prompt in (True, False):
-            response = await tokenizer.ApplyChatTemplate(
-                tokenizer_pb2.ApplyChatTemplateRequest(
-                    messages=[common_pb2.ChatMessage(**message) for message in messages],
-                    add_generation_prompt=add_generation_prompt,
-                ),
-                metadata=ADMIN,
+            response = await tokenizer.apply_chat_template(
+                [(message["role"], message["content"]) for message in messages], add_generation_prompt=add_generation_prompt
             )
             expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
             assert response.prompt == expected
@@ -62,11 +59,9 @@ async def test_chat_template_matches_the_models_own(tokenizer, stack: RunningSta
             assert response.token_count == len(response.ids)
 
 
-async def test_empty_text_is_invalid(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text=""), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "text: must not be empty" in error.value.details()
+async def test_empty_text_is_invalid(tokenizer: TokenizerClient) -> None:
+    with pytest.raises(InvalidArgument, match="text: must not be empty"):
+        await tokenizer.tokenize("")
 
 
 async def test_invalid_utf8_is_invalid_argument(stack: RunningStack) -> None:
@@ -76,16 +71,10 @@ async def test_invalid_utf8_is_invalid_argument(stack: RunningStack) -> None:
     assert "UTF-8" in error.details()
 
 
-async def test_unknown_model_and_bad_ids_are_invalid(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await tokenizer.Tokenize(tokenizer_pb2.TokenizeRequest(text="hi", model="gpt-9"), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown model" in error.value.details()
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await tokenizer.Detokenize(tokenizer_pb2.DetokenizeRequest(ids=[10**8]), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the vocabulary" in error.value.details()
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await tokenizer.ApplyChatTemplate(
-            tokenizer_pb2.ApplyChatTemplateRequest(messages=[common_pb2.ChatMessage(role="robot", content="x")]),
-            metadata=ADMIN,
-        )
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages[0].role" in error.value.details()
+async def test_unknown_model_and_bad_ids_are_invalid(tokenizer: TokenizerClient) -> None:
+    with pytest.raises(InvalidArgument, match="unknown model"):
+        await tokenizer.tokenize("hi", model="gpt-9")
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        await tokenizer.detokenize([10**8])
+    with pytest.raises(InvalidArgument, match=r"messages\[0\]\.role"):
+        await tokenizer.apply_chat_template([("robot", "x")])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from llmos.clients import IngestClient
 from llmos.grpcutil.interceptors import outgoing_metadata
 from llmos.telemetry import SPAN_FILE, read_spans
-from llmos.v1 import ingest_pb2, ingest_pb2_grpc
+from llmos.v1 import ingest_pb2
 from tests.conftest import TEST_API_KEY, RunningStack
+from tests.grpc_helpers import connected
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +21,9 @@ async def test_submit_document_is_one_trace_across_ingest_tokenizer_and_audit(st
     tracer = TracerProvider().get_tracer("test-client")
     with tracer.start_as_current_span("client") as client_span:
         trace_id = format(client_span.get_span_context().trace_id, "032x")
-        metadata = outgoing_metadata(f"Bearer {TEST_API_KEY}")
-        async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
-            await ingest_pb2_grpc.IngestServiceStub(channel).SubmitDocument(
-                ingest_pb2.SubmitDocumentRequest(document_id="traced", content=b"Follow this document."),
-                metadata=metadata,
-            )
+        # The client span's context travels in the call's metadata, as a service's interceptor sends it.
+        async with connected(stack, IngestClient, tuple(outgoing_metadata(f"Bearer {TEST_API_KEY}"))) as ingest:
+            await ingest.submit(ingest_pb2.SubmitDocumentRequest(document_id="traced", content=b"Follow this document."))
 
     span_file = stack.home / "telemetry" / SPAN_FILE
     services_seen: set[str] = set()

@@ -14,7 +14,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from llmos.natsauth import ADMIN_USER, COMPOSE_AUTHORIZATION, GRANTS, compose_secrets, password_variable
+from llmos.natsauth import ADMIN_USER, COMPOSE_AUTHORIZATION, GRANTS, password_variable
+from llmos.secrets import compose_secrets
 from llmos.settings import SERVICE_NAMES
 from llmos.stack import nats_server_binary, port_open
 from tests.conftest import NatsServer, free_port

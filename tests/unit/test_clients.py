@@ -29,6 +29,7 @@ from llmos.clients import (
     transcript,
 )
 from llmos.deadline import Deadline, timeout_within
+from llmos.grpcutil.status import RETRY_AFTER_MS_KEY
 from llmos.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -149,7 +150,7 @@ class Ingest(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.DocumentStatus:
         if request.document_id in FAILURES:
             if request.document_id == "RESOURCE_EXHAUSTED":
-                context.set_trailing_metadata((("retry-after-ms", "2500"),))
+                context.set_trailing_metadata(((RETRY_AFTER_MS_KEY, "2500"),))
             await context.abort(grpc.StatusCode[request.document_id], f"{request.document_id.lower()} as asked")
         if request.document_id == "slow":
             await asyncio.sleep(5)
@@ -471,6 +472,7 @@ async def test_tokenizer_calls(served: tuple[grpc.aio.Channel, Fakes]) -> None:
     tokenizer = TokenizerClient(served[0])
     assert await tokenizer.count(["ab", "abc"], 5.0) == [2, 3]
     assert await tokenizer.count(["ab"], 5.0, add_special_tokens=True) == [4]
+    assert (await tokenizer.count_response(["ab", "abc"], timeout_s=5)).total == 5
     assert await tokenizer.token_offsets("ab", 5.0) == [(0, 1), (1, 2)]
     assert list((await tokenizer.tokenize("hi", timeout_s=5)).tokens) == ["h", "i"]
     assert await tokenizer.detokenize([104, 105], timeout_s=5) == "hi"

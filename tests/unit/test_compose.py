@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from llmos.natsauth import compose_secrets
+from llmos.secrets import compose_secrets
 from llmos.stack import nats_server_binary
 
 pytestmark = pytest.mark.unit
@@ -116,13 +116,14 @@ def interpolate(value: Any, env: dict[str, str], where: str = "") -> Any:
     return _INTERPOLATION.sub(substitute, value)
 
 
-def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+def load_compose(path: Path = COMPOSE_FILE, secrets: dict[str, str] | None = None) -> dict[str, Any]:
     """The compose model as `docker compose config` sees it before normalisation: YAML with
-    anchors and merge keys resolved, then variables substituted from .env."""
+    anchors and merge keys resolved, then variables substituted from .env and the secrets file
+    (`secrets`, else a fresh one)."""
     with path.open() as stream:
         raw = yaml.load(stream, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
     assert isinstance(raw, dict), f"{path.name} is not a mapping"
-    return interpolate(raw, {**read_dotenv(ENV_FILE), **compose_secret_values()})
+    return interpolate(raw, {**read_dotenv(ENV_FILE), **(compose_secret_values() if secrets is None else secrets)})
 
 
 def compose_secret_values() -> dict[str, str]:
@@ -568,3 +569,22 @@ def test_nats_config_parses_with_nats_server() -> None:
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
         assert "is valid" in output, output
+
+
+def test_each_service_gets_only_its_own_secrets() -> None:
+    """From the secrets file: a calling service its own signing key, everyone the public keys,
+    retrieval the Qdrant key, audit the chain keys, nats alone the JetStream key."""
+    from llmos.assertions import CALLING_SERVICES
+
+    secrets = compose_secret_values()
+    services = load_compose(secrets=secrets)["services"]
+    for name in LLMOS_SERVICES:
+        environment = services[name]["environment"]
+        own_signing_key = secrets[f"LLMOS_{name.upper()}_SIGNING_KEY"] if name in CALLING_SERVICES else ""
+        assert environment["LLMOS_SERVICE_SIGNING_KEYS"] == own_signing_key, name
+        assert environment["LLMOS_SERVICE_PUBLIC_KEYS"] == secrets["LLMOS_SERVICE_PUBLIC_KEYS"], name
+        assert environment["LLMOS_JETSTREAM_KEY"] == "", name
+        assert environment.get("LLMOS_QDRANT_API_KEY") == (secrets["LLMOS_QDRANT_API_KEY"] if name == "retrieval" else None), name
+        assert environment.get("LLMOS_AUDIT_CHAIN_KEYS") == (secrets["LLMOS_AUDIT_CHAIN_KEYS"] if name == "audit" else None), name
+        assert environment["LLMOS_API_KEYS"] == secrets["LLMOS_API_KEYS"], name
+    assert services["nats"]["environment"]["LLMOS_JETSTREAM_KEY"] == secrets["LLMOS_JETSTREAM_KEY"]

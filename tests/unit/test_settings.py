@@ -64,3 +64,24 @@ def test_repository_env_file_describes_a_complete_configuration(monkeypatch: pyt
     ports = {settings.service_addr(name).rpartition(":")[2] for name in
              ("ingest", "tokenizer", "inference", "retrieval", "speech", "dialogue", "audit")}
     assert len(ports) == 7
+
+
+def test_private_home_is_created_0700_tightened_and_sets_umask(tmp_path) -> None:
+    import os
+
+    from llmos.settings import private_home
+
+    previous = os.umask(0o022)
+    try:
+        home = private_home(tmp_path / "new" / "home")
+        assert home.stat().st_mode & 0o777 == 0o700
+        (home / "store.db").write_bytes(b"")  # created after: private by the umask
+        (home / "logs").mkdir()
+        assert (home / "store.db").stat().st_mode & 0o777 == 0o600
+        assert (home / "logs").stat().st_mode & 0o777 == 0o700
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        existing.chmod(0o755)
+        assert private_home(existing).stat().st_mode & 0o777 == 0o700
+    finally:
+        os.umask(previous)

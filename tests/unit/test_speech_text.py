@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 from pocketsphinx import Decoder
 
+from llmos.crypto import AtRest
 from llmos.spoken import number_words, spoken_words
 from llmos.utterances import UtteranceChunker, split_for_speech, split_sentences
 from services.speech.domain import DomainCorpus, build_arpa, general_unigrams, spoken_sentences
 from services.speech.tts import kokoro_phonemes
 
 pytestmark = pytest.mark.unit
+
+# Sealing is tested in tests/security/test_speech_corpus.py; these tests are about the models.
+PLAINTEXT = AtRest(None, "speech corpus")
 
 
 @pytest.mark.parametrize(
@@ -37,7 +41,7 @@ def test_domain_model_is_an_arpa_trigram_of_the_text(tmp_path: Path) -> None:
     arpa = build_arpa(["where is my parcel", "where is my refund"])
     assert "\\data\\" in arpa and "ngram 3=" in arpa and "\\end\\" in arpa
     assert " parcel" in arpa and " refund" in arpa
-    corpus = DomainCorpus(tmp_path)
+    corpus = DomainCorpus(tmp_path, PLAINTEXT)
     assert corpus.build("acme") is None
     assert corpus.put("acme", "doc-1", "Where is my parcel? It ships in 2 days.")
     assert not corpus.put("acme", "doc-1", "Where is my parcel? It ships in 2 days.")
@@ -62,11 +66,11 @@ def test_the_general_model_keeps_every_word_reachable_without_drowning_the_domai
     assert abs(sum(mixed.values()) - sum(domain_only.values())) < 1e-3  # the same total mass, shared out
     assert mixed["refund"] < domain_only["refund"] and mixed["parcel"] > 0.9 * domain_only["parcel"]
     assert "where is my" in mixed_arpa  # the domain's trigrams are untouched
-    corpus = DomainCorpus(tmp_path, background=background, domain_weight=0.9)
+    corpus = DomainCorpus(tmp_path, PLAINTEXT, background=background, domain_weight=0.9)
     corpus.put("acme", "doc-1", "Where is my parcel?")
     path = corpus.build("acme")
     assert path is not None and " dryer " in path.read_text()
-    assert DomainCorpus(tmp_path).model_path("acme") is None  # built with another recipe: rebuilt, not used
+    assert DomainCorpus(tmp_path, PLAINTEXT).model_path("acme") is None  # built with another recipe: rebuilt, not used
 
 
 def test_general_unigrams_come_from_the_pocketsphinx_model() -> None:

@@ -11,7 +11,7 @@ Every RPC of `protos/llmos/v1` has a call here:
 | InferenceService | InferenceClient.generate, generate_stream, embed, embed_response, models (ListModels) |
 | RetrievalService | RetrievalClient.search, recommend, document_page / read_document / document (GetDocument) |
 | SpeechService | SpeechClient.recognize, recognize_stream, synthesize, synthesize_stream, voices (ListVoices) |
-| TokenizerService | TokenizerClient.tokenize, token_offsets, detokenize, count (CountTokens), apply_chat_template |
+| TokenizerService | TokenizerClient.tokenize, token_offsets, detokenize, count / count_response (CountTokens), apply_chat_template |
 """
 
 from llmos.clients.audit import AuditClient

@@ -19,8 +19,15 @@ class TokenizerClient(ServiceClient):
 
     async def count(self, texts: Sequence[str], timeout_s: float | None, model: str = "", add_special_tokens: bool = False) -> list[int]:
         """Tokens of each text, in order."""
+        response = await self.count_response(texts, model=model, add_special_tokens=add_special_tokens, timeout_s=timeout_s)
+        return list(response.counts)
+
+    async def count_response(
+        self, texts: Sequence[str], *, model: str = "", add_special_tokens: bool = False, timeout_s: float | None = None
+    ) -> tokenizer_pb2.CountTokensResponse:
+        """The count of each text and their total."""
         request = tokenizer_pb2.CountTokensRequest(texts=list(texts), model=model, add_special_tokens=add_special_tokens)
-        return list((await self._unary(self._stub.CountTokens, request, timeout_s)).counts)
+        return await self._unary(self._stub.CountTokens, request, timeout_s)
 
     async def tokenize(
         self, text: str, *, model: str = "", add_special_tokens: bool = False, timeout_s: float | None = None

@@ -5,6 +5,11 @@ and for `client` (the command line and other callers). With `LLMOS_TLS_DIR=DIR` 
 serves TLS with its own certificate and verifies peers against `ca.pem`; with
 `LLMOS_TLS_MUTUAL=true` it also requires a client certificate signed by that CA (services
 present their own when they call each other).
+
+The CA's private key never enters DIR, which every service reads: it stays in its own folder
+(`DIR-ca` unless given, 0700), where a later `llmos certs` finds it to issue fresh certificates
+under the same CA. Each certificate may do only what its role needs: a service's serves and
+calls (serverAuth, clientAuth), `client`'s only calls (clientAuth), and only the CA signs.
 """
 
 from __future__ import annotations
@@ -80,21 +85,62 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
-def make_certificates(folder: Path, names: tuple[str, ...], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
-    """A fresh CA and one certificate per name, valid for `hosts` and the name itself (compose)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = _key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LLM OS development CA")])
-    ca_cert = (
+def default_ca_folder(folder: Path) -> Path:
+    """Where the CA's private key lives: beside the certificates folder, never in it."""
+    return folder.with_name(folder.name + "-ca")
+
+
+def extended_usages(name: str) -> list[x509.ObjectIdentifier]:
+    """What a certificate may be used for: services serve and call each other, `client` only calls."""
+    if name == CLIENT_NAME:
+        return [ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _usage(signs_certificates: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not signs_certificates, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=signs_certificates, crl_sign=signs_certificates,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def _certificate_authority(ca_folder: Path, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA kept in `ca_folder`, made there when it has none."""
+    cert_path, key_path = ca_folder / "ca.pem", ca_folder / "ca-key.pem"
+    if cert_path.exists() and key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise FailedPrecondition(f"{key_path} is not an EC private key")
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
+    ca_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LLM OS development CA")])
+    cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + _VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(_usage(signs_certificates=True), critical=True)
+        .sign(key, hashes.SHA256())
     )
+    _write_private(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def make_certificates(
+    folder: Path, names: tuple[str, ...], hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), ca_folder: Path | None = None
+) -> Path:
+    """One certificate per name, valid for `hosts` and the name itself (compose), signed by the CA
+    in `ca_folder` (made when missing). Returns the CA folder."""
+    ca_folder = ca_folder or default_ca_folder(folder)
+    if ca_folder.resolve() == folder.resolve():
+        raise FailedPrecondition("the CA folder must not be the certificates folder: services read that one")
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_cert, ca_key = _certificate_authority(ca_folder, now)
     (folder / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "ca-key.pem", ca_key)
     for name in names:
         key = _key()
         alt_names: list[x509.GeneralName] = [x509.DNSName(name)]
@@ -106,12 +152,15 @@ def make_certificates(folder: Path, names: tuple[str, ...], hosts: tuple[str, ..
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name).public_key(key.public_key())
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_usage(signs_certificates=False), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(extended_usages(name)), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         files = TlsFiles(folder, name)
         files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_private(files.key, key)
+    return ca_folder
