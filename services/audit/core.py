@@ -278,14 +278,14 @@ class AuditStore:
             if problem:
                 raise InvalidArgument("checkpoint", f"cannot be trusted: {problem}")
             anchors.append(("the checkpoint given", kept))
-        wanted = {checkpoint.records: checkpoint.head for _, checkpoint in anchors}
-        heads: dict[int, str] = {}
+        anchored = {checkpoint.records for _, checkpoint in anchors}
+        heads: dict[int, str] = {}  # hash of each anchored record
         checked = 0
         for sequence, digest, problem in self._walk():
             if problem:
                 return Verification(False, checked, self._checkpoint, sequence, problem)
             checked += 1
-            if sequence in wanted:
+            if sequence in anchored:
                 heads[sequence] = digest
         for name, checkpoint in anchors:
             problem_at, problem = _against(checkpoint, checked, heads.get(checkpoint.records, GENESIS_HASH), name)
@@ -300,7 +300,7 @@ class AuditStore:
     def _walk(self) -> Iterator[tuple[int, str, str]]:
         """Yields (sequence, hash, "") per good record, or (sequence, "", reason) at the first broken one."""
         expected_previous, expected_sequence = GENESIS_HASH, 1
-        key_id, retired = UNKEYED, set[str]()
+        key_id, retired = UNKEYED, set[str]()  # the key signing now, those that signed before it
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY sequence")
         for sequence, event_id, time_ns, tenant, principal, action, payload, previous, digest, record_key in rows:
             if sequence != expected_sequence:
@@ -310,8 +310,9 @@ class AuditStore:
                 yield sequence, "", "does not follow the previous record (reordered or a record removed)"
                 return
             if record_key != key_id:
-                if record_key in retired or record_key == UNKEYED:
-                    yield sequence, "", f"signed with key {record_key!r} after a later key took over (rewritten)"
+                if record_key in retired:
+                    yield sequence, "", (f"signed with key {record_key!r} after a later key took over (rewritten with a "
+                                         "retired key, or LLMOS_AUDIT_CHAIN_KEYS lists an old key first)")
                     return
                 if not self._keys.holds(record_key):
                     yield sequence, "", f"signed with key {record_key!r}, which LLMOS_AUDIT_CHAIN_KEYS does not hold"

@@ -163,3 +163,17 @@ def test_a_tampered_checkpoint_file_stops_the_service(store: AuditStore, tmp_pat
     path.write_text(path.read_text().replace('"records": "5"', '"records": "3"'))
     with pytest.raises(SettingsError, match="MAC does not verify"):
         open_store(tmp_path)
+
+
+def test_a_retired_key_cannot_sign_after_a_newer_one(store: AuditStore, tmp_path: Path) -> None:
+    """Whoever holds a leaked old key can make records that verify under it, but not after the
+    first record of the key that replaced it."""
+    store.close()
+    newer = {"k2": b"\x02" * 32}
+    rotated = open_store(tmp_path, ChainKeys({**newer, **KEYS.keys}))
+    rotated.append(event(seconds=6), "ingest")
+    rotated.close()
+    old_key_first = open_store(tmp_path, ChainKeys({**KEYS.keys, **newer}))
+    old_key_first.append(event(seconds=7), "ingest")
+    result = old_key_first.verify()
+    assert not result.intact and result.first_broken_sequence == 7 and "after a later key took over" in result.reason
