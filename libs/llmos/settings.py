@@ -25,6 +25,9 @@ SERVICE_NAMES: tuple[str, ...] = (
     "dialogue",
     "audit",
 )
+# The HTTP gateway: a process of the platform like the gRPC services above (bus user, audit,
+# `llmos up`), serving HTTP on LLMOS_GATEWAY_ADDR instead of gRPC.
+GATEWAY = "gateway"
 ENV_PREFIX = "LLMOS_"
 
 

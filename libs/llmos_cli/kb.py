@@ -254,6 +254,45 @@ def cmd_search(args: argparse.Namespace) -> int:
     return asyncio.run(_search(args, load_settings(PlatformSettings)))
 
 
+# llmos docs list | delete ------------------------------------------------------------------
+
+STAGES = {common_pb2.DocumentStage.Name(value).removeprefix("DOCUMENT_STAGE_").lower(): value
+          for value in common_pb2.DocumentStage.values() if value}
+
+
+async def _docs_list(args: argparse.Namespace, settings: PlatformSettings) -> int:
+    async with connect(settings, IngestClient, args.key) as ingest:
+        rows = []
+        async for status in ingest.documents(
+            tenant=args.tenant, stage=STAGES[args.status] if args.status else common_pb2.DOCUMENT_STAGE_UNSPECIFIED,
+            include_deleted=args.deleted, timeout_s=RPC_TIMEOUT_S,
+        ):
+            updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(status.updated_at.seconds)) if status.HasField("updated_at") else ""
+            stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
+            rows.append([status.document_id, stage, str(status.chunk_count), updated, status.reason])
+    if not rows:
+        print("no documents")
+        return 0
+    print_table(["document", "status", "chunks", "updated (UTC)", "reason"], rows)
+    return 0
+
+
+async def _docs_delete(args: argparse.Namespace, settings: PlatformSettings) -> int:
+    async with connect(settings, IngestClient, args.key) as ingest:
+        for document_id in args.documents:
+            deleted = await ingest.delete(document_id, tenant=args.tenant, timeout_s=RPC_TIMEOUT_S)
+            print(f"{document_id}: {'deleted' if deleted else 'was already deleted'}")
+    return 0
+
+
+def cmd_docs_list(args: argparse.Namespace) -> int:
+    return asyncio.run(_docs_list(args, load_settings(PlatformSettings)))
+
+
+def cmd_docs_delete(args: argparse.Namespace) -> int:
+    return asyncio.run(_docs_delete(args, load_settings(PlatformSettings)))
+
+
 # llmos eval retrieval ----------------------------------------------------------------------
 
 
@@ -399,6 +438,19 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     search.add_argument("--source", action="append", default=[], help="only these sources (repeatable)")
     search.add_argument("--key", default="", help="API key (as for ingest)")
     search.set_defaults(run=cmd_search)
+
+    docs = commands.add_parser("docs", help="the knowledge base's documents").add_subparsers(dest="docs_command", required=True)
+    listing = docs.add_parser("list", help="every document with its status, in id order")
+    listing.add_argument("--status", choices=list(STAGES), help="only documents in this status (default: all but deleted)")
+    listing.add_argument("--deleted", action="store_true", help="list deleted documents too")
+    listing.add_argument("--tenant", default="", help="administrators only: another tenant")
+    listing.add_argument("--key", default="", help="API key (as for ingest)")
+    listing.set_defaults(run=cmd_docs_list)
+    delete = docs.add_parser("delete", help="remove documents and their chunks")
+    delete.add_argument("documents", nargs="+", help="document ids")
+    delete.add_argument("--tenant", default="", help="administrators only: another tenant")
+    delete.add_argument("--key", default="", help="API key (as for ingest)")
+    delete.set_defaults(run=cmd_docs_delete)
 
     retrieval = evals.add_parser("retrieval", help="nDCG@10 and recall@100 on a BEIR folder, through ingest and Search")
     retrieval.add_argument("--data", required=True, help="folder with corpus.jsonl, queries.jsonl, qrels.tsv")

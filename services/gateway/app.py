@@ -14,7 +14,8 @@ from llmos.clients import AuditClient, DialogueClient, InferenceClient, IngestCl
 from llmos.grpcutil.client import service_channel, use_transport_credentials
 from llmos.grpcutil.tls import caller_credentials
 from llmos.keys import KeyAuthenticator, KeyStore, parse_static_keys
-from llmos.settings import SettingsError, load_settings
+from llmos.secrets import refuse_published_values
+from llmos.settings import SettingsError, load_settings, private_home
 from llmos.telemetry import setup_logging, setup_telemetry
 from services.gateway.auditing import SERVICE, GatewayAudit
 from services.gateway.core import Clients, GatewayCore
@@ -62,12 +63,18 @@ def run_gateway() -> None:
     """Entry point of `python -m services.gateway`."""
     try:
         settings = load_settings(GatewaySettings)
+        refuse_published_values(settings)
     except SettingsError as exc:
         print(f"{SERVICE}: {exc}", file=sys.stderr)
         sys.exit(2)
+    private_home(settings.home)
     setup_logging(SERVICE, settings.log_level)
     telemetry = setup_telemetry(SERVICE, settings.otlp_endpoint, settings.telemetry_dir)
     try:
         asyncio.run(serve(settings))
+    except SettingsError as exc:
+        # A missing or mismatched signing key of the gateway: one line, no traceback.
+        print(f"{SERVICE}: {exc}", file=sys.stderr)
+        sys.exit(2)
     finally:
         telemetry.shutdown()

@@ -11,10 +11,11 @@ from llmos.audit import ALLOW, audit_event
 from llmos.auth import Principal
 from llmos.bus.subjects import audit_subject
 from llmos.ports import Publisher
+from llmos.settings import GATEWAY
 from llmos.v1 import events_pb2
 
 logger = logging.getLogger(__name__)
-SERVICE = "gateway"
+SERVICE = GATEWAY
 
 
 class GatewayAudit:
