@@ -136,7 +136,7 @@ class AuditStack:
         self.env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES})
         self.env.update({"LLMOS_HOME": str(home), "LLMOS_NATS_URL": self.url, "LLMOS_LOG_LEVEL": "WARNING",
                          "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
-                         "PYTHONPATH": str(REPO)})
+                         "LLMOS_AUDIT_CHAIN_KEYS": new_key_entry(), "PYTHONPATH": str(REPO)})
         saved = dict(os.environ)
         os.environ.clear()
         os.environ.update(self.env)
