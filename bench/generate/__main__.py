@@ -156,7 +156,7 @@ def llama_benchmarks(args: argparse.Namespace) -> dict[str, float]:
         "single_ttft_ms": float(np.median([r.ttft_s for r in single])) * 1000,
         "prefix_ttft_ms": float(np.median([r.ttft_s for r in cached])) * 1000,
         "prefix_cold_ttft_ms": cold.ttft_s * 1000,
-        "prompt_tokens_with_prefix": float(len(tokenizer.encode(prompt(SYSTEM, QUESTIONS[1])).ids)),
+        "prompt_tokens_with_prefix": float(len(tokenizer.encode_markup(prompt(SYSTEM, QUESTIONS[1])).ids)),
     }
 
 
