@@ -24,7 +24,15 @@ from urllib.parse import urlparse
 from llmos.bus.broker import declare_streams
 from llmos.grpcutil.health_probe import check
 from llmos.grpcutil.tls import caller_credentials
-from llmos.natsauth import authorization_block, connect_cli, credentials_path, new_credentials, write_credentials
+from llmos.natsauth import (
+    authorization_block,
+    connect_cli,
+    credentials_path,
+    new_credentials,
+    read_credentials,
+    read_publishers,
+    write_credentials,
+)
 from llmos.secrets import development_warning, refuse_published_values
 from llmos.settings import SERVICE_NAMES, PlatformSettings, private_home
 
@@ -105,6 +113,24 @@ def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -
             raise RuntimeError(f"nats-server did not start; see {log_path}")
         time.sleep(0.05)
     return process
+
+
+def reload_nats_users(settings: PlatformSettings) -> bool:
+    """Write the running stack's NATS users again (the services' and the tenant publishers') and
+    have nats-server reload them (SIGHUP); False when no stack runs under this home. Only the
+    authorization block changes: the rest of the file stays as `llmos up` wrote it."""
+    credentials = read_credentials(credentials_path(settings.home))
+    running = [process for process in read_stack(settings) if process.name == "nats" and _alive(process.pid)]
+    config = settings.data_dir / "nats-server.conf"  # where nats_command wrote it
+    if credentials is None or not running or not config.exists():
+        return False
+    text = config.read_text()
+    head = text[:text.index("authorization {")] if "authorization {" in text else text
+    fd = os.open(config, os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(head + authorization_block(credentials, read_publishers(settings.home)))
+    os.kill(running[0].pid, signal.SIGHUP)
+    return True
 
 
 def _spawn(command: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
@@ -244,7 +270,7 @@ class Stack:
         credentials = new_credentials()
         write_credentials(credentials_path(self.settings.home), credentials)
         self.processes["nats"] = start_nats(
-            self.settings, self.settings.logs_dir / "nats.log", authorization_block(credentials)
+            self.settings, self.settings.logs_dir / "nats.log", authorization_block(credentials, read_publishers(self.settings.home))
         )
         try:
             asyncio.run(declare_as_admin(self.settings))

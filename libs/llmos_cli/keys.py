@@ -13,9 +13,10 @@ from llmos.auth import TENANT_ALPHABET
 from llmos.bus.broker import declare_buckets
 from llmos.crypto import new_key_entry
 from llmos.keys import KeyStore, check_identity
-from llmos.natsauth import connect_cli
+from llmos.natsauth import connect_cli, issue_publisher, publisher_permissions, revoke_publisher, wait_for_user
 from llmos.policy import ROLES
 from llmos.settings import PlatformSettings, load_settings
+from llmos.stack import reload_nats_users
 
 
 async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
@@ -76,6 +77,30 @@ def cmd_service_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publisher(args: argparse.Namespace) -> int:
+    """NATS credentials that publish one tenant's documents (llmos.natsauth), in a form
+    `eval "$(llmos keys publisher TENANT)"` exports for the `nats` CLI and the README's snippet."""
+    settings = load_settings(PlatformSettings)
+    if args.revoke:
+        if not revoke_publisher(settings.home, args.tenant):
+            print(f"tenant {args.tenant} has no NATS publisher")
+            return 1
+        reload_nats_users(settings)
+        print(f"revoked the NATS publisher of tenant {args.tenant}")
+        return 0
+    user, password = issue_publisher(settings.home, args.tenant)
+    running = reload_nats_users(settings)
+    if running:
+        asyncio.run(wait_for_user(settings.nats_url, user, password))
+    subjects = ", ".join(publisher_permissions(args.tenant)["publish"]["allow"])
+    print(f"export NATS_USER={user}")
+    print(f"export NATS_PASSWORD={password}")
+    print(f"# may publish {subjects} only; a new password replaces the old one; revoke with --revoke")
+    if not running:
+        print("# no stack runs under LLMOS_HOME now: the next `llmos up` lets it in")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
     keys = commands.add_parser("keys", help="issue, list and revoke API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="issue a key (printed once)")
@@ -87,6 +112,10 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_revoke)
+    publisher = keys.add_parser("publisher", help="NATS credentials publishing one tenant's documents")
+    publisher.add_argument("tenant")
+    publisher.add_argument("--revoke", action="store_true", help="remove the tenant's publisher")
+    publisher.set_defaults(run=cmd_publisher)
     keys.add_parser("data-key", help="a new key for LLMOS_ENCRYPTION_KEYS (data at rest)").set_defaults(run=cmd_data_key)
     keys.add_parser(
         "service-keys", help="new signing keys of the services that call others, and their public keys"

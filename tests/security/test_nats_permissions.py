@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, RePublish, StreamConfig, StreamSource
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from llmos.bus.broker import Bus, declare_buckets, declare_streams
-from llmos.natsauth import ADMIN_USER, GRANTS, authorization_block, new_credentials
+from llmos.bus.broker import Bus, Subscription, declare_buckets, declare_streams
+from llmos.bus.subjects import DOCS_DELETED, INTERACTIVE_LANE
+from llmos.natsauth import ADMIN_USER, GRANTS, authorization_block, inbox_prefix, new_credentials
 from llmos.settings import SERVICE_NAMES
 from llmos.stack import nats_command, port_open
+from llmos.v1 import events_pb2
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.security
@@ -56,7 +60,9 @@ async def violations(url: str, user: str, password: str, publish: list[str], sub
     async def on_error(error: Exception) -> None:
         errors.append(str(error))
 
-    connection = await nats.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    connection = await nats.connect(
+        url, user=user, password=password, error_cb=on_error, allow_reconnect=False, inbox_prefix=inbox_prefix(user)
+    )
     try:
         for subject in subscribe:
             await connection.subscribe(subject)
@@ -98,13 +104,35 @@ async def test_a_service_declares_streams_and_consumes_its_own_subjects_under_it
     secured_nats: tuple[str, dict[str, str]], service: str
 ) -> None:
     """The positive side of the JetStream grants: the real Bus start-up (declaring every stream
-    and bucket) and a durable consumer per consumed subject, as the service itself makes them."""
+    and bucket), and each consumed subject's messages pulled, handled and acknowledged on both
+    lanes, under the service's own user and inbox prefix."""
     url, credentials = secured_nats
+    marker = uuid.uuid4().hex
+    received: dict[tuple[str, str], asyncio.Event] = {}
+
+    def handler(subject: str, lane: str) -> Callable[[events_pb2.DocumentDeleted], Awaitable[None]]:
+        received[subject, lane] = asyncio.Event()
+
+        async def handle(message: events_pb2.DocumentDeleted) -> None:
+            if message.document_id == marker:
+                received[subject, lane].set()
+
+        return handle
+
     bus = Bus(url, service, max_deliveries=3, user=service, password=credentials[service])
+    for subject in GRANTS[service].consume:
+        for lane in ("", INTERACTIVE_LANE):
+            bus.subscribe(Subscription(subject, events_pb2.DocumentDeleted, handler(subject, lane), lane=lane))
     await bus.start()
     try:
+        admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
         for subject in GRANTS[service].consume:
-            await bus.reserve(subject)
+            published = subject.replace("*", "acme").replace(">", service)
+            await admin.jetstream().publish(published, events_pb2.DocumentDeleted(document_id=marker).SerializeToString())
+        await admin.close()
+        async with asyncio.timeout(10):
+            for event in received.values():
+                await event.wait()
         for bucket in GRANTS[service].buckets:
             kv = await bus.key_value(bucket)
             await kv.put("probe", b"x")
@@ -118,11 +146,7 @@ async def test_a_service_declares_streams_and_consumes_its_own_subjects_under_it
 
 async def jetstream_refused(url: str, user: str, password: str, action: Callable[[JetStreamContext], Awaitable[object]]) -> bool:
     errors: list[str] = []
-
-    async def on_error(error: Exception) -> None:
-        errors.append(str(error))
-
-    connection = await nats.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    connection = await _connect(url, user, password, errors)
     try:
         with pytest.raises(Exception):
             await action(connection.jetstream(timeout=1))
@@ -157,14 +181,14 @@ async def test_the_jetstream_api_does_not_reach_other_services_data(secured_nats
     for attack in attacks:
         assert await jetstream_refused(url, *speech, attack)
     # The audit service itself may consume AUDIT, and dialogue may read its sessions.
-    dialogue = await nats.connect(url, user="dialogue", password=credentials["dialogue"])
+    dialogue = await nats.connect(url, user="dialogue", password=credentials["dialogue"], inbox_prefix=inbox_prefix("dialogue"))
     assert (await _kv_get(dialogue.jetstream(), "dialogue_sessions", "s1")) == b"sealed session"
     await dialogue.close()
 
 
 async def test_services_create_missing_streams_and_only_the_admin_updates_them(secured_nats: tuple[str, dict[str, str]]) -> None:
     url, credentials = secured_nats
-    speech = await nats.connect(url, user="speech", password=credentials["speech"])
+    speech = await nats.connect(url, user="speech", password=credentials["speech"], inbox_prefix=inbox_prefix("speech"))
     admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
     try:
         await declare_streams(speech.jetstream())  # as a service does at start: creates what is missing
@@ -181,3 +205,104 @@ async def test_services_create_missing_streams_and_only_the_admin_updates_them(s
 
 async def _kv_get(js: JetStreamContext, bucket: str, key: str) -> bytes | None:
     return (await (await js.key_value(bucket)).get(key)).value
+
+
+async def _connect(url: str, user: str, password: str, errors: list[str] | None = None) -> nats.NATS:
+    """`user`'s connection as the platform makes it: replies under its own inbox prefix."""
+
+    async def on_error(error: Exception) -> None:
+        if errors is not None:
+            errors.append(str(error))
+
+    return await nats.connect(
+        url, user=user, password=password, error_cb=on_error, allow_reconnect=False, inbox_prefix=inbox_prefix(user)
+    )
+
+
+async def test_a_service_cannot_read_other_users_inboxes(secured_nats: tuple[str, dict[str, str]]) -> None:
+    """Pull deliveries, KV replies and publish acknowledgements arrive in the reader's inbox: a
+    tokenizer listening on every inbox would read each document and session another service reads."""
+    url, credentials = secured_nats
+    admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    await (await admin.jetstream().key_value("dialogue_sessions")).put("s2", b"sealed session s2")
+    await admin.close()
+    errors: list[str] = []
+    tokenizer = await _connect(url, "tokenizer", credentials["tokenizer"], errors)
+    overheard: list[bytes] = []
+
+    async def overhear(message: Msg) -> None:
+        overheard.append(message.data)
+
+    for inbox in ("_INBOX.>", "_INBOX.dialogue.>"):
+        await tokenizer.subscribe(inbox, cb=overhear)
+    await tokenizer.flush()
+    dialogue = await nats.connect(url, user="dialogue", password=credentials["dialogue"], inbox_prefix=inbox_prefix("dialogue"))
+    assert (await _kv_get(dialogue.jetstream(), "dialogue_sessions", "s2")) == b"sealed session s2"
+    await dialogue.close()
+    await asyncio.sleep(0.2)
+    await tokenizer.close()
+    assert overheard == []  # before: the KV reply to dialogue (the sealed session, base64 in JSON)
+    assert len([error for error in errors if "permissions violation" in error.lower()]) == 2, errors
+
+
+async def test_a_service_cannot_pull_or_acknowledge_another_services_consumer(secured_nats: tuple[str, dict[str, str]]) -> None:
+    """Speech reads llmos.docs.deleted too, but through its own durable: pulling retrieval's would
+    take the deletes away from the index."""
+    url, credentials = secured_nats
+    retrieval = Bus(url, "retrieval", max_deliveries=3, user="retrieval", password=credentials["retrieval"])
+    await retrieval.start()
+    try:
+        await retrieval.reserve(DOCS_DELETED)
+        durable = retrieval.durable_name(DOCS_DELETED)
+    finally:
+        await retrieval.close()
+    admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    deleted = events_pb2.DocumentDeleted(document_id="d1", tenant="acme")
+    await admin.jetstream().publish(DOCS_DELETED, deleted.SerializeToString())
+    await admin.close()
+    speech = ("speech", credentials["speech"])
+
+    async def pull(js: JetStreamContext) -> object:
+        subscription = await js.pull_subscribe_bind(durable, stream="DOCS")
+        return await subscription.fetch(1, timeout=1)
+
+    async def inspect(js: JetStreamContext) -> object:
+        return await js.consumer_info("DOCS", durable)
+
+    assert await jetstream_refused(url, *speech, pull)
+    assert await jetstream_refused(url, *speech, inspect)
+    # The event is still there for retrieval, which pulls and acknowledges it under its own user.
+    own = await _connect(url, "retrieval", credentials["retrieval"])
+    subscription = await own.jetstream().pull_subscribe_bind(durable, stream="DOCS")
+    pulled = []
+    while "d1" not in pulled:  # after other tests' events on the shared server
+        [message] = await subscription.fetch(1, timeout=5)
+        pulled.append(events_pb2.DocumentDeleted.FromString(message.data).document_id)
+        await message.ack_sync()
+    await own.close()
+
+
+async def test_only_the_admin_creates_streams_or_reads_api_keys_by_sequence(secured_nats: tuple[str, dict[str, str]]) -> None:
+    """A stream a service may name and configure could source AUDIT or api_keys and republish
+    them where it listens; reading api_keys by sequence enumerates every issued key's record. A
+    service looks keys up by digest only."""
+    url, credentials = secured_nats
+    admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    await declare_streams(admin.jetstream(), update=True)
+    await (await admin.jetstream().key_value("api_keys")).put("digest-1", b'{"tenant": "acme"}')
+    await admin.close()
+    speech = ("speech", credentials["speech"])
+    tap = StreamConfig(
+        name="TAP", subjects=["tap.in"], sources=[StreamSource(name="AUDIT")],
+        republish=RePublish(src=">", dest="_INBOX.speech.tap.>"),
+    )
+    attacks: list[Callable[[JetStreamContext], Awaitable[object]]] = [
+        lambda js: js.add_stream(tap),
+        lambda js: js.get_msg("KV_api_keys", 1),  # STREAM.MSG.GET by sequence
+        lambda js: js.get_msg("KV_api_keys", 1, direct=True),  # direct get by sequence
+    ]
+    for attack in attacks:
+        assert await jetstream_refused(url, *speech, attack)
+    speech_connection = await nats.connect(url, user="speech", password=credentials["speech"], inbox_prefix=inbox_prefix("speech"))
+    assert (await _kv_get(speech_connection.jetstream(), "api_keys", "digest-1")) == b'{"tenant": "acme"}'
+    await speech_connection.close()

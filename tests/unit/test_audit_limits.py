@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import NotFoundError
 
 from llmos import errors
@@ -159,8 +159,8 @@ class JetStream:
         self.streams[config.name] = config
         self.updated.append(config.name)
 
-    async def key_value(self, bucket: str) -> None:
-        pass
+    async def create_key_value(self, config: KeyValueConfig) -> None:
+        self.streams[f"KV_{config.bucket}"] = StreamConfig(name=f"KV_{config.bucket}", allow_direct=config.direct)
 
 
 async def test_llmos_streams_brings_an_unbounded_audit_stream_to_its_limits() -> None:

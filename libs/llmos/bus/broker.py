@@ -8,6 +8,8 @@
   A payload that does not parse, or a handler error that retrying cannot fix (InvalidArgument),
   goes straight to `llmos.dlq.<subject>`; any other failure is retried with back-off until
   `max_deliveries`, then dead-lettered. The consumer always goes on.
+- Replies (pull deliveries, KV reads, publish acknowledgements) arrive under the user's own inbox
+  prefix, the only inboxes its NATS user may subscribe to (llmos.natsauth).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.api import AckPolicy as AckPolicyJS
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
@@ -42,8 +44,17 @@ from llmos.bus.codec import (
     encode,
 )
 from llmos.bus.kv import NatsBucket
-from llmos.bus.subjects import BUCKETS, STREAMS, audit_subject, dead_letter_subject, stream_for
+from llmos.bus.subjects import (
+    BUCKETS,
+    INTERACTIVE_LANE,
+    STREAMS,
+    audit_subject,
+    dead_letter_subject,
+    durable_name,
+    stream_for,
+)
 from llmos.errors import InvalidArgument
+from llmos.natsauth import inbox_prefix
 from llmos.telemetry import extract_context, inject_context
 from llmos.v1 import common_pb2, events_pb2
 
@@ -83,7 +94,6 @@ class Subscription(Generic[MessageT]):
             await self.subject_handler(subject, message)
 
 
-INTERACTIVE_LANE = "interactive"
 # The interactive lane pulls many messages at once: it skips a bulk burst in few round trips.
 INTERACTIVE_PULL = 32
 INTERACTIVE_WORKERS = 4
@@ -92,33 +102,44 @@ INTERACTIVE_WORKERS = 4
 def priority_lanes(
     subject: str,
     message_type: type[MessageT],
-    handler: Handler[MessageT],
+    handler: Handler[MessageT] | None = None,
     bulk_workers: int = 1,
     bulk_batch_size: int = 1,
     replica: str = "",
+    subject_handler: SubjectHandler[MessageT] | None = None,
 ) -> list[Subscription[MessageT]]:
     """Two durable consumers over one subject, split by the message's `priority` field.
 
     The interactive lane handles only PRIORITY_INTERACTIVE messages, the bulk lane everything
     else; each acknowledges the other's messages unread, so a live update never waits behind a
-    bulk backlog. `replica` names a replica that keeps its own position (its own index).
+    bulk backlog. `replica` names a replica that keeps its own position (its own index). Give
+    `handler`, or `subject_handler` to be told the subject each message arrived on.
     """
+    if (handler is None) == (subject_handler is None):
+        raise TypeError(f"priority lanes of {subject}: give exactly one of handler and subject_handler")
 
     def lane(name: str) -> str:
         return "-".join(part for part in (replica, name) if part)
 
-    async def on_interactive(message: MessageT) -> None:
-        if message.priority == common_pb2.PRIORITY_INTERACTIVE:  # type: ignore[attr-defined]
+    async def deliver(arrived_on: str, message: MessageT) -> None:
+        if subject_handler is not None:
+            await subject_handler(arrived_on, message)
+        elif handler is not None:
             await handler(message)
 
-    async def on_bulk(message: MessageT) -> None:
+    async def on_interactive(arrived_on: str, message: MessageT) -> None:
+        if message.priority == common_pb2.PRIORITY_INTERACTIVE:  # type: ignore[attr-defined]
+            await deliver(arrived_on, message)
+
+    async def on_bulk(arrived_on: str, message: MessageT) -> None:
         if message.priority != common_pb2.PRIORITY_INTERACTIVE:  # type: ignore[attr-defined]
-            await handler(message)
+            await deliver(arrived_on, message)
 
     return [
-        Subscription(subject, message_type, on_bulk, batch_size=bulk_batch_size, max_workers=bulk_workers, lane=lane("")),
-        Subscription(subject, message_type, on_interactive, batch_size=INTERACTIVE_PULL, max_workers=INTERACTIVE_WORKERS,
-                     lane=lane(INTERACTIVE_LANE)),
+        Subscription(subject, message_type, subject_handler=on_bulk, batch_size=bulk_batch_size, max_workers=bulk_workers,
+                     lane=lane("")),
+        Subscription(subject, message_type, subject_handler=on_interactive, batch_size=INTERACTIVE_PULL,
+                     max_workers=INTERACTIVE_WORKERS, lane=lane(INTERACTIVE_LANE)),
     ]
 
 
@@ -130,9 +151,12 @@ class Bus:
     ) -> None:
         self.service = service
         self.max_deliveries = max_deliveries
+        # Without a user (a development server) the default inbox prefix serves.
+        self._inbox_prefix = inbox_prefix(user) if user else "_INBOX"
         self.broker = NatsBroker(
             nats_url,
             security=NatsUserPassword(user, password) if user else None,
+            inbox_prefix=self._inbox_prefix,
             logger=logging.getLogger(f"llmos.bus.{service}"),
         )
         self._tracer = trace.get_tracer("llmos.bus")
@@ -143,8 +167,7 @@ class Bus:
 
     def durable_name(self, subject: str, lane: str = "") -> str:
         """The consumer shared by every replica of this service for `subject` (and `lane`)."""
-        name = f"{self.service}-{subject.replace('.', '-').replace('>', 'all').replace('*', 'any')}"
-        return f"{name}-{lane}" if lane else name
+        return durable_name(self.service, subject, lane)
 
     def consumer_config(self, subject: str, lane: str = "") -> ConsumerConfig:
         return ConsumerConfig(
@@ -181,6 +204,8 @@ class Bus:
             stream=JStream(spec.name, declare=False),
             durable=durable,
             pull_sub=PullSub(batch_size=subscription.batch_size, timeout=1.0),
+            # Pull subscriptions take their own prefix (FastStream's default is _INBOX.).
+            inbox_prefix=f"{self._inbox_prefix}.".encode(),
             max_workers=subscription.max_workers,
             ack_policy=AckPolicy.MANUAL,
             config=self.consumer_config(subscription.subject, subscription.lane),
@@ -334,7 +359,7 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
             await js.update_stream(config)
         else:
             logger.warning("stream %s differs from this version's configuration; `llmos up` (as admin) updates it", spec.name)
-    await declare_buckets(js)
+    await declare_buckets(js, update)
 
 
 def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
@@ -349,12 +374,24 @@ def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
     )
 
 
-async def declare_buckets(js: JetStreamContext) -> None:
+async def declare_buckets(js: JetStreamContext, update: bool = False) -> None:
+    """Create the missing KV buckets. Reads go through direct gets by key, which the services'
+    NATS grants allow on `api_keys` without reading it by sequence (llmos.natsauth); `update`
+    (the admin) turns them on for buckets made before."""
     for bucket in BUCKETS:
         try:
-            await js.key_value(bucket.name)
-        except BucketNotFoundError:
+            info = await js.stream_info(f"KV_{bucket.name}")
+        except NotFoundError:
             await js.create_key_value(
-                KeyValueConfig(bucket=bucket.name, description=bucket.description, ttl=float(bucket.ttl_s) or None)
+                KeyValueConfig(
+                    bucket=bucket.name, description=bucket.description, ttl=float(bucket.ttl_s) or None, direct=True
+                )
             )
+            continue
+        if not info.config.allow_direct:
+            if update:
+                info.config.allow_direct = True
+                await js.update_stream(info.config)
+            else:
+                logger.warning("bucket %s predates direct reads; `llmos up` (as admin) updates it", bucket.name)
 

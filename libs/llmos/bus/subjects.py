@@ -5,9 +5,16 @@ Subjects are `llmos.<domain>.<event>`; each domain has one JetStream stream.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from llmos.errors import InvalidArgument
+
+# Documents published by the platform's admin, naming their tenant in the payload.
 INGEST_REQUESTED = "llmos.ingest.requested"
+# Documents published for one tenant: the last token is the tenant, and only that tenant's
+# publisher user (llmos.natsauth) may publish there.
+INGEST_REQUESTED_BY_TENANT = "llmos.ingest.requested.*"
 CHUNKS_CREATED = "llmos.chunks.created"
 CHUNKS_EMBEDDED = "llmos.chunks.embedded"
 DOCS_INDEXED = "llmos.docs.indexed"
@@ -28,6 +35,31 @@ def audit_subject(service: str) -> str:
 
 def dead_letter_subject(subject: str) -> str:
     return DLQ_PREFIX + subject
+
+
+# A name that is one subject token and one NATS user-name part: no '.', wildcard or space.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def check_token(field: str, value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise InvalidArgument(field, f"{value[:64]!r} must be 1 to 256 letters, digits, '_' or '-' to name a subject")
+    return value
+
+
+def ingest_requested(tenant: str) -> str:
+    """The subject on which `tenant`'s documents are published for ingestion."""
+    return f"{INGEST_REQUESTED}.{check_token('tenant', tenant)}"
+
+
+INTERACTIVE_LANE = "interactive"
+
+
+def durable_name(service: str, subject: str, lane: str = "") -> str:
+    """The durable consumer shared by every replica of `service` for `subject` (and `lane`); the
+    NATS grants (llmos.natsauth) allow each service its own names only."""
+    name = f"{service}-{subject.replace('.', '-').replace('>', 'all').replace('*', 'any')}"
+    return f"{name}-{lane}" if lane else name
 
 
 @dataclass(frozen=True)
