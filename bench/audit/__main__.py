@@ -135,7 +135,7 @@ class AuditStack:
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
         self.env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES})
         self.env.update({"LLMOS_HOME": str(home), "LLMOS_NATS_URL": self.url, "LLMOS_LOG_LEVEL": "WARNING",
-                         "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
+                         "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
                          "LLMOS_AUDIT_CHAIN_KEYS": new_key_entry(), "PYTHONPATH": str(REPO)})
         saved = dict(os.environ)
         os.environ.clear()

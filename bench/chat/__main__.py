@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 import yaml
 
+from llmos.assertions import service_key_environment
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.clients import DialogueClient, InferenceClient, IngestClient, Metadata, RetrievalClient
@@ -83,8 +84,8 @@ def private_environment(home: Path) -> None:
         "LLMOS_HOME": str(home),
         "LLMOS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
         "LLMOS_NATS_MONITOR_PORT": str(free_port()),
-        "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin,bench-service-key=platform:platform:service",
-        "LLMOS_SERVICE_API_KEY": "bench-service-key",
+        "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
+        **service_key_environment(),
         # Latency is measured, not limited: a slow machine must not turn into failed turns.
         "LLMOS_DIALOGUE_CALL_TIMEOUT_S": "600",
         # Both runs send identical prompts: without this, whichever runs second reuses the first's

@@ -43,7 +43,7 @@ def inference_service(models_home: Path, overrides: dict[str, str]) -> Iterator[
         env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
         env.update({
             "LLMOS_HOME": str(home), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
-            "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
+            "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
             "PYTHONPATH": str(REPO), **overrides,
         })
         saved = dict(os.environ)

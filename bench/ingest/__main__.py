@@ -28,6 +28,7 @@ import grpc
 import nats
 import numpy as np
 
+from llmos.assertions import service_key_environment
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
 from llmos.clients import RetrievalClient
@@ -81,7 +82,7 @@ class PrivateStack:
         env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
         # Chunk text is sealed at rest as in production: a fresh data key for this throwaway stack.
         env.update({"LLMOS_HOME": str(home), "LLMOS_ENCRYPTION_KEYS": new_key_entry("bench"), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
-                    "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", "LLMOS_SERVICE_API_KEY": BENCH_KEY,
+                    "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", **service_key_environment(),
                     "PYTHONPATH": str(REPO), **overrides})
         saved = dict(os.environ)
         os.environ.clear()
