@@ -110,7 +110,9 @@ RPC_PERMISSIONS: dict[str, Permission] = {
 }
 
 
+_AUDIT = "/llmos.v1.AuditService/"
 _DIALOGUE = "/llmos.v1.DialogueService/"
+_INGEST = "/llmos.v1.IngestService/"
 _INFERENCE = "/llmos.v1.InferenceService/"
 _RETRIEVAL = "/llmos.v1.RetrievalService/"
 _SPEECH = "/llmos.v1.SpeechService/"
@@ -148,16 +150,16 @@ SERVICE_CALLS: dict[str, frozenset[str]] = {
             f"{_SPEECH}Recognize",
             f"{_SPEECH}Synthesize",
             f"{_SPEECH}ListVoices",
-            "/llmos.v1.DialogueService/Chat",
-            "/llmos.v1.DialogueService/Summarize",
-            "/llmos.v1.DialogueService/GetSession",
-            "/llmos.v1.DialogueService/EndSession",
-            "/llmos.v1.IngestService/SubmitDocument",
-            "/llmos.v1.IngestService/GetDocumentStatus",
-            "/llmos.v1.IngestService/DeleteDocument",
-            "/llmos.v1.IngestService/ListDocuments",
-            "/llmos.v1.AuditService/Query",
-            "/llmos.v1.AuditService/Verify",
+            f"{_DIALOGUE}Chat",
+            f"{_DIALOGUE}Summarize",
+            f"{_DIALOGUE}GetSession",
+            f"{_DIALOGUE}EndSession",
+            f"{_INGEST}SubmitDocument",
+            f"{_INGEST}GetDocumentStatus",
+            f"{_INGEST}DeleteDocument",
+            f"{_INGEST}ListDocuments",
+            f"{_AUDIT}Query",
+            f"{_AUDIT}Verify",
         }
     ),
 }

@@ -6,6 +6,7 @@ import pytest
 from llmos import errors
 from llmos.auth import Principal, acting_as, effective_tenant
 from llmos.keys import KeyAuthenticator, parse_static_keys
+from llmos.policy import RPC_PERMISSIONS, SERVICE_CALLS
 from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
 
 pytestmark = pytest.mark.unit
@@ -88,3 +89,8 @@ def test_a_service_role_key_is_refused() -> None:
 def test_no_principal_outside_a_request() -> None:
     with pytest.raises(errors.Unauthenticated):
         effective_tenant("")
+
+
+def test_every_call_a_service_may_make_is_an_rpc_with_a_policy() -> None:
+    for service, methods in SERVICE_CALLS.items():
+        assert methods <= set(RPC_PERMISSIONS), f"{service}: {sorted(methods - set(RPC_PERMISSIONS))}"
