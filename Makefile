@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/llmos/v1/*.proto)
 
-.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest bench-chat bench-audit
+.PHONY: install protos demo up down test test-unit test-integration test-e2e test-security models clean bench-inference bench-speech bench-ingest bench-chat bench-audit bench-gateway
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -33,7 +33,7 @@ models: install
 
 # Development mode (LLMOS_DEV=true): the stacks these targets start run on .env's published
 # development keys, which services refuse anywhere else (see README, Security).
-demo up bench-inference bench-speech bench-chat bench-ingest bench-audit: export LLMOS_DEV = true
+demo up bench-inference bench-speech bench-chat bench-ingest bench-audit bench-gateway: export LLMOS_DEV = true
 
 # The embedded default: NATS, embedded Qdrant and all seven services on this machine, then a tour.
 demo: models
@@ -76,6 +76,9 @@ bench-ingest: models
 
 bench-audit: install
 	$(PYTHON) -m bench.audit
+
+bench-gateway: models
+	$(PYTHON) -m bench.gateway
 
 clean:
 	rm -rf .llmos .pytest_cache
