@@ -20,8 +20,9 @@ class AuditSettings(PlatformSettings):
     # Keys of the chain's HMAC, `key_id:base64(32 bytes),...`: the first signs new records and
     # checkpoints, all verify (rotate by putting a new key first and keeping the old ones).
     audit_chain_keys: str = DEV_AUDIT_CHAIN_KEYS
-    # Where the latest signed checkpoint is kept; empty means `$LLMOS_HOME/run/audit-checkpoint.json`.
-    # Somewhere whoever can write the database cannot: another volume or owner, at best.
+    # Where the latest signed checkpoint is kept; empty means `$LLMOS_HOME/audit/checkpoint.json`.
+    # Somewhere whoever can write the database cannot: another volume or owner, at best (the
+    # default folder is one of its own, to mount elsewhere).
     audit_checkpoint_file: Path | None = None
     # The checkpoint moves with every record; it is written to its file at most this often (and
     # when the service stops), so a crash can leave the file this far behind the log.
@@ -43,4 +44,4 @@ class AuditSettings(PlatformSettings):
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.audit_checkpoint_file or self.home / "run" / "audit-checkpoint.json"
+        return self.audit_checkpoint_file or self.home / "audit" / "checkpoint.json"
