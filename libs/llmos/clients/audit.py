@@ -5,21 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 
 QUERY_PAGE_SIZE = 100
 
 
-class AuditClient(ServiceClient):
+class AuditClient(ServiceClient[audit_pb2_grpc.AuditServiceStub]):
     service = "audit"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = audit_pb2_grpc.AuditServiceStub(channel)
+    stub_type = audit_pb2_grpc.AuditServiceStub
 
     async def query(
         self, *, tenant: str = "", principal: str = "", action: str = "", since: datetime | None = None,

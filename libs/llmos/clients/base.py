@@ -9,7 +9,7 @@ becomes the platform error with the same meaning, named after the service that f
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -17,17 +17,20 @@ from llmos.grpcutil.status import error_from_rpc
 
 Metadata = tuple[tuple[str, str], ...]
 Response = TypeVar("Response")
-Client = TypeVar("Client", bound="ServiceClient")
+Stub = TypeVar("Stub")
+Client = TypeVar("Client", bound="ServiceClient[Any]")
 
 
-class ServiceClient:
+class ServiceClient(Generic[Stub]):
     """The stub of one service, the credentials its calls carry, and its errors mapped once."""
 
     service = ""  # the callee's name in error messages
+    stub_type: Callable[[grpc.aio.Channel], Stub]  # the generated stub of the service
 
     def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
         self._channel = channel
         self._metadata = metadata or None
+        self._stub = type(self).stub_type(channel)
 
     def with_credentials(self: Client, metadata: Metadata) -> Client:
         """The same service over the same channel, calling as another caller (a gateway serving

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
-import grpc
 import numpy as np
 
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
-class InferenceClient(ServiceClient):
+class InferenceClient(ServiceClient[inference_pb2_grpc.InferenceServiceStub]):
     service = "inference"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    stub_type = inference_pb2_grpc.InferenceServiceStub
 
     async def embed(
         self, texts: Sequence[str], timeout_s: float | None, tenant: str = "",

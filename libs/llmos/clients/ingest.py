@@ -6,9 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
 
-import grpc
-
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import common_pb2, ingest_pb2, ingest_pb2_grpc
 
 LIST_PAGE_SIZE = 100
@@ -16,12 +14,9 @@ LIST_PAGE_SIZE = 100
 SETTLED = frozenset({common_pb2.DOCUMENT_STAGE_INDEXED, common_pb2.DOCUMENT_STAGE_FAILED, common_pb2.DOCUMENT_STAGE_DELETED})
 
 
-class IngestClient(ServiceClient):
+class IngestClient(ServiceClient[ingest_pb2_grpc.IngestServiceStub]):
     service = "ingest"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = ingest_pb2_grpc.IngestServiceStub(channel)
+    stub_type = ingest_pb2_grpc.IngestServiceStub
 
     async def submit(
         self, request: ingest_pb2.SubmitDocumentRequest, *, timeout_s: float | None = None

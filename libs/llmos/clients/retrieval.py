@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
-
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
 DOCUMENT_PAGE_SIZE = 100
@@ -28,12 +26,9 @@ class Document:
         return stitch(self.chunks)
 
 
-class RetrievalClient(ServiceClient):
+class RetrievalClient(ServiceClient[retrieval_pb2_grpc.RetrievalServiceStub]):
     service = "retrieval"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+    stub_type = retrieval_pb2_grpc.RetrievalServiceStub
 
     async def search(
         self, tenant: str, query: str, top_k: int, timeout_s: float | None,

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import speech_pb2, speech_pb2_grpc
 
 
-class SpeechClient(ServiceClient):
+class SpeechClient(ServiceClient[speech_pb2_grpc.SpeechServiceStub]):
     service = "speech"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = speech_pb2_grpc.SpeechServiceStub(channel)
+    stub_type = speech_pb2_grpc.SpeechServiceStub
 
     async def recognize(
         self, config: speech_pb2.RecognitionConfig, audio: bytes, *, timeout_s: float | None = None

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
-from llmos.clients.base import Metadata, ServiceClient
+from llmos.clients.base import ServiceClient
 from llmos.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 
-class TokenizerClient(ServiceClient):
+class TokenizerClient(ServiceClient[tokenizer_pb2_grpc.TokenizerServiceStub]):
     service = "tokenizer"
-
-    def __init__(self, channel: grpc.aio.Channel, metadata: Metadata = ()) -> None:
-        super().__init__(channel, metadata)
-        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+    stub_type = tokenizer_pb2_grpc.TokenizerServiceStub
 
     async def count(self, texts: Sequence[str], timeout_s: float | None, model: str = "", add_special_tokens: bool = False) -> list[int]:
         """Tokens of each text, in order."""
