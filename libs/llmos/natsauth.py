@@ -57,7 +57,7 @@ from llmos.bus.subjects import (
     ingest_requested,
     stream_for,
 )
-from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.settings import GATEWAY, SERVICE_NAMES, PlatformSettings
 
 CREDENTIALS_FILE = "nats-credentials.json"
 PUBLISHERS_FILE = "nats-publishers.json"
@@ -141,8 +141,11 @@ GRANTS: dict[str, ServiceGrant] = {
     ),
     "audit": _grant("audit", (), ("llmos.audit.>",)),
     # checks API keys and audits, like every service; consumes nothing
+    GATEWAY: _grant(GATEWAY, (), ()),
 }
-assert set(GRANTS) == set(SERVICE_NAMES)
+# Every process of the platform with a NATS user of its own: the gRPC services and the gateway.
+BUS_USERS = (*SERVICE_NAMES, GATEWAY)
+assert set(GRANTS) == set(BUS_USERS)
 
 
 def _consumer(stream: str, consumer: str) -> list[str]:
@@ -219,7 +222,7 @@ def new_secret() -> str:
 
 
 def new_credentials() -> dict[str, str]:
-    return {user: new_secret() for user in (*SERVICE_NAMES, ADMIN_USER)}
+    return {user: new_secret() for user in (*BUS_USERS, ADMIN_USER)}
 
 
 def authorization_block(credentials: Mapping[str, str], publishers: Mapping[str, str] | None = None) -> str:
@@ -228,7 +231,7 @@ def authorization_block(credentials: Mapping[str, str], publishers: Mapping[str,
     users: list[dict[str, Any]] = [{"user": ADMIN_USER, "password": credentials[ADMIN_USER]}]
     users += [
         {"user": service, "password": credentials[service], "permissions": permissions(GRANTS[service])}
-        for service in SERVICE_NAMES
+        for service in BUS_USERS
     ]
     users += [
         {"user": publisher_user(tenant), "password": password, "permissions": publisher_permissions(tenant)}
@@ -246,7 +249,7 @@ def password_variable(user: str) -> str:
 def compose_authorization() -> str:
     """deploy/nats/authorization.conf: the same users and grants as `llmos up`, with each password
     a reference to an environment variable of the nats container, so the file holds no secret."""
-    placeholders = {user: f"@{password_variable(user)}@" for user in (*SERVICE_NAMES, ADMIN_USER)}
+    placeholders = {user: f"@{password_variable(user)}@" for user in (*BUS_USERS, ADMIN_USER)}
     block = authorization_block(placeholders)
     for variable in placeholders.values():
         # An unquoted $NAME is a variable to nats-server, resolved from its environment at start.

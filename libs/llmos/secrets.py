@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llmos.assertions import CALLING_SERVICES, new_service_keys, public_key_text
 from llmos.crypto import new_key_entry
-from llmos.natsauth import ADMIN_USER, new_secret, password_variable
-from llmos.settings import ENV_PREFIX, SERVICE_NAMES, PlatformSettings, SettingsError
+from llmos.natsauth import ADMIN_USER, BUS_USERS, new_secret, password_variable
+from llmos.settings import ENV_PREFIX, PlatformSettings, SettingsError
 
 DEV_MODE_VARIABLE = f"{ENV_PREFIX}DEV"
 
@@ -156,7 +156,7 @@ def _keep_old_keys(new: str, old: str) -> str:
 # issues the others from the key store.
 ADMIN_IDENTITY = "admin:demo:admin"
 SECRETS: tuple[Secret, ...] = (
-    *(Secret(password_variable(user), new_secret, f"NATS password of {user}") for user in (*SERVICE_NAMES, ADMIN_USER)),
+    *(Secret(password_variable(user), new_secret, f"NATS password of {user}") for user in (*BUS_USERS, ADMIN_USER)),
     Secret("LLMOS_API_KEY", new_secret, "the administrator key host tools present"),
     *(
         Secret(_signing_key_variable(service), _new_signing_key(service), f"{service}'s key signing its calls to other services")

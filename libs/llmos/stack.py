@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from llmos.natsauth import (
     write_credentials,
 )
 from llmos.secrets import development_warning, refuse_published_values
-from llmos.settings import SERVICE_NAMES, PlatformSettings, private_home
+from llmos.settings import GATEWAY, SERVICE_NAMES, PlatformSettings, private_home
 
 STACK_FILE = "stack.json"
 READY_TIMEOUT_S = 120.0
@@ -174,6 +175,24 @@ def wait_until_serving(settings: PlatformSettings, processes: Mapping[str, subpr
     raise TimeoutError(f"not SERVING after {timeout_s:.0f} s: {waiting}; see {settings.logs_dir}")
 
 
+def wait_until_answering(settings: PlatformSettings, gateway: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Poll the gateway's /healthz until it answers 200; a gateway that exits fails at once."""
+    url = f"http://{settings.gateway_addr}/healthz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gateway.poll() is not None:
+            log = settings.logs_dir / f"{GATEWAY}.log"
+            raise RuntimeError(f"{GATEWAY} exited with code {gateway.returncode}; last lines of {log}:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{GATEWAY} did not answer {url} within {timeout_s:.0f} s; see {settings.logs_dir}")
+
+
 def tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return "(no log)"
@@ -274,12 +293,13 @@ class Stack:
         )
         try:
             asyncio.run(declare_as_admin(self.settings))
-            for name in SERVICE_NAMES:
+            for name in (*SERVICE_NAMES, GATEWAY):
                 self.processes[name] = start_service(name, self.settings, service_env(self.settings, name, credentials))
             self._record()
             wait_until_serving(
                 self.settings, {name: self.processes[name] for name in SERVICE_NAMES}, READY_TIMEOUT_S
             )
+            wait_until_answering(self.settings, self.processes[GATEWAY], READY_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise

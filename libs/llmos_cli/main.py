@@ -42,6 +42,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  {'nats':<10} {settings.nats_url}  (monitoring http://127.0.0.1:{settings.nats_monitor_port})")
     for name in SERVICE_NAMES:
         print(f"  {name:<10} grpc://{settings.service_addr(name)}")
+    print(f"  {'gateway':<10} http://{settings.gateway_addr}  (OpenAI-compatible API and REST; docs /docs)")
+    print(f"web: http://{settings.gateway_addr}")
     print(f"traces: {settings.telemetry_dir / SPAN_FILE} (`llmos trace --last`)")
     if args.detach:
         print("running in the background; stop with `llmos down`")

@@ -37,6 +37,8 @@ OTEL_CONF = ROOT / "deploy" / "otel" / "collector.yaml"
 # The platform's services (DESIGN.md); any package added under services/ is required too.
 LLMOS_SERVICES = ("ingest", "tokenizer", "inference", "retrieval", "speech", "dialogue", "audit")
 HEALTH_PROBE = "llmos.grpcutil.health_probe"
+# Services that serve HTTP instead of gRPC, and the module probing their health.
+HTTP_PROBES = {"gateway": "services.gateway.probe"}
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
@@ -325,7 +327,7 @@ def test_service_has_a_grpc_health_probe_on_its_own_port(
     test = as_list(check["test"])
     port = addr_settings(dotenv)[name][1]
     assert test[0] == "CMD", f"{name}: exec form expected, got {test[0]!r}"
-    assert test[1:4] == ["python", "-m", HEALTH_PROBE], test
+    assert test[1:4] == ["python", "-m", HTTP_PROBES.get(name, HEALTH_PROBE)], test
     host, _, probed = test[4].rpartition(":")
     assert host in LOOPBACK and int(probed) == port, f"{name}: probes {test[4]}, serves :{port}"
     assert "start_period" in check, f"{name}: model loading needs a start_period"
@@ -335,7 +337,7 @@ def test_every_grpc_port_in_dotenv_is_published(
     services: dict[str, dict[str, Any]], dotenv: dict[str, str]
 ) -> None:
     addrs = addr_settings(dotenv)
-    assert set(addrs) == set(LLMOS_SERVICES), f".env LLMOS_*_ADDR entries: {sorted(addrs)}"
+    assert set(addrs) == set(LLMOS_SERVICES) | set(HTTP_PROBES), f".env LLMOS_*_ADDR entries: {sorted(addrs)}"
     for name, (host, port) in addrs.items():
         ports = published_ports(services[name])
         assert any(p == port and t == port for _, p, t in ports), (

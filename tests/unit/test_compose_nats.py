@@ -15,18 +15,18 @@ import yaml
 from llmos.bus import subjects as subjects_module
 from llmos.natsauth import (
     ADMIN_USER,
+    BUS_USERS,
     COMPOSE_AUTHORIZATION,
     GRANTS,
     compose_authorization,
     password_variable,
     permissions,
 )
-from llmos.settings import SERVICE_NAMES
 from tests.unit.test_compose import COMPOSE_FILE, ROOT, mounts
 
 pytestmark = pytest.mark.unit
 
-USERS = (ADMIN_USER, *SERVICE_NAMES)
+USERS = (ADMIN_USER, *BUS_USERS)
 JETSTREAM_KEY_VARIABLE = "LLMOS_JETSTREAM_KEY"
 
 
@@ -56,7 +56,7 @@ def test_each_service_user_has_exactly_natsauths_grants_and_a_password_from_the_
     for user, entry in users.items():
         assert entry["password"] == f"${password_variable(user)}", user
     assert "permissions" not in users[ADMIN_USER]
-    for service in SERVICE_NAMES:
+    for service in BUS_USERS:
         assert users[service]["permissions"] == permissions(GRANTS[service]), service
         # Nothing beyond the grant: no wildcard over the platform's subjects.
         allowed = users[service]["permissions"]["publish"]["allow"] + users[service]["permissions"]["subscribe"]["allow"]
@@ -74,7 +74,7 @@ def test_the_nats_container_has_every_password_and_the_jetstream_key(raw_service
     }, "authorization.conf must sit next to the config that includes it"
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", BUS_USERS)
 def test_each_service_connects_as_its_own_user_with_only_its_own_password(
     raw_services: dict[str, dict[str, Any]], service: str
 ) -> None:
@@ -97,7 +97,7 @@ def subscribed_subjects(service: str) -> set[str]:
     return subjects
 
 
-@pytest.mark.parametrize("service", SERVICE_NAMES)
+@pytest.mark.parametrize("service", BUS_USERS)
 def test_each_grant_covers_exactly_what_the_service_consumes(service: str) -> None:
     handlers = ROOT / "services" / service / "handlers.py"
     consumed = subscribed_subjects(service) if handlers.exists() else set()
