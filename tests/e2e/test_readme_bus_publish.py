@@ -48,6 +48,40 @@ async def indexed(url: str, password: str, tenant: str, document_id: str, timeou
     raise AssertionError("unreachable: follow waits without end")
 
 
+def shell_output(shell: str, env: dict[str, str]) -> str:
+    """What the README's shell line exports, printed back."""
+    run = subprocess.run(
+        ["bash", "-c", f"set -e\n{shell}\necho NATS_USER=$NATS_USER NATS_PASSWORD=$NATS_PASSWORD"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def exported(output: str) -> dict[str, str]:
+    return dict(re.findall(r"(NATS_USER|NATS_PASSWORD)=(\S+)", output.splitlines()[-1]))
+
+
+async def admitted(url: str, login: dict[str, str], expected: bool) -> bool:
+    """Whether nats-server comes to answer this login as `expected` (let in or refused) within
+    a few seconds, the time a configuration reload may take."""
+    for _ in range(50):
+        try:
+            connection = await nats.connect(
+                url, user=login["NATS_USER"], password=login["NATS_PASSWORD"], allow_reconnect=False,
+                max_reconnect_attempts=0, connect_timeout=1,
+            )
+        except Exception:  # noqa: BLE001 - refused
+            if not expected:
+                return True
+        else:
+            await connection.close()
+            if expected:
+                return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 def test_the_readme_publishes_a_document_on_the_bus_as_printed(models_home: Path, tmp_path: Path) -> None:
     [shell] = readme_blocks("bash")
     [snippet] = readme_blocks("python")
@@ -69,6 +103,17 @@ def test_the_readme_publishes_a_document_on_the_bus_as_printed(models_home: Path
         admin_password = json.loads(credentials_path(home).read_text())[ADMIN_USER]
         event = asyncio.run(indexed(env["LLMOS_NATS_URL"], admin_password, "demo", "faq-2", timeout_s=60))
         assert event.chunk_count == 1
+
+        # Issuing again rotates the password; --revoke removes the user from the running server.
+        url = env["LLMOS_NATS_URL"]
+        old = exported(shell_output(shell, env))
+        rotated = exported(shell_output(shell, env))
+        assert rotated["NATS_PASSWORD"] != old["NATS_PASSWORD"]
+        assert asyncio.run(admitted(url, rotated, expected=True))
+        assert asyncio.run(admitted(url, old, expected=False))
+        revoke = llmos(env, REPO, "keys", "publisher", "demo", "--revoke", timeout=30)
+        assert revoke.returncode == 0, revoke.stdout + revoke.stderr
+        assert asyncio.run(admitted(url, rotated, expected=False))
     finally:
         down = llmos(env, tmp_path, "down", timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
