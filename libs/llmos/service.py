@@ -25,6 +25,7 @@ from llmos.bus.broker import Bus, Subscription
 from llmos.bus.subjects import audit_subject
 from llmos.grpcutil.client import MAX_MESSAGE_BYTES, use_transport_credentials
 from llmos.grpcutil.interceptors import ServerInterceptor
+from llmos.grpcutil.quotas import QuotaLimits, quota_interceptors
 from llmos.grpcutil.tls import TlsFiles, caller_credentials, server_credentials
 from llmos.keys import KeyAuthenticator, KeyStore, parse_static_keys
 from llmos.secrets import refuse_published_values
@@ -98,12 +99,15 @@ class ServiceProcess(Generic[SettingsT]):
             await KeyStore.open(self.bus.jetstream),
             ServiceKeys.from_settings(self.settings).verifier(name),
         )
+        limits = QuotaLimits.from_settings(self.settings)
+        server_limit, principal_quotas = quota_interceptors(limits)
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(name, authenticator, self._publish_audit_event)],
+            interceptors=[server_limit, ServerInterceptor(name, authenticator, self._publish_audit_event), principal_quotas],
             options=(
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ),
+            maximum_concurrent_rpcs=limits.grpc_maximum_concurrent_rpcs,
         )
         for binding in self.parts.grpc:
             binding.add_to_server(binding.servicer, self.server)
@@ -161,7 +165,7 @@ def run_service(definition: ServiceDefinition[SettingsT]) -> None:
         sys.exit(2)
     private_home(settings.home)
     setup_logging(definition.name, settings.log_level)
-    telemetry = setup_telemetry(definition.name, settings.otlp_endpoint, settings.telemetry_dir)
+    telemetry = setup_telemetry(definition.name, settings)
     try:
         asyncio.run(_serve(definition, settings))
     except SettingsError as exc:

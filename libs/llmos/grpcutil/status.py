@@ -20,8 +20,9 @@ _STATUS_BY_ERROR: dict[type[errors.LlmosError], grpc.StatusCode] = {
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
-# Trailing metadata telling a client how long to back off after RESOURCE_EXHAUSTED.
-RETRY_AFTER_MS_KEY = "retry-after-ms"
+# Trailing metadata telling a client how long to back off after RESOURCE_EXHAUSTED: gRPC's standard
+# retry pushback (milliseconds as a decimal string), which gRPC clients with a retry policy obey.
+RETRY_AFTER_MS_KEY = "grpc-retry-pushback-ms"
 
 
 def status_for(error: errors.LlmosError) -> grpc.StatusCode:
@@ -33,7 +34,7 @@ def status_for(error: errors.LlmosError) -> grpc.StatusCode:
 
 def trailing_metadata_for(error: errors.LlmosError) -> tuple[tuple[str, str], ...]:
     if isinstance(error, errors.ResourceExhausted):
-        return ((RETRY_AFTER_MS_KEY, str(int(error.retry_after_s * 1000))),)
+        return ((RETRY_AFTER_MS_KEY, str(max(0, round(error.retry_after_s * 1000)))),)
     return ()
 
 
