@@ -306,3 +306,24 @@ async def test_only_the_admin_creates_streams_or_reads_api_keys_by_sequence(secu
     speech_connection = await nats.connect(url, user="speech", password=credentials["speech"], inbox_prefix=inbox_prefix("speech"))
     assert (await _kv_get(speech_connection.jetstream(), "api_keys", "digest-1")) == b'{"tenant": "acme"}'
     await speech_connection.close()
+
+
+async def test_the_admin_turns_on_direct_key_lookups_for_a_bucket_made_before_them(secured_nats: tuple[str, dict[str, str]]) -> None:
+    """A service reads api_keys by direct get only: on a bucket made by an older version (no direct
+    gets) its lookups are refused until `llmos up` or `llmos streams` (declare, as admin) turns them on."""
+    url, credentials = secured_nats
+    admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    js = admin.jetstream()
+    await (await js.key_value("api_keys")).put("digest-2", b"record")
+    config = (await js.stream_info("KV_api_keys")).config
+    config.allow_direct = False
+    await js.update_stream(config)
+    try:
+        assert await jetstream_refused(url, "speech", credentials["speech"], lambda js: _kv_get(js, "api_keys", "digest-2"))
+        await declare_streams(js, update=True)
+        assert (await js.stream_info("KV_api_keys")).config.allow_direct
+        speech = await _connect(url, "speech", credentials["speech"])
+        assert (await _kv_get(speech.jetstream(), "api_keys", "digest-2")) == b"record"
+        await speech.close()
+    finally:
+        await admin.close()
