@@ -37,6 +37,7 @@ def limits_of(settings: DialogueSettings) -> DialogueLimits:
         call_timeout_s=settings.dialogue_call_timeout_s,
         summary_words=settings.dialogue_summary_words,
         max_summary_source_chars=settings.dialogue_max_summary_source_chars,
+        summary_max_generate_calls=settings.dialogue_summary_max_generate_calls,
         grounding=GroundingLimits(
             evidence_sentences=settings.dialogue_evidence_sentences,
             min_evidence_score=settings.dialogue_min_evidence_score,

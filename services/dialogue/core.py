@@ -66,6 +66,7 @@ class DialogueLimits:
     call_timeout_s: float
     summary_words: int
     max_summary_source_chars: int
+    summary_max_generate_calls: int
     grounding: GroundingLimits
     script_confidence: float  # an intent this confident runs its script ...
     strong_evidence_margin: float  # ... unless the evidence scores this much above the minimum
@@ -140,7 +141,8 @@ class DialogueCore:
         self._assistant = assistant
         self._replies = assistant.replies
         self._summarizer = Summarizer(
-            backends.embedder, backends.generator, backends.tokens, limits.context_tokens, limits.grounding.min_support
+            backends.embedder, backends.generator, backends.tokens, limits.context_tokens, limits.grounding.min_support,
+            limits.summary_max_generate_calls,
         )
         self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import PositiveInt, field_validator
 
 from llmos.settings import PlatformSettings
 
@@ -45,6 +45,9 @@ class DialogueSettings(PlatformSettings):
     # Summaries: default length, and the longest text accepted.
     dialogue_summary_words: int = 60
     dialogue_max_summary_source_chars: int = 400_000
+    # Generate calls one abstractive summary may make (map parts and reductions); a longer text is
+    # first cut down to its highest-ranked sentences that fit.
+    dialogue_summary_max_generate_calls: PositiveInt = 8
     # Voice turns: user speech over an answer (barge-in) is this much audio, at least this share
     # of it voiced, by a voice-activity detector of this aggressiveness (0 loose - 3 strict).
     dialogue_barge_in_start_ms: int = 300

@@ -14,6 +14,11 @@ synthesis, and the caller is told (`barge_in`) to stop playback. The words spoke
 turn when their final transcript arrives. A turn cancelled before its answer was complete is not
 saved in the session; the caller heard only part of it. Callers that play audio aloud must
 cancel their own echo, or the assistant interrupts itself.
+
+Backpressure: at most EVENT_QUEUE_SIZE responses wait for the caller to read them. When they are
+not read, transcripts, answers and audio wait where they are made, the recognizer is no longer
+fed, and at most AUDIO_QUEUE_CHUNKS chunks of the caller's audio are read ahead: a caller that
+speaks but never reads is no longer read, instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MAX_VOICE_NAME_CHARS = 64
 AUDIO_QUEUE_CHUNKS = 64  # chunks waiting for the recognizer before the caller is slowed down
+EVENT_QUEUE_SIZE = 64  # responses waiting for the caller to read them before the conversation waits
 
 
 class TurnLogic(Protocol):
@@ -82,13 +88,8 @@ class VoiceTurns:
         recognition = self._recognition_config(config, tenant)
         conversation = _Conversation(self, principal, tenant, config, recognition, self._speech_detector(recognition), deadline)
         async with conversation.running(audio):
-            while True:
-                item = await conversation.events.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for response in conversation.responses():
+                yield response
 
     def _recognition_config(self, config: dialogue_pb2.ConverseConfig, tenant: str) -> speech_pb2.StreamingRecognitionConfig:
         if len(config.voice_name) > MAX_VOICE_NAME_CHARS:
@@ -141,9 +142,6 @@ class SpeechDetector:
                 yield event
 
 
-_Event = dialogue_pb2.ConverseResponse | BaseException | None
-
-
 class _Conversation:
     """One Converse stream: the audio pump, the transcript reader, and the turn in progress."""
 
@@ -161,7 +159,9 @@ class _Conversation:
         self._turn_session_id = ""  # the session of the turn in progress (new and unsaved on a first turn)
         self._detector = detector
         self._to_recognizer: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
-        self.events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._events: asyncio.Queue[dialogue_pb2.ConverseResponse] = asyncio.Queue(EVENT_QUEUE_SIZE)
+        # Set once, when the conversation ends: None when it is over, or the error that ended it.
+        self._ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
         self._turn: asyncio.Task[None] | None = None
         self._playing_until = 0.0  # loop time when the audio sent so far has played out
 
@@ -183,11 +183,35 @@ class _Conversation:
         try:
             await work
         except Exception as exc:  # noqa: BLE001 - handed to the RPC, not swallowed
-            self.events.put_nowait(exc)
+            self._end(exc)
 
-    def _emit(self, **event: object) -> None:
+    def _end(self, error: BaseException | None) -> None:
+        if not self._ended.done():
+            self._ended.set_result(error)
+
+    async def responses(self) -> AsyncIterator[dialogue_pb2.ConverseResponse]:
+        """The responses in order until the conversation ends; then its error, if it failed."""
+        while True:
+            if not self._events.empty():
+                yield self._events.get_nowait()
+                continue
+            if self._ended.done():
+                if (error := self._ended.result()) is not None:
+                    raise error
+                return
+            next_event = asyncio.ensure_future(self._events.get())
+            try:
+                await asyncio.wait([next_event, self._ended], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not next_event.done():
+                    next_event.cancel()  # a get not done has taken nothing from the queue
+            if next_event.done() and not next_event.cancelled():
+                yield next_event.result()
+
+    async def _emit(self, **event: object) -> None:
+        """Queue a response, waiting while EVENT_QUEUE_SIZE wait for the caller (backpressure)."""
         session_id = self._turn_session_id or self._session_id
-        self.events.put_nowait(dialogue_pb2.ConverseResponse(session_id=session_id, **event))  # type: ignore[arg-type]
+        await self._events.put(dialogue_pb2.ConverseResponse(session_id=session_id, **event))  # type: ignore[arg-type]
 
     # -- audio in ---------------------------------------------------------------------------
 
@@ -208,7 +232,7 @@ class _Conversation:
         """Transcripts out; each final one with words starts a turn."""
         timeout_s = None if self._deadline is None else timeout_within(self._deadline, 0.0)
         async for result in self._voice.recognizer.recognize_stream(self._recognition, self._audio_for_recognizer(), timeout_s):
-            self._emit(transcript=result)
+            await self._emit(transcript=result)
             text = result.alternatives[0].transcript.strip() if result.alternatives else ""
             if result.is_final and text:
                 if self._answering():
@@ -216,7 +240,7 @@ class _Conversation:
                 self._turn = asyncio.create_task(self._guard(self._answer(text)))
         if self._turn is not None:
             await asyncio.wait([self._turn])
-        self.events.put_nowait(None)
+        self._end(None)
 
     # -- barge-in ---------------------------------------------------------------------------
 
@@ -232,7 +256,7 @@ class _Conversation:
         if turn is not None and not turn.done():
             turn.cancel()
             await asyncio.wait([turn])
-        self._emit(barge_in=True)
+        await self._emit(barge_in=True)
         logger.info("barge-in: answer cancelled in %.1f ms", (time.perf_counter() - started) * 1000)
 
     # -- one turn ---------------------------------------------------------------------------
@@ -252,7 +276,7 @@ class _Conversation:
             for task in (generator, speaker):
                 task.cancel()
             await asyncio.wait([generator, speaker])
-        self._emit(turn_completed=final)
+        await self._emit(turn_completed=final)
 
     async def _generate(self, text: str, pieces: asyncio.Queue[str | None]) -> dialogue_pb2.ChatResponse:
         request = dialogue_pb2.ChatRequest(
@@ -267,7 +291,7 @@ class _Conversation:
                 if response.HasField("intent"):
                     intent.CopyFrom(response.intent)
                 if response.delta:
-                    self._emit(answer_delta=response.delta)
+                    await self._emit(answer_delta=response.delta)
                     for piece in chunker.feed(response.delta):
                         pieces.put_nowait(piece)
                 if response.final:
@@ -290,4 +314,4 @@ class _Conversation:
             timeout_s = timeout_within(self._deadline, self._voice.limits.call_timeout_s)
             async for audio in self._voice.synthesizer.synthesize_stream(request, timeout_s):
                 self._playing_until = max(self._playing_until, loop.time()) + audio.duration_ms / 1000
-                self._emit(audio=audio)
+                await self._emit(audio=audio)

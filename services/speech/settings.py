@@ -12,7 +12,7 @@ class SpeechSettings(PlatformSettings):
     speech_decoders: int = 2
     # How long a request waits for a free decoder before RESOURCE_EXHAUSTED.
     speech_decoder_wait_s: float = 10.0
-    # Longest clip Recognize accepts, in seconds (StreamingRecognize has no limit).
+    # Longest clip Recognize accepts, in seconds (a StreamingRecognize stream lasts at most LLMOS_MAX_STREAM_S).
     speech_max_clip_s: float = 600.0
     # Interim results are computed after this much new speech.
     speech_interim_interval_ms: int = 300

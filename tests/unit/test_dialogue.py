@@ -103,7 +103,7 @@ GROUNDING = GroundingLimits(
 )
 LIMITS = DialogueLimits(
     max_message_chars=2000, context_tokens=512, recent_turns=2, top_k=4, call_timeout_s=10.0, summary_words=60,
-    max_summary_source_chars=100_000, grounding=GROUNDING, script_confidence=0.8, strong_evidence_margin=0.3,
+    max_summary_source_chars=100_000, summary_max_generate_calls=8, grounding=GROUNDING, script_confidence=0.8, strong_evidence_margin=0.3,
 )
 ADMIN = Principal("tester", "acme", frozenset({"admin"}))
 ASSISTANT = load_assistant(REPO / "demo" / "assistant.yaml")
@@ -190,7 +190,8 @@ def test_clip_prefers_a_sentence_end() -> None:
 
 async def test_long_text_is_summarized_map_reduce_within_target() -> None:
     generator = ScriptedGenerator("short part summary with a few words.")
-    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300, min_support=0.8)
+    # Eight parts and their reduction: within the limit of Generate calls, so nothing is cut.
+    summarizer = Summarizer(HashEmbedder(), generator, WordCounter(), context_tokens=300, min_support=0.8, max_generate_calls=9)
     text = " ".join(f"Sentence number {i} talks about topic {i % 7} at some length here." for i in range(120))
     summary = await summarizer.abstractive(text, 20, 5.0)
     assert summary.map_steps > 2 and len(generator.calls) == summary.map_steps
