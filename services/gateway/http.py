@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -182,7 +183,11 @@ def sse(chunks: AsyncIterator[dict[str, Any]], first: dict[str, Any]) -> AsyncIt
     return events()
 
 
-def create_app(settings: GatewaySettings, core: GatewayCore, authenticator: Authenticator, audit: AuditRecorder) -> FastAPI:
+def create_app(
+    settings: GatewaySettings, core: GatewayCore, authenticator: Authenticator, audit: AuditRecorder,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The gateway's routes and middleware; spans go to `tracer_provider` (default: the process's)."""
     app = FastAPI(
         title="LLM OS gateway",
         version="1",
@@ -358,7 +363,9 @@ def create_app(settings: GatewaySettings, core: GatewayCore, authenticator: Auth
     app.add_middleware(BodyLimit, max_json_bytes=settings.gateway_max_json_bytes, max_upload_bytes=settings.gateway_max_upload_bytes)
     # Outermost: one SERVER span per request, current while the request is served, so the
     # gRPC calls it makes carry its trace context.
-    app.add_middleware(OpenTelemetryMiddleware, excluded_urls="healthz", exclude_spans=["receive", "send"])
+    app.add_middleware(
+        OpenTelemetryMiddleware, excluded_urls="healthz", exclude_spans=["receive", "send"], tracer_provider=tracer_provider
+    )
     return app
 
 

@@ -14,11 +14,16 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from llmos import errors
 from llmos.auth import current_principal
 from llmos.audit import ALLOW, DENY
 from llmos.keys import KeyAuthenticator, parse_static_keys
+from llmos.telemetry import inject_context
 from llmos.testing import MemoryPublisher
 from llmos.v1 import common_pb2, dialogue_pb2, inference_pb2, ingest_pb2, speech_pb2
 from services.gateway.auditing import GatewayAudit
@@ -41,6 +46,7 @@ class FakeInference:
         self.fail_after_first = False
         self.requests: list[inference_pb2.GenerateRequest] = []
         self.callers: list[str] = []
+        self.traces: list[str] = []
 
     async def models(self, *, timeout_s: float | None = None) -> list[inference_pb2.ModelInfo]:
         return [
@@ -51,6 +57,7 @@ class FakeInference:
     async def generate(self, request: inference_pb2.GenerateRequest, *, timeout_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateResponse]:
         self.requests.append(request)
         self.callers.append(current_principal().subject)
+        self.traces.append(inject_context({}).get("traceparent", ""))
         if self.failure and not self.fail_after_first:
             raise self.failure
         yield inference_pb2.GenerateResponse(delta="Hel")
@@ -107,13 +114,16 @@ class FakeIngest:
 
 class Gateway:
     def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        tracing = SdkTracerProvider()
+        tracing.add_span_processor(SimpleSpanProcessor(self.spans))
         self.inference = FakeInference()
         self.dialogue = FakeDialogue()
         self.speech = FakeSpeech()
         self.audit = MemoryPublisher()
         clients = Clients(self.inference, self.dialogue, self.speech, None, FakeIngest(), None)  # type: ignore[arg-type]
         core = GatewayCore(clients, "llmos-assistant", timeout_s=5, models_ttl_s=30, max_audio_s=60)
-        self.app = create_app(SETTINGS, core, KeyAuthenticator(parse_static_keys(KEYS)), GatewayAudit(self.audit))
+        self.app = create_app(SETTINGS, core, KeyAuthenticator(parse_static_keys(KEYS)), GatewayAudit(self.audit), tracing)
 
     def http(self, key: str | None = "user-key") -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -305,3 +315,13 @@ async def test_no_cors_headers_by_default_and_docs_are_public(gateway: Gateway) 
         schema = await anonymous.get("/openapi.json")
     assert "access-control-allow-origin" not in preflight.headers
     assert docs.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+
+
+async def test_each_request_has_a_server_span_whose_context_travels_into_the_grpc_calls(gateway: Gateway) -> None:
+    await gateway.openai().chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}])
+    servers = [span for span in gateway.spans.get_finished_spans() if span.kind == SpanKind.SERVER]
+    chat = [span for span in servers if span.name == "POST /v1/chat/completions"]
+    assert len(chat) == 1 and chat[0].attributes is not None and chat[0].attributes["enduser.id"] == "alice"
+    trace_id = format(chat[0].context.trace_id, "032x")
+    # W3C traceparent of the outgoing call: version-traceid-spanid-flags, inside the request's trace.
+    assert gateway.inference.traces and gateway.inference.traces[0].split("-")[1] == trace_id
