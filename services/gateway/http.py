@@ -315,11 +315,11 @@ def create_app(
     ) -> dict[str, Any]:
         return await core.list_documents(limit, after, status, include_deleted)
 
-    @app.get("/v1/documents/{document_id}", tags=["documents"], dependencies=[Depends(allow(Permission.DOCUMENTS_READ))])
+    @app.get("/v1/documents/{document_id:path}", tags=["documents"], dependencies=[Depends(allow(Permission.DOCUMENTS_READ))])
     async def get_document(document_id: str, include_content: bool = False) -> dict[str, Any]:
         return await core.document(document_id, include_content)
 
-    @app.delete("/v1/documents/{document_id}", tags=["documents"], dependencies=[Depends(allow(Permission.DOCUMENTS_WRITE))])
+    @app.delete("/v1/documents/{document_id:path}", tags=["documents"], dependencies=[Depends(allow(Permission.DOCUMENTS_WRITE))])
     async def delete_document(document_id: str) -> dict[str, Any]:
         return await core.delete_document(document_id)
 

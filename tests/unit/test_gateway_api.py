@@ -108,6 +108,9 @@ class FakeIngest:
         documents = [ingest_pb2.DocumentStatus(document_id="faq", tenant="acme", stage=common_pb2.DOCUMENT_STAGE_INDEXED, chunk_count=3)]
         return ingest_pb2.ListDocumentsResponse(documents=documents, page=common_pb2.PageResponse(next_page_token="faq"))
 
+    async def status(self, document_id: str, *, timeout_s: float | None = None) -> ingest_pb2.DocumentStatus:
+        return ingest_pb2.DocumentStatus(document_id=document_id, tenant="acme", stage=common_pb2.DOCUMENT_STAGE_CHUNKED)
+
     async def submit(self, request: ingest_pb2.SubmitDocumentRequest, *, timeout_s: float | None = None) -> ingest_pb2.SubmitDocumentResponse:
         return ingest_pb2.SubmitDocumentResponse(document_id=request.document_id or "generated", content_hash="h", stage=common_pb2.DOCUMENT_STAGE_CHUNKED)
 
@@ -325,3 +328,9 @@ async def test_each_request_has_a_server_span_whose_context_travels_into_the_grp
     trace_id = format(chat[0].context.trace_id, "032x")
     # W3C traceparent of the outgoing call: version-traceid-spanid-flags, inside the request's trace.
     assert gateway.inference.traces and gateway.inference.traces[0].split("-")[1] == trace_id
+
+
+async def test_document_ids_may_hold_slashes(gateway: Gateway) -> None:
+    async with gateway.http() as user:
+        found = await user.get("/v1/documents/eu/faq")
+    assert found.status_code == 200 and found.json()["id"] == "eu/faq"
