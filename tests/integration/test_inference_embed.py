@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED
+from llmos.clients import InferenceClient
+from llmos.errors import InvalidArgument, PermissionDenied
 from llmos.models.store import artefact_dir
 from llmos.stack import stop_pids, wait_until_serving
-from llmos.v1 import common_pb2, events_pb2, inference_pb2, inference_pb2_grpc
+from llmos.v1 import common_pb2, events_pb2, inference_pb2
 from tests.conftest import NatsServer, RunningStack, _settings_from, platform_environment
-from tests.grpc_helpers import ADMIN, GLOBEX_USER, call_with_raw_bytes
+from tests.grpc_helpers import GLOBEX_USER, call_with_raw_bytes, connected
 from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
 
 pytestmark = pytest.mark.integration
@@ -54,9 +56,9 @@ def inference(nats_server: NatsServer, models_home: Path, tmp_path_factory: pyte
 
 
 @pytest.fixture
-async def stub(inference: RunningStack):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(inference.addr("inference")) as channel:
-        yield inference_pb2_grpc.InferenceServiceStub(channel)
+async def client(inference: RunningStack) -> AsyncIterator[InferenceClient]:
+    async with connected(inference, InferenceClient) as inference_client:
+        yield inference_client
 
 
 def reference_vectors(models_home: Path, texts: list[str]) -> np.ndarray:
@@ -77,8 +79,8 @@ def reference_vectors(models_home: Path, texts: list[str]) -> np.ndarray:
     return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
 
-async def test_embed_matches_the_checkpoint(stub, models_home: Path) -> None:  # type: ignore[no-untyped-def]
-    response = await stub.Embed(inference_pb2.EmbedRequest(texts=SENTENCES), metadata=ADMIN, timeout=60)
+async def test_embed_matches_the_checkpoint(client: InferenceClient, models_home: Path) -> None:
+    response = await client.embed_response(SENTENCES, timeout_s=60)
     assert response.model == "all-minilm-l6-v2" and response.dimensions == 384
     vectors = np.array([embedding.values for embedding in response.embeddings], dtype=np.float32)
     assert vectors.shape == (len(SENTENCES), 384)
@@ -89,22 +91,17 @@ async def test_embed_matches_the_checkpoint(stub, models_home: Path) -> None:  #
     assert response.prompt_tokens > len(SENTENCES)
 
 
-async def test_concurrent_calls_are_batched_and_keep_their_order(stub) -> None:  # type: ignore[no-untyped-def]
-    alone = await stub.Embed(inference_pb2.EmbedRequest(texts=SENTENCES), metadata=ADMIN, timeout=60)
-    calls = [
-        stub.Embed(inference_pb2.EmbedRequest(texts=[text], priority=common_pb2.PRIORITY_BATCH), metadata=ADMIN, timeout=60)
-        for text in SENTENCES
-    ]
-    together = await asyncio.gather(*calls)
-    for single, expected in zip(together, alone.embeddings, strict=True):
-        assert np.allclose(single.embeddings[0].values, expected.values, atol=1e-5)
+async def test_concurrent_calls_are_batched_and_keep_their_order(client: InferenceClient) -> None:
+    alone = await client.embed(SENTENCES, 60)
+    together = await asyncio.gather(*(client.embed([text], 60, priority=common_pb2.PRIORITY_BATCH) for text in SENTENCES))
+    for single, expected in zip(together, alone, strict=True):
+        assert np.allclose(single[0], expected, atol=1e-5)
 
 
-async def test_list_models_reports_what_is_served(stub, models_home: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_list_models_reports_what_is_served(client: InferenceClient, models_home: Path) -> None:
     from llmos.models.manifest import read_artefact_manifest
 
-    response = await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=ADMIN, timeout=10)
-    models = {model.name: model for model in response.models}
+    models = {model.name: model for model in await client.models(timeout_s=10)}
     embedding, generation = models["all-minilm-l6-v2"], models["smollm2-135m-instruct"]
     assert embedding.role == inference_pb2.MODEL_ROLE_EMBEDDING and embedding.dimensions == 384
     assert generation.role == inference_pb2.MODEL_ROLE_GENERATION and generation.context_length == 2048
@@ -125,11 +122,10 @@ async def test_list_models_reports_what_is_served(stub, models_home: Path) -> No
         (["x"], "gpt-4", "model: unknown model"),
     ],
 )
-async def test_bad_embed_requests_are_invalid_argument(stub, texts: list[str], model: str, field: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.Embed(inference_pb2.EmbedRequest(texts=texts, model=model), metadata=ADMIN, timeout=10)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in error.value.details()
+async def test_bad_embed_requests_are_invalid_argument(client: InferenceClient, texts: list[str], model: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await client.embed(texts, 10, model=model)
+    assert field in error.value.message
 
 
 async def test_non_utf8_text_is_invalid_argument(inference: RunningStack) -> None:
@@ -139,10 +135,9 @@ async def test_non_utf8_text_is_invalid_argument(inference: RunningStack) -> Non
     assert "UTF-8" in error.details()
 
 
-async def test_other_tenants_are_refused(stub) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.Embed(inference_pb2.EmbedRequest(texts=["x"], tenant="acme"), metadata=GLOBEX_USER, timeout=10)
-    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+async def test_other_tenants_are_refused(client: InferenceClient) -> None:
+    with pytest.raises(PermissionDenied):
+        await client.with_credentials(GLOBEX_USER).embed(["x"], 10, tenant="acme")
 
 
 def chunks_created(document_id: str, priority: int, texts: list[str]) -> events_pb2.ChunksCreated:
@@ -159,7 +154,7 @@ def chunks_created(document_id: str, priority: int, texts: list[str]) -> events_
 
 
 @pytest.mark.parametrize("priority", [common_pb2.PRIORITY_BATCH, common_pb2.PRIORITY_INTERACTIVE])
-async def test_chunks_are_embedded_once_despite_redelivery(stub, inference: RunningStack, priority: int) -> None:  # type: ignore[no-untyped-def]
+async def test_chunks_are_embedded_once_despite_redelivery(client: InferenceClient, inference: RunningStack, priority: int) -> None:
     url = inference.settings.nats_url
     document_id = f"doc-{priority}"
     created = chunks_created(document_id, priority, SENTENCES[:3])
@@ -170,16 +165,16 @@ async def test_chunks_are_embedded_once_despite_redelivery(stub, inference: Runn
     message = events_pb2.ChunksEmbedded.FromString((await last_message(url, CHUNKS_EMBEDDED, after_seq=before)).data)
     assert (message.document_id, message.tenant, message.content_hash) == (document_id, "acme", f"hash-{document_id}")
     assert [c.chunk.chunk_id for c in message.chunks] == [f"{document_id}-{i}" for i in range(3)]
-    expected = await stub.Embed(inference_pb2.EmbedRequest(texts=SENTENCES[:3]), metadata=ADMIN, timeout=60)
-    for embedded, reference in zip(message.chunks, expected.embeddings, strict=True):
-        assert np.allclose(embedded.vector, reference.values, atol=1e-5)
+    expected = await client.embed(SENTENCES[:3], 60)
+    for embedded, reference in zip(message.chunks, expected, strict=True):
+        assert np.allclose(embedded.vector, reference, atol=1e-5)
     await asyncio.sleep(1.0)  # time for the duplicate to be handled
     published = [m for m in map(events_pb2.ChunksEmbedded.FromString, await messages_after(url, CHUNKS_EMBEDDED, before))
                  if m.document_id == document_id]
     assert len(published) == 1
 
 
-async def test_a_bad_chunk_message_is_dead_lettered_and_the_consumer_goes_on(stub, inference: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_a_bad_chunk_message_is_dead_lettered_and_the_consumer_goes_on(client: InferenceClient, inference: RunningStack) -> None:
     from llmos.bus.subjects import dead_letter_subject
 
     url = inference.settings.nats_url

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from llmos.clients import InferenceClient
+from llmos.errors import DeadlineExceeded, InvalidArgument
 from llmos.grpcutil.status import RETRY_AFTER_MS_KEY
 from llmos.models.store import artefact_dir
 from llmos.tokenization import ModelTokenizer
@@ -26,7 +28,7 @@ from services.inference.scheduler import (
     Usage,
 )
 from tests.conftest import NatsServer, RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import ADMIN, connected
 from tests.integration.test_inference_embed import start_inference
 
 pytestmark = pytest.mark.integration
@@ -48,22 +50,22 @@ def inference(nats_server: NatsServer, models_home: Path, tmp_path_factory: pyte
 
 
 @pytest.fixture
-async def stub(inference: RunningStack):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(inference.addr("inference")) as channel:
-        yield inference_pb2_grpc.InferenceServiceStub(channel)
+async def client(inference: RunningStack) -> AsyncIterator[InferenceClient]:
+    async with connected(inference, InferenceClient) as inference_client:
+        yield inference_client
 
 
-async def collect(stub, request: inference_pb2.GenerateRequest) -> list[inference_pb2.GenerateResponse]:  # type: ignore[no-untyped-def]
-    return [response async for response in stub.Generate(request, metadata=ADMIN, timeout=120)]
+async def collect(client: InferenceClient, request: inference_pb2.GenerateRequest) -> list[inference_pb2.GenerateResponse]:
+    return [response async for response in client.generate(request, timeout_s=120)]
 
 
 def text_of(responses: list[inference_pb2.GenerateResponse]) -> str:
     return "".join(response.delta for response in responses)
 
 
-async def test_chat_streams_deltas_then_finish_and_usage(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_chat_streams_deltas_then_finish_and_usage(client: InferenceClient) -> None:
     responses = await collect(
-        stub, inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=64))
+        client, inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=64))
     )
     assert len(responses) > 2
     assert all(r.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
@@ -77,36 +79,36 @@ async def test_chat_streams_deltas_then_finish_and_usage(stub) -> None:  # type:
     assert usage.time_to_first_token_ms > 0 and usage.tokens_per_second > 0 and usage.queue_ms >= 0
 
 
-async def test_length_and_stop_finish_reasons(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_length_and_stop_finish_reasons(client: InferenceClient) -> None:
     limited = await collect(
-        stub, inference_pb2.GenerateRequest(prompt="Count: 1, 2, 3,", sampling=inference_pb2.SamplingParams(max_new_tokens=5))
+        client, inference_pb2.GenerateRequest(prompt="Count: 1, 2, 3,", sampling=inference_pb2.SamplingParams(max_new_tokens=5))
     )
     assert limited[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert limited[-1].usage.generated_tokens == 5
     full = text_of(await collect(
-        stub, inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=40))
+        client, inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=40))
     ))
     stop = "Paris"
     assert stop in full
     stopped = await collect(
-        stub,
+        client,
         inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=40, stop=[stop])),
     )
     assert stopped[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
     assert text_of(stopped) == full[: full.index(stop)]
 
 
-async def test_greedy_and_seeded_sampling_are_deterministic(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_greedy_and_seeded_sampling_are_deterministic(client: InferenceClient) -> None:
     greedy = inference_pb2.GenerateRequest(messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=24))
-    assert text_of(await collect(stub, greedy)) == text_of(await collect(stub, greedy))
+    assert text_of(await collect(client, greedy)) == text_of(await collect(client, greedy))
     seeded = inference_pb2.GenerateRequest(
         messages=QUESTION, sampling=inference_pb2.SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=7)
     )
-    first, second = await collect(stub, seeded), await collect(stub, seeded)
+    first, second = await collect(client, seeded), await collect(client, seeded)
     assert [r.token_ids for r in first] == [r.token_ids for r in second]
 
 
-async def test_batched_streams_match_solo_streams(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_batched_streams_match_solo_streams(client: InferenceClient) -> None:
     prompts = ["Write a haiku about the sea.", "What is the capital of France?"]
     requests = [
         inference_pb2.GenerateRequest(
@@ -116,8 +118,8 @@ async def test_batched_streams_match_solo_streams(stub) -> None:  # type: ignore
         )
         for p in prompts
     ]
-    solo = [await collect(stub, request) for request in requests]
-    together = await asyncio.gather(*(collect(stub, request) for request in requests))
+    solo = [await collect(client, request) for request in requests]
+    together = await asyncio.gather(*(collect(client, request) for request in requests))
     # The int4 kernels round differently for one row than for several, so a batched stream may
     # leave the solo one at a logit near-tie; up to there they must agree token for token.
     for alone, batched in zip(solo, together, strict=True):
@@ -126,22 +128,21 @@ async def test_batched_streams_match_solo_streams(stub) -> None:  # type: ignore
         assert alone_ids[:12] == batched_ids[:12], (text_of(alone), text_of(batched))
 
 
-async def test_interactive_work_preempts_batch_work_which_resumes_intact(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_interactive_work_preempts_batch_work_which_resumes_intact(client: InferenceClient) -> None:
     batch = inference_pb2.GenerateRequest(
         prompt="Once upon a time", sampling=inference_pb2.SamplingParams(max_new_tokens=40), priority=common_pb2.PRIORITY_BATCH
     )
-    solo_ids = [token for r in await collect(stub, batch) for token in r.token_ids]
-    call = stub.Generate(batch, metadata=ADMIN, timeout=120)
-    streamed = [await call.read()]  # the batch stream holds the one non-reserved slot
+    solo_ids = [token for r in await collect(client, batch) for token in r.token_ids]
+    call = client.generate(batch, timeout_s=120)
+    streamed = [await anext(call)]  # the batch stream holds the one non-reserved slot
     chats = await asyncio.gather(*(
-        collect(stub, inference_pb2.GenerateRequest(
+        collect(client, inference_pb2.GenerateRequest(
             messages=inference_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=question)]),
             sampling=inference_pb2.SamplingParams(max_new_tokens=24), priority=common_pb2.PRIORITY_INTERACTIVE,
         ))
         for question in ("What is the capital of France?", "Write a haiku about the sea.")
     ))
-    while (response := await call.read()) is not grpc.aio.EOF:
-        streamed.append(response)
+    streamed += [response async for response in call]
     # The second chat took the batch stream's slot instead of waiting for the first chat to end.
     usages = [responses[-1].usage for responses in chats]
     generating_ms = min(1000 * u.generated_tokens / u.tokens_per_second for u in usages)
@@ -203,16 +204,16 @@ async def test_a_reused_prefix_and_a_prompt_prefilled_in_pieces_give_the_plain_o
     assert pieced[:6] == solo[:6]
 
 
-async def test_cancelling_a_stream_frees_its_slot(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_cancelling_a_stream_frees_its_slot(client: InferenceClient) -> None:
     long = inference_pb2.GenerateRequest(
         prompt="Once upon a time", sampling=inference_pb2.SamplingParams(max_new_tokens=500), priority=common_pb2.PRIORITY_BATCH
     )
-    call = stub.Generate(long, metadata=ADMIN, timeout=120)
-    await call.read()  # it holds the only non-reserved slot now
-    call.cancel()
+    call = client.generate(long, timeout_s=120)
+    await anext(call)  # it holds the only non-reserved slot now
+    await call.aclose()  # a reader that stops cancels the call
     started = time.monotonic()
     responses = await collect(
-        stub,
+        client,
         inference_pb2.GenerateRequest(prompt="Hello", sampling=inference_pb2.SamplingParams(max_new_tokens=3),
                                       priority=common_pb2.PRIORITY_BATCH),
     )
@@ -220,39 +221,42 @@ async def test_cancelling_a_stream_frees_its_slot(stub) -> None:  # type: ignore
     assert time.monotonic() - started < 10
 
 
-async def test_a_full_queue_is_refused_with_a_retry_hint(stub) -> None:  # type: ignore[no-untyped-def]
-    def long_batch_call():  # type: ignore[no-untyped-def]
-        return stub.Generate(
-            inference_pb2.GenerateRequest(prompt="Once upon a time", priority=common_pb2.PRIORITY_BATCH,
-                                          sampling=inference_pb2.SamplingParams(max_new_tokens=400)),
-            metadata=ADMIN, timeout=120,
-        )
+async def test_a_full_queue_is_refused_with_a_retry_hint(client: InferenceClient, inference: RunningStack) -> None:
+    # The hint is a trailer on the wire: these calls are raw, so the trailer can be read.
+    async with grpc.aio.insecure_channel(inference.addr("inference")) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    running = long_batch_call()
-    await running.read()  # one batch request runs; the interactive slot stays free
-    waiting = [long_batch_call() for _ in range(2)]
-    await asyncio.sleep(0.5)
-    refused = long_batch_call()
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await refused.read()
-    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    trailing = dict(error.value.trailing_metadata() or ())
-    assert int(trailing[RETRY_AFTER_MS_KEY]) > 0
-    # Interactive work still gets the reserved slot while the queue is full.
-    quick = await collect(stub, inference_pb2.GenerateRequest(
-        prompt="Hello", priority=common_pb2.PRIORITY_INTERACTIVE, sampling=inference_pb2.SamplingParams(max_new_tokens=2)))
-    assert quick[-1].usage.generated_tokens == 2
-    for call in (running, *waiting):
-        call.cancel()
+        def long_batch_call():  # type: ignore[no-untyped-def]
+            return stub.Generate(
+                inference_pb2.GenerateRequest(prompt="Once upon a time", priority=common_pb2.PRIORITY_BATCH,
+                                              sampling=inference_pb2.SamplingParams(max_new_tokens=400)),
+                metadata=ADMIN, timeout=120,
+            )
+
+        running = long_batch_call()
+        await running.read()  # one batch request runs; the interactive slot stays free
+        waiting = [long_batch_call() for _ in range(2)]
+        await asyncio.sleep(0.5)
+        refused = long_batch_call()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await refused.read()
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(error.value.trailing_metadata() or ())
+        assert int(trailing[RETRY_AFTER_MS_KEY]) > 0
+        # Interactive work still gets the reserved slot while the queue is full.
+        quick = await collect(client, inference_pb2.GenerateRequest(
+            prompt="Hello", priority=common_pb2.PRIORITY_INTERACTIVE, sampling=inference_pb2.SamplingParams(max_new_tokens=2)))
+        assert quick[-1].usage.generated_tokens == 2
+        for call in (running, *waiting):
+            call.cancel()
 
 
-async def test_a_deadline_is_honoured(stub) -> None:  # type: ignore[no-untyped-def]
+async def test_a_deadline_is_honoured(client: InferenceClient) -> None:
     request = inference_pb2.GenerateRequest(prompt="Once upon a time", sampling=inference_pb2.SamplingParams(max_new_tokens=500))
     started = time.monotonic()
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        async for _ in stub.Generate(request, metadata=ADMIN, timeout=0.5):
+    with pytest.raises(DeadlineExceeded):
+        async for _ in client.generate(request, timeout_s=0.5):
             pass
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3
 
 
@@ -271,8 +275,7 @@ async def test_a_deadline_is_honoured(stub) -> None:  # type: ignore[no-untyped-
          "messages[0].role"),
     ],
 )
-async def test_bad_generate_requests_are_invalid_argument(stub, request_fields: dict, field: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await collect(stub, inference_pb2.GenerateRequest(**request_fields))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in error.value.details()
+async def test_bad_generate_requests_are_invalid_argument(client: InferenceClient, request_fields: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidArgument) as error:
+        await collect(client, inference_pb2.GenerateRequest(**request_fields))
+    assert field in error.value.message

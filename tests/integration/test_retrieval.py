@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-import grpc
 import pytest
 
 from llmos.bus.subjects import CHUNKS_EMBEDDED, DOCS_DELETED, DOCS_INDEXED, dead_letter_subject
+from llmos.clients import IngestClient, RetrievalClient
 from llmos.embedding import EmbeddingModel
+from llmos.errors import InvalidArgument, NotFound, PermissionDenied
 from llmos.models import artefact_dir
-from llmos.v1 import common_pb2, events_pb2, ingest_pb2, ingest_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from llmos.v1 import common_pb2, events_pb2, ingest_pb2, retrieval_pb2
 from services.ingest.core import chunk_id
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN, GLOBEX_USER
+from tests.grpc_helpers import GLOBEX_USER, connected
 from tests.integration.bus_helpers import indexed_events, last_message, last_sequence, publish
 
 pytestmark = pytest.mark.integration
@@ -56,9 +57,9 @@ def embedded_message(
 
 
 @pytest.fixture
-async def retrieval(stack: RunningStack) -> AsyncIterator[retrieval_pb2_grpc.RetrievalServiceStub]:
-    async with grpc.aio.insecure_channel(stack.addr("retrieval")) as channel:
-        yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
+async def retrieval(stack: RunningStack) -> AsyncIterator[RetrievalClient]:
+    async with connected(stack, RetrievalClient) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -76,33 +77,29 @@ async def knowledge_base(stack: RunningStack, embedder: EmbeddingModel) -> None:
 
 
 @pytest.mark.parametrize("mode", [retrieval_pb2.SEARCH_MODE_HYBRID, retrieval_pb2.SEARCH_MODE_DENSE, retrieval_pb2.SEARCH_MODE_SPARSE])
-async def test_search_finds_the_answer_within_the_callers_tenant(knowledge_base, retrieval, mode: int) -> None:  # type: ignore[no-untyped-def]
-    response = await retrieval.Search(retrieval_pb2.SearchRequest(query="when will the refund reach my card", mode=mode, top_k=3), metadata=ADMIN)
-    top = response.hits[0].chunk
+async def test_search_finds_the_answer_within_the_callers_tenant(knowledge_base, retrieval: RetrievalClient, mode: int) -> None:  # type: ignore[no-untyped-def]
+    hits = await retrieval.search("", "when will the refund reach my card", 3, None, mode)
+    top = hits[0].chunk
     assert (top.document_id, top.tenant) == ("returns", "acme")
     assert top.text == ARTICLES["returns"][1] and top.title == "Returns" and top.end_offset > top.start_offset
-    assert all(hit.chunk.tenant == "acme" for hit in response.hits)
-    globex = await retrieval.Search(retrieval_pb2.SearchRequest(query="refunds returns", mode=mode), metadata=GLOBEX_USER)
-    assert {hit.chunk.document_id for hit in globex.hits} == {"globex-returns"}
+    assert all(hit.chunk.tenant == "acme" for hit in hits)
+    globex = await retrieval.with_credentials(GLOBEX_USER).search("", "refunds returns", 0, None, mode)
+    assert {hit.chunk.document_id for hit in globex} == {"globex-returns"}
 
 
-async def test_cross_tenant_search_is_refused(knowledge_base, retrieval) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await retrieval.Search(retrieval_pb2.SearchRequest(query="returns", tenant="acme"), metadata=GLOBEX_USER)
-    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+async def test_cross_tenant_search_is_refused(knowledge_base, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PermissionDenied):
+        await retrieval.with_credentials(GLOBEX_USER).search("acme", "returns", 0, None)
 
 
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [({"query": ""}, "query"), ({"query": "x", "top_k": 5000}, "top_k"), ({"query": "x" * 5000}, "query")],
-)
-async def test_bad_searches_are_invalid_argument(retrieval, fields: dict, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await retrieval.Search(retrieval_pb2.SearchRequest(**fields), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+@pytest.mark.parametrize(("query", "top_k", "message"), [("", 0, "query"), ("x", 5000, "top_k"), ("x" * 5000, 0, "query")])
+async def test_bad_searches_are_invalid_argument(retrieval: RetrievalClient, query: str, top_k: int, message: str) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await retrieval.search("", query, top_k, None)
+    assert message in error.value.message
 
 
-async def test_resubmission_replaces_and_delete_removes(stack: RunningStack, embedder, retrieval) -> None:  # type: ignore[no-untyped-def]
+async def test_resubmission_replaces_and_delete_removes(stack: RunningStack, embedder, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
     url = stack.settings.nats_url
     before = await last_sequence(url, DOCS_INDEXED)
     old = embedded_message(embedder, "acme", "hours", ["We open at 9.", "We close at 5.", "Closed on Sundays."], "v1", seconds=1000)
@@ -113,26 +110,24 @@ async def test_resubmission_replaces_and_delete_removes(stack: RunningStack, emb
     await publish(url, CHUNKS_EMBEDDED, new.SerializeToString())
     (event,) = [event for event in await indexed_events(url, before, {("acme", "hours")}) if event.document_id == "hours"]
     assert (event.content_hash, event.chunk_count) == ("v2", 1)
-    document = await retrieval.GetDocument(retrieval_pb2.GetDocumentRequest(document_id="hours"), metadata=ADMIN)
+    document = await retrieval.read_document("", "hours")
     assert [chunk.text for chunk in document.chunks] == ["We open every day from 8 to 8."]
 
     await publish(url, DOCS_DELETED, events_pb2.DocumentDeleted(document_id="hours", tenant="acme").SerializeToString())
     for _ in range(100):
         try:
-            await retrieval.GetDocument(retrieval_pb2.GetDocumentRequest(document_id="hours"), metadata=ADMIN)
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.NOT_FOUND
+            await retrieval.read_document("", "hours")
+        except NotFound:
             break
         await asyncio.sleep(0.1)
     else:
         pytest.fail("the deleted document is still served")
 
 
-async def test_a_delete_wins_over_a_version_still_being_embedded(stack: RunningStack, embedder, retrieval) -> None:  # type: ignore[no-untyped-def]
+async def test_a_delete_wins_over_a_version_still_being_embedded(stack: RunningStack, embedder, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
     """The version submitted before a delete reaches retrieval after it: it stays deleted, and a
     later re-submission brings the document back."""
     url = stack.settings.nats_url
-    request = retrieval_pb2.GetDocumentRequest(document_id="raced")
     before = await last_sequence(url, DOCS_INDEXED)
     await publish(url, CHUNKS_EMBEDDED, embedded_message(embedder, "acme", "raced", ["Version one."], "v1", seconds=1000).SerializeToString())
     await indexed_events(url, before, {("acme", "raced")})
@@ -141,9 +136,8 @@ async def test_a_delete_wins_over_a_version_still_being_embedded(stack: RunningS
     await publish(url, DOCS_DELETED, deleted.SerializeToString())
     for _ in range(100):
         try:
-            await retrieval.GetDocument(request, metadata=ADMIN)
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.NOT_FOUND
+            await retrieval.read_document("", "raced")
+        except NotFound:
             break
         await asyncio.sleep(0.1)
     else:
@@ -156,36 +150,29 @@ async def test_a_delete_wins_over_a_version_still_being_embedded(stack: RunningS
     await publish(url, CHUNKS_EMBEDDED, embedded_message(embedder, "acme", "after-race", ["Marker."], "v1").SerializeToString())
     events = await indexed_events(url, before, {("acme", "after-race")})
     assert ("acme", "raced") not in {(event.tenant, event.document_id) for event in events}
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await retrieval.GetDocument(request, metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(NotFound):
+        await retrieval.read_document("", "raced")
 
     before = await last_sequence(url, DOCS_INDEXED)
     again = embedded_message(embedder, "acme", "raced", ["Version three, re-submitted."], "v3", seconds=4000)
     await publish(url, CHUNKS_EMBEDDED, again.SerializeToString())
     await indexed_events(url, before, {("acme", "raced")})
-    document = await retrieval.GetDocument(request, metadata=ADMIN)
+    document = await retrieval.read_document("", "raced")
     assert [chunk.text for chunk in document.chunks] == ["Version three, re-submitted."]
 
 
-async def test_document_pages_and_recommendations(knowledge_base, retrieval) -> None:  # type: ignore[no-untyped-def]
-    first = await retrieval.GetDocument(
-        retrieval_pb2.GetDocumentRequest(document_id="returns", user_id="ann", page=common_pb2.PageRequest(page_size=1)),
-        metadata=ADMIN,
-    )
+async def test_document_pages_and_recommendations(knowledge_base, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
+    first = await retrieval.document_page("", "returns", user_id="ann", page_size=1)
     assert first.chunk_count == 2 and [c.index for c in first.chunks] == [0] and first.page.next_page_token
-    second = await retrieval.GetDocument(
-        retrieval_pb2.GetDocumentRequest(document_id="returns", page=common_pb2.PageRequest(page_size=1, page_token=first.page.next_page_token)),
-        metadata=ADMIN,
-    )
+    second = await retrieval.document_page("", "returns", page_size=1, page_token=first.page.next_page_token)
     assert [c.index for c in second.chunks] == [1] and not second.page.next_page_token
-    response = await retrieval.Recommend(retrieval_pb2.RecommendRequest(user_id="ann", top_k=2), metadata=ADMIN)
-    ids = [rec.document_id for rec in response.recommendations]
+    recommendations = await retrieval.recommend("ann", top_k=2)
+    ids = [rec.document_id for rec in recommendations]
     assert ids and "returns" not in ids and "globex-returns" not in ids
-    assert all(rec.reason == "similar to Returns" for rec in response.recommendations)
+    assert all(rec.reason == "similar to Returns" for rec in recommendations)
 
 
-async def test_a_poisoned_message_is_dead_lettered_and_the_service_goes_on(stack: RunningStack, embedder, retrieval) -> None:  # type: ignore[no-untyped-def]
+async def test_a_poisoned_message_is_dead_lettered_and_the_service_goes_on(stack: RunningStack, embedder, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
     url = stack.settings.nats_url
     dlq = dead_letter_subject(CHUNKS_EMBEDDED)
     before = await last_sequence(url, dlq)
@@ -199,26 +186,20 @@ async def test_a_poisoned_message_is_dead_lettered_and_the_service_goes_on(stack
     await indexed_events(url, indexed_before, {("acme", "after-poison")})
 
 
-async def test_live_flow_from_submit_to_search(stack: RunningStack, retrieval) -> None:  # type: ignore[no-untyped-def]
+async def test_live_flow_from_submit_to_search(stack: RunningStack, retrieval: RetrievalClient) -> None:  # type: ignore[no-untyped-def]
     """ingest → inference (embeds) → retrieval (indexes) → docs.indexed, status INDEXED, searchable."""
     url = stack.settings.nats_url
     before = await last_sequence(url, DOCS_INDEXED)
-    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
-        await ingest.SubmitDocument(
+    async with connected(stack, IngestClient) as ingest:
+        await ingest.submit(
             ingest_pb2.SubmitDocumentRequest(
                 document_id="gift-cards", title="Gift cards", priority=common_pb2.PRIORITY_INTERACTIVE,
                 content=b"Gift cards never expire and can be used online or in any of our stores.",
             ),
-            metadata=ADMIN,
         )
         await indexed_events(url, before, {("acme", "gift-cards")})
-        for _ in range(50):
-            status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id="gift-cards"), metadata=ADMIN)
-            if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
-                break
-            await asyncio.sleep(0.1)
+        status = (await ingest.wait_until_settled(["gift-cards"], within_s=5, poll_s=0.1))["gift-cards"]
         assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED and status.chunk_count == 1
     # Other tests index the demo help centre into the same tenant, with its own gift-card article.
-    response = await retrieval.Search(retrieval_pb2.SearchRequest(query="do gift cards expire?", top_k=3), metadata=ADMIN)
-    assert "gift-cards" in [hit.chunk.document_id for hit in response.hits]
+    hits = await retrieval.search("", "do gift cards expire?", 3, None)
+    assert "gift-cards" in [hit.chunk.document_id for hit in hits]

@@ -15,6 +15,8 @@ import pytest
 from llmos.audio import decode_clip, Encoding, encode_wav, resample
 from llmos.bus.subjects import DOCS_INDEXED, SPEECH_RECOGNIZED, SPEECH_SYNTHESIZED, dead_letter_subject
 from llmos.evaluation import WordErrors, word_errors
+from llmos.clients import SpeechClient, transcript
+from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.service import ServiceProcess
 from llmos.v1 import events_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.app import DEFINITION
@@ -56,49 +58,54 @@ def speech_settings(nats_server: NatsServer, models_home: Path, tmp_path_factory
 
 
 @pytest.fixture(scope="module")
-async def speech(speech_settings: SpeechSettings) -> AsyncIterator[speech_pb2_grpc.SpeechServiceStub]:
+async def speech_addr(speech_settings: SpeechSettings) -> AsyncIterator[str]:
     process = ServiceProcess(DEFINITION, speech_settings)
     await process.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{process.port}") as channel:
-            yield speech_pb2_grpc.SpeechServiceStub(channel)
+        yield f"127.0.0.1:{process.port}"
     finally:
         await process.stop()
 
 
-def streaming_requests(config: speech_pb2.StreamingRecognitionConfig, samples: np.ndarray, rate: int, chunk_ms: int = 100
-                       ) -> Iterator[speech_pb2.StreamingRecognizeRequest]:
-    yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+@pytest.fixture(scope="module")
+async def speech(speech_addr: str) -> AsyncIterator[SpeechClient]:
+    async with grpc.aio.insecure_channel(speech_addr) as channel:
+        yield SpeechClient(channel, ADMIN)
+
+
+async def pcm_chunks(samples: np.ndarray, rate: int, chunk_ms: int = 100) -> AsyncIterator[bytes]:
     step = rate * chunk_ms // 1000
     for start in range(0, len(samples), step):
-        yield speech_pb2.StreamingRecognizeRequest(audio_content=samples[start:start + step].astype("<i2").tobytes())
+        yield samples[start:start + step].astype("<i2").tobytes()
 
 
-async def test_recognize_a_recording_with_word_offsets_inside_the_clip(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def test_recognize_a_recording_with_word_offsets_inside_the_clip(speech: SpeechClient, speech_settings: SpeechSettings) -> None:
     path = LJ / "LJ001-0001.wav"
     samples, rate = clip(path)
     before = await last_sequence(speech_settings.nats_url, SPEECH_RECOGNIZED)
-    response = await speech.Recognize(
-        speech_pb2.RecognizeRequest(
-            config=speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_WAV, enable_word_time_offsets=True, model="general"),
-            audio=path.read_bytes(),
-        ),
-        metadata=ADMIN,
+    results = await speech.recognize(
+        speech_pb2.RecognitionConfig(encoding=speech_pb2.AUDIO_ENCODING_WAV, enable_word_time_offsets=True, model="general"),
+        path.read_bytes(),
     )
-    transcript = " ".join(r.alternatives[0].transcript for r in response.results)
+    heard = transcript(results)
     reference = "printing in the only sense with which we are at present concerned differs from most if not from all the arts and crafts represented in the exhibition"
-    assert word_errors(words(reference), words(transcript)).wer < 0.25
+    assert word_errors(words(reference), words(heard)).wer < 0.25
     duration_ms = len(samples) * 1000 // rate
-    offsets = [(w.start_ms, w.end_ms) for r in response.results for w in r.alternatives[0].words]
-    assert len(offsets) == len(words(transcript))
+    offsets = [(w.start_ms, w.end_ms) for r in results for w in r.alternatives[0].words]
+    assert len(offsets) == len(words(heard))
     assert all(0 <= start <= end <= duration_ms for start, end in offsets)
     assert all(a[1] <= b[0] for a, b in zip(offsets, offsets[1:]))
-    assert all(r.is_final and 0 < r.alternatives[0].confidence <= 1 for r in response.results)
+    assert all(r.is_final and 0 < r.alternatives[0].confidence <= 1 for r in results)
     event = events_pb2.SpeechRecognized.FromString((await last_message(speech_settings.nats_url, SPEECH_RECOGNIZED, after_seq=before)).data)
-    assert event.tenant == TENANT and event.transcript == response.results[-1].alternatives[0].transcript
+    assert event.tenant == TENANT and event.transcript == results[-1].alternatives[0].transcript
 
 
-async def test_streaming_gives_interims_then_a_final_per_utterance(speech) -> None:  # type: ignore[no-untyped-def]
+async def test_streaming_gives_interims_then_a_final_per_utterance(speech: SpeechClient) -> None:
     first, rate = clip(LJ / "LJ001-0004.wav")
     second, rate2 = clip(LJ / "LJ001-0008.wav")
     assert rate == rate2
@@ -111,8 +118,7 @@ async def test_streaming_gives_interims_then_a_final_per_utterance(speech) -> No
         interim_results=True,
         endpointing=speech_pb2.EndpointingConfig(start_history_ms=240, stop_history_ms=600),
     )
-    results = [r async for response in speech.StreamingRecognize(streaming_requests(config, audio, rate), metadata=ADMIN)
-               for r in response.results]
+    results = [r async for r in speech.recognize_stream(config, pcm_chunks(audio, rate), None)]
     finals = [r for r in results if r.is_final]
     assert len(finals) == 2
     first_final = results.index(finals[0])
@@ -147,59 +153,55 @@ def stereo_wav() -> bytes:
         (np.zeros(300, np.int16).tobytes(), speech_pb2.AUDIO_ENCODING_LINEAR_PCM, 3000, "3000 Hz"),
     ],
 )
-async def test_bad_audio_is_invalid_argument_saying_what_is_accepted(speech, audio: bytes, encoding: int, rate: int, expected: str) -> None:  # type: ignore[no-untyped-def]
-    request = speech_pb2.RecognizeRequest(config=speech_pb2.RecognitionConfig(encoding=encoding, sample_rate_hertz=rate), audio=audio)
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await speech.Recognize(request, metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert expected in error.value.details() and "accepted" in error.value.details()
-    stream_config = speech_pb2.StreamingRecognitionConfig(config=request.config)
-    chunks = [speech_pb2.StreamingRecognizeRequest(streaming_config=stream_config),
-              speech_pb2.StreamingRecognizeRequest(audio_content=audio)]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        [r async for r in speech.StreamingRecognize(iter(chunks), metadata=ADMIN)]
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+async def test_bad_audio_is_invalid_argument_saying_what_is_accepted(
+    speech: SpeechClient, audio: bytes, encoding: int, rate: int, expected: str
+) -> None:
+    config = speech_pb2.RecognitionConfig(encoding=encoding, sample_rate_hertz=rate)
+    with pytest.raises(InvalidArgument) as error:
+        await speech.recognize(config, audio)
+    assert expected in error.value.message and "accepted" in error.value.message
+    with pytest.raises(InvalidArgument):
+        [r async for r in speech.recognize_stream(speech_pb2.StreamingRecognitionConfig(config=config), chunks_of(audio), None)]
 
 
-async def test_stream_must_start_with_its_configuration(speech) -> None:  # type: ignore[no-untyped-def]
+async def test_stream_must_start_with_its_configuration(speech_addr: str) -> None:
+    # Audio before any configuration: only a raw stub sends such a stream.
     chunks = [speech_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x00" * 160)]
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        [r async for r in speech.StreamingRecognize(iter(chunks), metadata=ADMIN)]
+    async with grpc.aio.insecure_channel(speech_addr) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            [r async for r in speech_pb2_grpc.SpeechServiceStub(channel).StreamingRecognize(iter(chunks), metadata=ADMIN)]
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "streaming_config" in error.value.details()
 
 
-async def test_synthesized_speech_is_recognized_back_with_the_domain_model(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_synthesized_speech_is_recognized_back_with_the_domain_model(speech: SpeechClient, speech_settings: SpeechSettings) -> None:
     questions = ["Where is my parcel?", "How long does a refund take to reach my card?"]
     errors = WordErrors()
     for question in questions:
         before = await last_sequence(speech_settings.nats_url, SPEECH_SYNTHESIZED)
-        spoken = await speech.Synthesize(
+        spoken = await speech.synthesize(
             speech_pb2.SynthesizeSpeechRequest(text=question, encoding=speech_pb2.AUDIO_ENCODING_WAV, sample_rate_hz=16000, voice_name="jm_kumo"),
-            metadata=ADMIN,
         )
         assert spoken.sample_rate_hz == 16000 and spoken.audio[:4] == b"RIFF" and 700 < spoken.duration_ms < 6000
         event = events_pb2.SpeechSynthesized.FromString((await last_message(speech_settings.nats_url, SPEECH_SYNTHESIZED, after_seq=before)).data)
         assert event.voice == "jm_kumo" and event.characters == len(question)
-        heard = await speech.Recognize(
-            speech_pb2.RecognizeRequest(config=speech_pb2.RecognitionConfig(model="domain"), audio=spoken.audio), metadata=ADMIN
-        )
-        errors += word_errors(words(question), words(" ".join(r.alternatives[0].transcript for r in heard.results)))
+        heard = await speech.recognize(speech_pb2.RecognitionConfig(model="domain"), spoken.audio)
+        errors += word_errors(words(question), words(transcript(heard)))
     # Kokoro reading English through espeak phonemes, heard by PocketSphinx: most words, not all.
     assert errors.wer <= 0.3
 
 
-async def test_synthesize_stream_speaks_sentence_by_sentence(speech) -> None:  # type: ignore[no-untyped-def]
+async def test_synthesize_stream_speaks_sentence_by_sentence(speech: SpeechClient) -> None:
     text = "Your order has shipped. It arrives on Friday!"
-    pieces = [p async for p in speech.SynthesizeStream(
-        speech_pb2.SynthesizeSpeechRequest(text=text, voice_name="espeak-en-us", sample_rate_hz=8000), metadata=ADMIN)]
+    pieces = [p async for p in speech.synthesize_stream(
+        speech_pb2.SynthesizeSpeechRequest(text=text, voice_name="espeak-en-us", sample_rate_hz=8000), None)]
     assert [p.text for p in pieces] == ["Your order has shipped.", "It arrives on Friday!"]
     assert all(p.sample_rate_hz == 8000 and p.encoding == speech_pb2.AUDIO_ENCODING_LINEAR_PCM for p in pieces)
     assert all(abs(len(p.audio) // 2 * 1000 // 8000 - p.duration_ms) <= 1 and p.duration_ms > 500 for p in pieces)
 
 
-async def test_voices_and_synthesis_limits(speech) -> None:  # type: ignore[no-untyped-def]
-    voices = (await speech.ListVoices(speech_pb2.ListVoicesRequest(), metadata=ADMIN)).voices
+async def test_voices_and_synthesis_limits(speech: SpeechClient) -> None:
+    voices = await speech.voices()
     engines = {v.name: v.engine for v in voices}
     assert engines["jm_kumo"] == "kokoro" and engines["espeak-en-us"] == "espeak-ng"
     for request, field in [
@@ -209,21 +211,19 @@ async def test_voices_and_synthesis_limits(speech) -> None:  # type: ignore[no-u
         (speech_pb2.SynthesizeSpeechRequest(text="hi", speed=5), "speed"),
         (speech_pb2.SynthesizeSpeechRequest(text="x" * 5001), "text"),
     ]:
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await speech.Synthesize(request, metadata=ADMIN)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+        with pytest.raises(InvalidArgument) as error:
+            await speech.synthesize(request)
+        assert field in error.value.message
 
 
-async def test_domain_model_is_refused_for_a_tenant_without_one(speech) -> None:  # type: ignore[no-untyped-def]
-    request = speech_pb2.RecognizeRequest(
-        config=speech_pb2.RecognitionConfig(model="domain", tenant="nobody-has-text"), audio=encode_wav(np.zeros(1600, np.int16), 16000)
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await speech.Recognize(request, metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+async def test_domain_model_is_refused_for_a_tenant_without_one(speech: SpeechClient) -> None:
+    with pytest.raises(FailedPrecondition):
+        await speech.recognize(
+            speech_pb2.RecognitionConfig(model="domain", tenant="nobody-has-text"), encode_wav(np.zeros(1600, np.int16), 16000)
+        )
 
 
-async def test_bad_indexed_event_is_dead_lettered_and_service_goes_on(speech, speech_settings) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_indexed_event_is_dead_lettered_and_service_goes_on(speech: SpeechClient, speech_settings: SpeechSettings) -> None:
     import nats
 
     url = speech_settings.nats_url
@@ -242,7 +242,7 @@ async def test_bad_indexed_event_is_dead_lettered_and_service_goes_on(speech, sp
             break
         await asyncio.sleep(0.1)
     assert ours and "tenant" in ours[0].error
-    assert (await speech.ListVoices(speech_pb2.ListVoicesRequest(), metadata=ADMIN)).voices
+    assert await speech.voices()
 
 
 def rss_mb() -> float:
@@ -250,7 +250,7 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 1e6
 
 
-async def test_ten_minute_recording_streams_without_growing_memory(speech) -> None:  # type: ignore[no-untyped-def]
+async def test_ten_minute_recording_streams_without_growing_memory(speech: SpeechClient) -> None:
     """Ten minutes at 16 kHz: a real utterance every 30 s, quiet room noise between."""
     utterance, rate = clip(LJ / "LJ001-0008.wav")
     utterance = resample(utterance, rate, 16000)
@@ -263,18 +263,17 @@ async def test_ten_minute_recording_streams_without_growing_memory(speech) -> No
     samples: list[float] = []
     finals = 0
 
-    def requests() -> Iterator[speech_pb2.StreamingRecognizeRequest]:
-        yield speech_pb2.StreamingRecognizeRequest(streaming_config=config)
+    async def recording() -> AsyncIterator[bytes]:
         for index in range(minutes * 2):
             block = rng.normal(0, 30, period).astype(np.int16)
             block[16000:16000 + len(utterance)] = utterance
             for start in range(0, period, 16000):  # one-second chunks
-                yield speech_pb2.StreamingRecognizeRequest(audio_content=block[start:start + 16000].tobytes())
+                yield block[start:start + 16000].tobytes()
             samples.append(rss_mb())
 
-    async for response in speech.StreamingRecognize(requests(), metadata=ADMIN):
-        finals += sum(r.is_final for r in response.results)
-        assert all("surpassed" in r.alternatives[0].transcript for r in response.results)
+    async for result in speech.recognize_stream(config, recording(), None):
+        finals += result.is_final
+        assert "surpassed" in result.alternatives[0].transcript
     assert finals == minutes * 2
     # After warm-up (first two minutes), memory stays flat: no audio or lattices accumulate.
     warm = max(samples[:4])
