@@ -97,6 +97,8 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
     )
     for name in SERVICE_NAMES:
         env[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+        # Prometheus text of each service (tests/integration/test_metrics.py scrapes it).
+        env[f"LLMOS_{name.upper()}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
     return env
 
 

@@ -165,7 +165,7 @@ def run_service(definition: ServiceDefinition[SettingsT]) -> None:
         sys.exit(2)
     private_home(settings.home)
     setup_logging(definition.name, settings.log_level)
-    telemetry = setup_telemetry(definition.name, settings.otlp_endpoint, settings.telemetry_dir)
+    telemetry = setup_telemetry(definition.name, settings)
     try:
         asyncio.run(_serve(definition, settings))
     except SettingsError as exc:

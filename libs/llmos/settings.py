@@ -71,7 +71,17 @@ class PlatformSettings(BaseSettings):
     audit_addr: str
     # The HTTP gateway (services/gateway): OpenAI-compatible API, REST and the web console.
     gateway_addr: str = "127.0.0.1:8080"
+    # Prometheus text of each process's metrics (GET /metrics) on HOST:PORT; empty: not served.
+    ingest_metrics_addr: str = ""
+    tokenizer_metrics_addr: str = ""
+    inference_metrics_addr: str = ""
+    retrieval_metrics_addr: str = ""
+    speech_metrics_addr: str = ""
+    dialogue_metrics_addr: str = ""
+    audit_metrics_addr: str = ""
+    gateway_metrics_addr: str = ""
     qdrant_url: str = ""
+    # Also read from OTEL_EXPORTER_OTLP_ENDPOINT when empty (llmos.telemetry.otlp_endpoint).
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     execution_provider: ExecutionProvider = ExecutionProvider.AUTO
@@ -125,6 +135,11 @@ class PlatformSettings(BaseSettings):
     def _valid_addr(cls, value: str) -> str:
         return _check_addr(value)
 
+    @field_validator(*(f"{name}_metrics_addr" for name in (*SERVICE_NAMES, GATEWAY)))
+    @classmethod
+    def _valid_metrics_addr(cls, value: str) -> str:
+        return _check_addr(value) if value else value
+
     @field_validator("max_deliveries")
     @classmethod
     def _positive(cls, value: int) -> int:
@@ -142,6 +157,12 @@ class PlatformSettings(BaseSettings):
         """The address `service` binds: its port on `bind_host`."""
         port = self.service_addr(service).rpartition(":")[2]
         return f"{self.bind_host}:{port}"
+
+    def metrics_listen_addr(self, process: str) -> str:
+        """The address `process` (a service or the gateway) serves Prometheus metrics on: its
+        metrics port on `bind_host`; empty when LLMOS_<PROCESS>_METRICS_ADDR is not set."""
+        addr = str(getattr(self, f"{process}_metrics_addr", ""))
+        return f"{self.bind_host}:{addr.rpartition(':')[2]}" if addr else ""
 
     @property
     def models_dir(self) -> Path:

@@ -1,10 +1,12 @@
 """Tracing, metrics and logging set-up, and W3C trace-context propagation.
 
-Spans go to an OTLP collector when `LLMOS_OTLP_ENDPOINT` is set, else one JSON object per line
-to `$LLMOS_HOME/telemetry/spans.jsonl`, which `llmos trace` reads. Every process of the stack
+Spans go to an OTLP collector when `LLMOS_OTLP_ENDPOINT` (else the standard
+`OTEL_EXPORTER_OTLP_ENDPOINT`) is set, else one JSON object per line to
+`$LLMOS_HOME/telemetry/spans.jsonl`, which `llmos trace` reads. Every process of the stack
 appends to the same file, one `write` per span so lines never interleave. Both files are 0600,
 and spans (attributes, events, status messages) and log lines (tracebacks included) pass the
-PII redactor first.
+PII redactor first. Metrics also go to Prometheus: a process with `LLMOS_<SERVICE>_METRICS_ADDR`
+set serves them as Prometheus text on that port (`GET /metrics`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
+    MetricReader,
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
@@ -30,10 +34,27 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from llmos.redaction import RedactingLogFilter, RedactingSpanExporter
+from llmos.settings import PlatformSettings
+
+logger = logging.getLogger(__name__)
 
 SPAN_FILE = "spans.jsonl"
 METRICS_FILE = "metrics.jsonl"
 _METRICS_INTERVAL_MS = 10_000
+# The variable every OpenTelemetry SDK reads; LLMOS_OTLP_ENDPOINT wins when both are set.
+OTEL_OTLP_ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
+# Histogram buckets in seconds, as the semantic conventions advise for each kind of duration (the
+# SDK's default buckets are meant for milliseconds and would put every call in the first two).
+CALL_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TIME_TO_FIRST_TOKEN_BUCKETS_S = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)
+TIME_PER_OUTPUT_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+def otlp_endpoint(configured: str) -> str:
+    """The collector to export to: LLMOS_OTLP_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT, else none."""
+    return configured or os.environ.get(OTEL_OTLP_ENDPOINT_VARIABLE, "")
 
 
 def span_to_record(span: ReadableSpan) -> dict[str, Any]:
@@ -120,21 +141,47 @@ def _metric_exporter(otlp_endpoint: str, telemetry_dir: Path) -> MetricExporter:
     )
 
 
+def _serve_prometheus(service: str, listen: str) -> tuple[MetricReader, Any] | None:
+    """A reader whose metrics are served as Prometheus text on `listen` (HOST:PORT), and its
+    HTTP server; None when the port cannot be had: metrics only observe, so a taken port (say,
+    a private stack beside `llmos up` reading the same .env) is logged and the service serves on."""
+    from prometheus_client import start_http_server
+
+    host, _, port = listen.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), host)
+    except OSError as exc:
+        logger.error("%s: cannot serve Prometheus metrics on %s (%s); serving without them", service, listen, exc)
+        return None
+    logger.info("%s: Prometheus metrics on http://%s/metrics", service, listen)
+    # The reader registers with prometheus_client's registry, which the server above serves.
+    return PrometheusMetricReader(), server
+
+
 class Telemetry:
     """The tracer and meter providers of one process; `shutdown` flushes both."""
 
-    def __init__(self, service: str, otlp_endpoint: str, telemetry_dir: Path) -> None:
+    def __init__(self, service: str, settings: PlatformSettings) -> None:
+        endpoint = otlp_endpoint(settings.otlp_endpoint)
         resource = Resource.create({"service.name": service, "service.namespace": "llmos"})
         self.tracer_provider = TracerProvider(resource=resource)
         self.tracer_provider.add_span_processor(
             BatchSpanProcessor(
-                RedactingSpanExporter(_span_exporter(otlp_endpoint, telemetry_dir)), schedule_delay_millis=500
+                RedactingSpanExporter(_span_exporter(endpoint, settings.telemetry_dir)), schedule_delay_millis=500
             )
         )
-        reader = PeriodicExportingMetricReader(
-            _metric_exporter(otlp_endpoint, telemetry_dir), export_interval_millis=_METRICS_INTERVAL_MS
-        )
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        readers: list[MetricReader] = [
+            PeriodicExportingMetricReader(
+                _metric_exporter(endpoint, settings.telemetry_dir), export_interval_millis=_METRICS_INTERVAL_MS
+            )
+        ]
+        self._prometheus_server: Any = None
+        metrics_listen = settings.metrics_listen_addr(service)
+        served = _serve_prometheus(service, metrics_listen) if metrics_listen else None
+        if served is not None:
+            reader, self._prometheus_server = served
+            readers.append(reader)
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         trace.set_tracer_provider(self.tracer_provider)
         metrics.set_meter_provider(self.meter_provider)
         self.service = service
@@ -143,10 +190,13 @@ class Telemetry:
         self.tracer_provider.force_flush()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+        if self._prometheus_server is not None:
+            self._prometheus_server.shutdown()
 
 
-def setup_telemetry(service: str, otlp_endpoint: str, telemetry_dir: Path) -> Telemetry:
-    return Telemetry(service, otlp_endpoint, telemetry_dir)
+def setup_telemetry(service: str, settings: PlatformSettings) -> Telemetry:
+    """Traces, metrics and their exporters for the process of `service`, as `settings` configure."""
+    return Telemetry(service, settings)
 
 
 def setup_logging(service: str, level: str) -> None:

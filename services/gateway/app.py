@@ -69,7 +69,7 @@ def run_gateway() -> None:
         sys.exit(2)
     private_home(settings.home)
     setup_logging(SERVICE, settings.log_level)
-    telemetry = setup_telemetry(SERVICE, settings.otlp_endpoint, settings.telemetry_dir)
+    telemetry = setup_telemetry(SERVICE, settings)
     try:
         asyncio.run(serve(settings))
     except SettingsError as exc:

@@ -13,7 +13,25 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_TEMPERATURE,
+    GEN_AI_REQUEST_TOP_K,
+    GEN_AI_REQUEST_TOP_P,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    GenAiOperationNameValues,
+)
+from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
+    GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+    GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+)
 from opentelemetry.trace import Status, StatusCode
 
 from llmos.bus.subjects import CHUNKS_EMBEDDED
@@ -23,10 +41,11 @@ from llmos.models.catalog import get_spec
 from llmos.models.store import load_manifest
 from llmos.ports import Publisher
 from llmos.settings import ExecutionProvider
+from llmos.telemetry import TIME_PER_OUTPUT_TOKEN_BUCKETS_S, TIME_TO_FIRST_TOKEN_BUCKETS_S
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
 from services.inference.batching import PRIORITY_NAMES, EmbedBatcher, priority_rank
-from services.inference.scheduler import GenerationRequest, GenerationScheduler, SamplingConfig, StreamEvent
+from services.inference.scheduler import FinishReason, GenerationRequest, GenerationScheduler, SamplingConfig, StreamEvent, Usage
 
 GENERATION_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -35,6 +54,9 @@ CUDA = "CUDAExecutionProvider"
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
+# gen_ai.provider.name of what this service serves: the conventions list hosted APIs only, so the
+# runtime that runs the models names it.
+GEN_AI_PROVIDER = "onnxruntime"
 
 CountTokens = Callable[[Sequence[str]], list[int]]
 
@@ -125,6 +147,19 @@ class InferenceCore:
         self._max_new_tokens = max_new_tokens
         self._default_max_new_tokens = default_max_new_tokens
         self._tracer = trace.get_tracer("llmos.inference")
+        meter = metrics.get_meter("llmos.inference")
+        self._time_to_first_token = meter.create_histogram(
+            GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+            unit="s",
+            description="arrival of a generation request to its first token, for successful responses",
+            explicit_bucket_boundaries_advisory=TIME_TO_FIRST_TOKEN_BUCKETS_S,
+        )
+        self._time_per_output_token = meter.create_histogram(
+            GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+            unit="s",
+            description="time per output token after the first, for successful responses",
+            explicit_bucket_boundaries_advisory=TIME_PER_OUTPUT_TOKEN_BUCKETS_S,
+        )
 
     # Embeddings
 
@@ -242,19 +277,21 @@ class InferenceCore:
         _check_model("model", request.model, self.generation.name)
         prompt_ids = self._prompt_ids(request)
         sampling = self._sampling(request.sampling, len(prompt_ids))
+        operation = (GenAiOperationNameValues.CHAT if request.HasField("messages") else GenAiOperationNameValues.TEXT_COMPLETION).value
+        priority = PRIORITY_NAMES[priority_rank(request.priority)]
         span = self._tracer.start_span(
-            f"chat {self.generation.name}",
+            f"{operation} {self.generation.name}",
             attributes={
-                "gen_ai.operation.name": "chat" if request.HasField("messages") else "text_completion",
-                "gen_ai.system": "onnxruntime",
-                "gen_ai.request.model": self.generation.name,
-                "gen_ai.request.max_tokens": sampling.max_new_tokens,
-                "gen_ai.request.temperature": sampling.temperature,
-                "gen_ai.request.top_p": sampling.top_p,
-                "gen_ai.request.top_k": sampling.top_k,
-                "gen_ai.usage.input_tokens": len(prompt_ids),
+                GEN_AI_OPERATION_NAME: operation,
+                GEN_AI_PROVIDER_NAME: GEN_AI_PROVIDER,
+                GEN_AI_REQUEST_MODEL: self.generation.name,
+                GEN_AI_REQUEST_MAX_TOKENS: sampling.max_new_tokens,
+                GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+                GEN_AI_REQUEST_TOP_P: sampling.top_p,
+                GEN_AI_REQUEST_TOP_K: sampling.top_k,
+                GEN_AI_USAGE_INPUT_TOKENS: len(prompt_ids),
                 "llmos.tenant": tenant,
-                "llmos.priority": PRIORITY_NAMES[priority_rank(request.priority)],
+                "llmos.priority": priority,
             },
         )
         try:
@@ -262,10 +299,12 @@ class InferenceCore:
                 GenerationRequest(prompt_ids, sampling, tenant, request.priority, deadline)
             ):
                 if event.finish is not None and event.usage is not None:
+                    if event.finish is not FinishReason.CANCELLED:
+                        self._record_latencies(event.usage, operation, priority)
                     span.set_attributes({
-                        "gen_ai.response.model": self.generation.name,
-                        "gen_ai.response.finish_reasons": [event.finish.value],
-                        "gen_ai.usage.output_tokens": event.usage.generated_tokens,
+                        GEN_AI_RESPONSE_MODEL: self.generation.name,
+                        GEN_AI_RESPONSE_FINISH_REASONS: [event.finish.value],
+                        GEN_AI_USAGE_OUTPUT_TOKENS: event.usage.generated_tokens,
                         "llmos.inference.cached_prompt_tokens": event.usage.cached_prompt_tokens,
                         "llmos.inference.queue_ms": event.usage.queue_ms,
                         "llmos.inference.time_to_first_token_ms": event.usage.time_to_first_token_ms,
@@ -276,6 +315,19 @@ class InferenceCore:
             raise
         finally:
             span.end()
+
+    def _record_latencies(self, usage: Usage, operation: str, priority: str) -> None:
+        """gen_ai.server.* of a successful response, with the attributes the conventions ask for."""
+        attributes = {
+            GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: GEN_AI_PROVIDER,
+            GEN_AI_REQUEST_MODEL: self.generation.name,
+            GEN_AI_RESPONSE_MODEL: self.generation.name,
+            "llmos.priority": priority,
+        }
+        self._time_to_first_token.record(usage.time_to_first_token_ms / 1000, attributes)
+        if usage.time_per_output_token_ms > 0:
+            self._time_per_output_token.record(usage.time_per_output_token_ms / 1000, attributes)
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
         return [self.generation.info(self._home), self.embedding.info(self._home)]

@@ -82,6 +82,8 @@ class Usage:
     queue_ms: float
     time_to_first_token_ms: float
     tokens_per_second: float
+    # Mean time of each sampled token after the first (0 with fewer than two).
+    time_per_output_token_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,6 @@ class GenerationScheduler:
         # Seconds a request holds a slot, smoothed: the basis of the retry hint when the queue is full.
         self._service_time_s = 2.0
         meter = metrics.get_meter("llmos.inference")
-        self._ttft = meter.create_histogram(
-            "llmos.inference.time_to_first_token", unit="ms", description="arrival to first generated token"
-        )
         self._inter_token = meter.create_histogram(
             "llmos.inference.inter_token_latency", unit="ms", description="time between a stream's tokens"
         )
@@ -462,7 +461,6 @@ class GenerationScheduler:
         now = time.monotonic()
         if sequence.first_token_at == 0.0:
             sequence.first_token_at = now
-            self._ttft.record((now - sequence.arrived) * 1000, {"priority": PRIORITY_NAMES[sequence.rank]})
         else:
             self._inter_token.record((now - sequence.last_token_at) * 1000)
         sequence.last_token_at = now
@@ -498,6 +496,8 @@ class GenerationScheduler:
             return
         self._remove(sequence)
         elapsed = now - sequence.admitted
+        # Tokens sampled after the first: the generated ones, and a stop token that ended the stream.
+        later_tokens = len(sequence.generated) + (token in self._stop_ids) - 1
         usage = Usage(
             prompt_tokens=len(sequence.request.prompt_ids),
             generated_tokens=len(sequence.generated),
@@ -505,6 +505,7 @@ class GenerationScheduler:
             queue_ms=(sequence.admitted - sequence.arrived) * 1000,
             time_to_first_token_ms=(sequence.first_token_at - sequence.arrived) * 1000,
             tokens_per_second=len(sequence.generated) / elapsed if elapsed > 0 else 0.0,
+            time_per_output_token_ms=(now - sequence.first_token_at) * 1000 / later_tokens if later_tokens > 0 else 0.0,
         )
         self._service_time_s = 0.8 * self._service_time_s + 0.2 * (now - sequence.admitted)
         sequence.send(StreamEvent(text[sequence.sent_chars:], tuple(sequence.unsent_ids), finish, usage))

@@ -213,11 +213,12 @@ def mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
-def addr_settings(env: dict[str, str]) -> dict[str, tuple[str, int]]:
-    """{'ingest': (host, port), ...} from LLMOS_<SERVICE>_ADDR entries."""
+def addr_settings(env: dict[str, str], kind: str = "") -> dict[str, tuple[str, int]]:
+    """{'ingest': (host, port), ...} from LLMOS_<SERVICE>_ADDR entries (`kind` "METRICS_": the
+    LLMOS_<SERVICE>_METRICS_ADDR ones)."""
     out = {}
     for key, value in env.items():
-        m = re.fullmatch(r"LLMOS_([A-Z0-9_]+)_ADDR", key)
+        m = re.fullmatch(rf"LLMOS_([A-Z0-9]+)_{kind}ADDR", key)
         if m:
             host, _, port = value.rpartition(":")
             out[m.group(1).lower()] = (host, int(port))
@@ -538,6 +539,24 @@ def test_otel_collector_config(services: dict[str, dict[str, Any]]) -> None:
     otlp_port = urlsplit(environment_of(services["ingest"])["LLMOS_OTLP_ENDPOINT"]).port
     assert grpc == f"0.0.0.0:{otlp_port}"
     assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].startswith("0.0.0.0:")
+
+
+def test_metrics_are_served_by_each_process_and_by_the_collector(
+    services: dict[str, dict[str, Any]], dotenv: dict[str, str]
+) -> None:
+    """Each process serves Prometheus text on the port .env gives it, inside the network; the
+    collector's Prometheus exporter serves them all on the host's loopback."""
+    metrics_addrs = addr_settings(dotenv, "METRICS_")
+    assert set(metrics_addrs) == set(LLMOS_SERVICES) | set(HTTP_PROBES)
+    for name in metrics_addrs:
+        env = environment_of(services[name])
+        for target, (_, port) in metrics_addrs.items():
+            assert env.get(f"LLMOS_{target.upper()}_METRICS_ADDR") == f"{target}:{port}", (name, target)
+    config = yaml.safe_load(OTEL_CONF.read_text())
+    assert "prometheus" in config["service"]["pipelines"]["metrics"]["exporters"]
+    host, _, port = config["exporters"]["prometheus"]["endpoint"].rpartition(":")
+    assert host == "0.0.0.0"
+    assert ("127.0.0.1", int(port), int(port)) in published_ports(services["otel-collector"])
 
 
 def test_nats_config_mounted_and_consistent(

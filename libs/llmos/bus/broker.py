@@ -2,9 +2,11 @@
 
 - Streams and KV buckets (llmos.bus.subjects) are declared at start, idempotently.
 - Publishing encodes protobuf, sets `Nats-Msg-Id` for JetStream de-duplication and carries the
-  W3C trace context in headers.
+  W3C trace context of its PRODUCER span in headers.
 - Handlers are durable pull consumers shared by every replica of a service (the durable name is
   the service's), each message processed in a CONSUMER span that continues the publisher's trace.
+  Spans and metrics (`messaging.process.duration`, `messaging.client.operation.duration`, in
+  seconds) follow the OpenTelemetry messaging semantic conventions.
   A payload that does not parse, or a handler error that retrying cannot fix (InvalidArgument),
   goes straight to `llmos.dlq.<subject>`; any other failure is retried with back-off until
   `max_deliveries`, then dead-lettered. The consumer always goes on.
@@ -30,6 +32,20 @@ from nats.js.errors import NotFoundError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
+from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
+    MESSAGING_CONSUMER_GROUP_NAME,
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+    MessagingOperationTypeValues,
+)
+from opentelemetry.semconv._incubating.metrics.messaging_metrics import (
+    MESSAGING_CLIENT_OPERATION_DURATION,
+    MESSAGING_PROCESS_DURATION,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmos.audit import DENY, audit_event
@@ -55,10 +71,12 @@ from llmos.bus.subjects import (
 )
 from llmos.errors import InvalidArgument
 from llmos.natsauth import inbox_prefix
-from llmos.telemetry import extract_context, inject_context
+from llmos.telemetry import CALL_DURATION_BUCKETS_S, extract_context, inject_context
 from llmos.v1 import common_pb2, events_pb2
 
 logger = logging.getLogger(__name__)
+# The conventions list no value for NATS; this is the name NATS instrumentations use.
+MESSAGING_SYSTEM_NATS = "nats"
 
 Handler = Callable[[MessageT], Awaitable[None]]
 # A handler given the subject a message arrived on as well. NATS permissions say who may publish
@@ -143,6 +161,17 @@ def priority_lanes(
     ]
 
 
+def _messaging_attributes(operation: MessagingOperationTypeValues, subject: str, service: str) -> dict[str, str]:
+    """The semantic-convention attributes of one bus operation on `subject` by `service`."""
+    return {
+        MESSAGING_SYSTEM: MESSAGING_SYSTEM_NATS,
+        MESSAGING_OPERATION_TYPE: operation.value,
+        MESSAGING_OPERATION_NAME: operation.value,
+        MESSAGING_DESTINATION_NAME: subject,
+        "llmos.service": service,
+    }
+
+
 class Bus:
     """Publishing, consuming and key-value state on NATS JetStream for one service."""
 
@@ -160,8 +189,18 @@ class Bus:
             logger=logging.getLogger(f"llmos.bus.{service}"),
         )
         self._tracer = trace.get_tracer("llmos.bus")
-        self._duration = metrics.get_meter("llmos.bus").create_histogram(
-            "messaging.process.duration", unit="ms", description="time to handle one bus message, by subject and outcome"
+        meter = metrics.get_meter("llmos.bus")
+        self._duration = meter.create_histogram(
+            MESSAGING_PROCESS_DURATION,
+            unit="s",
+            description="time to handle one bus message, by subject and outcome",
+            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
+        )
+        self._publish_duration = meter.create_histogram(
+            MESSAGING_CLIENT_OPERATION_DURATION,
+            unit="s",
+            description="time to publish one message until the stream acknowledged it, by subject",
+            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
         )
         self._buckets: dict[str, KeyValue] = {}
 
@@ -229,10 +268,21 @@ class Bus:
             MESSAGE_TYPE_HEADER: message.DESCRIPTOR.full_name,
             MSG_ID_HEADER: msg_id or content_id(message),
         }
-        inject_context(headers)
-        await self.broker.publish(
-            encode(message), subject, headers=headers, stream=stream_for(subject).name
-        )
+        attributes = _messaging_attributes(MessagingOperationTypeValues.SEND, subject, self.service)
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            f"send {subject}", kind=SpanKind.PRODUCER, attributes={**attributes, MESSAGING_MESSAGE_ID: headers[MSG_ID_HEADER]}
+        ):
+            inject_context(headers)
+            try:
+                await self.broker.publish(
+                    encode(message), subject, headers=headers, stream=stream_for(subject).name
+                )
+            except Exception as exc:
+                attributes[ERROR_TYPE] = type(exc).__name__
+                raise
+            finally:
+                self._publish_duration.record(time.perf_counter() - started, attributes)
 
     async def key_value(self, bucket: str) -> KeyValue:
         if bucket not in self._buckets:
@@ -244,35 +294,37 @@ class Bus:
         return NatsBucket(name, lambda: self.key_value(name))
 
     def _processor(self, subscription: Subscription[Any]) -> Callable[[NatsMessage], Awaitable[None]]:
+        durable = self.durable_name(subscription.subject, subscription.lane)
+
         async def process(msg: NatsMessage) -> None:
             raw = msg.raw_message
             deliveries = raw.metadata.num_delivered if raw.metadata else 1
             headers = dict(raw.headers or {})
             span = self._tracer.start_span(
-                f"{subscription.subject} process",
+                f"process {subscription.subject}",
                 context=extract_context(headers),
                 kind=SpanKind.CONSUMER,
                 attributes={
-                    "messaging.system": "nats",
-                    "messaging.destination.name": raw.subject,
-                    "messaging.message.delivery_count": deliveries,
-                    "llmos.service": self.service,
+                    **_messaging_attributes(MessagingOperationTypeValues.PROCESS, raw.subject, self.service),
+                    MESSAGING_CONSUMER_GROUP_NAME: durable,
+                    "llmos.bus.delivery_count": deliveries,
                 },
             )
             started = time.perf_counter()
-            outcome = "ack"
+            outcome, error_type = "ack", ""
             with trace.use_span(span, end_on_exit=True):
                 try:
                     message = decode(subscription.message_type, raw.data)
                     await subscription.deliver(raw.subject, message)
                 except InvalidArgument as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.message))
-                    outcome = "dead-letter"
+                    outcome, error_type = "dead-letter", type(exc).__name__
                     await self._dead_letter(subscription.message_type, raw.subject, raw.data, headers, exc.message, deliveries)
                     await msg.ack()
                 except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
                     span.record_exception(exc)
                     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    error_type = type(exc).__name__
                     if deliveries >= self.max_deliveries:
                         outcome = "dead-letter"
                         logger.exception("giving up on %s after %d deliveries", raw.subject, deliveries)
@@ -286,10 +338,13 @@ class Bus:
                 else:
                     await msg.ack()
                 finally:
-                    self._duration.record(
-                        (time.perf_counter() - started) * 1000,
-                        {"messaging.destination.name": subscription.subject, "outcome": outcome, "llmos.service": self.service},
-                    )
+                    attributes = {
+                        **_messaging_attributes(MessagingOperationTypeValues.PROCESS, subscription.subject, self.service),
+                        "llmos.bus.outcome": outcome,
+                    }
+                    if error_type:
+                        attributes[ERROR_TYPE] = error_type
+                    self._duration.record(time.perf_counter() - started, attributes)
 
         return process
 

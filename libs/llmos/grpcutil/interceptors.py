@@ -7,13 +7,16 @@ audited (an allowed call whose record cannot be published is refused: UNAVAILABL
 principal is kept for the request; a malformed request becomes
 INVALID_ARGUMENT instead of an internal error; and platform errors are mapped to status codes
 (`llmos.grpcutil.status`).
-On the client, the current trace context travels in metadata with the call's credentials: a
-service's channel signs an assertion for the principal it acts for, addressed to the callee
-(`llmos.assertions`); a caller's API key is never forwarded.
+On the client, each call is a CLIENT span whose context travels in metadata with the call's
+credentials: a service's channel signs an assertion for the principal it acts for, addressed to
+the callee (`llmos.assertions`); a caller's API key is never forwarded.
+Span and metric names follow the OpenTelemetry RPC semantic conventions (`rpc.server.call.duration`
+and `rpc.client.call.duration` in seconds, `rpc.system.name`, `rpc.method`, `rpc.response.status_code`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -23,6 +26,14 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry import metrics, trace
+from opentelemetry.semconv._incubating.attributes.rpc_attributes import (
+    RPC_METHOD,
+    RPC_RESPONSE_STATUS_CODE,
+    RPC_SYSTEM_NAME,
+    RpcSystemNameValues,
+)
+from opentelemetry.semconv._incubating.metrics.rpc_metrics import RPC_CLIENT_CALL_DURATION, RPC_SERVER_CALL_DURATION
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmos import errors
@@ -30,13 +41,29 @@ from llmos.audit import ALLOW, DENY, audit_event
 from llmos.auth import AUTHORIZATION_HEADER, Principal, acting_as
 from llmos.grpcutil.status import status_for, trailing_metadata_for
 from llmos.policy import DATA_PERMISSIONS, authorize
-from llmos.telemetry import extract_context, inject_context
+from llmos.telemetry import CALL_DURATION_BUCKETS_S, extract_context, inject_context
 from llmos.v1 import events_pb2
 
 logger = logging.getLogger(__name__)
 
 # Methods anyone may call without credentials: probes and API discovery.
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+GRPC = RpcSystemNameValues.GRPC.value
+
+
+def status_attributes(code: grpc.StatusCode) -> dict[str, str]:
+    """How a call ended, as the semantic conventions name it: the status code, and when it is
+    not OK the same code as the error type."""
+    if code == grpc.StatusCode.OK:
+        return {RPC_RESPONSE_STATUS_CODE: code.name}
+    return {RPC_RESPONSE_STATUS_CODE: code.name, ERROR_TYPE: code.name}
+
+
+def rpc_attributes(method: str, code: grpc.StatusCode | None = None) -> dict[str, str]:
+    """The semantic-convention attributes of a gRPC call to `method` ("/pkg.Service/Method"):
+    the system and the fully-qualified method, and once it ended how (`status_attributes`)."""
+    attributes = {RPC_SYSTEM_NAME: GRPC, RPC_METHOD: method.lstrip("/")}
+    return attributes | status_attributes(code) if code is not None else attributes
 
 
 class _MalformedRequest:
@@ -105,7 +132,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._audit_sink = audit_sink
         self._tracer = trace.get_tracer("llmos.grpc")
         self._duration = metrics.get_meter("llmos.grpc").create_histogram(
-            "rpc.server.duration", unit="ms", description="time to serve an RPC, by method and status"
+            RPC_SERVER_CALL_DURATION,
+            unit="s",
+            description="time to serve an RPC, by method and status",
+            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
         )
 
     async def intercept_service(
@@ -175,17 +205,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _start_span(self, method: str, context: grpc.aio.ServicerContext) -> trace.Span:
         metadata = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
-        rpc_service, _, rpc_method = method.lstrip("/").partition("/")
         return self._tracer.start_span(
             method.lstrip("/"),
             context=extract_context(metadata),
             kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": rpc_service,
-                "rpc.method": rpc_method,
-                "llmos.service": self._service,
-            },
+            attributes={**rpc_attributes(method), "llmos.service": self._service},
         )
 
     async def _admit(
@@ -243,7 +267,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 principal = await self._admit(method, context, span, request)
                 with acting_as(principal):
                     result = await run()
-                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                span.set_attributes(status_attributes(grpc.StatusCode.OK))
                 return result
             except errors.LlmosError as exc:
                 await self._abort(context, span, exc)
@@ -271,7 +295,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                             yield response
                     else:
                         await responses
-                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                span.set_attributes(status_attributes(grpc.StatusCode.OK))
             except errors.LlmosError as exc:
                 await self._abort(context, span, exc)
             except Exception as exc:  # noqa: BLE001 - any other failure is reported as INTERNAL
@@ -281,19 +305,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _record(self, method: str, started: float, span: trace.Span) -> None:
         attributes = getattr(span, "attributes", None) or {}
+        code = grpc.StatusCode[attributes.get(RPC_RESPONSE_STATUS_CODE, grpc.StatusCode.UNKNOWN.name)]
         self._duration.record(
-            (time.perf_counter() - started) * 1000,
-            {
-                "rpc.method": method.lstrip("/"),
-                "rpc.grpc.status_code": attributes.get("rpc.grpc.status_code", grpc.StatusCode.UNKNOWN.value[0]),
-                "llmos.service": self._service,
-            },
+            time.perf_counter() - started, {**rpc_attributes(method, code), "llmos.service": self._service}
         )
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, span: trace.Span, error: errors.LlmosError) -> None:
         code = status_for(error)
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        span.set_attributes(status_attributes(code))
         span.set_status(Status(StatusCode.ERROR, error.message))
         context.set_trailing_metadata(trailing_metadata_for(error))
         await context.abort(code, error.message)
@@ -308,7 +328,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         logger.exception("%s failed (trace %s)", method, trace_id)
         span.record_exception(error)
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.INTERNAL.value[0])
+        span.set_attributes(status_attributes(grpc.StatusCode.INTERNAL))
         await context.abort(
             grpc.StatusCode.INTERNAL, f"internal error in {method}; see the service log for trace {trace_id}"
         )
@@ -329,8 +349,50 @@ CallCredentials = Callable[[], str | None]
 
 
 class _ClientInterceptor:
+    """Each outgoing call a CLIENT span, ended (and timed) when the call is done; the span's
+    context is what travels in the call's metadata."""
+
     def __init__(self, credentials: CallCredentials) -> None:
         self._credentials = credentials
+        self._tracer = trace.get_tracer("llmos.grpc")
+        self._duration = metrics.get_meter("llmos.grpc").create_histogram(
+            RPC_CLIENT_CALL_DURATION,
+            unit="s",
+            description="time from starting an RPC to its end, by method and status",
+            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
+        )
+        # Tasks ending spans, held until they ran (the event loop keeps only weak references).
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def _traced(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        span = self._tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT, attributes=rpc_attributes(method))
+        started, loop = time.perf_counter(), asyncio.get_running_loop()
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                call = await continuation(self._details(details), request)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            raise
+
+        def done(finished: grpc.aio.Call) -> None:
+            ended_ns, elapsed = time.time_ns(), time.perf_counter() - started
+            task = loop.create_task(self._end(finished, method, span, ended_ns, elapsed))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+        call.add_done_callback(done)
+        return call
+
+    async def _end(self, call: grpc.aio.Call, method: str, span: trace.Span, ended_ns: int, elapsed: float) -> None:
+        code = await call.code()  # the call is done: this does not wait
+        span.set_attributes(status_attributes(code))
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end(end_time=ended_ns)
+        self._duration.record(elapsed, rpc_attributes(method, code))
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         credentials = self._credentials()
@@ -347,22 +409,22 @@ class _ClientInterceptor:
 
 class UnaryUnaryClientInterceptor(_ClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await self._traced(continuation, client_call_details, request)
 
 
 class UnaryStreamClientInterceptor(_ClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await self._traced(continuation, client_call_details, request)
 
 
 class StreamUnaryClientInterceptor(_ClientInterceptor, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await self._traced(continuation, client_call_details, request_iterator)
 
 
 class StreamStreamClientInterceptor(_ClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await self._traced(continuation, client_call_details, request_iterator)
 
 
 def client_interceptors(credentials: CallCredentials) -> list[grpc.aio.ClientInterceptor]:
