@@ -5,42 +5,36 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from llmos.bus.subjects import DIALOGUE_HANDOFF_REQUESTED, DIALOGUE_TURN_COMPLETED, DOCS_INDEXED, dead_letter_subject
+from llmos.clients import DialogueClient, IngestClient, RetrievalClient
+from llmos.errors import InvalidArgument, NotFound
 from llmos.stack import stop_pids, wait_until_serving
-from llmos.v1 import (
-    common_pb2,
-    dialogue_pb2,
-    dialogue_pb2_grpc,
-    events_pb2,
-    ingest_pb2,
-    ingest_pb2_grpc,
-    retrieval_pb2,
-    retrieval_pb2_grpc,
-)
+from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, events_pb2, ingest_pb2
 from tests.conftest import RunningStack, _settings_from, free_port
-from tests.grpc_helpers import ADMIN, GLOBEX_USER
+from tests.grpc_helpers import ADMIN, GLOBEX_USER, connected
 from tests.integration.bus_helpers import last_message, last_sequence, messages_after, publish
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def dialogue(stack: RunningStack):  # type: ignore[no-untyped-def]
-    async with grpc.aio.insecure_channel(stack.addr("dialogue")) as channel:
-        yield dialogue_pb2_grpc.DialogueServiceStub(channel)
+async def dialogue(stack: RunningStack) -> AsyncIterator[DialogueClient]:
+    async with connected(stack, DialogueClient) as client:
+        yield client
 
 
-async def chat(stub, message: str, session_id: str = "", metadata=ADMIN) -> list[dialogue_pb2.ChatResponse]:  # type: ignore[no-untyped-def]
+async def chat(dialogue: DialogueClient, message: str, session_id: str = "") -> list[dialogue_pb2.ChatResponse]:
     request = dialogue_pb2.ChatRequest(session_id=session_id, message=message)
-    return [response async for response in stub.Chat(request, metadata=metadata, timeout=120)]
+    return [response async for response in dialogue.chat(request, 120)]
 
 
-async def test_order_flow_is_remembered_in_the_session(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_order_flow_is_remembered_in_the_session(dialogue: DialogueClient, stack: RunningStack) -> None:
     before = await last_sequence(stack.settings.nats_url, DIALOGUE_TURN_COMPLETED)
     first = await chat(dialogue, "where is my order?")
     session_id = first[0].session_id
@@ -49,23 +43,20 @@ async def test_order_flow_is_remembered_in_the_session(dialogue, stack: RunningS
     assert "NW-777001" in "".join(r.delta for r in second) and second[-1].final
     third = await chat(dialogue, "jonas.berg@example.com", session_id)  # the order's e-mail opens it
     assert "Shipped" in "".join(r.delta for r in third)
-    session = await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN)
+    session = await dialogue.session(session_id)
     assert len(session.turns) == 3 and session.slots["order_number"] == "NW-777001"
     event = events_pb2.DialogueTurnCompleted.FromString(
         (await last_message(stack.settings.nats_url, DIALOGUE_TURN_COMPLETED, after_seq=before)).data
     )
     assert event.session_id == session_id and event.tenant == "acme" and "intent" in event.stage_latency_ms
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=GLOBEX_USER)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
-    ended = await dialogue.EndSession(dialogue_pb2.EndSessionRequest(session_id=session_id), metadata=ADMIN)
-    assert ended.ended
-    with pytest.raises(grpc.aio.AioRpcError) as error:
+    with pytest.raises(NotFound):
+        await dialogue.with_credentials(GLOBEX_USER).session(session_id)
+    assert await dialogue.end_session(session_id)
+    with pytest.raises(NotFound):
         await chat(dialogue, "hello", session_id)
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_out_of_scope_hands_off(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_out_of_scope_hands_off(dialogue: DialogueClient, stack: RunningStack) -> None:
     before = await last_sequence(stack.settings.nats_url, DIALOGUE_HANDOFF_REQUESTED)
     responses = await chat(dialogue, "what is the capital of australia")
     assert responses[-1].handoff and not responses[-1].citations
@@ -75,28 +66,29 @@ async def test_out_of_scope_hands_off(dialogue, stack: RunningStack) -> None:  #
     assert handoff.last_user_message == "what is the capital of australia"
 
 
-async def test_bad_input_gets_clear_errors(dialogue) -> None:  # type: ignore[no-untyped-def]
-    for request, code in (
-        (dialogue_pb2.ChatRequest(message=""), grpc.StatusCode.INVALID_ARGUMENT),
-        (dialogue_pb2.ChatRequest(message="x" * 5000), grpc.StatusCode.INVALID_ARGUMENT),
-        (dialogue_pb2.ChatRequest(session_id="nope", message="hi"), grpc.StatusCode.NOT_FOUND),
+async def test_bad_input_gets_clear_errors(dialogue: DialogueClient, stack: RunningStack) -> None:
+    for request, error in (
+        (dialogue_pb2.ChatRequest(message=""), InvalidArgument),
+        (dialogue_pb2.ChatRequest(message="x" * 5000), InvalidArgument),
+        (dialogue_pb2.ChatRequest(session_id="nope", message="hi"), NotFound),
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in dialogue.Chat(request, metadata=ADMIN, timeout=30):
+        with pytest.raises(error):
+            async for _ in dialogue.chat(request, 30):
                 pass
-        assert error.value.code() == code
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await dialogue.Summarize(dialogue_pb2.SummarizeRequest(text="Short.", target_words=5), metadata=ADMIN, timeout=30)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "target_words" in error.value.details()
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        async for _ in dialogue.Converse(iter([dialogue_pb2.ConverseRequest()]), metadata=ADMIN, timeout=30):
-            pass
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ConverseConfig" in error.value.details()
+    with pytest.raises(InvalidArgument, match="target_words"):
+        await dialogue.summarize(dialogue_pb2.SummarizeRequest(text="Short.", target_words=5), timeout_s=30)
+    # A stream whose first message is not the configuration: only a raw stub sends one.
+    async with grpc.aio.insecure_channel(stack.addr("dialogue")) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raw_error:
+            converse = dialogue_pb2_grpc.DialogueServiceStub(channel).Converse
+            async for _ in converse(iter([dialogue_pb2.ConverseRequest()]), metadata=ADMIN, timeout=30):
+                pass
+    assert raw_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ConverseConfig" in raw_error.value.details()
 
 
-async def test_extractive_summary_over_grpc(dialogue) -> None:  # type: ignore[no-untyped-def]
+async def test_extractive_summary_over_grpc(dialogue: DialogueClient) -> None:
     text = " ".join(f"Point {i}: parcels leave the Hamburg warehouse on working days before {i} pm." for i in range(40))
-    response = await dialogue.Summarize(dialogue_pb2.SummarizeRequest(text=text, target_words=30), metadata=ADMIN, timeout=60)
+    response = await dialogue.summarize(dialogue_pb2.SummarizeRequest(text=text, target_words=30), timeout_s=60)
     assert 0 < len(response.summary.split()) <= 30 and response.source_tokens > 100
 
 
@@ -119,33 +111,21 @@ KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 
 async def index_demo_kb(stack: RunningStack, names: tuple[str, ...]) -> None:
     """Submit help-centre articles and wait until each is searchable."""
-    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
-        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+    async with connected(stack, IngestClient) as ingest:
         for name in names:
             article = KB / f"{name}.md"
-            await ingest.SubmitDocument(
+            await ingest.submit(
                 ingest_pb2.SubmitDocumentRequest(
                     document_id=name, title=article.read_text().splitlines()[0].lstrip("# "), mime_type="text/markdown",
                     content=article.read_bytes(),
                 ),
-                metadata=ADMIN,
             )
-        for name in names:
-            for _ in range(300):
-                status = await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(document_id=name), metadata=ADMIN)
-                if status.stage == common_pb2.DOCUMENT_STAGE_INDEXED:
-                    break
-                await asyncio.sleep(0.1)
-            assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED, f"{name} not indexed: {status}"
+        statuses = await ingest.wait_until_settled(names, within_s=30 * len(names), poll_s=0.1)
+    for name, status in statuses.items():
+        assert status.stage == common_pb2.DOCUMENT_STAGE_INDEXED, f"{name} not indexed: {status}"
 
 
-async def stack_document(stack: RunningStack, document_id: str) -> retrieval_pb2.GetDocumentResponse:
-    async with grpc.aio.insecure_channel(stack.addr("retrieval")) as channel:
-        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        return await stub.GetDocument(retrieval_pb2.GetDocumentRequest(document_id=document_id), metadata=ADMIN, timeout=30)
-
-
-async def test_grounded_answer_streams_with_citations(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_grounded_answer_streams_with_citations(dialogue: DialogueClient, stack: RunningStack) -> None:
     await index_demo_kb(stack, ("giftcards", "care", "returns"))
     responses = await chat(dialogue, "How long is a gift card valid?")
     final = responses[-1]
@@ -161,9 +141,10 @@ async def test_grounded_answer_streams_with_citations(dialogue, stack: RunningSt
     assert report.path in (dialogue_pb2.ANSWER_PATH_DRAFT, dialogue_pb2.ANSWER_PATH_EVIDENCE) and report.sentences
     # Each grounded sentence points at its source sentence by chunk and offsets.
     chunks = {}
-    for document_id in {sentence.document_id for sentence in report.sentences}:
-        document = await stack_document(stack, document_id)
-        chunks.update({chunk.chunk_id: chunk.text for chunk in document.chunks})
+    async with connected(stack, RetrievalClient) as retrieval:
+        for document_id in {sentence.document_id for sentence in report.sentences}:
+            document = await retrieval.read_document("", document_id, timeout_s=30)
+            chunks.update({chunk.chunk_id: chunk.text for chunk in document.chunks})
     for sentence in report.sentences:
         source = chunks[sentence.chunk_id][sentence.start_offset:sentence.end_offset]
         assert " ".join(source.replace("**", "").split()) == sentence.source_text
@@ -171,16 +152,15 @@ async def test_grounded_answer_streams_with_citations(dialogue, stack: RunningSt
 
 
 @pytest.mark.timeout(600)  # several generation calls; slow on a loaded two-core machine
-async def test_abstractive_summary_of_a_long_document_is_map_reduced(dialogue, stack: RunningStack) -> None:  # type: ignore[no-untyped-def]
+async def test_abstractive_summary_of_a_long_document_is_map_reduced(dialogue: DialogueClient, stack: RunningStack) -> None:
     await index_demo_kb(stack, ("care",))
     text = "\n\n".join(article.read_text() for article in sorted(KB.glob("*.md")))
-    response = await dialogue.Summarize(
-        dialogue_pb2.SummarizeRequest(text=text, mode=dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE, target_words=40),
-        metadata=ADMIN, timeout=600,
+    response = await dialogue.summarize(
+        dialogue_pb2.SummarizeRequest(text=text, mode=dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE, target_words=40), timeout_s=600
     )
     assert response.map_steps > 1 and response.source_tokens > 2048
     assert 0 < len(response.summary.split()) <= 40
-    by_id = await dialogue.Summarize(dialogue_pb2.SummarizeRequest(document_id="care", target_words=30), metadata=ADMIN, timeout=60)
+    by_id = await dialogue.summarize(dialogue_pb2.SummarizeRequest(document_id="care", target_words=30), timeout_s=60)
     assert 0 < len(by_id.summary.split()) <= 30
 
 
@@ -201,7 +181,7 @@ async def test_a_session_survives_a_restart_of_the_dialogue_service(stack: Runni
 
     async def talk(message: str, session_id: str = "") -> list[dialogue_pb2.ChatResponse]:
         async with grpc.aio.insecure_channel(settings.service_addr("dialogue")) as channel:
-            return await chat(dialogue_pb2_grpc.DialogueServiceStub(channel), message, session_id)
+            return await chat(DialogueClient(channel, ADMIN), message, session_id)
 
     process = start()
     try:
@@ -217,9 +197,7 @@ async def test_a_session_survives_a_restart_of_the_dialogue_service(stack: Runni
         assert second[0].session_id == session_id
         assert "NW-777001" in "".join(r.delta for r in second), "".join(r.delta for r in second)
         async with grpc.aio.insecure_channel(settings.service_addr("dialogue")) as channel:
-            session = await dialogue_pb2_grpc.DialogueServiceStub(channel).GetSession(
-                dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN, timeout=10
-            )
+            session = await DialogueClient(channel, ADMIN).session(session_id, timeout_s=10)
         assert [turn.user_message for turn in session.turns] == ["where is my order?", "777001"]
         assert session.slots["order_number"] == "NW-777001"
     finally:

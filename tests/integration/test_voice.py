@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from llmos.audio import Encoding, EndpointConfig, decode_clip, pcm_to_samples, samples_to_pcm
+from llmos.clients import DialogueClient, SpeechClient
 from llmos.utterances import split_for_speech, split_sentences
-from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2, speech_pb2_grpc
+from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc, speech_pb2
 from services.dialogue.voice import SpeechDetector
 from tests.conftest import TEST_API_KEY, RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import ADMIN, connected
 from tests.integration.test_dialogue import index_demo_kb
 
 pytestmark = pytest.mark.integration
@@ -39,16 +40,16 @@ CONFIG = dialogue_pb2.ConverseConfig(
 
 
 @pytest.fixture
-async def stubs(stack: RunningStack):  # type: ignore[no-untyped-def]
+async def clients(stack: RunningStack) -> AsyncIterator[tuple[DialogueClient, SpeechClient]]:
     await index_demo_kb(stack, ("giftcards", "shipping", "returns"))
-    async with grpc.aio.insecure_channel(stack.addr("dialogue")) as dialogue, grpc.aio.insecure_channel(stack.addr("speech")) as speech:
-        yield dialogue_pb2_grpc.DialogueServiceStub(dialogue), speech_pb2_grpc.SpeechServiceStub(speech)
+    async with connected(stack, DialogueClient) as dialogue, connected(stack, SpeechClient) as speech:
+        yield dialogue, speech
 
 
-async def spoken(speech: speech_pb2_grpc.SpeechServiceStub, text: str) -> np.ndarray:
+async def spoken(speech: SpeechClient, text: str) -> np.ndarray:
     """`text` said by the speech service, after a short pause and before a second of silence (the end of the turn)."""
-    response = await speech.Synthesize(
-        speech_pb2.SynthesizeSpeechRequest(text=text, voice_name=QUESTION_VOICE, sample_rate_hz=RATE), metadata=ADMIN, timeout=60
+    response = await speech.synthesize(
+        speech_pb2.SynthesizeSpeechRequest(text=text, voice_name=QUESTION_VOICE, sample_rate_hz=RATE), timeout_s=60
     )
     return np.concatenate([np.zeros(RATE * 3 // 10, np.int16), pcm_to_samples(response.audio), np.zeros(RATE, np.int16)])
 
@@ -61,22 +62,21 @@ def kinds(events: list[dialogue_pb2.ConverseResponse]) -> list[str]:
     return [str(event.WhichOneof("event")) for event in events]
 
 
-async def test_two_voice_turns_in_one_session(stubs) -> None:  # type: ignore[no-untyped-def]
-    dialogue, speech = stubs
+async def test_two_voice_turns_in_one_session(clients: tuple[DialogueClient, SpeechClient]) -> None:
+    dialogue, speech = clients
     first = chunks(await spoken(speech, "How long is a gift card valid?"))
     second = chunks(await spoken(speech, "Thank you."))
     first_done = asyncio.Event()
 
-    async def requests() -> AsyncIterator[dialogue_pb2.ConverseRequest]:
-        yield dialogue_pb2.ConverseRequest(config=CONFIG)
+    async def microphone() -> AsyncIterator[bytes]:
         for chunk in first:
-            yield dialogue_pb2.ConverseRequest(audio_content=chunk)
+            yield chunk
         await first_done.wait()  # speaking again earlier would be a barge-in
         for chunk in second:
-            yield dialogue_pb2.ConverseRequest(audio_content=chunk)
+            yield chunk
 
     events: list[dialogue_pb2.ConverseResponse] = []
-    async for event in dialogue.Converse(requests(), metadata=ADMIN, timeout=300):
+    async for event in dialogue.converse(CONFIG, microphone(), 300):
         events.append(event)
         if event.WhichOneof("event") == "turn_completed":
             first_done.set()
@@ -100,13 +100,13 @@ async def test_two_voice_turns_in_one_session(stubs) -> None:  # type: ignore[no
     assert two[-1].turn_completed.intent.name == "thanks"
     session_id = events[-1].session_id
     assert session_id and all(e.session_id == session_id for e in events[turns[0]:])
-    session = await dialogue.GetSession(dialogue_pb2.GetSessionRequest(session_id=session_id), metadata=ADMIN)
+    session = await dialogue.session(session_id)
     assert [turn.user_message for turn in session.turns] == finals[:2]
     assert session.turns[0].answer == answer.strip()
 
 
-async def test_speech_over_the_answer_cancels_it_within_200_ms(stubs) -> None:  # type: ignore[no-untyped-def]
-    dialogue, speech = stubs
+async def test_speech_over_the_answer_cancels_it_within_200_ms(clients: tuple[DialogueClient, SpeechClient]) -> None:
+    dialogue, speech = clients
     question = chunks(await spoken(speech, "How do I return an item?"))
     interruption = chunks(await spoken(speech, "Where is my parcel?"))
     # Where the service's detector (same defaults) notices the interruption: the chunk that completes its start window.
@@ -117,21 +117,20 @@ async def test_speech_over_the_answer_cancels_it_within_200_ms(stubs) -> None:  
     done = asyncio.Event()
     sent_at = 0.0
 
-    async def requests() -> AsyncIterator[dialogue_pb2.ConverseRequest]:
+    async def microphone() -> AsyncIterator[bytes]:
         nonlocal sent_at
-        yield dialogue_pb2.ConverseRequest(config=CONFIG)
         for chunk in question:
-            yield dialogue_pb2.ConverseRequest(audio_content=chunk)
+            yield chunk
         await answer_audible.wait()
         for index, chunk in enumerate(interruption):
             if index == detect_at:
                 sent_at = time.perf_counter()
-            yield dialogue_pb2.ConverseRequest(audio_content=chunk)
+            yield chunk
             await asyncio.sleep(0.02)
         await done.wait()
 
     events: list[tuple[float, dialogue_pb2.ConverseResponse]] = []
-    async for event in dialogue.Converse(requests(), metadata=ADMIN, timeout=300):
+    async for event in dialogue.converse(CONFIG, microphone(), 300):
         events.append((time.perf_counter(), event))
         kind = event.WhichOneof("event")
         if kind == "audio":
@@ -154,8 +153,8 @@ async def test_speech_over_the_answer_cancels_it_within_200_ms(stubs) -> None:  
     assert "parcel" in finals[0]
 
 
-async def test_converse_rejects_bad_streams(stubs) -> None:  # type: ignore[no-untyped-def]
-    dialogue, _ = stubs
+async def test_converse_rejects_bad_streams(stack: RunningStack) -> None:
+    """Streams of the wrong shape, which only a raw stub sends (the client always opens with the configuration)."""
     stereo = bytearray(b"RIFF\x00\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x02\x00\x80>\x00\x00\x00}\x00\x00\x04\x00\x10\x00data\x00\x00\x00\x00")
     cases = [
         ([dialogue_pb2.ConverseRequest(audio_content=b"\x00\x00")], "config"),
@@ -163,14 +162,16 @@ async def test_converse_rejects_bad_streams(stubs) -> None:  # type: ignore[no-u
         ([dialogue_pb2.ConverseRequest(config=dialogue_pb2.ConverseConfig()), dialogue_pb2.ConverseRequest(audio_content=bytes(stereo))],
          "mono"),
     ]
-    for requests, expected in cases:
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in dialogue.Converse(iter(requests), metadata=ADMIN, timeout=60):
-                pass
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.value.details()
+    async with grpc.aio.insecure_channel(stack.addr("dialogue")) as channel:
+        dialogue = dialogue_pb2_grpc.DialogueServiceStub(channel)
+        for requests, expected in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in dialogue.Converse(iter(requests), metadata=ADMIN, timeout=60):
+                    pass
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.value.details()
 
 
-async def test_llmos_voice_answers_the_demo_recording_aloud(stubs, stack: RunningStack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_llmos_voice_answers_the_demo_recording_aloud(clients: tuple[DialogueClient, SpeechClient], stack: RunningStack, tmp_path: Path) -> None:
     question = Path(__file__).resolve().parents[2] / "demo" / "voice" / "gift-card-question.wav"  # what `llmos demo` plays
     answer = tmp_path / "answer.wav"
     env = {**stack.env, "LLMOS_API_KEY": TEST_API_KEY}
