@@ -198,22 +198,26 @@ def create_app(
         ),
     )
 
+    async def authorize(request: Request, permission: Permission) -> Principal:
+        """Authorize the request for the caller and audit it as the services audit an RPC."""
+        principal = current_principal()
+        route = request.scope.get("route")
+        action = f"{request.method} {getattr(route, 'path', request.url.path)}"
+        trace.get_current_span().update_name(action)
+        if permission not in permissions_of(principal):
+            roles = ", ".join(sorted(principal.roles)) or "none"
+            denied = errors.PermissionDenied(f"{principal.subject!r} (roles: {roles}) lacks permission {permission.value!r} for {action}")
+            await audit.record(principal, action, _resource(request), DENY, denied.message)
+            raise denied
+        if permission in DATA_PERMISSIONS:
+            await audit.record(principal, action, _resource(request), ALLOW, "")
+        return principal
+
     def allow(permission: Permission) -> Callable[[Request], Awaitable[Principal]]:
-        """Authorize the route for the caller and audit it as the services audit an RPC."""
+        """The route's permission, as a dependency."""
 
         async def check(request: Request) -> Principal:
-            principal = current_principal()
-            route = request.scope.get("route")
-            action = f"{request.method} {getattr(route, 'path', request.url.path)}"
-            trace.get_current_span().update_name(action)
-            if permission not in permissions_of(principal):
-                roles = ", ".join(sorted(principal.roles)) or "none"
-                denied = errors.PermissionDenied(f"{principal.subject!r} (roles: {roles}) lacks permission {permission.value!r} for {action}")
-                await audit.record(principal, action, _resource(request), DENY, denied.message)
-                raise denied
-            if permission in DATA_PERMISSIONS:
-                await audit.record(principal, action, _resource(request), ALLOW, "")
-            return principal
+            return await authorize(request, permission)
 
         return check
 
@@ -251,8 +255,8 @@ def create_app(
 
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(allow(Permission.GENERATE))], response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        if body.model == core.assistant_model and Permission.CHAT not in permissions_of(current_principal()):
-            raise errors.PermissionDenied(f"the {core.assistant_model} model needs permission 'chat'")
+        if body.model == core.assistant_model:
+            await authorize(request, Permission.CHAT)  # a turn reads the tenant's knowledge base: audited
         session_id = body.session_id or request.headers.get(SESSION_HEADER)
         if not body.stream:
             body.stream_options = StreamOptions(include_usage=True)

@@ -200,6 +200,7 @@ async def test_the_assistant_model_returns_citations_and_its_session(gateway: Ga
     stream = await client.chat.completions.create(model="llmos-assistant", messages=[{"role": "user", "content": "Hi"}], stream=True)
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].model_extra is not None and chunks[-1].model_extra["citations"][0]["document_id"] == "returns"
+    assert gateway.decisions() == [("POST /v1/chat/completions", ALLOW)] * 4  # each turn audited, as Chat is
 
 
 async def test_embeddings_as_floats_and_as_base64(gateway: Gateway) -> None:
