@@ -15,7 +15,7 @@ from llmos.grpcutil.client import service_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
-from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
+from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc
 from services.dialogue.backends import Backends, GrpcGenerator, GrpcRetriever, LocalEmbedder
 from services.dialogue.core import DialogueCore, DialogueLimits
 from services.dialogue.answers import GroundingLimits
@@ -76,7 +76,11 @@ async def build(settings: DialogueSettings, bus: Bus) -> ServiceParts:
     ]
     inference, retrieval, tokenizer, speech = channels
     inference_client = InferenceClient(inference)
-    backends = Backends(inference_client, GrpcRetriever(RetrievalClient(retrieval)), GrpcGenerator(inference_client), TokenizerClient(tokenizer))
+    backends = Backends(
+        inference_client, GrpcRetriever(RetrievalClient(retrieval)), GrpcGenerator(inference_client), TokenizerClient(tokenizer),
+        # Interactive requests go first; a summary's long prompts are prefilled in pieces between decode steps.
+        summary_generator=GrpcGenerator(inference_client, common_pb2.PRIORITY_STANDARD),
+    )
     core = DialogueCore(
         bus,
         SessionStore(

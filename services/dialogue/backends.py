@@ -21,7 +21,7 @@ import numpy as np
 from llmos.clients import InferenceClient, RetrievalClient
 from llmos.embedding import EmbeddingModel
 from llmos.tokenization import ModelTokenizer
-from llmos.v1 import retrieval_pb2
+from llmos.v1 import common_pb2, retrieval_pb2
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class Backends:
     retriever: Retriever
     generator: Generator
     tokens: TokenCounter
+    # Abstractive summaries' generation (many long prompts), below chat in the inference
+    # scheduler's order; None: `generator`.
+    summary_generator: Generator | None = None
 
 
 class GrpcRetriever:
@@ -86,11 +89,12 @@ class GrpcRetriever:
 class GrpcGenerator:
     """The inference service's streamed generation, as the core's Generator."""
 
-    def __init__(self, client: InferenceClient) -> None:
+    def __init__(self, client: InferenceClient, priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_INTERACTIVE) -> None:
         self._client = client
+        self._priority = priority
 
     def stream(self, messages: Sequence[tuple[str, str]], max_new_tokens: int, timeout_s: float) -> AsyncGenerator[str, None]:
-        return self._client.generate_stream(messages, max_new_tokens, timeout_s)
+        return self._client.generate_stream(messages, max_new_tokens, timeout_s, self._priority)
 
 
 class LocalEmbedder:

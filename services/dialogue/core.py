@@ -141,8 +141,8 @@ class DialogueCore:
         self._assistant = assistant
         self._replies = assistant.replies
         self._summarizer = Summarizer(
-            backends.embedder, backends.generator, backends.tokens, limits.context_tokens, limits.grounding.min_support,
-            limits.summary_max_generate_calls,
+            backends.embedder, backends.summary_generator or backends.generator, backends.tokens, limits.context_tokens,
+            limits.grounding.min_support, limits.summary_max_generate_calls,
         )
         self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)

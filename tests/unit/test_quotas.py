@@ -17,10 +17,17 @@ from llmos.audio import EndpointConfig
 from llmos.auth import Principal
 from llmos.grpcutil.quotas import PROBE_HEADROOM, QuotaLimits, Quotas, stream_too_long
 from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
-from llmos.v1 import dialogue_pb2, speech_pb2
+from llmos.audit import AuditLog
+from llmos.crypto import AtRest
+from llmos.testing import MemoryBucket, MemoryPublisher
+from llmos.v1 import common_pb2, dialogue_pb2, speech_pb2
+from services.dialogue.backends import Backends, GrpcGenerator
+from services.dialogue.core import DialogueCore
+from services.dialogue.sessions import SessionStore
+from services.dialogue.slots import OrderBook
 from services.dialogue.summarize import Summarizer, pack
 from services.dialogue.voice import AUDIO_QUEUE_CHUNKS, EVENT_QUEUE_SIZE, VoiceLimits, VoiceTurns
-from tests.unit.test_dialogue import HashEmbedder, ScriptedGenerator, WordCounter
+from tests.unit.test_dialogue import ASSISTANT, LIMITS as DIALOGUE_LIMITS, FixedRetriever, HashEmbedder, KeywordClassifier, ScriptedGenerator, WordCounter
 
 pytestmark = pytest.mark.unit
 
@@ -132,6 +139,40 @@ def test_short_sentences_within_the_condensed_total_pack_into_the_parts_allowed(
             total += count
     packed = pack([f"s{i}" for i in range(len(kept))], kept, budget)
     assert len(packed) <= max(parts, 1 if kept else 0)
+
+
+class RecordingInference:
+    """The inference client's streamed generation, recording the priority of each call."""
+
+    def __init__(self) -> None:
+        self.priorities: list[int] = []
+
+    async def generate_stream(
+        self, messages: object, max_new_tokens: int, timeout_s: float | None, priority: int
+    ) -> AsyncIterator[str]:
+        self.priorities.append(priority)
+        yield "Returns are free within 30 days."
+
+
+async def test_summaries_generate_below_chat_in_the_inference_schedulers_order() -> None:
+    chat, summaries = RecordingInference(), RecordingInference()
+    bus = MemoryPublisher()
+    core = DialogueCore(
+        bus,
+        SessionStore(MemoryBucket(), idle_ttl_s=3600, at_rest=AtRest(None, "sessions")),
+        AuditLog(bus, "dialogue"),
+        KeywordClassifier(),  # type: ignore[arg-type]
+        Backends(HashEmbedder(), FixedRetriever([]), GrpcGenerator(chat), WordCounter(),  # type: ignore[arg-type]
+                 summary_generator=GrpcGenerator(summaries, common_pb2.PRIORITY_STANDARD)),  # type: ignore[arg-type]
+        OrderBook([]),
+        DIALOGUE_LIMITS,
+        ASSISTANT,
+    )
+    request = dialogue_pb2.SummarizeRequest(
+        text="Returns are free within 30 days. Refunds take five days.", mode=dialogue_pb2.SUMMARY_MODE_ABSTRACTIVE
+    )
+    await core.summarize("acme", request, None)
+    assert summaries.priorities == [common_pb2.PRIORITY_STANDARD] and chat.priorities == []
 
 
 # --- Converse's responses ------------------------------------------------------------------------
