@@ -1,7 +1,8 @@
 """What every client of a platform service does the same way.
 
-A call carries the caller's credentials (or none: a service's channel adds its own key, see
-`llmos.grpcutil.client.open_channel`) and a timeout in seconds (None: no deadline); a failed call
+A call carries the caller's credentials (or none: a service's channel signs each call for the
+principal it serves, `llmos.grpcutil.client.service_channel`, replacing any credentials given
+here) and a timeout in seconds (None: no deadline); a failed call
 becomes the platform error with the same meaning, named after the service that failed
 (`error_from_rpc`), so callers handle `llmos.errors` and never gRPC's.
 """
