@@ -77,7 +77,8 @@ class ServiceProcess(Generic[SettingsT]):
         self.definition = definition
         self.settings = settings
         self.bus = Bus(
-            settings.nats_url, definition.name, settings.max_deliveries, settings.nats_user, settings.nats_password
+            settings.nats_url, definition.name, settings.max_deliveries, settings.nats_user, settings.nats_password,
+            replicas=settings.jetstream_replicas,
         )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None

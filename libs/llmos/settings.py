@@ -29,6 +29,8 @@ SERVICE_NAMES: tuple[str, ...] = (
 # `llmos up`), serving HTTP on LLMOS_GATEWAY_ADDR instead of gRPC.
 GATEWAY = "gateway"
 ENV_PREFIX = "LLMOS_"
+# nats-server refuses more replicas of a stream than this.
+MAX_JETSTREAM_REPLICAS = 5
 
 
 class ExecutionProvider(str, Enum):
@@ -110,6 +112,10 @@ class PlatformSettings(BaseSettings):
     dev: bool = False
     # A bus message that fails this many times goes to the dead-letter subject.
     max_deliveries: int = 3
+    # Copies JetStream keeps of each stream and KV bucket: 1 on one nats-server, 3 (or 5) in a
+    # cluster, where a stream survives the loss of a minority of its servers. At most the number
+    # of servers; `llmos streams` brings existing streams and buckets to it.
+    jetstream_replicas: PositiveInt = 1
     # How long a service waits for in-flight work when asked to stop.
     shutdown_grace_s: float = 5.0
     # Limits of every gRPC server (llmos.grpcutil.quotas): calls served at once; calls and client
@@ -139,6 +145,13 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _valid_metrics_addr(cls, value: str) -> str:
         return _check_addr(value) if value else value
+
+    @field_validator("jetstream_replicas")
+    @classmethod
+    def _jetstream_replicas(cls, value: int) -> int:
+        if value > MAX_JETSTREAM_REPLICAS:
+            raise ValueError(f"JetStream keeps at most {MAX_JETSTREAM_REPLICAS} replicas of a stream")
+        return value
 
     @field_validator("max_deliveries")
     @classmethod

@@ -251,10 +251,11 @@ def _reap() -> None:
 
 async def declare_as_admin(settings: PlatformSettings) -> None:
     """Streams and buckets, existing ones brought to this version's configuration: services may
-    only create what is missing (llmos.natsauth), so an upgrade's stream changes happen here."""
+    only create what is missing (llmos.natsauth), so an upgrade's stream changes happen here, and
+    a change of LLMOS_JETSTREAM_REPLICAS (one server grown to a cluster)."""
     connection = await connect_cli(settings, connect_timeout=5, allow_reconnect=False)
     try:
-        await declare_streams(connection.jetstream(), update=True)
+        await declare_streams(connection.jetstream(), update=True, replicas=settings.jetstream_replicas)
     finally:
         await connection.close()
 

@@ -24,7 +24,7 @@ async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
     connection = await connect_cli(settings, connect_timeout=3, allow_reconnect=False)
     try:
         js = connection.jetstream()
-        await declare_buckets(js)
+        await declare_buckets(js, replicas=settings.jetstream_replicas)
         return await action(await KeyStore.open(js))
     finally:
         await connection.close()

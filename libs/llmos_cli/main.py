@@ -86,8 +86,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_streams(args: argparse.Namespace) -> int:
     from llmos.stack import declare_as_admin
 
-    asyncio.run(declare_as_admin(_settings()))
-    print("streams and buckets match this version's configuration")
+    settings = _settings()
+    asyncio.run(declare_as_admin(settings))
+    print(f"streams and buckets match this version's configuration, at {settings.jetstream_replicas} replica(s) each")
     return 0
 
 

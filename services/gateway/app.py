@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 async def serve(settings: GatewaySettings) -> None:
-    bus = Bus(settings.nats_url, SERVICE, settings.max_deliveries, settings.nats_user, settings.nats_password)
+    bus = Bus(
+        settings.nats_url, SERVICE, settings.max_deliveries, settings.nats_user, settings.nats_password,
+        replicas=settings.jetstream_replicas,
+    )
     await bus.start()
     authenticator = KeyAuthenticator(parse_static_keys(settings.api_keys), await KeyStore.open(bus.jetstream))
     # The command-line client's certificate when TLS is on: `llmos certs` makes one per gRPC service and one for clients.

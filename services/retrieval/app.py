@@ -26,7 +26,11 @@ def open_index(settings: RetrievalSettings) -> ChunkIndex:
     """The Qdrant server when configured, else this replica's embedded index."""
     if settings.qdrant_url:
         return ClientIndex(
-            settings.retrieval_collection, settings.retrieval_dimensions, url=settings.qdrant_url, api_key=settings.qdrant_api_key
+            settings.retrieval_collection,
+            settings.retrieval_dimensions,
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            layout=settings.qdrant_layout,
         )
     replica = re.sub(r"[^A-Za-z0-9_-]", "_", settings.retrieval_replica)
     folder = settings.home / "qdrant" / f"{settings.retrieval_embedded_engine}-{replica}"

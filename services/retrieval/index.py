@@ -4,7 +4,9 @@ Two engines behind one interface:
 - `EdgeIndex` — qdrant-edge-py, Qdrant's storage and HNSW engine in-process (the embedded
   default, chosen by `bench.ingest.embedded_qdrant`; see the service README for the figures).
 - `ClientIndex` — qdrant-client: a Qdrant server when `LLMOS_QDRANT_URL` is set, or the
-  client's pure-Python local mode (`LLMOS_RETRIEVAL_EMBEDDED_ENGINE=local`).
+  client's pure-Python local mode (`LLMOS_RETRIEVAL_EMBEDDED_ENGINE=local`). On a server the
+  collection is created with a `CollectionLayout` (shards, replication, write consistency) for a
+  Qdrant cluster; the embedded engines are one process and have no such layout.
 
 Every read names a tenant: `ChunkFilter` always carries one, and each engine turns it into a
 `must` condition on the `tenant` payload key (indexed as Qdrant's tenant key). Point ids are
@@ -38,6 +40,16 @@ SPARSE = "bm25"
 # Payload keys with an index: the tenant (Qdrant's tenant key) and everything filters name.
 KEYWORD_FIELDS = ("document_id", "tags", "source", "content_hash")
 SCROLL_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class CollectionLayout:
+    """How a collection spreads over a Qdrant cluster (set at creation)."""
+
+    shard_number: int = 1
+    replication_factor: int = 1
+    # Replicas that must have a write before it is acknowledged.
+    write_consistency_factor: int = 1
 
 
 @dataclass(frozen=True)
@@ -245,9 +257,18 @@ class EdgeIndex:
 
 
 class ClientIndex:
-    """qdrant-client: a Qdrant server (`url`) or the client's local mode (`path`)."""
+    """qdrant-client: a Qdrant server (`url`) or the client's local mode (`path`). `layout`
+    applies to a server's collection created here; local mode ignores it."""
 
-    def __init__(self, collection: str, dimensions: int, url: str = "", path: Path | None = None, api_key: str = "") -> None:
+    def __init__(
+        self,
+        collection: str,
+        dimensions: int,
+        url: str = "",
+        path: Path | None = None,
+        api_key: str = "",
+        layout: CollectionLayout = CollectionLayout(),
+    ) -> None:
         from qdrant_client import QdrantClient, models
 
         self._models = models
@@ -264,6 +285,9 @@ class ClientIndex:
                 collection,
                 vectors_config={DENSE: models.VectorParams(size=dimensions, distance=models.Distance.COSINE)},
                 sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+                shard_number=layout.shard_number,
+                replication_factor=layout.replication_factor,
+                write_consistency_factor=layout.write_consistency_factor,
             )
             if url:  # local mode has no payload indexes
                 self._client.create_payload_index(

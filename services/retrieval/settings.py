@@ -2,7 +2,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import PositiveInt, model_validator
+
 from llmos.settings import PlatformSettings
+from services.retrieval.index import CollectionLayout
 
 
 class RetrievalSettings(PlatformSettings):
@@ -16,6 +19,13 @@ class RetrievalSettings(PlatformSettings):
     # give each replica a distinct, stable name. With a Qdrant server replicas share one consumer.
     retrieval_replica: str = "0"
     qdrant_api_key: str = ""
+    # How the collection is laid out on a Qdrant cluster, when retrieval creates it (a server
+    # only: the embedded engines are one process and ignore them). Shards spread the points over
+    # the nodes; each shard is kept on `replication_factor` nodes; a write is acknowledged once
+    # `write_consistency_factor` of them have it. A collection that exists keeps its layout.
+    qdrant_shard_number: PositiveInt = 1
+    qdrant_replication_factor: PositiveInt = 1
+    qdrant_write_consistency_factor: PositiveInt = 1
     # Dense vector size: the embedding model's (all-MiniLM-L6-v2: 384).
     retrieval_dimensions: int = 384
     # BM25: expected document length in words for length normalization (Qdrant's default).
@@ -31,3 +41,16 @@ class RetrievalSettings(PlatformSettings):
     # Documents remembered per user and kind (read, asked about) for Recommend.
     retrieval_profile_items: int = 50
     retrieval_embed_timeout_s: float = 10.0
+
+    @model_validator(mode="after")
+    def _writes_within_replicas(self) -> RetrievalSettings:
+        if self.qdrant_write_consistency_factor > self.qdrant_replication_factor:
+            raise ValueError(
+                f"LLMOS_QDRANT_WRITE_CONSISTENCY_FACTOR ({self.qdrant_write_consistency_factor}) cannot exceed "
+                f"LLMOS_QDRANT_REPLICATION_FACTOR ({self.qdrant_replication_factor}): no write could be acknowledged"
+            )
+        return self
+
+    @property
+    def qdrant_layout(self) -> CollectionLayout:
+        return CollectionLayout(self.qdrant_shard_number, self.qdrant_replication_factor, self.qdrant_write_consistency_factor)

@@ -160,7 +160,9 @@ class JetStream:
         self.updated.append(config.name)
 
     async def create_key_value(self, config: KeyValueConfig) -> None:
-        self.streams[f"KV_{config.bucket}"] = StreamConfig(name=f"KV_{config.bucket}", allow_direct=config.direct)
+        self.streams[f"KV_{config.bucket}"] = StreamConfig(
+            name=f"KV_{config.bucket}", allow_direct=config.direct, num_replicas=config.replicas
+        )
 
 
 async def test_llmos_streams_brings_an_unbounded_audit_stream_to_its_limits() -> None:

@@ -1,6 +1,7 @@
 """The bus of one service: a FastStream NatsBroker with the platform's conventions.
 
-- Streams and KV buckets (llmos.bus.subjects) are declared at start, idempotently.
+- Streams and KV buckets (llmos.bus.subjects) are declared at start, idempotently, with the
+  configured number of replicas (LLMOS_JETSTREAM_REPLICAS: 3 in a cluster).
 - Publishing encodes protobuf, sets `Nats-Msg-Id` for JetStream de-duplication and carries the
   W3C trace context of its PRODUCER span in headers.
 - Handlers are durable pull consumers shared by every replica of a service (the durable name is
@@ -176,10 +177,12 @@ class Bus:
     """Publishing, consuming and key-value state on NATS JetStream for one service."""
 
     def __init__(
-        self, nats_url: str, service: str, max_deliveries: int, user: str = "", password: str = ""
+        self, nats_url: str, service: str, max_deliveries: int, user: str = "", password: str = "", replicas: int = 1
     ) -> None:
         self.service = service
         self.max_deliveries = max_deliveries
+        # Replicas of the streams and buckets this service creates when they are missing.
+        self.replicas = replicas
         # Without a user (a development server) the default inbox prefix serves.
         self._inbox_prefix = inbox_prefix(user) if user else "_INBOX"
         self.broker = NatsBroker(
@@ -252,7 +255,7 @@ class Bus:
 
     async def start(self) -> None:
         await self.broker.connect()
-        await declare_streams(self.jetstream)
+        await declare_streams(self.jetstream, replicas=self.replicas)
         await self.broker.start()
 
     async def close(self) -> None:
@@ -386,12 +389,14 @@ def _tenant_of(message_type: type[Message], payload: bytes) -> str:
         return ""
 
 
-async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
-    """Create every stream and KV bucket the platform uses that is missing.
+async def declare_streams(js: JetStreamContext, update: bool = False, replicas: int = 1) -> None:
+    """Create every stream and KV bucket the platform uses that is missing, each kept on
+    `replicas` servers.
 
-    An existing stream whose configuration differs from this version's is updated only with
-    `update` (the admin user, at `llmos up`); services are not allowed to (llmos.natsauth) and
-    log the difference instead.
+    An existing stream whose configuration differs from this version's (its replicas included)
+    is updated only with `update` (the admin user, at `llmos up` and `llmos streams`); services
+    are not allowed to (llmos.natsauth) and log the difference instead. JetStream moves a stream
+    to a new replica count in place: followers are added (or removed) and catch up from the leader.
     """
     for spec in STREAMS:
         config = StreamConfig(
@@ -402,6 +407,7 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
             max_msg_size=spec.max_msg_size,
             max_bytes=spec.max_bytes,
             duplicate_window=120.0,
+            num_replicas=replicas,
         )
         try:
             current = (await js.stream_info(spec.name)).config
@@ -413,8 +419,12 @@ async def declare_streams(js: JetStreamContext, update: bool = False) -> None:
         if update:
             await js.update_stream(config)
         else:
-            logger.warning("stream %s differs from this version's configuration; `llmos up` (as admin) updates it", spec.name)
-    await declare_buckets(js, update)
+            logger.warning(
+                "stream %s differs from this version's configuration (replicas %s, configured %d); "
+                "`llmos streams` (as admin) updates it",
+                spec.name, current.num_replicas, replicas,
+            )
+    await declare_buckets(js, update, replicas)
 
 
 def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
@@ -426,27 +436,38 @@ def _declared_fields(config: StreamConfig) -> tuple[object, ...]:
         config.duplicate_window,
         config.max_msg_size,
         config.max_bytes,
+        config.num_replicas,
     )
 
 
-async def declare_buckets(js: JetStreamContext, update: bool = False) -> None:
-    """Create the missing KV buckets. Reads go through direct gets by key, which the services'
-    NATS grants allow on `api_keys` without reading it by sequence (llmos.natsauth); `update`
-    (the admin) turns them on for buckets made before."""
+async def declare_buckets(js: JetStreamContext, update: bool = False, replicas: int = 1) -> None:
+    """Create the missing KV buckets, each kept on `replicas` servers. Reads go through direct
+    gets by key, which the services' NATS grants allow on `api_keys` without reading it by
+    sequence (llmos.natsauth); `update` (the admin) turns them on for buckets made before and
+    brings each bucket to `replicas`."""
     for bucket in BUCKETS:
         try:
             info = await js.stream_info(f"KV_{bucket.name}")
         except NotFoundError:
             await js.create_key_value(
                 KeyValueConfig(
-                    bucket=bucket.name, description=bucket.description, ttl=float(bucket.ttl_s) or None, direct=True
+                    bucket=bucket.name,
+                    description=bucket.description,
+                    ttl=float(bucket.ttl_s) or None,
+                    direct=True,
+                    replicas=replicas,
                 )
             )
             continue
-        if not info.config.allow_direct:
-            if update:
-                info.config.allow_direct = True
-                await js.update_stream(info.config)
-            else:
-                logger.warning("bucket %s predates direct reads; `llmos up` (as admin) updates it", bucket.name)
+        if info.config.allow_direct and info.config.num_replicas == replicas:
+            continue
+        if update:
+            info.config.allow_direct = True
+            info.config.num_replicas = replicas
+            await js.update_stream(info.config)
+        else:
+            logger.warning(
+                "bucket %s predates direct reads or has %s replicas (configured %d); `llmos streams` (as admin) updates it",
+                bucket.name, info.config.num_replicas, replicas,
+            )
 
