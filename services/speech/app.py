@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llmos.audio import EndpointConfig
 from llmos.audit import AuditLog
+from llmos.auth import check_tenant
 from llmos.bus.broker import Bus
 from llmos.clients import RetrievalClient
 from llmos.crypto import AtRest
@@ -37,6 +38,10 @@ def parse_seed(spec: str) -> dict[str, list[Path]]:
         tenant, sep, paths = entry.partition("=")
         if not sep or not tenant or not paths:
             raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", f"entry {entry!r} is not tenant=path[;path…]")
+        try:
+            check_tenant(tenant)
+        except InvalidArgument as exc:
+            raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", exc.message) from None
         for path in (Path(p) for p in paths.split(";") if p):
             if not path.exists():
                 raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", f"{path} does not exist")

@@ -96,3 +96,11 @@ async def test_a_bus_document_for_such_a_tenant_is_dead_lettered(stack: RunningS
     await publish(url, INGEST_REQUESTED, document.SerializeToString())
     letter = events_pb2.DeadLetter.FromString((await last_message(url, dlq, after_seq=before, timeout_s=30)).data)
     assert "'acme/eu' is not a tenant name" in letter.error
+
+
+def test_a_speech_domain_seed_for_such_a_tenant_is_refused(tmp_path: Path) -> None:
+    from services.speech.app import parse_seed
+
+    with pytest.raises(InvalidArgument, match="LLMOS_SPEECH_DOMAIN_SEED: tenant: 'acme/eu' is not a tenant name"):
+        parse_seed(f"acme/eu={tmp_path}")
+    assert parse_seed(f"acme={tmp_path}") == {"acme": [tmp_path]}
