@@ -18,6 +18,7 @@ from llmos.secrets import refuse_published_values
 from llmos.settings import SettingsError, load_settings, private_home
 from llmos.telemetry import setup_logging, setup_telemetry
 from services.gateway.auditing import SERVICE, GatewayAudit
+from services.gateway.console import add_console
 from services.gateway.core import Clients, GatewayCore
 from services.gateway.http import create_app
 from services.gateway.settings import GatewaySettings
@@ -47,7 +48,9 @@ async def serve(settings: GatewaySettings) -> None:
     core = GatewayCore(
         clients, settings.gateway_assistant_model, settings.gateway_timeout_s, settings.gateway_models_ttl_s, settings.gateway_max_audio_s
     )
-    app = create_app(settings, core, authenticator, GatewayAudit(bus))
+    audit = GatewayAudit(bus)
+    app = create_app(settings, core, authenticator, audit)
+    add_console(app, settings, audit)
     port = int(settings.gateway_addr.rpartition(":")[2])
     server = uvicorn.Server(
         uvicorn.Config(app, host=settings.bind_host, port=port, log_config=None, access_log=False, lifespan="off",

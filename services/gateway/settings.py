@@ -21,6 +21,8 @@ class GatewaySettings(PlatformSettings):
     gateway_models_ttl_s: float = 30.0
     # Longest audio accepted for transcription, in seconds (decoded before it is sent).
     gateway_max_audio_s: float = 600.0
+    # Jaeger's UI, linked from the console's trace view when spans go to LLMOS_OTLP_ENDPOINT.
+    gateway_jaeger_url: str = "http://127.0.0.1:16686"
 
     @field_validator("gateway_max_json_bytes", "gateway_max_upload_bytes")
     @classmethod
