@@ -19,7 +19,7 @@ from llmos.settings import ExecutionProvider
 from llmos.v1 import speech_pb2, speech_pb2_grpc
 from services.speech.asr import AsrEngine
 from services.speech.core import DocumentText, RecognitionLimits, SpeechCore
-from services.speech.domain import DomainCorpus, general_unigrams, intent_examples, read_seed
+from services.speech.domain import DomainCorpus, DomainModelPolicy, general_unigrams, intent_examples, read_seed, tenant_list
 from services.speech.handlers import subscriptions
 from services.speech.servicer import SpeechServicer
 from services.speech.settings import SpeechSettings
@@ -82,6 +82,14 @@ def corpus_at_rest(settings: SpeechSettings) -> AtRest:
     return AtRest.from_settings(settings, "the speech corpus")
 
 
+def domain_model_policy(settings: SpeechSettings) -> DomainModelPolicy:
+    return DomainModelPolicy(
+        settings.speech_domain_lm_settle_s,
+        tenant_list("LLMOS_SPEECH_DOMAIN_LM_TENANTS", settings.speech_domain_lm_tenants),
+        tenant_list("LLMOS_SPEECH_DOMAIN_LM_EXCLUDE", settings.speech_domain_lm_exclude),
+    )
+
+
 def document_reader(retrieval: RetrievalClient) -> DocumentText:
     """Indexed documents' text for the domain corpus, read as the dialogue service reads them."""
 
@@ -94,6 +102,9 @@ def document_reader(retrieval: RetrievalClient) -> DocumentText:
 
 async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
     seeds = parse_seed(settings.speech_domain_seed)
+    policy = domain_model_policy(settings)
+    if off := sorted(tenant for tenant in seeds if not policy.builds_for(tenant)):
+        raise InvalidArgument("LLMOS_SPEECH_DOMAIN_SEED", f"seeds tenants whose domain models are off: {', '.join(off)}")
     channel = service_channel(settings, "speech", "retrieval")
     endpointing = EndpointConfig(
         settings.speech_start_history_ms, settings.speech_start_threshold,
@@ -114,13 +125,19 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         RecognitionLimits(settings.speech_max_clip_s, settings.speech_interim_interval_ms, settings.speech_vad_mode, endpointing),
         settings.speech_max_text_chars,
         document_reader(RetrievalClient(channel)),
+        policy,
     )
+
+    async def close() -> None:
+        await core.rebuilds_settled()
+        await channel.close()
+
     for tenant, paths in seeds.items():
         await core.seed(tenant, [document for path in paths for document in read_seed(path)])
     return ServiceParts(
         grpc=[GrpcBinding.of(speech_pb2, "SpeechService", SpeechServicer(core), speech_pb2_grpc.add_SpeechServiceServicer_to_server)],
         subscriptions=subscriptions(core),
-        close=channel.close,
+        close=close,
     )
 
 

@@ -5,7 +5,8 @@ decoded by PocketSphinx (services.speech.asr) in worker threads, so the event lo
 serving. Synthesis: text is split into sentences and each is spoken by a voice
 (services.speech.tts) in a worker thread, resampled and encoded as asked. Every final
 transcript goes out on `llmos.speech.recognized`, every utterance on `llmos.speech.synthesized`.
-Domain language models are (re)built per tenant when its documents are indexed.
+Domain language models are (re)built per tenant when its documents are indexed or deleted,
+debounced (services.speech.domain.CoalescedRebuilds), for the tenants the policy names.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.ports import Publisher
 from llmos.v1 import events_pb2, speech_pb2
 from services.speech.asr import DOMAIN, GENERAL, AsrEngine, Recognition, StreamingRecognizer, recognize_clip
-from services.speech.domain import DomainCorpus
+from services.speech.domain import CoalescedRebuilds, DomainCorpus, DomainModelPolicy
 from services.speech.tts import SpeechRun, VoiceCatalog
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class SpeechCore:
         limits: RecognitionLimits,
         max_text_chars: int,
         document_text: DocumentText,
+        domain_policy: DomainModelPolicy = DomainModelPolicy(),
     ) -> None:
         self._publisher = publisher
         self._audit = audit
@@ -125,6 +127,8 @@ class SpeechCore:
         self._max_text_chars = max_text_chars
         self._document_text = document_text
         self._rebuild_locks: dict[str, asyncio.Lock] = {}
+        self._domain_policy = domain_policy
+        self._rebuilds = CoalescedRebuilds(self._rebuild, domain_policy.settle_s)
 
     # -- recognition ----------------------------------------------------------------------
 
@@ -134,6 +138,13 @@ class SpeechCore:
             return None
         if model not in (AUTO, DOMAIN):
             raise InvalidArgument("model", f"{model!r} is not a model; accepted: general, domain, or empty for automatic")
+        if not self._domain_policy.builds_for(tenant):
+            if model == DOMAIN:
+                raise FailedPrecondition(
+                    f"tenant {tenant!r} has no domain language model: domain models are off for it "
+                    "(LLMOS_SPEECH_DOMAIN_LM_TENANTS / LLMOS_SPEECH_DOMAIN_LM_EXCLUDE); ask for model 'general'"
+                )
+            return None
         if not self._engine.has_domain_model(tenant):
             path = self._corpus.model_path(tenant)
             if path is None and self._corpus.has_text(tenant):
@@ -311,15 +322,22 @@ class SpeechCore:
     async def document_indexed(self, event: events_pb2.DocumentIndexed) -> None:
         if not event.tenant or not event.document_id:
             raise InvalidArgument("tenant" if not event.tenant else "document_id", "is required")
+        if not self._domain_policy.builds_for(event.tenant):
+            return  # no model for this tenant: its documents are not even fetched
         text = await self._document_text(event.tenant, event.document_id)
         if self._corpus.put(event.tenant, event.document_id, text):
-            await self._rebuild(event.tenant)
+            self._rebuilds.request(event.tenant)
 
     async def document_deleted(self, event: events_pb2.DocumentDeleted) -> None:
         if not event.tenant or not event.document_id:
             raise InvalidArgument("tenant" if not event.tenant else "document_id", "is required")
-        if self._corpus.remove(event.tenant, event.document_id):
-            await self._rebuild(event.tenant)
+        # Text stored before the tenant was opted out still goes with its document.
+        if self._corpus.remove(event.tenant, event.document_id) and self._domain_policy.builds_for(event.tenant):
+            self._rebuilds.request(event.tenant)
+
+    async def rebuilds_settled(self) -> None:
+        """Wait for the pending rebuilds (at close, so the models on disk match the text)."""
+        await self._rebuilds.settled()
 
     async def _rebuild(self, tenant: str) -> None:
         lock = self._rebuild_locks.setdefault(tenant, asyncio.Lock())

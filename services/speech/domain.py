@@ -2,7 +2,10 @@
 
 Text is kept per tenant and document in the service's own store (`<home>/speech/corpus`), so
 a restart rebuilds the same models; a tenant's model is rebuilt whenever one of its documents
-changes. That text is every tenant's documents, so it is sealed with the platform's data-at-rest
+changes, once per burst of changes: `CoalescedRebuilds` keeps at most one rebuild of a tenant in
+flight and folds the changes that arrive meanwhile into one more (a bulk ingest of thousands of
+documents costs a handful of rebuilds, not one per document), and `DomainModelPolicy` says which
+tenants get a model at all. That text is every tenant's documents, so it is sealed with the platform's data-at-rest
 keys (`LLMOS_ENCRYPTION_KEYS`), each file bound to its tenant's folder and its name; files and
 folders are the service user's alone (0600/0700). The ARPA models hold only n-gram statistics
 of the text, and PocketSphinx reads them from a file: they stay in clear, 0600. Text is normalized the way it is spoken: lower case, numbers as words, symbols
@@ -17,10 +20,13 @@ domain's bigrams and trigrams still steer the decoder towards how the domain is 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
@@ -28,9 +34,12 @@ import yaml
 from pocketsphinx import Decoder
 from pocketsphinx.lm import ArpaBoLM
 
+from llmos.auth import check_tenant
 from llmos.crypto import AtRest
-from llmos.errors import FailedPrecondition
+from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.spoken import spoken_words
+
+logger = logging.getLogger(__name__)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 # Bumped when build_arpa changes what it writes, so models built before are rebuilt.
@@ -232,3 +241,70 @@ class DomainCorpus:
     def has_text(self, tenant: str) -> bool:
         folder = self._documents(tenant)
         return folder.exists() and any(folder.glob(f"*{DOCUMENT_SUFFIX}"))
+
+
+def tenant_list(setting: str, value: str) -> frozenset[str]:
+    """Tenants named in a comma-separated setting."""
+    return frozenset(check_tenant(part.strip(), setting) for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class DomainModelPolicy:
+    """Which tenants get a domain model, and how long changes settle before a rebuild.
+
+    A tenant without one (a throwaway evaluation tenant, say) costs nothing when its documents
+    are indexed or deleted: no document is fetched, no model rebuilt; it is heard with the
+    general model.
+    """
+
+    settle_s: float = 1.0
+    tenants: frozenset[str] = frozenset()  # empty: every tenant not excluded
+    excluded: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.settle_s < 0:
+            raise InvalidArgument("LLMOS_SPEECH_DOMAIN_LM_SETTLE_S", f"{self.settle_s} is negative")
+
+    def builds_for(self, tenant: str) -> bool:
+        return tenant not in self.excluded and (not self.tenants or tenant in self.tenants)
+
+
+class CoalescedRebuilds:
+    """Rebuilds of each tenant's model, debounced: at most one in flight per tenant.
+
+    A request starts a rebuild `settle_s` later; requests that arrive before it starts join it,
+    and requests that arrive while it runs cause exactly one more rebuild after it. A rebuild
+    reads every document of the tenant, so one per change made a bulk ingest quadratic.
+    """
+
+    def __init__(self, rebuild: Callable[[str], Awaitable[None]], settle_s: float) -> None:
+        self._rebuild = rebuild
+        self._settle_s = settle_s
+        self._requested: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def request(self, tenant: str) -> None:
+        self._requested.add(tenant)
+        if tenant not in self._running:
+            self._running[tenant] = asyncio.create_task(self._run(tenant), name=f"domain-lm-rebuild-{tenant}")
+
+    async def _run(self, tenant: str) -> None:
+        try:
+            while tenant in self._requested:
+                await asyncio.sleep(self._settle_s)
+                self._requested.discard(tenant)  # requests from here on need a rebuild after this one
+                try:
+                    await self._rebuild(tenant)
+                except Exception:
+                    # The text is stored: the next change, or the next start, builds the model.
+                    logger.exception("domain language model of tenant %s failed to rebuild", tenant)
+        finally:
+            del self._running[tenant]
+
+    def pending(self, tenant: str) -> bool:
+        return tenant in self._running
+
+    async def settled(self) -> None:
+        """Wait until no rebuild is pending or running (at close, so the models on disk are current)."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)

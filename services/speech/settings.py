@@ -33,6 +33,14 @@ class SpeechSettings(PlatformSettings):
     # Seed text of domain models, `tenant=path[;path…]` entries separated by commas; paths are
     # .md/.txt articles, .yaml intent files, or folders of them.
     speech_domain_seed: str = ""
+    # Tenants that get a domain model, comma-separated; empty: every tenant not excluded below.
+    speech_domain_lm_tenants: str = ""
+    # Tenants that never get one (a throwaway evaluation tenant): their documents are not
+    # fetched when indexed and no model is rebuilt; they are heard with the general model.
+    speech_domain_lm_exclude: str = ""
+    # A tenant's model is rebuilt this long after the first change of a burst; changes meanwhile,
+    # or during the rebuild, are folded into one rebuild (at most one in flight per tenant).
+    speech_domain_lm_settle_s: float = 1.0
     # Intent examples (the dialogue's intents file) added to every tenant's domain model, so the
     # way customers phrase requests is known too; empty: none.
     speech_intents_file: str = str(DEMO / "intents.yaml")
