@@ -99,6 +99,8 @@ def platform_environment(nats: NatsServer, home: Path) -> dict[str, str]:
         env[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
         # Prometheus text of each service (tests/integration/test_metrics.py scrapes it).
         env[f"LLMOS_{name.upper()}_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
+    # The HTTP gateway `llmos up` starts with the services: a port of its own too.
+    env["LLMOS_GATEWAY_ADDR"] = f"127.0.0.1:{free_port()}"
     return env
 
 

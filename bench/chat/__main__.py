@@ -94,6 +94,8 @@ def private_environment(home: Path) -> None:
     })
     for name in SERVICE_NAMES:
         os.environ[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
+    # The stack starts the HTTP gateway too; its own port, so a running `llmos up` is no obstacle.
+    os.environ["LLMOS_GATEWAY_ADDR"] = f"127.0.0.1:{free_port()}"
 
 
 async def index_kb(settings: DialogueSettings, metadata: Metadata) -> None:
