@@ -1,5 +1,6 @@
-"""Quota logic in one process (issue 13, item 3): the counts behind the gRPC quota interceptors, the
-retry trailer, the bounded fan-out of abstractive summaries, and Converse's bounded response queue."""
+"""Quota logic in one process (issue 13, item 3): the counts behind the gRPC quota interceptors and the
+interceptors on an in-process server, the retry trailer, the bounded fan-out and priority of abstractive
+summaries, and Converse's bounded response queue."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from hypothesis import strategies as st
 from llmos import errors
 from llmos.audio import EndpointConfig
 from llmos.auth import Principal
-from llmos.grpcutil.quotas import PROBE_HEADROOM, QuotaLimits, Quotas, stream_too_long
+from llmos.grpcutil.interceptors import ServerInterceptor
+from llmos.grpcutil.quotas import PROBE_HEADROOM, QuotaLimits, Quotas, quota_interceptors, stream_too_long
 from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
 from llmos.audit import AuditLog
 from llmos.crypto import AtRest
@@ -252,3 +254,64 @@ async def test_a_conversation_ends_after_its_last_response() -> None:
 
     received = [response async for response in voice(ChattyRecognizer()).converse(ALICE, "acme", CONFIG, audio(), None)]
     assert len(received) == EVENT_QUEUE_SIZE * 3
+
+
+# --- the interceptors on an in-process server -------------------------------------------------------
+
+
+class AllowAlice:
+    async def authenticate(self, authorization: str | None) -> Principal:
+        return ALICE
+
+
+async def _forever(requests: AsyncIterator[bytes]) -> None:
+    async for _ in requests:
+        pass
+    await asyncio.Event().wait()  # the client finished writing; the handler still holds the stream
+
+
+async def read_forever(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+    await _forever(requests)
+    return b""
+
+
+async def answer_nothing(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    await _forever(requests)
+    yield b""
+
+
+@pytest.mark.parametrize("shape", ["stream_unary", "stream_stream"])
+async def test_a_client_stream_is_ended_at_its_duration_with_a_retry_hint(shape: str) -> None:
+    limits = QuotaLimits(max_concurrent_rpcs=8, principal_max_calls=8, principal_max_streams=8, max_stream_s=0.3, retry_after_s=1.0)
+    first, last = quota_interceptors(limits)
+    server = grpc.aio.server(interceptors=[first, ServerInterceptor("speech", AllowAlice()), last])
+    handler = (grpc.stream_unary_rpc_method_handler(read_forever) if shape == "stream_unary"
+               else grpc.stream_stream_rpc_method_handler(answer_nothing))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("llmos.v1.SpeechService", {"StreamingRecognize": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            method = getattr(channel, shape)(METHOD)
+
+            async def requests() -> AsyncIterator[bytes]:
+                for _ in range(100):
+                    yield b"audio"
+                    await asyncio.sleep(0.05)
+
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            call = method(requests(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                if shape == "stream_unary":
+                    await call
+                else:
+                    async for _ in call:
+                        pass
+            elapsed = loop.time() - started
+    finally:
+        await server.stop(0)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "0.3 s limit" in (error.value.details() or "")
+    assert dict(error.value.trailing_metadata() or ())[RETRY_AFTER_MS_KEY] == "0"
+    assert 0.3 <= elapsed < 3.0
