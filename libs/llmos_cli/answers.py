@@ -31,6 +31,7 @@ from llmos.facts import facts, normalize
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2
 from llmos_cli.client import connect
+from llmos_cli.output import add_api_key_option
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 QUESTIONS_FILE = "questions.yaml"
@@ -227,7 +228,7 @@ def cmd_eval_answers(args: argparse.Namespace) -> int:
 def register(evals: argparse._SubParsersAction) -> None:
     answers = evals.add_parser("answers", help="fact accuracy, citations, declines and latency of the assistant's answers")
     answers.add_argument("--data", default=str(DEMO), help=f"a folder with {QUESTIONS_FILE} (format: demo/{QUESTIONS_FILE})")
-    answers.add_argument("--api-key", default="", help="API key (default: the first admin key in LLMOS_API_KEYS)")
+    add_api_key_option(answers)
     answers.add_argument("--timeout", type=float, default=120.0, help="seconds each Chat call may take")
     answers.add_argument("--failures", action="store_true", help="also list every question answered wrongly")
     answers.set_defaults(run=cmd_eval_answers)

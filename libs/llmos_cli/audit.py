@@ -14,36 +14,67 @@ from llmos.clients import AuditClient
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import audit_pb2, events_pb2
 from llmos_cli.client import connect
+from llmos_cli.output import add_api_key_option, add_json_option, print_json, print_table
 
 PAGE_SIZE = 200
 
 
+def _decision(event: events_pb2.AuditEvent) -> str:
+    return events_pb2.AuditDecision.Name(event.decision).removeprefix("AUDIT_DECISION_").lower()
+
+
+def _when(event: events_pb2.AuditEvent) -> str:
+    return datetime.fromtimestamp(event.time.ToSeconds(), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _line(record: audit_pb2.AuditRecord) -> str:
+    """One record as a line of `llmos audit tail`."""
     event = record.event
-    when = datetime.fromtimestamp(event.time.ToSeconds(), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    decision = events_pb2.AuditDecision.Name(event.decision).removeprefix("AUDIT_DECISION_").lower()
     reason = f"  ({event.reason})" if event.reason else ""
-    return f"#{record.sequence:<6} {when} {event.tenant:<10} {event.principal:<14} {decision:<5} {event.action} {event.resource}{reason}"
+    return f"#{record.sequence:<6} {_when(event)} {event.tenant:<10} {event.principal:<14} {_decision(event):<5} {event.action} {event.resource}{reason}"
 
 
-async def _query(settings: PlatformSettings, args: argparse.Namespace, follow: bool) -> int:
+def _row(record: audit_pb2.AuditRecord) -> list[str]:
+    """One record as a row of `llmos audit query`'s table."""
+    event = record.event
+    return [str(record.sequence), _when(event), event.tenant, event.principal, _decision(event), event.action, event.resource, event.reason]
+
+
+def _record_json(record: audit_pb2.AuditRecord) -> dict[str, object]:
+    event = record.event
+    return {
+        "sequence": record.sequence, "time": event.time.ToJsonString(), "tenant": event.tenant, "principal": event.principal,
+        "service": event.service, "action": event.action, "resource": event.resource, "decision": _decision(event),
+        "reason": event.reason, "trace_id": event.trace_id, "event_id": event.event_id,
+    }
+
+
+async def _query(settings: PlatformSettings, args: argparse.Namespace, follow: bool, as_json: bool = False) -> int:
     since = datetime.fromisoformat(args.since).replace(tzinfo=timezone.utc) if args.since else None
-    async with connect(settings, AuditClient, args.key) as audit:
+    found: list[audit_pb2.AuditRecord] = []
+    async with connect(settings, AuditClient, args.api_key) as audit:
         after = 0
         while True:
             records = audit.query(
                 tenant=args.tenant, principal=args.principal, action=args.action, since=since, after_sequence=after, page_size=PAGE_SIZE
             )
             async for record in records:
-                print(_line(record), flush=True)
+                if follow:
+                    print(_line(record), flush=True)
+                else:
+                    found.append(record)
                 after = record.sequence
             if not follow:
+                if as_json:
+                    print_json({"records": [_record_json(record) for record in found]})
+                else:
+                    print_table(["#", "time (UTC)", "tenant", "principal", "decision", "action", "resource", "reason"], [_row(r) for r in found])
                 return 0
             await asyncio.sleep(1.0)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    return asyncio.run(_query(load_settings(PlatformSettings), args, follow=False))
+    return asyncio.run(_query(load_settings(PlatformSettings), args, follow=False, as_json=args.json))
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -65,7 +96,7 @@ def _kept_checkpoint(path: str) -> audit_pb2.AuditCheckpoint | None:
 
 def _verified(args: argparse.Namespace) -> audit_pb2.VerifyAuditResponse:
     async def verify() -> audit_pb2.VerifyAuditResponse:
-        async with connect(load_settings(PlatformSettings), AuditClient, args.key) as audit:
+        async with connect(load_settings(PlatformSettings), AuditClient, args.api_key) as audit:
             return await audit.verify(checkpoint=_kept_checkpoint(args.checkpoint))
 
     return asyncio.run(verify())
@@ -102,13 +133,15 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
         parser.add_argument("--principal", default="")
         parser.add_argument("--action", default="", help="e.g. llmos.v1.IngestService/SubmitDocument")
         parser.add_argument("--since", default="", help="ISO time, UTC (e.g. 2026-11-29T06:00)")
-        parser.add_argument("--key", default="", help="API key (default: LLMOS_API_KEY)")
+        add_api_key_option(parser)
+        if name == "query":
+            add_json_option(parser)
         parser.set_defaults(run=run)
     for name, run, help_text in (
         ("verify", cmd_verify, "walk the hash chain and check it against its checkpoint; exit 1 if broken"),
         ("checkpoint", cmd_checkpoint, "verify, then print the log's signed checkpoint (JSON) to keep elsewhere"),
     ):
         parser = audit.add_parser(name, help=help_text)
-        parser.add_argument("--key", default="")
+        add_api_key_option(parser)
         parser.add_argument("--checkpoint", default="", help="a file kept from `llmos audit checkpoint`: the log must still hold it")
         parser.set_defaults(run=run)

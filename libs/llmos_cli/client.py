@@ -18,14 +18,14 @@ Client = TypeVar("Client", bound=ServiceClient)
 
 
 def api_key(settings: PlatformSettings, explicit: str = "") -> str:
-    """`--key`, else LLMOS_API_KEY, else the first administrator key of the local configuration."""
+    """`--api-key`, else LLMOS_API_KEY, else the first administrator key of the local configuration."""
     if explicit or settings.api_key:
         return explicit or settings.api_key
     for entry in settings.api_keys.split(","):
         key, _, identity = entry.strip().partition("=")
         if "admin" in identity.rpartition(":")[2].split("|"):
             return key
-    raise RuntimeError("no API key: pass --key or set LLMOS_API_KEY (issue one with `llmos keys create`)")
+    raise RuntimeError("no API key: pass --api-key or set LLMOS_API_KEY (issue one with `llmos keys create`)")
 
 
 def metadata(settings: PlatformSettings, explicit_key: str = "") -> Metadata:

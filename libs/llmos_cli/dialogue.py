@@ -25,6 +25,7 @@ from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2
 from llmos_cli import answers
 from llmos_cli.client import api_key, connect
+from llmos_cli.output import add_api_key_option
 
 DEMO = Path(__file__).resolve().parents[2] / "demo"
 HELD_BACK_FRACTION = 0.2
@@ -314,17 +315,13 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
 
 
 def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAction) -> None:
-    def with_key(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--api-key", default="", help="API key (default: the first in LLMOS_API_KEYS)")
-        return parser
-
-    chat = with_key(commands.add_parser("chat", help="talk to the assistant (streaming, with citations)"))
+    chat = add_api_key_option(commands.add_parser("chat", help="talk to the assistant (streaming, with citations)"))
     chat.add_argument("--session", default="", help="continue this session")
     chat.set_defaults(run=cmd_chat)
-    ask = with_key(commands.add_parser("ask", help="ask the assistant one question"))
+    ask = add_api_key_option(commands.add_parser("ask", help="ask the assistant one question"))
     ask.add_argument("question")
     ask.set_defaults(run=cmd_ask)
-    summarize = with_key(commands.add_parser("summarize", help="summarize a file or an indexed document"))
+    summarize = add_api_key_option(commands.add_parser("summarize", help="summarize a file or an indexed document"))
     summarize.add_argument("file", nargs="?", help="a UTF-8 text file")
     summarize.add_argument("--doc", default="", help="an indexed document id instead of a file")
     summarize.add_argument("--mode", choices=("extractive", "abstractive"), default="extractive")
@@ -335,7 +332,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     intents.add_argument("--data", required=True, help="a BANKING77-format folder (train.csv[, test.csv]) or CLINC150 folder")
     intents.add_argument("--target-accuracy", type=float, default=0.95, help="in-scope accuracy the OOS threshold must keep")
     intents.set_defaults(run=cmd_eval_intents)
-    summaries = with_key(evals.add_parser("summarize", help="ROUGE of Summarize (both modes) beside lead-3"))
+    summaries = add_api_key_option(evals.add_parser("summarize", help="ROUGE of Summarize (both modes) beside lead-3"))
     summaries.add_argument("--data", required=True, help="a folder with docs.jsonl (document, reference)")
     summaries.add_argument("--modes", nargs="+", choices=("extractive", "abstractive"), default=["extractive", "abstractive"])
     summaries.add_argument("--limit", type=int, default=0, help="only the first N documents")

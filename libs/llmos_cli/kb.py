@@ -29,6 +29,15 @@ from llmos.natsauth import connect_cli
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2, retrieval_pb2
 from llmos_cli.client import connect
+from llmos_cli.output import (
+    ProgressBar,
+    ProgressBars,
+    add_api_key_option,
+    add_json_option,
+    print_json,
+    print_table,
+    progress_bars,
+)
 
 T = TypeVar("T")
 MIME_TYPES = {
@@ -52,25 +61,6 @@ PRIORITIES = {
 # Published SciFact nDCG@10 (BEIR test split), printed beside ours.
 REFERENCE_NDCG10 = {"sparse": ("BM25 (BEIR)", 0.665), "dense": ("all-MiniLM-L6-v2", 0.65), "hybrid": ("Qdrant hybrid RRF", 0.718)}
 RPC_TIMEOUT_S = 60.0
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self._started = label, total, 0, time.perf_counter()
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        if not sys.stderr.isatty() and self.done < self.total:
-            return  # a log file gets the final line only
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        rate = self.done / max(time.perf_counter() - self._started, 1e-9)
-        print(f"\r{self.label:<10} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:6.1f}/s",
-              end="", file=sys.stderr, flush=True)
-        if self.done >= self.total:
-            print(file=sys.stderr)
 
 
 async def bounded(items: Sequence[T], concurrency: int, work: Callable[[T], Awaitable[object]]) -> list[object]:
@@ -100,7 +90,7 @@ class Outcome:
 
 
 async def watch_documents(
-    settings: PlatformSettings, tenant: str, document_ids: Iterable[str], after_seq: int, timeout_s: float, progress: Progress | None
+    settings: PlatformSettings, tenant: str, document_ids: Iterable[str], after_seq: int, timeout_s: float, progress: ProgressBar | None
 ) -> Outcome:
     """Follow `docs.indexed` / `docs.failed` from `after_seq` until every document is settled."""
     pending = set(document_ids)
@@ -178,51 +168,63 @@ async def _ingest(args: argparse.Namespace, settings: PlatformSettings) -> int:
         print("no supported files found", file=sys.stderr)
         return 1
     start_seq = await bus_position(settings) if args.wait else 0
-    rows: dict[str, list[str]] = {}
-    progress = Progress("submitted", len(documents))
-    tenant = args.tenant
-    async with connect(settings, IngestClient, args.key) as ingest:
-
-        async def submit(document: FileDocument) -> None:
-            try:
-                response = await ingest.submit(
-                    ingest_pb2.SubmitDocumentRequest(
-                        tenant=args.tenant, document_id=document.document_id, title=_title(document),
-                        mime_type=document.mime_type, content=document.path.read_bytes(), source=str(document.path),
-                        tags=args.tag, priority=PRIORITIES[args.priority],
-                    ),
-                    timeout_s=RPC_TIMEOUT_S,
-                )
-                stage = "unchanged" if response.unchanged else common_pb2.DocumentStage.Name(response.stage).removeprefix("DOCUMENT_STAGE_").lower()
-                rows[document.document_id] = [str(document.path), document.document_id, stage, ""]
-            except LlmosError as exc:  # this file is reported failed; the others go on
-                rows[document.document_id] = [str(document.path), document.document_id, "failed", f"{type(exc).__name__}: {exc.message}"]
-            progress.advance()
-
-        await bounded(documents, args.concurrency, submit)
-        waiting = [doc for doc, row in rows.items() if row[2] not in ("failed", "unchanged")]
-        if args.wait and waiting:
-            if not tenant:
-                tenant = (await ingest.status(waiting[0], timeout_s=RPC_TIMEOUT_S)).tenant
-            outcome = await watch_documents(settings, tenant, waiting, start_seq, args.timeout, Progress("indexed", len(waiting)))
-            for document_id in outcome.indexed:
-                rows[document_id][2] = "indexed"
-            for document_id, reason in outcome.failed.items():
-                rows[document_id][2:] = ["failed", reason]
-    print_table(["file", "document", "stage", "error"], sorted(rows.values()))
+    async with connect(settings, IngestClient, args.api_key) as ingest:
+        with progress_bars() as bars:
+            rows, tenant = await _submit_and_watch(args, settings, ingest, documents, start_seq, bars)
     counts: dict[str, int] = {}
     for row in rows.values():
         counts[row[2]] = counts.get(row[2], 0) + 1
-    print("summary: " + ", ".join(f"{count} {stage}" for stage, count in sorted(counts.items())))
+    ordered = sorted(rows.values())
+    if args.json:
+        print_json({
+            "tenant": tenant,
+            "documents": [{"file": file, "document_id": document_id, "stage": stage, "error": error}
+                          for file, document_id, stage, error in ordered],
+            "summary": dict(sorted(counts.items())),
+        })
+    else:
+        print_table(["file", "document", "stage", "error"], ordered)
+        print("summary: " + ", ".join(f"{count} {stage}" for stage, count in sorted(counts.items())))
     return 1 if counts.get("failed") else 0
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max([len(header[i]), *(len(row[i]) for row in rows)]) for i in range(len(header))]
-    print("  ".join(name.ljust(width) for name, width in zip(header, widths)))
-    print("  ".join("-" * width for width in widths))
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+async def _submit_and_watch(
+    args: argparse.Namespace, settings: PlatformSettings, ingest: IngestClient, documents: Sequence[FileDocument],
+    start_seq: int, bars: ProgressBars,
+) -> tuple[dict[str, list[str]], str]:
+    """Submit every file (`concurrency` at once), then with `--wait` follow them until indexed or
+    failed; a row per document (file, id, stage, error), and the tenant they went to."""
+    rows: dict[str, list[str]] = {}
+    tenant = args.tenant
+    progress = bars.bar("submitted", len(documents))
+
+    async def submit(document: FileDocument) -> None:
+        try:
+            response = await ingest.submit(
+                ingest_pb2.SubmitDocumentRequest(
+                    tenant=args.tenant, document_id=document.document_id, title=_title(document),
+                    mime_type=document.mime_type, content=document.path.read_bytes(), source=str(document.path),
+                    tags=args.tag, priority=PRIORITIES[args.priority],
+                ),
+                timeout_s=RPC_TIMEOUT_S,
+            )
+            stage = "unchanged" if response.unchanged else common_pb2.DocumentStage.Name(response.stage).removeprefix("DOCUMENT_STAGE_").lower()
+            rows[document.document_id] = [str(document.path), document.document_id, stage, ""]
+        except LlmosError as exc:  # this file is reported failed; the others go on
+            rows[document.document_id] = [str(document.path), document.document_id, "failed", f"{type(exc).__name__}: {exc.message}"]
+        progress.advance()
+
+    await bounded(documents, args.concurrency, submit)
+    waiting = [doc for doc, row in rows.items() if row[2] not in ("failed", "unchanged")]
+    if args.wait and waiting:
+        if not tenant:
+            tenant = (await ingest.status(waiting[0], timeout_s=RPC_TIMEOUT_S)).tenant
+        outcome = await watch_documents(settings, tenant, waiting, start_seq, args.timeout, bars.bar("indexed", len(waiting)))
+        for document_id in outcome.indexed:
+            rows[document_id][2] = "indexed"
+        for document_id, reason in outcome.failed.items():
+            rows[document_id][2:] = ["failed", reason]
+    return rows, tenant
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -233,11 +235,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 async def _search(args: argparse.Namespace, settings: PlatformSettings) -> int:
-    async with connect(settings, RetrievalClient, args.key) as retrieval:
+    async with connect(settings, RetrievalClient, args.api_key) as retrieval:
         hits = await retrieval.search(
             args.tenant, args.query, args.top_k, RPC_TIMEOUT_S, MODES[args.mode],
             search_filter=retrieval_pb2.SearchFilter(document_ids=args.document, tags=args.tag, sources=args.source),
         )
+    if args.json:
+        print_json({"query": args.query, "mode": args.mode, "results": [
+            {"rank": rank, "score": hit.score, "document_id": hit.chunk.document_id, "chunk_id": hit.chunk.chunk_id,
+             "title": hit.chunk.title, "source": hit.chunk.source, "tags": list(hit.chunk.tags),
+             "start_offset": hit.chunk.start_offset, "end_offset": hit.chunk.end_offset, "text": hit.chunk.text}
+            for rank, hit in enumerate(hits, start=1)
+        ]})
+        return 0
     rows = []
     for rank, hit in enumerate(hits, start=1):
         snippet = " ".join(hit.chunk.text.split())
@@ -261,15 +271,23 @@ STAGES = {common_pb2.DocumentStage.Name(value).removeprefix("DOCUMENT_STAGE_").l
 
 
 async def _docs_list(args: argparse.Namespace, settings: PlatformSettings) -> int:
-    async with connect(settings, IngestClient, args.key) as ingest:
-        rows = []
-        async for status in ingest.documents(
+    async with connect(settings, IngestClient, args.api_key) as ingest:
+        statuses = [status async for status in ingest.documents(
             tenant=args.tenant, stage=STAGES[args.status] if args.status else common_pb2.DOCUMENT_STAGE_UNSPECIFIED,
             include_deleted=args.deleted, timeout_s=RPC_TIMEOUT_S,
-        ):
-            updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(status.updated_at.seconds)) if status.HasField("updated_at") else ""
-            stage = common_pb2.DocumentStage.Name(status.stage).removeprefix("DOCUMENT_STAGE_").lower()
-            rows.append([status.document_id, stage, str(status.chunk_count), updated, status.reason])
+        )]
+    rows = []
+    for status in statuses:
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(status.updated_at.seconds)) if status.HasField("updated_at") else ""
+        rows.append([status.document_id, _stage_name(status.stage), str(status.chunk_count), updated, status.reason])
+    if args.json:
+        print_json({"documents": [
+            {"document_id": status.document_id, "tenant": status.tenant, "status": _stage_name(status.stage),
+             "chunk_count": status.chunk_count, "content_hash": status.content_hash,
+             "updated_at": status.updated_at.ToJsonString() if status.HasField("updated_at") else None, "reason": status.reason}
+            for status in statuses
+        ]})
+        return 0
     if not rows:
         print("no documents")
         return 0
@@ -277,8 +295,12 @@ async def _docs_list(args: argparse.Namespace, settings: PlatformSettings) -> in
     return 0
 
 
+def _stage_name(stage: common_pb2.DocumentStage.ValueType) -> str:
+    return common_pb2.DocumentStage.Name(stage).removeprefix("DOCUMENT_STAGE_").lower()
+
+
 async def _docs_delete(args: argparse.Namespace, settings: PlatformSettings) -> int:
-    async with connect(settings, IngestClient, args.key) as ingest:
+    async with connect(settings, IngestClient, args.api_key) as ingest:
         for document_id in args.documents:
             deleted = await ingest.delete(document_id, tenant=args.tenant, timeout_s=RPC_TIMEOUT_S)
             print(f"{document_id}: {'deleted' if deleted else 'was already deleted'}")
@@ -345,52 +367,53 @@ async def _eval_retrieval(args: argparse.Namespace, settings: PlatformSettings) 
     print(f"{args.data}: {len(data.corpus)} documents, {len(queries)} queries; throwaway tenant {tenant}")
     start_seq = await bus_position(settings)
     started = time.perf_counter()
-    async with connect(settings, IngestClient, args.key) as ingest, connect(settings, RetrievalClient, args.key) as retrieval:
-        submitted = Progress("submitted", len(data.corpus))
-        watcher = asyncio.create_task(
-            watch_documents(settings, tenant, [str(doc["_id"]) for doc in data.corpus], start_seq, args.timeout,
-                            Progress("indexed", len(data.corpus)) if args.verbose else None)
-        )
-
-        async def submit(document: dict[str, str]) -> None:
-            # BEIR's convention for dense and sparse models alike: title, then text.
-            content = "\n\n".join(part for part in (document.get("title", ""), document.get("text", "")) if part)
-            await ingest.submit(
-                ingest_pb2.SubmitDocumentRequest(
-                    tenant=tenant, document_id=str(document["_id"]), title=document.get("title", ""),
-                    content=content.encode("utf-8"), mime_type="text/plain", priority=common_pb2.PRIORITY_BATCH,
-                ),
-                timeout_s=RPC_TIMEOUT_S,
+    async with connect(settings, IngestClient, args.api_key) as ingest, connect(settings, RetrievalClient, args.api_key) as retrieval:
+        with progress_bars() as bars:
+            submitted = bars.bar("submitted", len(data.corpus))
+            watcher = asyncio.create_task(
+                watch_documents(settings, tenant, [str(doc["_id"]) for doc in data.corpus], start_seq, args.timeout,
+                                bars.bar("indexed", len(data.corpus)) if args.verbose else None)
             )
-            submitted.advance()
 
-        try:
-            await bounded(data.corpus, args.concurrency, submit)
-            outcome = await watcher
-            ingest_s = time.perf_counter() - started
-            print(f"indexed {len(outcome.indexed)} of {len(data.corpus)} documents in {ingest_s:.0f} s "
-                  f"({len(outcome.indexed) / ingest_s:.1f} documents/s); {len(outcome.failed)} failed")
-            results: dict[str, dict[str, float]] = {}
-            for mode in args.modes:
-                progress = Progress(mode, len(queries))
-
-                async def run_query(item: tuple[str, str], mode: str = mode, progress: Progress = progress) -> tuple[str, list[str]]:
-                    query_id, text = item
-                    hits = await retrieval.search(tenant, text, args.top_chunks, RPC_TIMEOUT_S, MODES[mode])
-                    progress.advance()
-                    return query_id, documents_by_best_chunk(hits)
-
-                ranked = dict(await bounded(list(queries.items()), args.concurrency, run_query))  # type: ignore[arg-type]
-                results[mode] = {
-                    "ndcg@10": sum(ndcg_at_k(ranked[q], data.qrels[q], 10) for q in queries) / len(queries),
-                    "recall@100": sum(recall_at_k(ranked[q], data.qrels[q], 100) for q in queries) / len(queries),
-                }
-        finally:
-            if not args.keep:
-                await bounded(
-                    data.corpus, args.concurrency,
-                    lambda doc: _delete_quietly(ingest, tenant, str(doc["_id"])),
+            async def submit(document: dict[str, str]) -> None:
+                # BEIR's convention for dense and sparse models alike: title, then text.
+                content = "\n\n".join(part for part in (document.get("title", ""), document.get("text", "")) if part)
+                await ingest.submit(
+                    ingest_pb2.SubmitDocumentRequest(
+                        tenant=tenant, document_id=str(document["_id"]), title=document.get("title", ""),
+                        content=content.encode("utf-8"), mime_type="text/plain", priority=common_pb2.PRIORITY_BATCH,
+                    ),
+                    timeout_s=RPC_TIMEOUT_S,
                 )
+                submitted.advance()
+
+            try:
+                await bounded(data.corpus, args.concurrency, submit)
+                outcome = await watcher
+                ingest_s = time.perf_counter() - started
+                print(f"indexed {len(outcome.indexed)} of {len(data.corpus)} documents in {ingest_s:.0f} s "
+                      f"({len(outcome.indexed) / ingest_s:.1f} documents/s); {len(outcome.failed)} failed")
+                results: dict[str, dict[str, float]] = {}
+                for mode in args.modes:
+                    progress = bars.bar(mode, len(queries))
+
+                    async def run_query(item: tuple[str, str], mode: str = mode, progress: ProgressBar = progress) -> tuple[str, list[str]]:
+                        query_id, text = item
+                        hits = await retrieval.search(tenant, text, args.top_chunks, RPC_TIMEOUT_S, MODES[mode])
+                        progress.advance()
+                        return query_id, documents_by_best_chunk(hits)
+
+                    ranked = dict(await bounded(list(queries.items()), args.concurrency, run_query))  # type: ignore[arg-type]
+                    results[mode] = {
+                        "ndcg@10": sum(ndcg_at_k(ranked[q], data.qrels[q], 10) for q in queries) / len(queries),
+                        "recall@100": sum(recall_at_k(ranked[q], data.qrels[q], 100) for q in queries) / len(queries),
+                    }
+            finally:
+                if not args.keep:
+                    await bounded(
+                        data.corpus, args.concurrency,
+                        lambda doc: _delete_quietly(ingest, tenant, str(doc["_id"])),
+                    )
     rows = [
         [mode, f"{r['ndcg@10']:.3f}", f"{r['recall@100']:.3f}", REFERENCE_NDCG10[mode][0], f"{REFERENCE_NDCG10[mode][1]:.3f}"]
         for mode, r in results.items()
@@ -425,7 +448,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     ingest.add_argument("--concurrency", type=int, default=4)
     ingest.add_argument("--no-wait", dest="wait", action="store_false", help="return once submitted, before indexing")
     ingest.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for indexing")
-    ingest.add_argument("--key", default="", help="API key; default: LLMOS_API_KEY, else the first admin key configured")
+    add_api_key_option(add_json_option(ingest))
     ingest.set_defaults(run=cmd_ingest)
 
     search = commands.add_parser("search", help="search the knowledge base")
@@ -436,7 +459,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     search.add_argument("--document", action="append", default=[], help="only these document ids (repeatable)")
     search.add_argument("--tag", action="append", default=[], help="only chunks with any of these tags (repeatable)")
     search.add_argument("--source", action="append", default=[], help="only these sources (repeatable)")
-    search.add_argument("--key", default="", help="API key (as for ingest)")
+    add_api_key_option(add_json_option(search))
     search.set_defaults(run=cmd_search)
 
     docs = commands.add_parser("docs", help="the knowledge base's documents").add_subparsers(dest="docs_command", required=True)
@@ -444,12 +467,12 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     listing.add_argument("--status", choices=list(STAGES), help="only documents in this status (default: all but deleted)")
     listing.add_argument("--deleted", action="store_true", help="list deleted documents too")
     listing.add_argument("--tenant", default="", help="administrators only: another tenant")
-    listing.add_argument("--key", default="", help="API key (as for ingest)")
+    add_api_key_option(add_json_option(listing))
     listing.set_defaults(run=cmd_docs_list)
     delete = docs.add_parser("delete", help="remove documents and their chunks")
     delete.add_argument("documents", nargs="+", help="document ids")
     delete.add_argument("--tenant", default="", help="administrators only: another tenant")
-    delete.add_argument("--key", default="", help="API key (as for ingest)")
+    add_api_key_option(delete)
     delete.set_defaults(run=cmd_docs_delete)
 
     retrieval = evals.add_parser("retrieval", help="nDCG@10 and recall@100 on a BEIR folder, through ingest and Search")
@@ -462,5 +485,5 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     retrieval.add_argument("--keep", action="store_true", help="leave the throwaway tenant's documents in place")
     retrieval.add_argument("--output", default="", help="also write the figures to this JSON file")
     retrieval.add_argument("--verbose", action="store_true", help="show indexing progress")
-    retrieval.add_argument("--key", default="", help="API key of an administrator (it names the throwaway tenant)")
+    add_api_key_option(retrieval, "API key of an administrator (it names the throwaway tenant)")
     retrieval.set_defaults(run=cmd_eval_retrieval)

@@ -17,6 +17,7 @@ from llmos.natsauth import connect_cli, issue_publisher, publisher_permissions, 
 from llmos.policy import ROLES
 from llmos.settings import PlatformSettings, load_settings
 from llmos.stack import reload_nats_users
+from llmos_cli.output import add_json_option, print_json, print_table
 
 
 async def _with_store(action: Callable[[KeyStore], Awaitable[int]]) -> int:
@@ -45,10 +46,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     async def show(store: KeyStore) -> int:
-        print(f"{'key id':<14} {'subject':<16} {'tenant':<12} {'roles':<20} created")
-        for _, record in await store.records():
-            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
-            print(f"{record.key_id:<14} {record.subject:<16} {record.tenant:<12} {','.join(record.roles):<20} {created}")
+        records = [record for _, record in await store.records()]
+        if args.json:
+            print_json({"keys": [
+                {"key_id": record.key_id, "subject": record.subject, "tenant": record.tenant, "roles": list(record.roles),
+                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created_at))}
+                for record in records
+            ]})
+            return 0
+        print_table(["key id", "subject", "tenant", "roles", "created (UTC)"], [
+            [record.key_id, record.subject, record.tenant, ",".join(record.roles), time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))]
+            for record in records
+        ])
         return 0
 
     return asyncio.run(_with_store(show))
@@ -108,7 +117,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     create.add_argument("--tenant", required=True, help=f"the tenant: {TENANT_ALPHABET}")
     create.add_argument("--role", action="append", choices=ROLES, required=True, help="repeat for several roles")
     create.set_defaults(run=cmd_create)
-    keys.add_parser("list", help="issued keys (ids and principals, never the keys)").set_defaults(run=cmd_list)
+    add_json_option(keys.add_parser("list", help="issued keys (ids and principals, never the keys)")).set_defaults(run=cmd_list)
     revoke = keys.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_revoke)

@@ -14,6 +14,7 @@ from pathlib import Path
 from llmos import errors
 from llmos.settings import SERVICE_NAMES, PlatformSettings, SettingsError, load_settings
 from llmos.telemetry import SPAN_FILE, read_spans
+from llmos_cli.output import add_json_option
 
 # Modules that add subcommands of their area: each exposes `register(commands, evals)`, adding
 # its commands to `commands` and its `llmos eval <task>` evaluations to `evals`.
@@ -21,7 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = ("llmos_cli.keys", "llmos_cli.audit", "llmos_
 # What to do about a platform error a command could not handle, beside its message.
 NEXT_STEPS: dict[type[errors.LlmosError], str] = {
     errors.Unavailable: "is the platform running? Start it with `llmos up --detach`; `llmos status` shows each service's health",
-    errors.Unauthenticated: "pass an API key with --key / --api-key or set LLMOS_API_KEY (an administrator issues one with `llmos keys create`)",
+    errors.Unauthenticated: "pass an API key with --api-key or set LLMOS_API_KEY (an administrator issues one with `llmos keys create`)",
     errors.PermissionDenied: "this API key's role may not do that: use a key whose role may (`llmos keys create --role ...`)",
     errors.DeadlineExceeded: "the service did not answer in time: it may be busy or still loading; retry, or see `llmos status`",
 }
@@ -80,7 +81,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from llmos_cli.status import print_status
 
-    return asyncio.run(print_status(_settings()))
+    return asyncio.run(print_status(_settings(), as_json=args.json))
 
 
 def cmd_streams(args: argparse.Namespace) -> int:
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--detach", action="store_true", help="return once everything is SERVING")
     up.set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop what `llmos up --detach` started").set_defaults(run=cmd_down)
-    commands.add_parser("status", help="health of each service, streams and consumer lag").set_defaults(run=cmd_status)
+    add_json_option(commands.add_parser("status", help="health of each service, streams and consumer lag")).set_defaults(run=cmd_status)
     commands.add_parser(
         "streams", help="as admin: create missing streams and buckets, bring existing ones to this version's configuration"
     ).set_defaults(run=cmd_streams)

@@ -19,6 +19,7 @@ from llmos.evaluation import WordErrors, word_errors
 from llmos.settings import PlatformSettings, load_settings
 from llmos.v1 import dialogue_pb2, speech_pb2
 from llmos_cli.client import connect
+from llmos_cli.output import add_api_key_option
 
 PUBLISHED_WER = "PocketSphinx general model: ~32% WER on LibriSpeech test-clean (published); 24.5% on the 16 shared clips"
 ROUND_TRIP_TARGET = 0.10
@@ -296,7 +297,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     transcribe.add_argument("--model", default="", help="general, domain, or empty: the tenant's domain model when it has one")
     transcribe.add_argument("--words", action="store_true", help="print word times (ms) and confidences")
     transcribe.set_defaults(run=cmd_transcribe)
-    _key_option(transcribe)
+    add_api_key_option(transcribe)
 
     say = commands.add_parser("say", help="text to speech with the speech service")
     say.add_argument("text")
@@ -305,7 +306,7 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     say.add_argument("--rate", type=int, default=0, help="sample rate in Hz (default: the voice's own)")
     say.add_argument("--speed", type=float, default=0.0, help="0.5-2.0 (default 1)")
     say.set_defaults(run=cmd_say)
-    _key_option(say)
+    add_api_key_option(say)
 
     voice = commands.add_parser("voice", help="one voice turn from a recording: transcript, answer, answer audio, timings")
     voice.add_argument("file", type=Path, help="the question, spoken (WAV 16-bit mono 8-48 kHz, or FLAC and other formats soundfile reads)")
@@ -315,12 +316,12 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     voice.add_argument("--session", default="", help="continue this session (default: a new one)")
     voice.add_argument("--fast", action="store_true", help="send the recording at once instead of in real time")
     voice.set_defaults(run=cmd_voice)
-    _key_option(voice)
+    add_api_key_option(voice)
 
     asr = evals.add_parser("asr", help="word error rate of Recognize on recordings with transcripts.tsv")
     asr.add_argument("--data", type=Path, required=True, help="folder with transcripts.tsv (path<TAB>reference) and the audio")
     asr.add_argument("--model", action="append", default=None, help="general and/or domain (repeatable; default general)")
-    _key_option(asr)
+    add_api_key_option(asr)
     asr.set_defaults(run=lambda args: cmd_eval_asr(_models(args)))
 
     round_trip = evals.add_parser("asr-roundtrip", help="synthesize questions, recognize them back, report WER")
@@ -328,12 +329,8 @@ def register(commands: argparse._SubParsersAction, evals: argparse._SubParsersAc
     round_trip.add_argument("--limit", type=int, default=50)
     round_trip.add_argument("--voice", default="jm_kumo")
     round_trip.add_argument("--model", action="append", default=None, help="general and/or domain (default: both)")
-    _key_option(round_trip)
+    add_api_key_option(round_trip)
     round_trip.set_defaults(run=lambda args: cmd_eval_round_trip(_models(args, ["general", "domain"])))
-
-
-def _key_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-key", default="", help="API key (default: LLMOS_API_KEY, else the first admin key configured)")
 
 
 def _models(args: argparse.Namespace, default: list[str] | None = None) -> argparse.Namespace:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 
 from llmos.clients import IngestClient
+from llmos.settings import SERVICE_NAMES
 from llmos.v1 import ingest_pb2
 from tests.conftest import NatsServer, free_port, platform_environment
 from tests.grpc_helpers import ADMIN
@@ -39,12 +42,22 @@ def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "all services SERVING" in up.stdout
+        # The gateway runs with them and answers where `llmos up` says.
+        assert f"web: http://{env['LLMOS_GATEWAY_ADDR']}" in up.stdout
+        assert urllib.request.urlopen(f"http://{env['LLMOS_GATEWAY_ADDR']}/healthz", timeout=5).status == 200
         print(f"stack startup: {startup_s:.1f} s")
 
         status = llmos(env, tmp_path, "status", timeout=30)
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("SERVING") == 7
         assert "INGEST" in status.stdout and "audit-llmos-audit-all" in status.stdout
+        status_json = json.loads(llmos(env, tmp_path, "status", "--json", timeout=30).stdout)
+        assert status_json["healthy"] and {s["name"]: s["health"] for s in status_json["services"]} == dict.fromkeys(SERVICE_NAMES, "SERVING")
+        assert "INGEST" in {stream["name"] for stream in status_json["streams"]}
+        created = llmos(env, tmp_path, "keys", "create", "--subject", "e2e", "--tenant", "acme", "--role", "user", timeout=30)
+        assert created.returncode == 0, created.stdout + created.stderr
+        keys = json.loads(llmos(env, tmp_path, "keys", "list", "--json", timeout=30).stdout)["keys"]
+        assert {"subject": "e2e", "tenant": "acme", "roles": ["user"]}.items() <= keys[0].items() and keys[0]["key_id"]
         streams = llmos(env, tmp_path, "streams", timeout=30)
         assert streams.returncode == 0 and "match this version" in streams.stdout, streams.stdout + streams.stderr
 
@@ -67,6 +80,8 @@ def test_up_status_trace_down(models_home: Path, tmp_path: Path) -> None:
                 break
             time.sleep(0.2)
         assert audit.returncode == 0 and "tester" in audit.stdout and "allow" in audit.stdout, audit.stdout + audit.stderr
+        records = json.loads(llmos(env, tmp_path, "audit", "query", "--action", "llmos.v1.IngestService/SubmitDocument", "--json", timeout=30).stdout)["records"]
+        assert any(r["resource"] == "document/e2e" and r["principal"] == "tester" and r["decision"] == "allow" for r in records), records
         verify = llmos(env, tmp_path, "audit", "verify", timeout=30)
         assert verify.returncode == 0 and verify.stdout.startswith("intact"), verify.stdout + verify.stderr
     finally:
