@@ -15,6 +15,7 @@ from llmos.settings import PlatformSettings
 from llmos.stack import Stack
 from llmos.telemetry import SPAN_FILE, read_spans
 from llmos.v1 import common_pb2, ingest_pb2
+from llmos_cli.browser import console_screenshot, missing_browser
 from llmos_cli.client import api_key, connect
 from llmos_cli.dialogue import demo_tour
 from llmos_cli.speech import print_voice_turn, voice_turn
@@ -22,6 +23,7 @@ from llmos_cli.tracetree import render_tree, trace_spans
 
 DEMO_KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"
+CONSOLE_QUESTION = "Can I return sale items?"
 
 
 async def _wait_until_indexed(ingest: IngestClient, document_ids: list[str], timeout_s: float = 300.0) -> None:
@@ -75,6 +77,7 @@ async def _tour(settings: PlatformSettings) -> None:
         latest = max(submissions, key=lambda span: span["start_ns"])
         print(f"\n== trace of the last submission ({latest['trace_id']}; `llmos trace --last`)")
         print("\n".join(render_tree(trace_spans(spans, latest["trace_id"]))))
+    await _console_screenshot(settings)
 
 
 async def _voice_turn(settings: PlatformSettings) -> None:
@@ -87,6 +90,22 @@ async def _voice_turn(settings: PlatformSettings) -> None:
     if turn.sample_rate:
         answer.write_bytes(turn.wav())
         print(f"answer audio: {turn.audio_s:.1f} s -> {answer}")
+
+
+async def _console_screenshot(settings: PlatformSettings) -> None:
+    """The web console in a headless browser: signed in, a question answered, the page saved."""
+    url = f"http://{settings.gateway_addr}/"
+    print(f"\n== web console ({url}): a headless-browser screenshot")
+    if reason := missing_browser():
+        print(f"  skipped: {reason}")
+        return
+    path = settings.home / "console.png"
+    try:
+        await asyncio.to_thread(console_screenshot, url, api_key(settings), CONSOLE_QUESTION, path)
+    except RuntimeError as exc:
+        print(f"  no screenshot: {exc}")
+        return
+    print(f"  signed in, asked {CONSOLE_QUESTION!r} -> {path}")
 
 
 def run_demo(settings: PlatformSettings) -> int:
