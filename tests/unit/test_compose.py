@@ -442,12 +442,17 @@ def test_env_files_and_mounted_files_exist(compose: dict[str, Any]) -> None:
 
 
 def test_no_port_is_published_twice(services: dict[str, dict[str, Any]]) -> None:
-    seen: dict[tuple[str | None, int], str] = {}
-    for name, service in services.items():
-        for host_ip, published, _ in published_ports(service):
-            key = (host_ip, published)
-            assert key not in seen, f"{name} and {seen[key]} both publish {published}"
-            seen[key] = name
+    """Among the services of each profile (those without profiles run in every one)."""
+    profiles = {profile for service in services.values() for profile in service.get("profiles", [])} or {""}
+    for profile in profiles:
+        seen: dict[tuple[str | None, int], str] = {}
+        for name, service in services.items():
+            if service.get("profiles") and profile not in service["profiles"]:
+                continue
+            for host_ip, published, _ in published_ports(service):
+                key = (host_ip, published)
+                assert key not in seen, f"{profile}: {name} and {seen[key]} both publish {published}"
+                seen[key] = name
 
 
 # --------------------------------------------------------------------------- deploy/ files
