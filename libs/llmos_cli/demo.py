@@ -14,12 +14,12 @@ from llmos.clients import AuditClient, DialogueClient, IngestClient, TokenizerCl
 from llmos.settings import PlatformSettings
 from llmos.stack import Stack
 from llmos.telemetry import SPAN_FILE, read_spans
+from llmos.tracetree import render_tree, trace_spans
 from llmos.v1 import common_pb2, ingest_pb2
 from llmos_cli.browser import console_screenshot, missing_browser
 from llmos_cli.client import api_key, connect
 from llmos_cli.dialogue import demo_tour
 from llmos_cli.speech import print_voice_turn, voice_turn
-from llmos_cli.tracetree import render_tree, trace_spans
 
 DEMO_KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"

@@ -94,7 +94,7 @@ def cmd_streams(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from llmos_cli.tracetree import last_trace_id, render_tree, trace_spans
+    from llmos.tracetree import last_trace_id, render_tree, trace_spans
 
     settings = _settings()
     spans = read_spans(settings.telemetry_dir / SPAN_FILE)

@@ -26,7 +26,7 @@ from llmos import errors
 from llmos.audit import ALLOW, DENY
 from llmos.auth import current_principal
 from llmos.telemetry import SPAN_FILE
-from llmos_cli.tracetree import SpanRecord, trace_spans, tree_rows
+from llmos.tracetree import SpanRecord, trace_spans, tree_rows
 from services.gateway.http import AuditRecorder
 from services.gateway.settings import GatewaySettings
 

@@ -3,7 +3,8 @@ services -> libs/llmos -> generated protos; servicers and handlers -> one core p
 
 It fails on
 - `libs/` importing `services`: the shared library knows no service;
-- `libs/llmos` importing `llmos_cli`: the `llmos` command uses the library, never the reverse;
+- `libs/llmos` or a service importing `llmos_cli`: the `llmos` command uses the library and
+  calls the services, never the reverse;
 - a service importing another service's package: services meet over gRPC and the bus only;
 - a `services/<name>/core.py` importing grpc, faststream or nats: a core is handed ports
   (`llmos.ports`) by its composition root (`app.py`), so both transports drive the same logic;
@@ -104,6 +105,8 @@ def _import_violations(modules: Iterable[Module]) -> Iterator[str]:
                 yield f"{where}: libs/ imports {imported.module} (the shared library must not know a service)"
             if _top(module.name) == "llmos" and _top(imported.module) == "llmos_cli":
                 yield f"{where}: libs/llmos imports {imported.module} (the library must not know the CLI)"
+            if own_service and _top(imported.module) == "llmos_cli":
+                yield f"{where}: {own_service} imports {imported.module} (a service must not know the CLI)"
             if own_service and _service(imported.module) not in ("", own_service):
                 yield f"{where}: {own_service} imports {imported.module} (another service's package)"
             if is_core and _top(imported.module) in TRANSPORTS:
@@ -194,13 +197,15 @@ def test_the_check_fails_on_each_kind_of_violation() -> None:
     ]
 
 
-def test_the_library_must_not_import_the_cli() -> None:
+def test_the_library_and_the_services_must_not_import_the_cli() -> None:
     sources = {
         "libs/llmos/stack.py": "from llmos_cli.status import print_status\n",
         "libs/llmos/audit.py": "def later():\n    import llmos_cli.main\n",
         "libs/llmos_cli/main.py": "from llmos.stack import Stack\nfrom llmos_cli.status import print_status\n",
+        "services/gateway/console.py": "from llmos_cli.tracetree import tree_rows\n",
     }
     assert violations(parse_module(path, source) for path, source in sources.items()) == [
         "libs/llmos/stack.py:1: libs/llmos imports llmos_cli.status (the library must not know the CLI)",
         "libs/llmos/audit.py:2: libs/llmos imports llmos_cli.main (the library must not know the CLI)",
+        "services/gateway/console.py:1: services.gateway imports llmos_cli.tracetree (a service must not know the CLI)",
     ]

@@ -4,8 +4,8 @@ import pytest
 
 from llmos.bus.codec import decode, encode
 from llmos.errors import InvalidArgument
+from llmos.tracetree import last_trace_id, render_tree, trace_spans
 from llmos.v1 import events_pb2
-from llmos_cli.tracetree import last_trace_id, render_tree, trace_spans
 
 pytestmark = pytest.mark.unit
 
