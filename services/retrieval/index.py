@@ -270,6 +270,7 @@ class ClientIndex:
         layout: CollectionLayout = CollectionLayout(),
     ) -> None:
         from qdrant_client import QdrantClient, models
+        from qdrant_client.http.exceptions import UnexpectedResponse
 
         self._models = models
         self._collection = collection
@@ -281,15 +282,20 @@ class ClientIndex:
         else:
             self._client = QdrantClient(location=":memory:")
         if not self._client.collection_exists(collection):
-            self._client.create_collection(
-                collection,
-                vectors_config={DENSE: models.VectorParams(size=dimensions, distance=models.Distance.COSINE)},
-                sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
-                shard_number=layout.shard_number,
-                replication_factor=layout.replication_factor,
-                write_consistency_factor=layout.write_consistency_factor,
-            )
-            if url:  # local mode has no payload indexes
+            try:
+                self._client.create_collection(
+                    collection,
+                    vectors_config={DENSE: models.VectorParams(size=dimensions, distance=models.Distance.COSINE)},
+                    sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
+                    shard_number=layout.shard_number,
+                    replication_factor=layout.replication_factor,
+                    write_consistency_factor=layout.write_consistency_factor,
+                )
+            except UnexpectedResponse:
+                # Replicas starting together: another one created it between the check and here.
+                if not self._client.collection_exists(collection):
+                    raise
+            if url:  # local mode has no payload indexes; creating one that exists changes nothing
                 self._client.create_payload_index(
                     collection, "tenant", models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, is_tenant=True)
                 )

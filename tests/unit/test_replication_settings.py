@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from nats.js.api import StreamConfig
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from llmos.bus.broker import declare_streams
 from llmos.bus.subjects import BUCKETS, STREAMS
@@ -107,3 +109,36 @@ async def test_only_the_admin_moves_existing_streams_to_new_replicas() -> None:
     assert sorted(js.updated) == sorted(names)
     assert all(isinstance(js.streams[name], StreamConfig) and js.streams[name].num_replicas == 3 for name in names)
     assert all(js.streams[f"KV_{bucket.name}"].allow_direct for bucket in BUCKETS)
+
+
+class RacedQdrant(RecordingQdrant):
+    """A server on which another replica creates the collection between the check and the call."""
+
+    exists_after_race = True
+    indexed: list[str] = []
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.checks = 0
+
+    def collection_exists(self, name: str) -> bool:
+        self.checks += 1
+        return self.checks > 1 and self.exists_after_race
+
+    def create_collection(self, name: str, **config: Any) -> None:
+        raise UnexpectedResponse(409, "Conflict", b"collection already exists", httpx.Headers())
+
+    def create_payload_index(self, collection: str, field: str, *args: Any) -> None:
+        RacedQdrant.indexed.append(field)
+
+
+def test_a_replica_that_loses_the_race_to_create_the_collection_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qdrant_client
+
+    monkeypatch.setattr(qdrant_client, "QdrantClient", RacedQdrant)
+    RacedQdrant.indexed = []
+    ClientIndex("chunks", 8, url="http://qdrant:6333")
+    assert "tenant" in RacedQdrant.indexed
+    monkeypatch.setattr(RacedQdrant, "exists_after_race", False)
+    with pytest.raises(UnexpectedResponse):  # a refusal that is not the race is not hidden
+        ClientIndex("chunks", 8, url="http://qdrant:6333")
