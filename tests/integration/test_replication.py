@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
 from llmos.bus.broker import Bus, declare_streams
-from llmos.bus.subjects import BUCKETS, DOCS_FAILED, STREAMS, ingest_requested
+from llmos.bus.subjects import BUCKETS, CHUNKS_EMBEDDED, DOCS_FAILED, STREAMS, durable_name, ingest_requested, stream_for
 from llmos.natsauth import ADMIN_USER, authorization_block, new_credentials
 from llmos.v1 import events_pb2
 from tests.cluster_helpers import NatsCluster, nats_cluster
@@ -62,6 +62,20 @@ async def replicated(js: JetStreamContext, name: str, replicas: int) -> StreamIn
         await asyncio.sleep(0.2)
 
 
+async def consumer_replicated(js: JetStreamContext, subject: str, service: str, replicas: int) -> None:
+    """Until `service`'s durable consumer of `subject` has `replicas` copies."""
+    stream, durable = stream_for(subject).name, durable_name(service, subject)
+    deadline = asyncio.get_running_loop().time() + CATCH_UP_S
+    while True:
+        info = await js.consumer_info(stream, durable)
+        followers = info.cluster.replicas if info.cluster and info.cluster.replicas else []
+        if info.cluster is not None and info.cluster.leader and len(followers) == replicas - 1:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{stream}/{durable}: cluster {info.cluster}")
+        await asyncio.sleep(0.2)
+
+
 async def test_a_service_creates_every_stream_and_bucket_on_three_servers(
     cluster: NatsCluster, credentials: dict[str, str]
 ) -> None:
@@ -74,6 +88,9 @@ async def test_a_service_creates_every_stream_and_bucket_on_three_servers(
             info = await replicated(js, name, REPLICAS)
             servers = {info.cluster.leader, *(follower.name for follower in info.cluster.replicas or [])}
             assert servers == {node.name for node in cluster.nodes}, (name, servers)
+        # Its durable consumers (shared by its replicas) are kept on three servers too.
+        await bus.reserve(CHUNKS_EMBEDDED)
+        await consumer_replicated(js, CHUNKS_EMBEDDED, "ingest", REPLICAS)
         # A message published through one node is stored on all three.
         await bus.publish(DOCS_FAILED, events_pb2.DocumentFailed(document_id="replicated", tenant="acme", reason="test"))
         info = await replicated(js, "DOCS", REPLICAS)
@@ -92,13 +109,20 @@ async def test_llmos_streams_raises_streams_and_buckets_made_at_one_replica_to_t
         await declare_streams(js, update=True)  # as one server had them: one replica each
         for name in STREAM_NAMES:
             assert (await js.stream_info(name)).config.num_replicas == 1, name
+        # A durable consumer made on the one-replica stream, as a running service has.
+        service = Bus(cluster.urls[1], "ingest", max_deliveries=3, user="ingest", password=credentials["ingest"])
+        await service.start()
+        await service.reserve(CHUNKS_EMBEDDED)
+        await service.close()
         for index in range(5):
             document = events_pb2.DocumentSubmitted(document_id=f"before-{index}", tenant="acme", content=b"text")
             await js.publish(ingest_requested("acme"), document.SerializeToString())
 
         # A service configured for three leaves existing streams as they are (its grants do not
         # allow updates): only the admin's declaration moves them.
-        service = Bus(cluster.urls[1], "ingest", max_deliveries=3, user="ingest", password=credentials["ingest"], replicas=REPLICAS)
+        service = Bus(
+            cluster.urls[1], "ingest", max_deliveries=3, user="ingest", password=credentials["ingest"], replicas=REPLICAS
+        )
         await service.start()
         await service.close()
         assert (await js.stream_info("INGEST")).config.num_replicas == 1
@@ -123,6 +147,7 @@ async def test_llmos_streams_raises_streams_and_buckets_made_at_one_replica_to_t
             await replicated(js, name, REPLICAS)
         ingest = await replicated(js, "INGEST", REPLICAS)
         assert ingest.state.messages == 5  # the messages moved with the stream
+        await consumer_replicated(js, CHUNKS_EMBEDDED, "ingest", REPLICAS)  # and the consumers with it
     finally:
         await admin.close()
 
