@@ -15,6 +15,7 @@ import binascii
 import json
 import logging
 import mimetypes
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
@@ -50,6 +51,7 @@ from services.gateway.settings import GatewaySettings
 logger = logging.getLogger(__name__)
 
 SESSION_HEADER = "X-Llmos-Session-Id"
+_CONVERTER = re.compile(r":\w+}")
 API_PREFIX = "/v1/"
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -202,7 +204,8 @@ def create_app(
         """Authorize the request for the caller and audit it as the services audit an RPC."""
         principal = current_principal()
         route = request.scope.get("route")
-        action = f"{request.method} {getattr(route, 'path', request.url.path)}"
+        # The route's template without converters ({document_id:path} -> {document_id}): one name per route.
+        action = f"{request.method} {_CONVERTER.sub('}', getattr(route, 'path', request.url.path))}"
         trace.get_current_span().update_name(action)
         if permission not in permissions_of(principal):
             roles = ", ".join(sorted(principal.roles)) or "none"

@@ -260,3 +260,23 @@ async def test_a_full_embedding_queue_is_429_with_the_schedulers_hint(gateway: G
     assert float(headers["retry-after-ms"]) > 0 and int(headers["retry-after"]) >= 1
 
 
+
+
+async def test_audit_trail_and_recommendations_over_rest(gateway: Gateway) -> None:
+    await index(gateway, "returns")
+    async with gateway.http(USER_KEY) as user:
+        read = await user.get("/v1/documents/returns")  # allowed: audited on llmos.audit.gateway
+        searched = await user.get("/v1/search", params={"q": "return an item", "user_id": "alice", "top_k": 3})
+        recommended = await user.post("/v1/recommend", json={"user_id": "alice", "include_seen": True})
+    assert read.status_code == 200 and searched.status_code == 200
+    assert recommended.status_code == 200 and isinstance(recommended.json()["data"], list)
+    async with gateway.http() as admin:
+        for _ in range(100):  # the audit service stores what the gateway published, in a moment
+            records = (await admin.get("/v1/audit", params={"principal": "alice", "limit": 1000})).json()["data"]
+            if any(record["event"]["service"] == "gateway" for record in records):
+                break
+            await asyncio.sleep(0.2)
+        verified = (await admin.post("/v1/audit/verify")).json()
+    actions = {record["event"]["action"] for record in records if record["event"]["service"] == "gateway"}
+    assert {"GET /v1/documents/{document_id}", "GET /v1/search"} <= actions
+    assert verified["intact"] is True and int(verified["records_checked"]) > 0

@@ -335,3 +335,5 @@ async def test_document_ids_may_hold_slashes(gateway: Gateway) -> None:
     async with gateway.http() as user:
         found = await user.get("/v1/documents/eu/faq")
     assert found.status_code == 200 and found.json()["id"] == "eu/faq"
+    assert gateway.decisions() == [("GET /v1/documents/{document_id}", ALLOW)]  # the route, not the id
+    assert gateway.spans.get_finished_spans()[-1].name == "GET /v1/documents/{document_id}"
