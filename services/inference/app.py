@@ -23,7 +23,7 @@ from services.inference.core import (
 )
 from services.inference.decoder import Decoder
 from services.inference.handlers import subscriptions
-from services.inference.scheduler import GenerationScheduler, PrefixCache
+from services.inference.scheduler import AdmissionLimits, GenerationScheduler, PrefixCache
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceSettings
 
@@ -60,6 +60,7 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
         settings.inference_queue_size,
         settings.inference_reserved_interactive_slots,
         PrefixCache(settings.inference_prefix_cache_tokens, settings.inference_prefix_cache_min_tokens),
+        AdmissionLimits(settings.inference_interactive_max_wait_s or None, settings.inference_max_wait_s or None),
     )
 
     core = InferenceCore(

@@ -14,18 +14,26 @@ request that arrives waits for at most one budget and one step, and running stre
 an interactive request finds every slot taken, a running batch sequence is pre-empted: its KV
 cache is parked in host memory and it waits again, to resume where it stopped (no prefill) when
 a slot frees. A bulk job therefore never makes a chat wait for a generation to end.
+
+Admission knows the expected wait (`WaitEstimator`): from the work ahead of a new request (the
+running sequences' expected remaining tokens, the waiting requests of its class and above) and
+the measured decode-step time and prefill rate, it estimates when a slot frees and its prompt
+can start. A request expected to wait longer than its remaining deadline, or than its class's
+longest wait, is refused at once with RESOURCE_EXHAUSTED and a retry hint, instead of queueing
+past the point where its answer is of use to anybody.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from opentelemetry import metrics
@@ -112,6 +120,94 @@ def sample(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator)
     return int(rng.choice(candidates, p=probs))
 
 
+@dataclass(frozen=True)
+class QueuedWork:
+    """What the wait estimate needs to know of one request ahead of a new one."""
+
+    prefill_tokens: int  # prompt tokens still to run (a waiting prompt: its whole length)
+    generated: int  # tokens it has sampled so far
+    max_new_tokens: int
+    rank: int
+
+
+class WaitEstimator:
+    """Expected wait of a new request for its slot, from EWMAs of the measured rates.
+
+    Decode-step time is kept per batch size (a step of 8 rows costs more than one of 1), the
+    prefill rate in prompt tokens per second, the share of a prompt's tokens that must actually
+    be prefilled (the rest comes from the prefix cache), and the tokens a finished request of
+    each priority class generated. Until a class has finished a request, its requests are
+    expected to use their whole `max_new_tokens` (a pessimistic first guess).
+    """
+
+    def __init__(self, smoothing: float = 0.2, first_step_s: float = 0.02, first_prefill_tps: float = 1000.0) -> None:
+        self._smoothing = smoothing
+        self._first_step_s = first_step_s
+        self._step_s: dict[int, float] = {}
+        self.prefill_tps = first_prefill_tps
+        self.uncached_share = 1.0
+        self._generated: dict[int, float] = {}
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self._smoothing) * old + self._smoothing * new
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        self._step_s[batch] = self._ewma(self._step_s.get(batch), seconds)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            self.prefill_tps = self._ewma(self.prefill_tps, tokens / seconds)
+
+    def observe_admission(self, prompt_tokens: int, cached_tokens: int) -> None:
+        if prompt_tokens > 0:
+            self.uncached_share = self._ewma(self.uncached_share, (prompt_tokens - cached_tokens) / prompt_tokens)
+
+    def observe_finish(self, rank: int, generated: int) -> None:
+        self._generated[rank] = self._ewma(self._generated.get(rank), generated)
+
+    def step_s(self, batch: int) -> float:
+        """Seconds of one decode step of `batch` rows: measured at that size, else the nearest measured."""
+        if not self._step_s:
+            return self._first_step_s
+        nearest = min(self._step_s, key=lambda size: (abs(size - batch), -size))
+        return self._step_s[nearest]
+
+    def tokens_left(self, work: QueuedWork) -> float:
+        """Decode steps `work` is expected to take before it frees its slot (at least one)."""
+        expected = min(float(work.max_new_tokens), self._generated.get(work.rank, float(work.max_new_tokens)))
+        return max(1.0, expected - work.generated)
+
+    def expected_wait(self, running: Sequence[QueuedWork], ahead: Sequence[QueuedWork], slots: int) -> float:
+        """Seconds until a new request gets a slot and its prompt can start.
+
+        `running` hold slots it cannot take; `ahead` are served first, in order, each taking the
+        slot that frees first; `slots` is how many it may use. Prompts ahead are prefilled on the
+        same cores as the decode steps, so their prefill time adds to the wait.
+        """
+        if slots <= 0:
+            raise ValueError("a request with no slot it may use waits forever")
+        step = self.step_s(min(slots, len(running) + len(ahead) + 1))
+        free_at = [self.tokens_left(work) * step for work in running[:slots]]
+        free_at += [0.0] * (slots - len(free_at))
+        heapq.heapify(free_at)
+        prefill_tokens = float(sum(work.prefill_tokens for work in running))
+        for work in ahead:
+            heapq.heappush(free_at, heapq.heappop(free_at) + self.tokens_left(work) * step)
+            prefill_tokens += work.prefill_tokens * self.uncached_share
+        return free_at[0] + prefill_tokens / self.prefill_tps
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The longest expected wait for a slot each class accepts (None: only its deadline limits it)."""
+
+    interactive_max_wait_s: float | None = None
+    max_wait_s: float | None = None
+
+    def for_rank(self, rank: int) -> float | None:
+        return self.interactive_max_wait_s if rank == INTERACTIVE_RANK else self.max_wait_s
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One request while the scheduler holds it."""
@@ -139,6 +235,11 @@ class _Sequence:
 
     def send(self, event: StreamEvent | LlmosError) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def work(self) -> QueuedWork:
+        prompt = len(self.request.prompt_ids)
+        unread = 0 if self.parked is not None else prompt - max(self.prompt_done, 0)
+        return QueuedWork(unread, len(self.generated), self.request.sampling.max_new_tokens, self.rank)
 
     @property
     def prefilling(self) -> bool:
@@ -197,6 +298,7 @@ class GenerationScheduler:
         queue_size: int,
         reserved_interactive: int,
         prefix_cache: PrefixCache,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self._decoder = decoder
         self._tokenizer = tokenizer
@@ -214,6 +316,8 @@ class GenerationScheduler:
         self._thread: threading.Thread | None = None
         # Seconds a request holds a slot, smoothed: the basis of the retry hint when the queue is full.
         self._service_time_s = 2.0
+        self._admission = admission or AdmissionLimits()
+        self.estimator = WaitEstimator()
         meter = metrics.get_meter("llmos.inference")
         self._inter_token = meter.create_histogram(
             "llmos.inference.inter_token_latency", unit="ms", description="time between a stream's tokens"
@@ -229,6 +333,10 @@ class GenerationScheduler:
         )
         self._preemptions = meter.create_counter(
             "llmos.inference.preemptions", unit="{sequence}", description="batch sequences parked for interactive work"
+        )
+        self._refusals = meter.create_counter(
+            "llmos.inference.refusals", unit="{request}",
+            description="requests refused at admission (reason: queue_full or expected_wait)",
         )
         meter.create_observable_gauge(
             "llmos.inference.requests_running",
@@ -279,12 +387,14 @@ class GenerationScheduler:
             # Each priority class has its own bound, so a full bulk queue never refuses a chat.
             same_class = sum(1 for waiting in self._waiting if waiting.rank == sequence.rank)
             if same_class >= self._queue_size:
+                self._refusals.add(1, {"reason": "queue_full", "priority": PRIORITY_NAMES[sequence.rank]})
                 retry = (len(self._waiting) / self._max_batch + 1) * self._service_time_s
                 raise ResourceExhausted(
                     f"the {PRIORITY_NAMES[sequence.rank]} generation queue is full "
                     f"({same_class} waiting, limit {self._queue_size})",
                     retry_after_s=retry,
                 )
+            self._refuse_a_long_wait(sequence, now)
             self._waiting.append(sequence)
             self._condition.notify()
         finished = False
@@ -303,6 +413,44 @@ class GenerationScheduler:
                 with self._condition:
                     sequence.cancelled = True  # the scheduler frees its slot at the next turn
                     self._condition.notify()
+
+    def expected_wait_s(self, rank: int) -> float:
+        """Seconds a new request of class `rank` is expected to wait for its slot and prompt."""
+        # Running batch work is parked for an interactive request; batch work may not take the
+        # reserved slots; prompts of a lower class being read in pieces wait for a new one's.
+        # Within its class every waiting request counts as ahead (fair share may let a new
+        # tenant pass some of them: the estimate errs long).
+        running = [
+            sequence.work() if sequence.rank <= rank else replace(sequence.work(), prefill_tokens=0)
+            for sequence in list(self._running)
+            if not (rank == INTERACTIVE_RANK and sequence.rank == BATCH_RANK)
+        ]
+        ahead = sorted((sequence for sequence in self._waiting if sequence.rank <= rank),
+                       key=lambda waiting: (waiting.rank, waiting.arrived))
+        slots = self._max_batch - (self._reserved_interactive if rank == BATCH_RANK else 0)
+        return self.estimator.expected_wait(running, [sequence.work() for sequence in ahead], slots)
+
+    def _refuse_a_long_wait(self, sequence: _Sequence, now: float) -> None:
+        """Refuse `sequence` when it is expected to wait past its deadline or its class's longest
+        wait (called with the condition held). With a slot free and nobody waiting it never is."""
+        limits = [(limit, name) for limit, name in (
+            (self._admission.for_rank(sequence.rank), "the longest wait allowed"),
+            (None if sequence.deadline is None else sequence.deadline - now, "its deadline"),
+        ) if limit is not None]
+        if not limits or (not self._waiting and len(self._running) < self._max_batch):
+            return
+        allowed, which = min(limits)
+        wait = self.expected_wait_s(sequence.rank)
+        if wait <= allowed:
+            return
+        self._refusals.add(1, {"reason": "expected_wait", "priority": PRIORITY_NAMES[sequence.rank]})
+        allowed = max(allowed, 0.0)
+        raise ResourceExhausted(
+            f"the generation service is at capacity: a {PRIORITY_NAMES[sequence.rank]} request would wait "
+            f"about {wait:.1f} s for a decode slot, past {which} ({allowed:.1f} s)",
+            # By then the work ahead that makes the wait too long has been served.
+            retry_after_s=max(wait - allowed, self.estimator.step_s(self._max_batch)),
+        )
 
     # The scheduler thread.
 
@@ -418,6 +566,7 @@ class GenerationScheduler:
         if entry is not None:
             self._decoder.load_prefix(sequence.row, entry, cached)
         sequence.cached_tokens = sequence.prompt_done = sequence.length = cached
+        self.estimator.observe_admission(len(prompt), cached)
 
     def _prefill(self, sequence: _Sequence, tokens: int) -> int:
         """Run up to `tokens` more prompt tokens into the sequence's row; returns how many ran.
@@ -430,10 +579,12 @@ class GenerationScheduler:
         if 0 < len(prompt) - until < MIN_PREFILL_PIECE:
             until = len(prompt) - MIN_PREFILL_PIECE
         done = started
+        began = time.monotonic()
         while done < until:
             end = min(done + PREFILL_CHUNK_TOKENS, until)
             logits = self._decoder.prefill(sequence.row, prompt[:end], cached=done)
             done = end
+        self.estimator.observe_prefill(done - started, time.monotonic() - began)
         sequence.prompt_done = sequence.length = done
         if sequence.prefilling:
             return done - started
@@ -445,9 +596,11 @@ class GenerationScheduler:
     def _step(self) -> None:
         running = list(self._running)
         self._batch_size.record(len(running))
+        started = time.monotonic()
         logits = self._decoder.decode(
             [sequence.next_token for sequence in running], [sequence.length for sequence in running]
         )
+        self.estimator.observe_step(len(running), time.monotonic() - started)
         decoded = [(sequence, row_logits) for sequence, row_logits in zip(running, logits, strict=True)
                    if not sequence.prefilling]
         # Every row's cache grew by this step before any finish moves a later row into a freed slot.
@@ -508,6 +661,7 @@ class GenerationScheduler:
             time_per_output_token_ms=(now - sequence.first_token_at) * 1000 / later_tokens if later_tokens > 0 else 0.0,
         )
         self._service_time_s = 0.8 * self._service_time_s + 0.2 * (now - sequence.admitted)
+        self.estimator.observe_finish(sequence.rank, len(sequence.generated))
         sequence.send(StreamEvent(text[sequence.sent_chars:], tuple(sequence.unsent_ids), finish, usage))
 
     def _remove(self, sequence: _Sequence) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import NonNegativeFloat
+
 from llmos.settings import PlatformSettings
 
 
@@ -30,3 +32,7 @@ class InferenceSettings(PlatformSettings):
     inference_prefix_cache_min_tokens: int = 32   # shorter shared prefixes are not worth reusing
     # Decode slots batch-class requests may not take, so bulk work cannot hold every slot.
     inference_reserved_interactive_slots: int = 1
+    # Admission: a request expected to wait longer than this for a decode slot (or past its own
+    # deadline) is refused with RESOURCE_EXHAUSTED and a retry hint; 0: only its deadline limits it.
+    inference_interactive_max_wait_s: NonNegativeFloat = 10.0
+    inference_max_wait_s: NonNegativeFloat = 0.0  # standard and batch requests
