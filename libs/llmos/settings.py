@@ -50,6 +50,22 @@ def _check_addr(value: str) -> str:
     return value
 
 
+def _check_replica_addrs(value: str) -> str:
+    """HOST:PORT, or the replicas of a service as IPv4:PORT,IPv4:PORT,… (a client balances its
+    calls over them, llmos.grpcutil.client); replicas behind one name are one HOST:PORT (DNS)."""
+    addrs = value.split(",")
+    for addr in addrs:
+        _check_addr(addr)
+        if len(addrs) > 1 and not _is_ipv4(addr.rpartition(":")[0]):
+            raise ValueError(f"a list of replicas takes IPv4:PORT entries (gRPC's ipv4: target), got {addr!r}")
+    return value
+
+
+def _is_ipv4(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(part.isdigit() and int(part) < 256 for part in parts)
+
+
 class PlatformSettings(BaseSettings):
     """Settings every process of the platform shares."""
 
@@ -64,6 +80,9 @@ class PlatformSettings(BaseSettings):
     nats_user: str = ""
     nats_password: str = ""
     bind_host: str = "127.0.0.1"
+    # The port this process serves gRPC on when its service's address lists several replicas
+    # (each replica its own); 0: the port of LLMOS_<SERVICE>_ADDR.
+    listen_port: int = 0
     ingest_addr: str
     tokenizer_addr: str
     inference_addr: str
@@ -127,19 +146,22 @@ class PlatformSettings(BaseSettings):
     max_stream_s: PositiveFloat = 900.0
     quota_retry_after_s: NonNegativeFloat = 1.0
 
-    @field_validator(
-        "ingest_addr",
-        "tokenizer_addr",
-        "inference_addr",
-        "retrieval_addr",
-        "speech_addr",
-        "dialogue_addr",
-        "audit_addr",
-        "gateway_addr",
-    )
+    @field_validator(*(f"{name}_addr" for name in SERVICE_NAMES))
+    @classmethod
+    def _valid_service_addr(cls, value: str) -> str:
+        return _check_replica_addrs(value)
+
+    @field_validator("gateway_addr")
     @classmethod
     def _valid_addr(cls, value: str) -> str:
         return _check_addr(value)
+
+    @field_validator("listen_port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 <= value < 65536:
+            raise ValueError("expected a port, 1 to 65535 (0: the port of the service's address)")
+        return value
 
     @field_validator(*(f"{name}_metrics_addr" for name in (*SERVICE_NAMES, GATEWAY)))
     @classmethod
@@ -167,8 +189,13 @@ class PlatformSettings(BaseSettings):
         return str(getattr(self, f"{service}_addr"))
 
     def listen_addr(self, service: str) -> str:
-        """The address `service` binds: its port on `bind_host`."""
-        port = self.service_addr(service).rpartition(":")[2]
+        """The address `service` binds: its port (LLMOS_LISTEN_PORT when set) on `bind_host`."""
+        addrs = self.service_addr(service).split(",")
+        if not self.listen_port and len(addrs) > 1:
+            raise SettingsError(
+                f"LLMOS_{service.upper()}_ADDR lists {len(addrs)} replicas: set LLMOS_LISTEN_PORT to this replica's port"
+            )
+        port = self.listen_port or addrs[0].rpartition(":")[2]
         return f"{self.bind_host}:{port}"
 
     def metrics_listen_addr(self, process: str) -> str:

@@ -8,6 +8,8 @@ API key.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from llmos.assertions import ServiceKeys
@@ -17,9 +19,46 @@ from llmos.settings import PlatformSettings
 
 # Large enough for a batch of embeddings or a document; matches the server's limit.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+# Calls that change nothing, or nothing a second time, so gRPC may send them again to another
+# replica when one was UNAVAILABLE before answering. Not SubmitDocument, DeleteDocument, Chat,
+# Converse, Summarize, EndSession (a turn or a deletion must not happen twice) nor client streams.
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "llmos.v1.TokenizerService": (),  # every method
+    "llmos.v1.InferenceService": (),
+    "llmos.v1.RetrievalService": (),
+    "llmos.v1.AuditService": (),
+    "llmos.v1.IngestService": ("GetDocumentStatus", "ListDocuments"),
+    "llmos.v1.DialogueService": ("GetSession",),
+    "llmos.v1.SpeechService": ("Recognize", "Synthesize", "SynthesizeStream", "ListVoices"),
+}
+# Every channel balances its calls over all the addresses its target resolves to (the replicas
+# listed in LLMOS_<SERVICE>_ADDR, or a name's DNS records) instead of gRPC's default pick_first,
+# and retries an idempotent call on UNAVAILABLE, which a replica gone away answers. A call
+# whose response has begun (a stream that sent tokens) is never retried: it ends UNAVAILABLE.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [
+                {"service": service, **({"method": method} if method else {})}
+                for service, methods in IDEMPOTENT_METHODS.items()
+                for method in (methods or ("",))
+            ],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
 )
 
 
@@ -36,11 +75,18 @@ def bearer(api_key: str) -> str:
     return f"Bearer {api_key}"
 
 
+def channel_target(addr: str) -> str:
+    """The gRPC target of an address setting: HOST:PORT as is, a list of replicas
+    `IPv4:PORT,IPv4:PORT` as one `ipv4:` target gRPC balances over (llmos.settings)."""
+    return f"ipv4:{addr}" if "," in addr else addr
+
+
 def _channel(addr: str, credentials: CallCredentials) -> grpc.aio.Channel:
     interceptors = client_interceptors(credentials)
+    target = channel_target(addr)
     if _transport_credentials is not None:
-        return grpc.aio.secure_channel(addr, _transport_credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, _transport_credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def open_channel(addr: str, api_key: str = "") -> grpc.aio.Channel:
