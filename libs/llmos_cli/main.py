@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--int8", action="store_true", help="also build the int8 embedding model")
     build.add_argument("--force", action="store_true", help="rebuild even when artefacts are up to date")
     build.set_defaults(run=cmd_models_build)
+    importlib.import_module("llmos_cli.models").register(models)
 
     certs = commands.add_parser("certs", help="make a development CA and a certificate per service")
     certs.add_argument("--out", type=Path, required=True, help="folder for ca.pem, <service>.pem, <service>-key.pem")

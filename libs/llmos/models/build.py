@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from llmos.models import export_embedding, export_genai, export_kokoro
-from llmos.models.catalog import CATALOG, ModelSpec, SourceFiles, locate_source, models_root
+from llmos.models.catalog import CATALOG, ModelSpec, Role, SourceFiles, locate_source, models_root
 from llmos.models.manifest import (
     MANIFEST_NAME,
     ArtefactManifest,
@@ -67,7 +67,7 @@ def build_models(
     """
     root = models_root(home)
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / _LOCK_NAME, log):
+    with exclusive_builds(root, log):
         try:
             for spec, variant in _wanted(cuda=cuda, int8=int8):
                 _ensure_artefact(home, spec, variant, force=force, log=log)
@@ -94,7 +94,7 @@ def _ensure_artefact(home: Path, spec: ModelSpec, variant: str, *, force: bool, 
         return
     log(f"{label}: building ({reason})")
     started = time.monotonic()
-    with _staging(folder) as (staging, scratch):
+    with staging_folder(folder) as (staging, scratch):
         BUILDERS[(spec.name, variant)](source, staging, scratch, log)
         manifest = _manifest_for(spec, variant, source, staging)
         write_json_atomic(staging / MANIFEST_NAME, manifest.to_dict())
@@ -116,13 +116,20 @@ def _stale_reason(folder: Path, source: SourceFiles) -> str | None:
 
 
 def _manifest_for(spec: ModelSpec, variant: str, source: SourceFiles, folder: Path) -> ArtefactManifest:
+    return manifest_of(spec.name, variant, spec.role, source.package, source.version, spec.licence, folder)
+
+
+def manifest_of(
+    name: str, variant: str, role: Role, source_package: str, source_version: str, licence: str, folder: Path
+) -> ArtefactManifest:
+    """The manifest of the artefact built in `folder`: provenance, tool versions, file hashes."""
     return ArtefactManifest(
-        name=spec.name,
+        name=name,
         variant=variant,
-        role=spec.role.value,
-        source_package=source.package,
-        source_version=source.version,
-        licence=spec.licence,
+        role=role.value,
+        source_package=source_package,
+        source_version=source_version,
+        licence=licence,
         builders=_tool_versions(),
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
         files=describe_files(folder),
@@ -140,7 +147,7 @@ def _tool_versions() -> dict[str, str]:
 
 
 @contextmanager
-def _staging(target: Path) -> Iterator[tuple[Path, Path]]:
+def staging_folder(target: Path) -> Iterator[tuple[Path, Path]]:
     """Yield (staging, scratch) folders next to `target`; move staging into place on success."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(target)
@@ -174,8 +181,10 @@ def _remove_leftovers(target: Path) -> None:
 
 
 @contextmanager
-def _exclusive(lock_path: Path, log: Log) -> Iterator[None]:
-    """Serialize builds of one home, so two never write the same folders (leftovers are ours)."""
+def exclusive_builds(root: Path, log: Log) -> Iterator[None]:
+    """Serialize builds (and model additions and removals) of one home's models folder `root`,
+    so two never write the same folders (leftovers are ours)."""
+    lock_path = root / _LOCK_NAME
     with lock_path.open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,6 +1,7 @@
-"""SmolLM2 GGUF -> ONNX Runtime GenAI folder (model with KV cache, genai_config, tokenizer).
+"""GGUF or Hugging Face checkpoint -> ONNX Runtime GenAI folder (model with KV cache, genai_config,
+tokenizer): the catalog's SmolLM2, and models people add (llmos.models.registry).
 
-GGUF -> Hugging Face checkpoint (transformers dequantizes the Q4_1 weights), then the
+GGUF -> Hugging Face checkpoint (transformers dequantizes the quantized weights), then the
 onnxruntime-genai model builder quantizes (int4, CPU) or casts (fp16, CUDA) and writes the folder.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,12 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmos.models.catalog import SourceFiles
+from llmos.errors import InvalidArgument
 from llmos.models.errors import BuildFailed
 
 Log = Callable[[str], None]
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SMOKE_PROMPT = "What is the capital of France?"
+COMPLETION_SMOKE_PROMPT = "The capital of France is"
+# What each served variant asks of the model builder: (precision, execution provider).
+VARIANT_BUILDS = {"cpu-int4": ("int4", "cpu"), "fp32": ("fp32", "cpu"), "int8": ("int8", "cpu"), "cuda-fp16": ("fp16", "cuda")}
 SMOKE_TOKENS = 8
 _OUTPUT_TAIL = 4000
 
@@ -37,20 +43,63 @@ def build_cuda_fp16(source: SourceFiles, out: Path, scratch: Path, log: Log) -> 
 
 def _build(source: SourceFiles, out: Path, scratch: Path, log: Log, *, precision: str, provider: str) -> None:
     template = gguf_chat_template(source.path)
+    if template is None:
+        raise BuildFailed(f"{source.path} has no tokenizer.chat_template; cannot serve chat")
+    build_from_gguf(source.path, out, scratch, log, precision=precision, provider=provider, template=template)
+
+
+def build_from_gguf(
+    gguf_path: Path, out: Path, scratch: Path, log: Log, *, precision: str, provider: str, template: str | None
+) -> None:
+    """Dequantize a GGUF to a checkpoint in `scratch`, then build it; `template` None: plain completion."""
     hf_dir = scratch / "hf"
-    gguf_to_hf(source.path, hf_dir, log)
+    gguf_to_hf(gguf_path, hf_dir, log)
+    build_from_checkpoint(hf_dir, out, scratch, log, precision=precision, provider=provider)
+    if template is not None:
+        ensure_chat_template(out, template)
+
+
+def build_from_checkpoint(hf_dir: Path, out: Path, scratch: Path, log: Log, *, precision: str, provider: str) -> None:
+    check_builder_architecture(hf_dir)
     run_model_builder(hf_dir, out, scratch / "cache", precision=precision, provider=provider, log=log)
-    ensure_chat_template(out, template)
 
 
-def gguf_chat_template(gguf_path: Path) -> str:
-    """The chat template stored in the GGUF, the source of truth for the served tokenizer."""
+def builder_architectures() -> frozenset[str]:
+    """The Hugging Face architectures the installed onnxruntime-genai model builder converts, read
+    from its source (it dispatches on `config.architectures[0] == "..."`), so the list follows its version."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or spec.origin is None:
+        raise BuildFailed("onnxruntime-genai's model builder is not installed")
+    return frozenset(re.findall(r'architectures\[0\] == "(\w+)"', Path(spec.origin).read_text(encoding="utf-8")))
+
+
+def check_builder_architecture(hf_dir: Path) -> str:
+    """The checkpoint's architecture; InvalidArgument when the model builder cannot convert it."""
+    config_path = hf_dir / "config.json"
+    try:
+        architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidArgument("checkpoint", f"{config_path} is not a readable Hugging Face config: {exc}") from None
+    supported = builder_architectures()
+    if not architectures or architectures[0] not in supported:
+        named = architectures[0] if architectures else "no architecture"
+        raise InvalidArgument(
+            "checkpoint",
+            f"unknown architecture {named!r} in {config_path}: the onnxruntime-genai model builder converts "
+            f"{', '.join(sorted(supported))}",
+        )
+    return str(architectures[0])
+
+
+def gguf_chat_template(gguf_path: Path) -> str | None:
+    """The chat template stored in the GGUF (the source of truth for the served tokenizer), or
+    None for a model without one (a base model: plain completion only)."""
     from gguf import GGUFReader
 
     field = GGUFReader(gguf_path).fields.get("tokenizer.chat_template")
-    if field is None:
-        raise BuildFailed(f"{gguf_path} has no tokenizer.chat_template; cannot serve chat")
-    return str(field.contents())
+    return None if field is None else str(field.contents())
 
 
 def gguf_to_hf(gguf_path: Path, hf_dir: Path, log: Log) -> None:
@@ -63,13 +112,18 @@ def gguf_to_hf(gguf_path: Path, hf_dir: Path, log: Log) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent,
-        gguf_file=gguf_path.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent,
+            gguf_file=gguf_path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except ValueError as exc:
+        if "not supported" in str(exc):  # transformers: "GGUF model with architecture X is not supported yet."
+            raise InvalidArgument("gguf", f"unknown architecture: {exc}") from None
+        raise
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     log(f"  dequantized {gguf_path.name} to a Hugging Face checkpoint in {time.monotonic() - started:.1f} s")
@@ -80,7 +134,7 @@ def run_model_builder(
 ) -> None:
     """Run the onnxruntime-genai model builder in a child process (its CLI is its stable API)."""
     command = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "llmos.models.genai_builder",  # the builder, adapted to transformers 5 configs
         "--input", str(hf_dir),
         "--output", str(out),
         "--precision", precision,
@@ -110,14 +164,18 @@ def ensure_chat_template(out: Path, template: str) -> None:
         path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def smoke_test(out: Path, log: Log) -> None:
-    """Load the folder with ORT GenAI and greedily generate a few tokens from a chat prompt."""
+def smoke_test(out: Path, log: Log, *, chat: bool = True) -> None:
+    """Load the folder with ORT GenAI and greedily generate a few tokens from a chat prompt (or,
+    for a model without a chat template, a plain completion prompt)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(out))
     tokenizer = og.Tokenizer(model)
-    messages = json.dumps([{"role": "user", "content": SMOKE_PROMPT}])
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if chat:
+        messages = json.dumps([{"role": "user", "content": SMOKE_PROMPT}])
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt = COMPLETION_SMOKE_PROMPT
     input_ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=len(input_ids) + SMOKE_TOKENS)
@@ -127,5 +185,5 @@ def smoke_test(out: Path, log: Log) -> None:
         generator.generate_next_token()
     text = tokenizer.decode(generator.get_sequence(0)[len(input_ids) :])
     if not text.strip():
-        raise BuildFailed(f"{out} loads but generated no text for {SMOKE_PROMPT!r}")
-    log(f"  smoke test: {SMOKE_PROMPT!r} -> {text.strip()!r}")
+        raise BuildFailed(f"{out} loads but generated no text for {prompt!r}")
+    log(f"  smoke test: {prompt!r} -> {text.strip()!r}")

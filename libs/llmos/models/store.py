@@ -6,8 +6,11 @@ Nothing here imports a build tool, so serving processes can use it freely.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from llmos.errors import FailedPrecondition, NotFound
 from llmos.models.catalog import CATALOG, get_spec, models_root
 from llmos.models.errors import ModelsNotBuilt
 from llmos.models.manifest import (
@@ -18,6 +21,8 @@ from llmos.models.manifest import (
     read_artefact_manifest,
     write_json_atomic,
 )
+
+REGISTRY_NAME = "registry.json"  # models people added (llmos.models.registry)
 
 # Variants that need an opt-in flag of `llmos models build`; the rest are built by default.
 _BUILD_FLAGS = {"cuda-fp16": "--cuda", "int8": "--int8"}
@@ -68,15 +73,72 @@ def load_manifest(home: Path) -> ModelsManifest:
 
 
 def refresh_index(home: Path) -> ModelsManifest:
-    """Rewrite the index from the artefact folders that are complete on disk."""
-    artefacts: list[ArtefactManifest] = []
-    for spec in CATALOG.values():
-        for variant in spec.variants:
-            folder = spec.folder(home, variant)
-            if not artefact_problems(folder, check_hashes=False):
-                artefacts.append(read_artefact_manifest(folder))
+    """Rewrite the index from the artefact folders that are complete on disk (the catalog's and
+    the added models')."""
+    folders = [spec.folder(home, variant) for spec in CATALOG.values() for variant in spec.variants]
+    folders += [model.folder(home) for model in registered_models(home).values()]
+    artefacts = [read_artefact_manifest(folder) for folder in folders if not artefact_problems(folder, check_hashes=False)]
     index = ModelsManifest(tuple(artefacts))
     root = models_root(home)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / MANIFEST_NAME, index.to_dict())
     return index
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model someone added, as its checkpoint declared it."""
+
+    name: str
+    role: str
+    variant: str
+    source_format: str  # gguf or hf
+    source: str  # the checkpoint's absolute path when it was added
+    sha256: str  # of the GGUF file; of a folder, over its files' paths and hashes
+    architecture: str
+    licence: str
+    chat_template: str | None
+    context_length: int
+    added_at: str
+
+    def folder(self, home: Path) -> Path:
+        return models_root(home) / self.name / self.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def registry_path(home: Path) -> Path:
+    return models_root(home) / REGISTRY_NAME
+
+
+def registered_models(home: Path) -> dict[str, RegisteredModel]:
+    """The models people added, by name."""
+    path = registry_path(home)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {entry["name"]: RegisteredModel(**entry) for entry in data["models"]}
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"{path} is malformed ({exc}); remove it and add the models again") from None
+
+
+def registered_model(home: Path, name: str) -> RegisteredModel:
+    """An added model by name; NotFound naming every known model."""
+    models = registered_models(home)
+    try:
+        return models[name]
+    except KeyError:
+        known = ", ".join([*CATALOG, *models])
+        raise NotFound(f"no model {name!r}; known models: {known} (`llmos models add` adds one)") from None
+
+
+def added_artefact_dir(home: Path, name: str) -> tuple[RegisteredModel, Path]:
+    """An added model and its artefact folder, checked like artefact_dir checks the catalog's."""
+    model = registered_model(home, name)
+    folder = model.folder(home)
+    problems = artefact_problems(folder, check_hashes=False)
+    if problems:
+        raise ModelsNotBuilt(f"model {name} ({model.variant}) is damaged in {folder}: {problems[0]}; remove and add it again")
+    return model, folder
