@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from pathlib import Path
 
 from llmos.bus.broker import Bus
+from llmos.errors import InvalidArgument
 from llmos.embedding import EmbeddingModel
-from llmos.models.store import artefact_dir
+from llmos.models.catalog import CATALOG, Role, get_spec
+from llmos.models.manifest import artefact_problems
+from llmos.models.store import artefact_dir, registered_models
 from llmos.service import GrpcBinding, ServiceDefinition, ServiceParts
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import inference_pb2, inference_pb2_grpc
@@ -15,13 +20,15 @@ from services.inference.batching import EmbedBatcher
 from services.inference.core import (
     CPU,
     EMBEDDING_MODEL,
-    GENERATION_MODEL,
     EmbedLimits,
+    GenerationCandidate,
+    GenerationModel,
+    GenerationModels,
     InferenceCore,
     ServedModel,
     execution_providers,
 )
-from services.inference.decoder import Decoder
+from services.inference.decoder import Decoder, DecoderConfig
 from services.inference.handlers import subscriptions
 from services.inference.scheduler import AdmissionLimits, GenerationScheduler, PrefixCache
 from services.inference.servicer import InferenceServicer
@@ -31,6 +38,79 @@ from services.inference.settings import InferenceSettings
 # place; embeddings follow LLMOS_EXECUTION_PROVIDER.
 GENERATION_VARIANT = "cpu-int4"
 EMBEDDING_VARIANT = "fp32"
+# Variants of added models this service's CPU engine runs.
+CPU_GENERATION_VARIANTS = ("cpu-int4", "int8", "fp32")
+_FLOAT32_BYTES = 4
+
+
+def generation_footprint(folder: Path, max_batch: int, max_context: int) -> int:
+    """Bytes a loaded generation model takes: its files (weights), the slot KV cache the decoder
+    preallocates (float32, every layer), and one decode step's logits."""
+    config = DecoderConfig.load(folder)
+    context = min(max_context, config.context_length)
+    kv_cache = 2 * config.num_layers * max_batch * config.kv_heads * context * config.head_size * _FLOAT32_BYTES
+    files = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    return files + kv_cache + max_batch * config.vocab_size * _FLOAT32_BYTES
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the artefact's tokenizer has a chat template (a base model has none)."""
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def generation_candidates(settings: InferenceSettings, threads: int) -> Callable[[], dict[str, GenerationCandidate]]:
+    """The built generation models: the catalog's and those added with `llmos models add`
+    (read again on each call, so a model added while the service runs can be asked for)."""
+
+    def candidate(name: str, variant: str, folder: Path, source: str) -> GenerationCandidate:
+        context = min(settings.inference_max_context, DecoderConfig.load(folder).context_length)
+        served = ServedModel(name, inference_pb2.MODEL_ROLE_GENERATION, variant, folder, "", context, 0, threads, source)
+        return GenerationCandidate(served, generation_footprint(folder, settings.inference_max_batch, settings.inference_max_context))
+
+    def candidates() -> dict[str, GenerationCandidate]:
+        found: dict[str, GenerationCandidate] = {}
+        for spec in CATALOG.values():
+            folder = spec.folder(settings.home, GENERATION_VARIANT) if GENERATION_VARIANT in spec.variants else None
+            if spec.role is Role.GENERATION and folder is not None and not artefact_problems(folder, check_hashes=False):
+                found[spec.name] = candidate(spec.name, GENERATION_VARIANT, folder, spec.source.package)
+        for model in registered_models(settings.home).values():
+            folder = model.folder(settings.home)
+            if (model.role == Role.GENERATION.value and model.variant in CPU_GENERATION_VARIANTS
+                    and not artefact_problems(folder, check_hashes=False)):
+                found[model.name] = candidate(model.name, model.variant, folder, f"{model.source_format}:{model.source}")
+        return found
+
+    return candidates
+
+
+def generation_loader(settings: InferenceSettings, threads: int) -> Callable[[GenerationCandidate], GenerationModel]:
+    def load(candidate: GenerationCandidate) -> GenerationModel:
+        folder = candidate.served.folder
+        decoder = Decoder(
+            folder, [CPU], settings.inference_threads, settings.inference_max_batch, settings.inference_max_context,
+            settings.inference_thread_spinning,
+        )
+        tokenizer = ModelTokenizer.from_dir(folder)
+        scheduler = GenerationScheduler(
+            decoder,
+            tokenizer,
+            settings.inference_queue_size,
+            settings.inference_reserved_interactive_slots,
+            PrefixCache(settings.inference_prefix_cache_tokens, settings.inference_prefix_cache_min_tokens),
+            AdmissionLimits(settings.inference_interactive_max_wait_s or None, settings.inference_max_wait_s or None),
+        )
+        served = candidate.served
+        return GenerationModel(
+            ServedModel(served.name, served.role, served.variant, folder, decoder.providers[0], decoder.max_context, 0,
+                        threads, served.source),
+            scheduler,
+            tokenizer,
+            has_chat_template(folder),
+            candidate.nbytes,
+        )
+
+    return load
 
 
 async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
@@ -48,46 +128,40 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
         settings.inference_embed_queue_size,
     )
 
-    generation_dir = artefact_dir(settings.home, GENERATION_MODEL, GENERATION_VARIANT)
-    decoder = Decoder(
-        generation_dir, [CPU], threads, settings.inference_max_batch, settings.inference_max_context,
-        settings.inference_thread_spinning,
+    default = settings.inference_generation_model
+    if default in CATALOG:
+        artefact_dir(settings.home, default, GENERATION_VARIANT)  # not built: the error says how to build it
+        if get_spec(default).role is not Role.GENERATION:
+            raise InvalidArgument("LLMOS_INFERENCE_GENERATION_MODEL", f"{default!r} is not a generation model")
+    generation = GenerationModels(
+        default,
+        generation_candidates(settings, reported_threads),
+        generation_loader(settings, reported_threads),
+        settings.inference_generation_memory_mb << 20,
     )
-    tokenizer = ModelTokenizer.from_dir(generation_dir)
-    scheduler = GenerationScheduler(
-        decoder,
-        tokenizer,
-        settings.inference_queue_size,
-        settings.inference_reserved_interactive_slots,
-        PrefixCache(settings.inference_prefix_cache_tokens, settings.inference_prefix_cache_min_tokens),
-        AdmissionLimits(settings.inference_interactive_max_wait_s or None, settings.inference_max_wait_s or None),
-    )
+    try:
+        await generation.load(default)  # the dialogue's model serves from the first request
+    except InvalidArgument as exc:
+        raise InvalidArgument("LLMOS_INFERENCE_GENERATION_MODEL", exc.message) from None
 
     core = InferenceCore(
         bus,
-        settings.home,
         batcher,
         embedding_model.count_tokens,
         EmbedLimits(settings.inference_embed_max_request_texts, settings.inference_embed_max_text_chars),
         ServedModel(
             EMBEDDING_MODEL, inference_pb2.MODEL_ROLE_EMBEDDING, EMBEDDING_VARIANT, embedding_dir,
             embedding_model.providers[0], embedding_model.pooling.max_seq_length, embedding_model.dimension,
-            reported_threads,
+            reported_threads, get_spec(EMBEDDING_MODEL).source.package,
         ),
-        scheduler,
-        tokenizer,
-        ServedModel(
-            GENERATION_MODEL, inference_pb2.MODEL_ROLE_GENERATION, GENERATION_VARIANT, generation_dir,
-            decoder.providers[0], decoder.max_context, 0, reported_threads,
-        ),
+        generation,
         settings.inference_max_new_tokens,
         settings.inference_default_max_new_tokens,
     )
     batcher.start()
-    scheduler.start()
 
     async def close() -> None:
-        await scheduler.stop()
+        await generation.close()
         await batcher.stop()
 
     return ServiceParts(

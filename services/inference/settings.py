@@ -22,6 +22,12 @@ class InferenceSettings(PlatformSettings):
     inference_embed_queue_size: int = 4096        # texts waiting; beyond it RESOURCE_EXHAUSTED
     inference_chunk_workers: int = 32             # chunks.created messages embedded at once (bulk lane)
 
+    # Generation models: the one requests without a model name get (the dialogue's, loaded at
+    # start), and the memory the loaded ones may take together (weights, KV cache, logits); a
+    # model named by a request loads on first use, unloading the least recently used idle one.
+    inference_generation_model: str = "smollm2-135m-instruct"
+    inference_generation_memory_mb: int = 3072
+
     # Generation: continuous batching.
     inference_max_batch: int = 8                  # sequences decoded together
     inference_queue_size: int = 64                # requests waiting for a slot

@@ -24,7 +24,7 @@ from llmos.models import export_embedding, export_genai
 from llmos.models.build import Log, exclusive_builds, manifest_of, staging_folder
 from llmos.models.catalog import CATALOG, EMBEDDING_VARIANTS, Role, SourceFiles, models_root
 from llmos.models.manifest import MANIFEST_NAME, sha256_file, write_json_atomic
-from llmos.models.store import RegisteredModel, registered_model, registered_models, registry_path
+from llmos.models.store import RegisteredModel, refresh_index, registered_model, registered_models, registry_path
 
 GGUF, HF = "gguf", "hf"
 GGUF_MAGIC = b"GGUF"
@@ -209,6 +209,7 @@ def add_model(
         models = registered_models(home)
         models[name] = model
         _write_registry(home, models)
+        refresh_index(home)
     log(f"{name}/{chosen}: added, in {model.folder(home)}")
     return model
 
@@ -241,4 +242,5 @@ def remove_model(home: Path, name: str) -> RegisteredModel:
         del models[name]
         _write_registry(home, models)
         shutil.rmtree(root / name, ignore_errors=True)
+        refresh_index(home)
     return model

@@ -15,7 +15,6 @@ from llmos.models.catalog import CATALOG, get_spec, models_root
 from llmos.models.errors import ModelsNotBuilt
 from llmos.models.manifest import (
     MANIFEST_NAME,
-    ArtefactManifest,
     ModelsManifest,
     artefact_problems,
     read_artefact_manifest,

@@ -62,6 +62,30 @@ MODEL_ROLE_GENERATION: ModelRole.ValueType  # 1
 MODEL_ROLE_EMBEDDING: ModelRole.ValueType  # 2
 Global___ModelRole: _TypeAlias = ModelRole  # noqa: Y015
 
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    MODEL_STATE_LOADED: _ModelState.ValueType  # 1
+    """in memory, serving"""
+    MODEL_STATE_AVAILABLE: _ModelState.ValueType  # 2
+    """built; loads on its first request"""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """Generation models load on first use, within the service's memory budget, and the least
+    recently used idle one is unloaded to make room (LLMOS_INFERENCE_GENERATION_MEMORY_MB).
+    """
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+MODEL_STATE_LOADED: ModelState.ValueType  # 1
+"""in memory, serving"""
+MODEL_STATE_AVAILABLE: ModelState.ValueType  # 2
+"""built; loads on its first request"""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 @_typing.final
 class SamplingParams(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -342,6 +366,7 @@ class ModelInfo(_message.Message):
     INTRA_OP_THREADS_FIELD_NUMBER: _builtins.int
     SOURCE_PACKAGE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     role: Global___ModelRole.ValueType
     variant: _builtins.str
@@ -356,6 +381,7 @@ class ModelInfo(_message.Message):
     source_package: _builtins.str
     sha256: _builtins.str
     """of the main model file"""
+    state: Global___ModelState.ValueType
     def __init__(
         self,
         *,
@@ -368,10 +394,11 @@ class ModelInfo(_message.Message):
         intra_op_threads: _builtins.int = ...,
         source_package: _builtins.str = ...,
         sha256: _builtins.str = ...,
+        state: Global___ModelState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dimensions", b"dimensions", "execution_provider", b"execution_provider", "intra_op_threads", b"intra_op_threads", "name", b"name", "role", b"role", "sha256", b"sha256", "source_package", b"source_package", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "dimensions", b"dimensions", "execution_provider", b"execution_provider", "intra_op_threads", b"intra_op_threads", "name", b"name", "role", b"role", "sha256", b"sha256", "source_package", b"source_package", "state", b"state", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
