@@ -196,6 +196,10 @@ class WaitEstimator:
             prefill_tokens += work.prefill_tokens * self.uncached_share
         return free_at[0] + prefill_tokens / self.prefill_tps
 
+    def service_s(self, work: QueuedWork, batch: int) -> float:
+        """Seconds `work` is expected to take once it has its slot: its prompt, then its tokens."""
+        return work.prefill_tokens * self.uncached_share / self.prefill_tps + self.tokens_left(work) * self.step_s(batch)
+
 
 @dataclass(frozen=True)
 class AdmissionLimits:
@@ -431,25 +435,30 @@ class GenerationScheduler:
         return self.estimator.expected_wait(running, [sequence.work() for sequence in ahead], slots)
 
     def _refuse_a_long_wait(self, sequence: _Sequence, now: float) -> None:
-        """Refuse `sequence` when it is expected to wait past its deadline or its class's longest
-        wait (called with the condition held). With a slot free and nobody waiting it never is."""
-        limits = [(limit, name) for limit, name in (
-            (self._admission.for_rank(sequence.rank), "the longest wait allowed"),
-            (None if sequence.deadline is None else sequence.deadline - now, "its deadline"),
-        ) if limit is not None]
-        if not limits or (not self._waiting and len(self._running) < self._max_batch):
+        """Refuse `sequence` when it is expected to wait for its slot longer than its class's
+        longest wait, or to finish after its deadline (called with the condition held). With a
+        slot free and nobody waiting it never is: nothing would make it faster."""
+        max_wait = self._admission.for_rank(sequence.rank)
+        if (max_wait is None and sequence.deadline is None) or (not self._waiting and len(self._running) < self._max_batch):
             return
-        allowed, which = min(limits)
         wait = self.expected_wait_s(sequence.rank)
-        if wait <= allowed:
-            return
-        self._refusals.add(1, {"reason": "expected_wait", "priority": PRIORITY_NAMES[sequence.rank]})
-        allowed = max(allowed, 0.0)
+        priority = PRIORITY_NAMES[sequence.rank]
+        if max_wait is not None and wait > max_wait:
+            self._refuse(priority, f"would wait about {wait:.1f} s for a decode slot, longer than the longest wait "
+                                   f"allowed ({max_wait:.1f} s)", wait - max_wait)
+        if sequence.deadline is not None:
+            left = max(sequence.deadline - now, 0.0)
+            done = wait + self.estimator.service_s(sequence.work(), self._max_batch)
+            if done > left:
+                self._refuse(priority, f"would wait about {wait:.1f} s for a decode slot and finish in about "
+                                       f"{done:.1f} s, after its deadline ({left:.1f} s)", done - left)
+
+    def _refuse(self, priority: str, why: str, late_s: float) -> None:
+        self._refusals.add(1, {"reason": "expected_wait", "priority": priority})
         raise ResourceExhausted(
-            f"the generation service is at capacity: a {PRIORITY_NAMES[sequence.rank]} request would wait "
-            f"about {wait:.1f} s for a decode slot, past {which} ({allowed:.1f} s)",
-            # By then the work ahead that makes the wait too long has been served.
-            retry_after_s=max(wait - allowed, self.estimator.step_s(self._max_batch)),
+            f"the generation service is at capacity: a {priority} request {why}",
+            # By then the work ahead that makes it too late has been served.
+            retry_after_s=max(late_s, self.estimator.step_s(self._max_batch)),
         )
 
     # The scheduler thread.

@@ -135,9 +135,23 @@ async def test_a_request_expected_to_wait_past_its_deadline_is_refused_and_one_t
     await asyncio.sleep(0.1)
     with pytest.raises(ResourceExhausted) as refused:
         await anext(scheduler.submit(chat([2], 3, Deadline.after(0.1))))
-    assert "past its deadline" in refused.value.message
+    assert "after its deadline" in refused.value.message
     served = [event async for event in scheduler.submit(chat([3], 3, Deadline.after(10.0)))]
     assert served[-1].usage is not None and served[-1].usage.generated_tokens == 3
+    await running.aclose()  # type: ignore[attr-defined]
+    await scheduler.stop()
+
+
+async def test_a_request_that_would_get_its_slot_in_time_but_finish_late_is_refused() -> None:
+    scheduler = engine(CountingDecoder(1, step_s=0.02), AdmissionLimits())
+    scheduler.start()
+    running = await first_event(scheduler, chat([1], 15))  # its slot frees in about 0.3 s
+    await asyncio.sleep(0.1)
+    assert scheduler.expected_wait_s(INTERACTIVE_RANK) < 1.0
+    with pytest.raises(ResourceExhausted) as refused:  # 100 tokens at 20 ms: 2 s more
+        await anext(scheduler.submit(chat([2], 100, Deadline.after(1.0))))
+    assert "finish in about" in refused.value.message
+    assert refused.value.retry_after_s > 1.0
     await running.aclose()  # type: ignore[attr-defined]
     await scheduler.stop()
 
