@@ -1,129 +1,212 @@
-"""Every RPC × every kind of caller answers the right status, and every denial is audited."""
+"""Every RPC × every kind of caller answers the right status, and every denial is audited.
+
+Each call sends a request a healthy service answers (`rpc_calls.canary`), so an allowed call must
+succeed and answer what it should: not merely avoid a refusal. A refused call is refused because
+of who calls, since nothing else is wrong with the request. Every RPC whose request names a tenant
+(top-level or in a nested config, client-streaming ones too) is probed from another tenant by
+every non-administrator, including an operator, who may write in their own tenant: the design is
+that a tenant named in a request is never trusted (`llmos.auth.effective_tenant`), so naming
+another tenant is PERMISSION_DENIED, never served for the caller's own tenant instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
 
 import grpc
+import nats
 import pytest
-from google.protobuf import symbol_database
-from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmos.keys import parse_static_keys
+from llmos.bus.follow import follow, last_sequence
+from llmos.bus.subjects import AUDIT_ALL
 from llmos.policy import RPC_PERMISSIONS, permissions_of
-from llmos.settings import SERVICE_NAMES
-from llmos.v1 import audit_pb2, audit_pb2_grpc, dialogue_pb2, events_pb2, inference_pb2, ingest_pb2
-from llmos.v1 import retrieval_pb2, speech_pb2, tokenizer_pb2
-from tests.conftest import TEST_API_KEY, TEST_KEYS, RunningStack
+from llmos.v1 import audit_pb2, common_pb2, events_pb2
+from tests.conftest import TEST_API_KEY, RunningStack
+from tests.security.rpc_calls import (
+    CALLERS,
+    PRINCIPAL_OF,
+    Caller,
+    CanaryDocument,
+    CanaryState,
+    all_rpcs,
+    canary,
+    names_a_tenant,
+    new_trace_id,
+    path,
+    seed_canary_documents,
+)
 
 pytestmark = pytest.mark.security
 
-MODULES = {"ingest": ingest_pb2, "tokenizer": tokenizer_pb2, "inference": inference_pb2, "retrieval": retrieval_pb2,
-           "speech": speech_pb2, "dialogue": dialogue_pb2, "audit": audit_pb2}
-PRINCIPALS = parse_static_keys(",".join(f"{key}={identity}" for key, identity in TEST_KEYS.items()))
-DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+TENANTS = ("acme", "globex")
+UNAUTHENTICATED_KEYS = (None, "not-a-key", "llmos_0123456789ab_forged")
+# The reason a request naming another tenant is refused (llmos.auth.effective_tenant).
+OTHER_TENANT_REASON = "may not act on tenant"
 
 
-def all_rpcs() -> list[tuple[str, MethodDescriptor]]:
-    return [(service, method) for service in SERVICE_NAMES
-            for descriptor in MODULES[service].DESCRIPTOR.services_by_name.values() for method in descriptor.methods]
+@dataclass(frozen=True)
+class Denial:
+    trace_id: str
+    action: str
+    principal: str  # "anonymous" for an unauthenticated call
+    tenant: str  # the principal's tenant ("" when unauthenticated)
+    reason: str  # the refusal's details, which the audit record must hold too
 
 
-def path(method: MethodDescriptor) -> str:
-    return f"/{method.containing_service.full_name}/{method.name}"
-
-
-async def call(stack: RunningStack, service: str, method: MethodDescriptor, key: str | None, request: Any = None) -> grpc.StatusCode:
-    """Call any RPC with an empty (or given) request; the status it ends with."""
-    return (await call_result(stack, service, method, key, request))[0]
-
-
-# grpc/grpc#36066: when a server ends a client-streaming call before the client has sent
-# everything, the asyncio client may replace the server's status with this one. Such a call is
-# made again: the server's answer is what is under test.
-CLIENT_RACE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
-
-
-async def call_result(
-    stack: RunningStack, service: str, method: MethodDescriptor, key: str | None, request: Any = None
-) -> tuple[grpc.StatusCode, str]:
-    """The status and details a call ends with."""
-    for _ in range(5):
-        result = await _call_once(stack, service, method, key, request)
-        if not (method.client_streaming and result == CLIENT_RACE):
-            return result
-    return result
-
-
-async def _call_once(
-    stack: RunningStack, service: str, method: MethodDescriptor, key: str | None, request: Any
-) -> tuple[grpc.StatusCode, str]:
-    request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
-    response_type = symbol_database.Default().GetSymbol(method.output_type.full_name)
-    request = request if request is not None else request_type()
-    metadata = (("authorization", f"Bearer {key}"),) if key else ()
-    async with grpc.aio.insecure_channel(stack.addr(service)) as channel:
-        kind = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
-        stub = getattr(channel, kind)(path(method), request_serializer=lambda m: m.SerializeToString(),
-                                      response_deserializer=response_type.FromString)
-        try:
-            if method.client_streaming:
-                rpc = stub(iter([request]), metadata=metadata, timeout=10)
-            else:
-                rpc = stub(request, metadata=metadata, timeout=10)
-            if method.server_streaming:
-                async for _ in rpc:
-                    pass
-            else:
-                await rpc
-        except grpc.aio.AioRpcError as error:
-            return error.code(), error.details() or ""
-    return grpc.StatusCode.OK, ""
+@pytest.fixture(scope="module")
+async def canary_documents(stack: RunningStack) -> dict[str, CanaryDocument]:
+    async with Caller(stack) as caller:
+        return await seed_canary_documents(caller, TENANTS)
 
 
 def test_every_rpc_has_an_access_policy() -> None:
     assert {path(method) for _, method in all_rpcs()} == set(RPC_PERMISSIONS)
 
 
-async def test_access_matrix(stack: RunningStack) -> None:
+@dataclass(frozen=True)
+class MatrixRun:
+    denials: list[Denial]
+    after_seq: int  # the AUDIT stream's last sequence before the matrix ran
+    since: Timestamp  # when it started
+
+
+@pytest.fixture(scope="module")
+async def matrix(stack: RunningStack, canary_documents: dict[str, CanaryDocument]) -> MatrixRun:
+    """Run the whole matrix; the denials it caused, each with the trace id it was called under."""
+    connection = await nats.connect(stack.settings.nats_url)
+    try:
+        after_seq = await last_sequence(connection.jetstream(), AUDIT_ALL)
+    finally:
+        await connection.close()
+    since = Timestamp()
+    since.GetCurrentTime()
+    denials: list[Denial] = []
     outcomes: Counter[str] = Counter()
-    for service, method in all_rpcs():
-        permission = RPC_PERMISSIONS[path(method)]
-        assert await call(stack, service, method, None) == grpc.StatusCode.UNAUTHENTICATED, path(method)
-        assert await call(stack, service, method, "not-a-key") == grpc.StatusCode.UNAUTHENTICATED, path(method)
-        assert await call(stack, service, method, "llmos_0123456789ab_forged") == grpc.StatusCode.UNAUTHENTICATED
-        outcomes["unauthenticated"] += 3
-        for key, principal in PRINCIPALS.items():
-            raw_key = next(k for k, identity in TEST_KEYS.items() if identity.startswith(principal.subject + ":"))
-            status = await call(stack, service, method, raw_key)
-            if permission in permissions_of(principal):
-                assert status not in DENIED, f"{principal.subject} refused {path(method)}: {status}"
-                outcomes["allowed"] += 1
-            else:
-                assert status == grpc.StatusCode.PERMISSION_DENIED, f"{principal.subject} got {status} on {path(method)}"
-                outcomes["insufficient role"] += 1
-        request_type = symbol_database.Default().GetSymbol(method.input_type.full_name)
-        if "tenant" in request_type.DESCRIPTOR.fields_by_name and not method.client_streaming:
-            status = await call(stack, service, method, "user-key-globex", request_type(tenant="acme"))
-            if await call(stack, service, method, "user-key-globex") != grpc.StatusCode.UNIMPLEMENTED:
-                assert status == grpc.StatusCode.PERMISSION_DENIED, f"cross-tenant {path(method)}: {status}"
-                outcomes["other tenant"] += 1
-    print(f"access matrix: {sum(outcomes.values())} calls over {len(all_rpcs())} RPCs: {dict(outcomes)}")
-    assert outcomes["insufficient role"] > 0 and outcomes["other tenant"] > 0
+    states = {key: CanaryState(canary_documents[principal.tenant]) for key, principal in PRINCIPAL_OF.items()}
+    # Another tenant's canary state: its document and a session of its own, for the cross-tenant probes.
+    foreign = {tenant: CanaryState(document) for tenant, document in canary_documents.items()}
+    chat = next(method for _, method in all_rpcs() if method.name == "Chat")
+    async with Caller(stack) as caller:
+        for tenant, state in foreign.items():  # a session in each tenant, for the probes of its sessions
+            opened = canary(chat, state, tenant)
+            outcome = await caller.call("dialogue", chat, TEST_API_KEY, opened.requests)
+            assert outcome.status == grpc.StatusCode.OK, outcome
+            opened.check(outcome.responses)
+        for service, method in all_rpcs():
+            action = path(method)
+            permission = RPC_PERMISSIONS[action]
+            for key in UNAUTHENTICATED_KEYS:
+                trace_id = new_trace_id()
+                outcome = await caller.call(service, method, key, canary(method, CanaryState(canary_documents["acme"])).requests,
+                                            trace_id=trace_id)
+                assert outcome.status == grpc.StatusCode.UNAUTHENTICATED, f"{action} with key {key!r}: {outcome}"
+                denials.append(Denial(trace_id, action, "anonymous", "", outcome.details))
+                outcomes["unauthenticated"] += 1
+            for key, principal in PRINCIPAL_OF.items():
+                trace_id = new_trace_id()
+                request = canary(method, states[key])
+                outcome = await caller.call(service, method, key, request.requests, trace_id=trace_id)
+                if permission in permissions_of(principal):
+                    # Allowed: the call is served, and answers what it should.
+                    assert outcome.status == grpc.StatusCode.OK, f"{principal.subject} on {action}: {outcome}"
+                    request.check(outcome.responses)
+                    outcomes["allowed and served"] += 1
+                else:
+                    assert outcome.status == grpc.StatusCode.PERMISSION_DENIED, f"{principal.subject} on {action}: {outcome}"
+                    assert permission.value in outcome.details, outcome.details
+                    denials.append(Denial(trace_id, action, principal.subject, principal.tenant, outcome.details))
+                    outcomes["insufficient role"] += 1
+            if not names_a_tenant(canary(method, CanaryState(canary_documents["acme"]), "acme").requests):
+                continue
+            for key, principal in PRINCIPAL_OF.items():
+                other = next(tenant for tenant in TENANTS if tenant != principal.tenant)
+                trace_id = new_trace_id()
+                probe = canary(method, foreign[other], other)
+                outcome = await caller.call(service, method, key, probe.requests, trace_id=trace_id)
+                if principal.is_admin:
+                    # The control: the tenant field is honoured for whoever may act across tenants.
+                    assert outcome.status == grpc.StatusCode.OK, f"admin on {action} for {other}: {outcome}"
+                    probe.check(outcome.responses)
+                    outcomes["admin in another tenant"] += 1
+                    continue
+                assert outcome.status == grpc.StatusCode.PERMISSION_DENIED, f"{principal.subject} on {action} in {other}: {outcome}"
+                if permission in permissions_of(principal):
+                    # The role would do: the tenant is what is refused (an operator writing in another tenant too).
+                    assert OTHER_TENANT_REASON in outcome.details, f"{principal.subject} on {action}: {outcome.details}"
+                    outcomes[f"{'operator' if 'operator' in principal.roles else 'user'} in another tenant"] += 1
+                else:
+                    outcomes["insufficient role in another tenant"] += 1
+                denials.append(Denial(trace_id, action, principal.subject, principal.tenant, outcome.details))
+    print(f"access matrix: {sum(outcomes.values())} calls over {len(all_rpcs())} RPCs and {len(CALLERS)} principals "
+          f"+ {len(UNAUTHENTICATED_KEYS)} unauthenticated callers: {dict(outcomes)}")
+    assert outcomes["operator in another tenant"] >= 2  # SubmitDocument and DeleteDocument at least
+    return MatrixRun(denials, after_seq, since)
 
 
-async def test_denials_are_audited(stack: RunningStack) -> None:
-    verify = next(method for _, method in all_rpcs() if method.name == "Verify")
-    assert await call(stack, "audit", verify, "user-key-acme") == grpc.StatusCode.PERMISSION_DENIED
-    async with grpc.aio.insecure_channel(stack.addr("audit")) as channel:
-        stub = audit_pb2_grpc.AuditServiceStub(channel)
+async def test_access_matrix(matrix: MatrixRun) -> None:
+    actions = {denial.action for denial in matrix.denials}
+    assert actions == set(RPC_PERMISSIONS), "every RPC refused someone"
+
+
+async def audit_records_on_the_bus(stack: RunningStack, after_seq: int, trace_ids: set[str], timeout_s: float = 30.0
+                                   ) -> dict[str, events_pb2.AuditEvent]:
+    """The audit events published after `after_seq`, by trace id, for those in `trace_ids`."""
+    found: dict[str, events_pb2.AuditEvent] = {}
+    connection = await nats.connect(stack.settings.nats_url)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for message in follow(connection.jetstream(), AUDIT_ALL, after_seq):
+                event = events_pb2.AuditEvent.FromString(message.data)
+                if event.trace_id in trace_ids and event.decision == events_pb2.AUDIT_DECISION_DENY:
+                    found[event.trace_id] = event
+                    if len(found) == len(trace_ids):
+                        break
+    except TimeoutError:
+        pass
+    finally:
+        await connection.close()
+    return found
+
+
+async def stored_denials(stack: RunningStack, tenant: str, since: Timestamp) -> dict[str, audit_pb2.AuditRecord]:
+    """The audit service's DENY records of `tenant` since `since`, by trace id (queried as the administrator)."""
+    query = next(method for _, method in all_rpcs() if method.name == "Query")
+    records: dict[str, audit_pb2.AuditRecord] = {}
+    token = ""
+    async with Caller(stack) as caller:
+        while True:
+            outcome = await caller.call("audit", query, TEST_API_KEY, audit_pb2.QueryAuditRequest(
+                tenant=tenant, start_time=since, page=common_pb2.PageRequest(page_size=500, page_token=token)))
+            assert outcome.status == grpc.StatusCode.OK, outcome
+            for record in outcome.responses:
+                if record.event.decision == events_pb2.AUDIT_DECISION_DENY:
+                    records[record.event.trace_id] = record
+            if len(outcome.responses) < 500:
+                return records
+            token = str(outcome.responses[-1].sequence)
+
+
+async def test_every_denial_is_audited(stack: RunningStack, matrix: MatrixRun) -> None:
+    expected = {denial.trace_id: denial for denial in matrix.denials}
+    published = await audit_records_on_the_bus(stack, matrix.after_seq, set(expected))
+    missing = [denial for trace_id, denial in expected.items() if trace_id not in published]
+    by_kind = Counter(f"{d.action.split('/')[-1]} by {d.principal}: {d.reason[:60]}" for d in missing)
+    assert not missing, f"{len(missing)} of {len(expected)} denials were not audited: {dict(by_kind)}"
+    for trace_id, event in published.items():
+        denial = expected[trace_id]
+        assert (event.action, event.principal, event.tenant) == (denial.action.lstrip("/"), denial.principal, denial.tenant)
+        assert event.reason, f"{denial.action}: a denial without its reason"
+    # The audit service stored each denial of a tenant where that tenant's operator can read it.
+    for tenant in TENANTS:
+        ours = {trace_id for trace_id, denial in expected.items() if denial.tenant == tenant}
         for _ in range(100):
-            records = [r async for r in stub.Query(
-                audit_pb2.QueryAuditRequest(principal="alice", action="llmos.v1.AuditService/Verify"),
-                metadata=(("authorization", f"Bearer {TEST_API_KEY}"),))]
-            if records:
+            stored = await stored_denials(stack, tenant, matrix.since)
+            if ours <= set(stored):
                 break
-            await asyncio.sleep(0.1)
-    assert records and records[-1].event.decision == events_pb2.AUDIT_DECISION_DENY and "audit:verify" in records[-1].event.reason
+            await asyncio.sleep(0.2)
+        assert ours <= set(stored), f"{len(ours - set(stored))} denials of {tenant} not stored by the audit service"
+    print(f"denials audited: {len(expected)} over {len({d.action for d in matrix.denials})} RPCs "
+          f"({sum(1 for d in matrix.denials if d.principal == 'anonymous')} unauthenticated)")

@@ -21,6 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import grpc
@@ -257,6 +258,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     f"{method.lstrip('/')} was refused: its audit record could not be published; retry later"
                 ) from exc
 
+    @asynccontextmanager
+    async def _refusals_audited(self, method: str, principal: Principal, request: Any) -> AsyncIterator[None]:
+        """A refusal the handler itself makes (a tenant or a session not the caller's) is audited
+        like the ones `_admit` makes: every denial leaves a record."""
+        try:
+            yield
+        except (errors.Unauthenticated, errors.PermissionDenied) as exc:
+            await self._audit(method, principal, request, DENY, exc.message)
+            raise
+
     async def _call(
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[], Awaitable[Any]], request: Any
     ) -> Any:
@@ -266,7 +277,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 principal = await self._admit(method, context, span, request)
                 with acting_as(principal):
-                    result = await run()
+                    async with self._refusals_audited(method, principal, request):
+                        result = await run()
                 span.set_attributes(status_attributes(grpc.StatusCode.OK))
                 return result
             except errors.LlmosError as exc:
@@ -289,12 +301,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 principal = await self._admit(method, context, span, request)
                 with acting_as(principal):
-                    responses = open_stream()
-                    if inspect.isasyncgen(responses):
-                        async for response in responses:
-                            yield response
-                    else:
-                        await responses
+                    async with self._refusals_audited(method, principal, request):
+                        responses = open_stream()
+                        if inspect.isasyncgen(responses):
+                            async for response in responses:
+                                yield response
+                        else:
+                            await responses
                 span.set_attributes(status_attributes(grpc.StatusCode.OK))
             except errors.LlmosError as exc:
                 await self._abort(context, span, exc)
