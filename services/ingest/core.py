@@ -298,7 +298,9 @@ class IngestCore:
             failed_at=now(),
         )
         await self._publisher.publish(DOCS_FAILED, failure)
-        if document.tenant:
+        # A status is kept only under a valid-sized id: the index key holds the id, and a subject
+        # over the server's control-line limit (4 KiB) makes NATS close the service's connection.
+        if document.tenant and len(document.tenant) <= MAX_ID_CHARS and len(document.document_id) <= MAX_ID_CHARS:
             await self._statuses.put(
                 ingest_pb2.DocumentStatus(
                     document_id=document.document_id,
