@@ -48,6 +48,45 @@ async def test_look_alike_documents_stay_in_their_tenant(stack: RunningStack) ->
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_an_operator_cannot_write_or_delete_in_another_tenant(stack: RunningStack) -> None:
+    """An operator may write in their own tenant; naming another one is refused (PERMISSION_DENIED,
+    by design never redirected to the operator's own tenant), and neither tenant's copy changes."""
+    document_id = f"contract-{uuid.uuid4().hex[:6]}"
+    originals = {"acme": b"Acme contract: 30 days notice.", "globex": b"Globex contract: 90 days notice."}
+    async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
+        ingest = ingest_pb2_grpc.IngestServiceStub(channel)
+
+        async def status_of(tenant: str) -> ingest_pb2.DocumentStatus:
+            return await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(tenant=tenant, document_id=document_id), metadata=ADMIN)
+
+        for tenant, content in originals.items():
+            await ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(tenant=tenant, document_id=document_id, content=content), metadata=ADMIN)
+        before = {tenant: await status_of(tenant) for tenant in originals}
+        for attempt in (
+            ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(tenant="globex", document_id=document_id, content=b"Rewritten by acme."),
+                                  metadata=ACME_OPERATOR),
+            ingest.SubmitDocument(ingest_pb2.SubmitDocumentRequest(tenant="globex", document_id=f"{document_id}-new", content=b"Planted by acme."),
+                                  metadata=ACME_OPERATOR),
+            ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(tenant="globex", document_id=document_id), metadata=ACME_OPERATOR),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await attempt
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "may not act on tenant 'globex'" in (error.value.details() or "")
+        after = {tenant: await status_of(tenant) for tenant in originals}
+        for tenant in originals:
+            assert after[tenant].content_hash == before[tenant].content_hash, f"{tenant}'s copy was rewritten"
+            assert after[tenant].stage != common_pb2.DOCUMENT_STAGE_DELETED, f"{tenant}'s copy was deleted"
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await ingest.GetDocumentStatus(ingest_pb2.GetDocumentStatusRequest(tenant="globex", document_id=f"{document_id}-new"), metadata=ADMIN)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND, "a document was planted in globex"
+        # The control: the same operator deletes its own tenant's copy, and only that one.
+        deleted = await ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(document_id=document_id), metadata=ACME_OPERATOR)
+        assert deleted.deleted
+        assert (await status_of("acme")).stage == common_pb2.DOCUMENT_STAGE_DELETED
+        assert (await status_of("globex")).stage != common_pb2.DOCUMENT_STAGE_DELETED
+
+
 async def test_the_audit_trail_is_confined_to_the_operators_tenant(stack: RunningStack) -> None:
     async with grpc.aio.insecure_channel(stack.addr("ingest")) as channel:
         await ingest_pb2_grpc.IngestServiceStub(channel).SubmitDocument(
