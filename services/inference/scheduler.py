@@ -18,9 +18,9 @@ a slot frees. A bulk job therefore never makes a chat wait for a generation to e
 Admission knows the expected wait (`WaitEstimator`): from the work ahead of a new request (the
 running sequences' expected remaining tokens, the waiting requests of its class and above) and
 the measured decode-step time and prefill rate, it estimates when a slot frees and its prompt
-can start. A request expected to wait longer than its remaining deadline, or than its class's
-longest wait, is refused at once with RESOURCE_EXHAUSTED and a retry hint, instead of queueing
-past the point where its answer is of use to anybody.
+can start. A request expected to wait longer than its class's longest wait, or to finish after
+its remaining deadline, is refused at once with RESOURCE_EXHAUSTED and a retry hint, instead of
+queueing past the point where its answer is of use to anybody.
 """
 
 from __future__ import annotations
@@ -166,11 +166,22 @@ class WaitEstimator:
         self._generated[rank] = self._ewma(self._generated.get(rank), generated)
 
     def step_s(self, batch: int) -> float:
-        """Seconds of one decode step of `batch` rows: measured at that size, else the nearest measured."""
-        if not self._step_s:
+        """Seconds of one decode step of `batch` rows, erring long where that size is not measured:
+        between two measured sizes, interpolated; above them, grown in proportion to the rows
+        (a burst after a quiet spell meets full batches only step times of one row have been
+        measured for); below them, the smallest measured."""
+        if batch in self._step_s:
+            return self._step_s[batch]
+        below = max((size for size in self._step_s if size < batch), default=None)
+        above = min((size for size in self._step_s if size > batch), default=None)
+        if below is None and above is None:
             return self._first_step_s
-        nearest = min(self._step_s, key=lambda size: (abs(size - batch), -size))
-        return self._step_s[nearest]
+        if below is None:
+            return self._step_s[above]  # type: ignore[index]
+        if above is None:
+            return self._step_s[below] * batch / below
+        share = (batch - below) / (above - below)
+        return self._step_s[below] + share * (self._step_s[above] - self._step_s[below])
 
     def tokens_left(self, work: QueuedWork) -> float:
         """Decode steps `work` is expected to take before it frees its slot (at least one)."""
@@ -434,10 +445,14 @@ class GenerationScheduler:
         slots = self._max_batch - (self._reserved_interactive if rank == BATCH_RANK else 0)
         return self.estimator.expected_wait(running, [sequence.work() for sequence in ahead], slots)
 
+    def _batch_with(self, rank: int) -> int:
+        """Rows a new request of class `rank` is expected to decode among."""
+        return min(self._max_batch, len(self._running) + sum(1 for waiting in self._waiting if waiting.rank <= rank) + 1)
+
     def _refuse_a_long_wait(self, sequence: _Sequence, now: float) -> None:
         """Refuse `sequence` when it is expected to wait for its slot longer than its class's
         longest wait, or to finish after its deadline (called with the condition held). With a
-        slot free and nobody waiting it never is: nothing would make it faster."""
+        slot free and nobody waiting it never is: it starts at once, and nothing would make it faster."""
         max_wait = self._admission.for_rank(sequence.rank)
         if (max_wait is None and sequence.deadline is None) or (not self._waiting and len(self._running) < self._max_batch):
             return
@@ -448,7 +463,7 @@ class GenerationScheduler:
                                    f"allowed ({max_wait:.1f} s)", wait - max_wait)
         if sequence.deadline is not None:
             left = max(sequence.deadline - now, 0.0)
-            done = wait + self.estimator.service_s(sequence.work(), self._max_batch)
+            done = wait + self.estimator.service_s(sequence.work(), self._batch_with(sequence.rank))
             if done > left:
                 self._refuse(priority, f"would wait about {wait:.1f} s for a decode slot and finish in about "
                                        f"{done:.1f} s, after its deadline ({left:.1f} s)", done - left)

@@ -70,12 +70,14 @@ def test_what_finished_requests_generated_replaces_their_limit() -> None:
 
 def test_rates_are_smoothed_and_the_step_time_follows_the_batch_size() -> None:
     estimator = WaitEstimator(smoothing=0.5)
-    estimator.observe_step(1, 0.010)
+    estimator.observe_step(2, 0.010)
+    assert estimator.step_s(1) == pytest.approx(0.010)  # below every size measured: the smallest
+    assert estimator.step_s(8) == pytest.approx(0.040)  # above: in proportion to the rows
     estimator.observe_step(8, 0.040)
     estimator.observe_step(8, 0.020)
     assert estimator.step_s(8) == pytest.approx(0.030)
-    assert estimator.step_s(1) == pytest.approx(0.010)
-    assert estimator.step_s(6) == pytest.approx(0.030)  # the nearest size measured
+    assert estimator.step_s(2) == pytest.approx(0.010)
+    assert estimator.step_s(5) == pytest.approx(0.020)  # between two sizes: interpolated
     estimator.observe_admission(100, 75)  # a quarter of the prompt had to be prefilled
     assert estimator.uncached_share == pytest.approx(0.625)
     before = estimator.prefill_tps
