@@ -464,3 +464,25 @@ async def bus_canaries(stack: RunningStack, js: JetStreamContext) -> list[str]:
 
 async def _is_indexed(stage_of: Callable[[str], Awaitable[int]], document_id: str) -> bool:
     return await stage_of(document_id) == common_pb2.DOCUMENT_STAGE_INDEXED
+
+
+async def test_an_oversized_document_id_leaves_ingest_working(stack: RunningStack) -> None:
+    """Found by the bus fuzzing: a document whose id is refused as too long was still given a
+    failure status under a key holding the id, a subject past NATS's 4 KiB control line, and the
+    server closed ingest's connection for good while its health still said SERVING."""
+    oversized = "d" * 3000  # hex-encoded in the key: 6000 bytes
+    async with Caller(stack) as caller:
+        methods = {method.name: (service, method) for service, method in all_rpcs()}
+        service, submit = methods["SubmitDocument"]
+        refused = await caller.call(service, submit, "operator-key-acme", ingest_pb2.SubmitDocumentRequest(
+            document_id=oversized, mime_type="text/plain", content=b"An id far too long."))
+        assert refused.status == grpc.StatusCode.INVALID_ARGUMENT and "document_id" in refused.details, refused
+        connection = await nats.connect(stack.settings.nats_url)
+        try:
+            await connection.jetstream().publish(INGEST_REQUESTED, events_pb2.DocumentSubmitted(
+                tenant=CANARY_TENANT, document_id=oversized, mime_type="text/plain", content=b"An id far too long.").SerializeToString())
+        finally:
+            await connection.close()
+        # Ingest still reads the bus and writes its statuses: a document goes all the way to INDEXED.
+        documents = await seed_canary_documents(caller, (CANARY_TENANT,))
+        assert documents[CANARY_TENANT].document_id
