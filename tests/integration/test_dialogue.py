@@ -164,6 +164,7 @@ async def test_abstractive_summary_of_a_long_document_is_map_reduced(dialogue: D
     assert 0 < len(by_id.summary.split()) <= 30
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(300)
 async def test_a_session_survives_a_restart_of_the_dialogue_service(stack: RunningStack, tmp_path: Path) -> None:
     """A dialogue process of our own on the test stack, killed (SIGKILL: nothing flushed at exit)
