@@ -25,7 +25,8 @@ first-token p50/p95 of the answered turns, refusals (RESOURCE_EXHAUSTED: admissi
 wait past the deadline or the longest wait) with the time from the call to the refusal and the
 retry hint, and other failures. `--drafts` lets the model draft answers (LLMOS_DIALOGUE_DRAFTS):
 without it a turn quotes the evidence and makes no generation call, as `llmos up` does by default.
-`--questions 0` runs the load alone; the load figures go beside the others in chat.json.
+`--questions 0` runs the load alone; the load figures go beside the others in chat.json (under
+`load`, or `load_with_drafts`).
 """
 
 from __future__ import annotations
@@ -341,7 +342,7 @@ def main() -> None:
         load["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         # Above a load average of 1 the machine was shared (as issue 15 reads a run): the figures are noisy.
         load["noisy"] = max(load_before, load["load_average_1m"]["after"]) > 1.0
-        results["load"] = load
+        results["load_with_drafts" if args.drafts else "load"] = load
         print_load(load)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
