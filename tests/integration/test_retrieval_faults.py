@@ -118,10 +118,8 @@ async def wait_for_consumer(url: str, durable: str, timeout_s: float = 60.0) -> 
 async def consumer_drained(url: str, durable: str) -> bool:
     connection = await nats.connect(url)
     try:
-        info = await connection.jetstream().consumer_info(stream_for(CHUNKS_EMBEDDED).name, durable)
-        return info.num_pending == 0 and info.num_ack_pending == 0
-    except nats.js.errors.NotFoundError:
-        return False
+        lag = await consumer_lag(connection, CHUNKS_EMBEDDED, durable)
+        return lag is not None and lag.outstanding == 0
     finally:
         await connection.close()
 
