@@ -7,7 +7,7 @@ from llmos import errors
 from llmos.auth import Principal, acting_as, effective_tenant
 from llmos.keys import KeyAuthenticator, parse_static_keys
 from llmos.policy import RPC_PERMISSIONS, SERVICE_CALLS
-from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, status_for, trailing_metadata_for
+from llmos.grpcutil.status import RETRY_AFTER_MS_KEY, error_from_rpc, status_for, trailing_metadata_for
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +37,17 @@ def test_resource_exhausted_tells_when_to_retry() -> None:
     error = errors.ResourceExhausted("queue full", 2.5)
     assert "retry after 2.5 s" in error.message
     assert trailing_metadata_for(error) == ((RETRY_AFTER_MS_KEY, "2500"),)
+
+
+def test_a_relayed_refusal_states_the_callee_hint_once() -> None:
+    refused = errors.ResourceExhausted("queue full", 2.5)
+    rpc_error = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+        grpc.aio.Metadata(*trailing_metadata_for(refused)), details=refused.message,
+    )
+    relayed = error_from_rpc(rpc_error, "inference")
+    assert isinstance(relayed, errors.ResourceExhausted) and relayed.retry_after_s == 2.5
+    assert relayed.message == "inference: queue full (retry after 2.5 s)"
 
 
 AUTH = KeyAuthenticator(parse_static_keys("k1=alice:acme:admin,k2=bob:globex:user|operator"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from llmos import errors
@@ -23,6 +25,8 @@ _STATUS_BY_ERROR: dict[type[errors.LlmosError], grpc.StatusCode] = {
 # Trailing metadata telling a client how long to back off after RESOURCE_EXHAUSTED: gRPC's standard
 # retry pushback (milliseconds as a decimal string), which gRPC clients with a retry policy obey.
 RETRY_AFTER_MS_KEY = "grpc-retry-pushback-ms"
+# The hint a ResourceExhausted message ends with: a relayed refusal states its own hint once.
+_RETRY_HINT = re.compile(r" \(retry after [0-9.]+ s\)$")
 
 
 def status_for(error: errors.LlmosError) -> grpc.StatusCode:
@@ -47,7 +51,7 @@ def error_from_rpc(error: grpc.aio.AioRpcError, callee: str) -> errors.LlmosErro
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.InvalidArgument(callee, error.details() or "invalid argument")
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.ResourceExhausted(message, retry_after_s=_retry_after_s(error))
+        return errors.ResourceExhausted(_RETRY_HINT.sub("", message), retry_after_s=_retry_after_s(error))
     return errors.Unavailable(message)
 
 
