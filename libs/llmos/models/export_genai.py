@@ -178,12 +178,18 @@ def smoke_test(out: Path, log: Log, *, chat: bool = True) -> None:
         prompt = COMPLETION_SMOKE_PROMPT
     input_ids = tokenizer.encode(prompt)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(input_ids) + SMOKE_TOKENS)
+    # A model with sliding-window attention (Gemma 3) wants a KV cache of at least its window.
+    decoder = json.loads((out / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    window = int(decoder.get("sliding_window", {}).get("window_size", 0))
+    params.set_search_options(do_sample=False, max_length=max(len(input_ids) + SMOKE_TOKENS, window))
     generator = og.Generator(model, params)
     generator.append_tokens(input_ids)
-    while not generator.is_done():
+    for _ in range(SMOKE_TOKENS):
+        if generator.is_done():
+            break
         generator.generate_next_token()
     text = tokenizer.decode(generator.get_sequence(0)[len(input_ids) :])
+    asked = SMOKE_PROMPT if chat else prompt
     if not text.strip():
-        raise BuildFailed(f"{out} loads but generated no text for {prompt!r}")
-    log(f"  smoke test: {prompt!r} -> {text.strip()!r}")
+        raise BuildFailed(f"{out} loads but generated no text for {asked!r}")
+    log(f"  smoke test: {asked!r} -> {text.strip()!r}")
