@@ -15,7 +15,7 @@ import pytest
 
 from llmos.clients import InferenceClient
 from llmos.errors import AlreadyExists, InvalidArgument
-from llmos.models.catalog import CATALOG
+from llmos.models.catalog import CATALOG, Role
 from llmos.models.manifest import artefact_problems
 from llmos.models.registry import add_model
 from llmos.models.store import RegisteredModel, load_manifest, registered_models
@@ -152,3 +152,15 @@ def test_a_taken_name_is_refused_and_remove_frees_it(
     assert main(["models", "remove", NAME]) == 0
     assert not registered_models(home) and not model.folder(home).exists()
     assert load_manifest(home).find(NAME, "cpu-int4") is None
+
+
+def test_a_sentence_transformers_folder_is_added_as_an_embedding_model(tmp_path: Path) -> None:
+    from llmos.models.catalog import get_spec, locate_source
+
+    folder = locate_source(get_spec("all-minilm-l6-v2")).path  # a sentence-transformers folder
+    lines: list[str] = []
+    model = add_model(tmp_path, "minilm-copy", hf=folder, role=Role.EMBEDDING, log=lines.append)
+    assert (model.role, model.variant, model.source_format, model.architecture) == ("embedding", "fp32", "hf", "bert")
+    assert (model.licence, model.chat_template, model.context_length) == ("apache-2.0", None, 256)
+    assert not artefact_problems(model.folder(tmp_path), check_hashes=True)
+    assert any("cosine" in line for line in lines)  # the exporter's check against torch ran

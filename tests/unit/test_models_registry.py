@@ -120,3 +120,16 @@ def test_the_cli_reports_a_taken_name_as_an_error(tmp_path: Path, monkeypatch: p
     listed = json.loads(capsys.readouterr().out)["models"]
     assert {row["name"] for row in listed} == {"smollm2-135m-instruct", "all-minilm-l6-v2", "kokoro-82m"}
     assert not any(row["built"] for row in listed)
+
+
+def test_gemma3_configs_reach_the_builder_in_the_form_it_reads() -> None:
+    from transformers import Gemma3TextConfig
+
+    from llmos.models.genai_builder import builder_form
+
+    config = builder_form(Gemma3TextConfig(rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    }))
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert config.rope_local_base_freq == 10_000.0
