@@ -140,9 +140,15 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
         settings.inference_generation_memory_mb << 20,
     )
     try:
-        await generation.load(default)  # the dialogue's model serves from the first request
+        default_model = await generation.load(default)  # the dialogue's model serves from the first request
     except InvalidArgument as exc:
         raise InvalidArgument("LLMOS_INFERENCE_GENERATION_MODEL", exc.message) from None
+    if not default_model.chat:
+        await generation.close()
+        raise InvalidArgument(
+            "LLMOS_INFERENCE_GENERATION_MODEL",
+            f"{default!r} has no chat template (a base model); the dialogue's model must be able to chat",
+        )
 
     core = InferenceCore(
         bus,

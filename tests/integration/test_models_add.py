@@ -8,6 +8,8 @@ the builder, which quantizes it to int4 again): the whole module builds once."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from llmos.v1 import common_pb2, inference_pb2
 from llmos_cli.main import main
 from services.inference.app import generation_footprint
 from services.inference.core import GENERATION_MODEL
-from tests.conftest import NatsServer, RunningStack
+from tests.conftest import NatsServer, RunningStack, platform_environment
 from tests.grpc_helpers import ADMIN, connected
 from tests.integration.test_inference_embed import start_inference
 
@@ -137,6 +139,19 @@ async def test_the_added_model_serves_plain_completions_beside_the_default_one(
     assert (await states(client))[GENERATION_MODEL] == inference_pb2.MODEL_STATE_LOADED
     with pytest.raises(InvalidArgument, match=f"unknown model 'gpt-4'; generation models: {NAME}, {GENERATION_MODEL}"):
         [r async for r in client.generate(inference_pb2.GenerateRequest(model="gpt-4", prompt="x"), timeout_s=60)]
+
+
+def test_a_base_model_cannot_be_the_dialogues_model(
+    added: tuple[Path, RegisteredModel, list[str]], nats_server: NatsServer, tmp_path: Path
+) -> None:
+    home, _, _ = added
+    (tmp_path / "models").symlink_to(home / "models", target_is_directory=True)
+    env = {**platform_environment(nats_server, tmp_path), "LLMOS_INFERENCE_GENERATION_MODEL": NAME}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.inference"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert f"LLMOS_INFERENCE_GENERATION_MODEL: '{NAME}' has no chat template" in result.stdout + result.stderr
 
 
 def test_a_taken_name_is_refused_and_remove_frees_it(
