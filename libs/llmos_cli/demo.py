@@ -7,7 +7,9 @@ of the document submission read back from the local span file.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from pathlib import Path
 
 from llmos.clients import AuditClient, DialogueClient, IngestClient, TokenizerClient
@@ -24,6 +26,7 @@ from llmos_cli.speech import print_voice_turn, voice_turn
 DEMO_KB = Path(__file__).resolve().parents[2] / "demo" / "kb"
 DEMO_QUESTION = DEMO_KB.parent / "voice" / "gift-card-question.wav"
 CONSOLE_QUESTION = "Can I return sale items?"
+HTTP_QUESTION = "How long is a gift card valid?"
 
 
 async def _wait_until_indexed(ingest: IngestClient, document_ids: list[str], timeout_s: float = 300.0) -> None:
@@ -62,9 +65,10 @@ async def _tour(settings: PlatformSettings) -> None:
 
     await demo_tour(settings, api_key(settings))
     await _voice_turn(settings)
+    await asyncio.to_thread(_openai_style_call, settings)
     await asyncio.sleep(1.0)  # audit events and spans arrive asynchronously
     async with connect(settings, AuditClient) as audit:
-        print("\n== audit: who did what, chained by SHA-256")
+        print("\n== audit: who did what, chained by HMAC-SHA256")
         async for record in audit.query(limit=5):
             event = record.event
             print(f"  #{record.sequence:<3} {event.principal:<8} {event.action:<14} {event.resource:<20} {record.hash[:12]}")
@@ -90,6 +94,23 @@ async def _voice_turn(settings: PlatformSettings) -> None:
     if turn.sample_rate:
         answer.write_bytes(turn.wav())
         print(f"answer audio: {turn.audio_s:.1f} s -> {answer}")
+
+
+def _openai_style_call(settings: PlatformSettings) -> None:
+    """The assistant over the gateway's OpenAI-compatible API, as any OpenAI client calls it."""
+    url = f"http://{settings.gateway_addr}/v1/chat/completions"
+    print(f"\n== HTTP gateway: POST {url} (model llmos-assistant)")
+    body = {"model": "llmos-assistant", "messages": [{"role": "user", "content": HTTP_QUESTION}]}
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {api_key(settings)}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        completion = json.load(response)
+    print(f"user> {HTTP_QUESTION}")
+    print(f"assistant> {completion['choices'][0]['message']['content']}")
+    for citation in completion.get("citations", []):
+        print(f"  cites {citation['title']!r} ({citation['document_id']})")
 
 
 async def _console_screenshot(settings: PlatformSettings) -> None:
