@@ -11,8 +11,10 @@ of each stateless service, each a process with its own port, metrics port and LL
 - Audit runs once: its chain is one SQLite file, and two writers would fork it.
 - Retrieval runs once: with the embedded index each replica holds its own index under its home
   and, to fill it, its own durable consumers (LLMOS_RETRIEVAL_REPLICA), so two replicas would
-  index every chunk twice and could answer differently while one catches up. Retrieval scales
-  with a Qdrant server (LLMOS_QDRANT_URL), where replicas share one index and one consumer.
+  index every chunk twice and could answer differently while one catches up (and the NATS
+  grants name one embedded replica, llmos.natsauth.EMBEDDED_RETRIEVAL_REPLICAS). Retrieval
+  scales with a Qdrant server (LLMOS_QDRANT_URL), where replicas share one index and one
+  consumer: the service that needs the Qdrant server to scale.
 - Each replica's NATS seed is a different node: a client learns the others from the cluster and
   reconnects to them when its node goes.
 
