@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal
@@ -16,38 +14,10 @@ from llmos.errors import InvalidArgument
 from llmos.pii import PiiPolicy
 from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.v1 import events_pb2
-from services.ingest.core import DocumentStatusStore, IngestCore, chunk_id
+from services.ingest.core import DocumentStatusStore, IngestCore
 from services.ingest.settings import IngestSettings
 
 pytestmark = pytest.mark.unit
-
-# Pairs that a plain "tenant/document#index" name runs together.
-LOOK_ALIKES = [
-    (("acme", "eu/faq", 0), ("acme/eu", "faq", 0)),
-    (("acme", "faq#1", 2), ("acme", "faq#12", 0)),
-    (("a:b", "c", 0), ("a", "b:c", 0)),
-    (("1:a", "b", 0), ("1", "a:b", 0)),
-]
-
-
-@pytest.mark.parametrize(("first", "second"), LOOK_ALIKES)
-def test_chunk_ids_of_look_alike_tenants_and_documents_differ(
-    first: tuple[str, str, int], second: tuple[str, str, int]
-) -> None:
-    assert chunk_id(*first) != chunk_id(*second)
-
-
-@given(st.text(alphabet="a1/#:", min_size=1, max_size=8), st.integers(0, 12))
-def test_every_cut_of_a_name_into_tenant_and_document_has_its_own_id(name: str, index: int) -> None:
-    """Separators in names (here `/`, `#` and `:`) cannot make one tenant's chunk another's."""
-    ids = {chunk_id(name[:cut], name[cut:], index) for cut in range(len(name) + 1)}
-    assert len(ids) == len(name) + 1
-
-
-def test_chunk_ids_are_stable_for_the_same_input() -> None:
-    """Re-submitting a document overwrites its chunks only while the ids stay the same, release to release."""
-    assert chunk_id("acme", "eu/faq", 3) == chunk_id("acme", "eu/faq", 3)
-    assert chunk_id("acme", "eu/faq", 3) == "b2376a5f-0574-5c0d-8b0d-5d47e851e658"
 
 
 async def word_offsets(text: str) -> Sequence[tuple[int, int]]:

@@ -17,7 +17,7 @@ from services.ingest.extract import ExtractionLimits, extract_text
 from services.ingest.worker import ExtractionWorkers
 from tests.unit.test_ingest_core import ingest_core
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.security
 
 TIMEOUT_S = 2.0
 MARGIN_S = 1.5
