@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 
 from llmos.clients import Metadata, ServiceClient
-from llmos.grpcutil.client import CHANNEL_OPTIONS, bearer
+from llmos.grpcutil.client import CHANNEL_OPTIONS, bearer, channel_target
 from llmos.grpcutil.tls import caller_credentials
 from llmos.settings import PlatformSettings
 
@@ -35,7 +35,7 @@ def metadata(settings: PlatformSettings, explicit_key: str = "") -> Metadata:
 def channel(settings: PlatformSettings, service: str) -> grpc.aio.Channel:
     """A channel to `service` as configured: TLS with the `client` certificate when LLMOS_TLS_DIR is set."""
     credentials = caller_credentials(settings)
-    addr = settings.service_addr(service)
+    addr = channel_target(settings.service_addr(service))  # a list of replicas: balanced over them
     if credentials is not None:
         return grpc.aio.secure_channel(addr, credentials, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
