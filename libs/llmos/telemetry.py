@@ -52,6 +52,13 @@ TIME_TO_FIRST_TOKEN_BUCKETS_S = (
 TIME_PER_OUTPUT_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
+def seconds_histogram(
+    meter: metrics.Meter, name: str, description: str, buckets: Sequence[float] = CALL_DURATION_BUCKETS_S
+) -> metrics.Histogram:
+    """A histogram of durations in seconds, with the buckets advised for that kind of duration."""
+    return meter.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets)
+
+
 def otlp_endpoint(configured: str) -> str:
     """The collector to export to: LLMOS_OTLP_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT, else none."""
     return configured or os.environ.get(OTEL_OTLP_ENDPOINT_VARIABLE, "")

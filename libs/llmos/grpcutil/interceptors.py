@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import logging
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -42,7 +43,7 @@ from llmos.audit import ALLOW, DENY, audit_event
 from llmos.auth import AUTHORIZATION_HEADER, Principal, acting_as
 from llmos.grpcutil.status import status_for, trailing_metadata_for
 from llmos.policy import DATA_PERMISSIONS, authorize
-from llmos.telemetry import CALL_DURATION_BUCKETS_S, extract_context, inject_context
+from llmos.telemetry import extract_context, inject_context, seconds_histogram
 from llmos.v1 import events_pb2
 
 logger = logging.getLogger(__name__)
@@ -124,20 +125,8 @@ def _resource_of(request: Any) -> str:
     return ""
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Tracing, request validation, authentication and error mapping for every RPC."""
-
-    def __init__(self, service: str, authenticator: Authenticator, audit_sink: AuditSink | None = None) -> None:
-        self._service = service
-        self._authenticator = authenticator
-        self._audit_sink = audit_sink
-        self._tracer = trace.get_tracer("llmos.grpc")
-        self._duration = metrics.get_meter("llmos.grpc").create_histogram(
-            RPC_SERVER_CALL_DURATION,
-            unit="s",
-            description="time to serve an RPC, by method and status",
-            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
-        )
+class GuardedServerInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps the handler of every RPC but the public ones (health, reflection)."""
 
     async def intercept_service(
         self,
@@ -149,6 +138,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
             return handler
         return self._wrap(handler, method)
+
+    @abstractmethod
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler that serves `method` in place of `handler`."""
+
+
+class ServerInterceptor(GuardedServerInterceptor):
+    """Tracing, request validation, authentication and error mapping for every RPC."""
+
+    def __init__(self, service: str, authenticator: Authenticator, audit_sink: AuditSink | None = None) -> None:
+        self._service = service
+        self._authenticator = authenticator
+        self._audit_sink = audit_sink
+        self._tracer = trace.get_tracer("llmos.grpc")
+        self._duration = seconds_histogram(
+            metrics.get_meter("llmos.grpc"), RPC_SERVER_CALL_DURATION, "time to serve an RPC, by method and status"
+        )
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         call = self._call
@@ -368,11 +374,10 @@ class _ClientInterceptor:
     def __init__(self, credentials: CallCredentials) -> None:
         self._credentials = credentials
         self._tracer = trace.get_tracer("llmos.grpc")
-        self._duration = metrics.get_meter("llmos.grpc").create_histogram(
+        self._duration = seconds_histogram(
+            metrics.get_meter("llmos.grpc"),
             RPC_CLIENT_CALL_DURATION,
-            unit="s",
-            description="time from starting an RPC to its end, by method and status",
-            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
+            "time from starting an RPC to its end, by method and status",
         )
         # Tasks ending spans, held until they ran (the event loop keeps only weak references).
         self._ending: set[asyncio.Task[None]] = set()

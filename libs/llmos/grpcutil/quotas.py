@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ import grpc
 
 from llmos import errors
 from llmos.auth import Principal, current_principal
-from llmos.grpcutil.interceptors import PUBLIC_METHOD_PREFIXES
+from llmos.grpcutil.interceptors import GuardedServerInterceptor
 from llmos.grpcutil.status import status_for, trailing_metadata_for
 from llmos.settings import PlatformSettings
 
@@ -146,7 +146,7 @@ def stream_too_long(method: str, limit_s: float) -> errors.ResourceExhausted:
     )
 
 
-class ServerLimitInterceptor(grpc.aio.ServerInterceptor):
+class ServerLimitInterceptor(GuardedServerInterceptor):
     """The server-wide limit; first in the server's list, so a refused call costs no authentication.
 
     It runs outside the interceptor that maps platform errors, so it sends its refusal itself.
@@ -155,15 +155,7 @@ class ServerLimitInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, quotas: Quotas) -> None:
         self._quotas = quotas
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
-            return handler
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         quotas = self._quotas
 
         async def admit(context: grpc.aio.ServicerContext) -> Release:
@@ -198,7 +190,7 @@ class ServerLimitInterceptor(grpc.aio.ServerInterceptor):
         return handler._replace(**{"unary_stream" if handler.unary_stream else "stream_stream": stream_response})
 
 
-class PrincipalQuotaInterceptor(grpc.aio.ServerInterceptor):
+class PrincipalQuotaInterceptor(GuardedServerInterceptor):
     """Per-principal quotas, and the duration of client streams.
 
     It comes after the interceptor that authenticates in the server's list (it needs the principal),
@@ -208,15 +200,7 @@ class PrincipalQuotaInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, quotas: Quotas) -> None:
         self._quotas = quotas
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_METHOD_PREFIXES):
-            return handler
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         quotas = self._quotas
         limit_s = quotas.limits.max_stream_s
 
