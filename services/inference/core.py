@@ -44,7 +44,7 @@ from llmos.errors import FailedPrecondition, InvalidArgument, LlmosError, Resour
 from llmos.models.manifest import read_artefact_manifest
 from llmos.ports import Publisher
 from llmos.settings import ExecutionProvider
-from llmos.telemetry import TIME_PER_OUTPUT_TOKEN_BUCKETS_S, TIME_TO_FIRST_TOKEN_BUCKETS_S
+from llmos.telemetry import TIME_PER_OUTPUT_TOKEN_BUCKETS_S, TIME_TO_FIRST_TOKEN_BUCKETS_S, seconds_histogram
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
 from services.inference.batching import PRIORITY_NAMES, EmbedBatcher, priority_rank
@@ -260,17 +260,17 @@ class InferenceCore:
         self._default_max_new_tokens = default_max_new_tokens
         self._tracer = trace.get_tracer("llmos.inference")
         meter = metrics.get_meter("llmos.inference")
-        self._time_to_first_token = meter.create_histogram(
+        self._time_to_first_token = seconds_histogram(
+            meter,
             GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
-            unit="s",
-            description="arrival of a generation request to its first token, for successful responses",
-            explicit_bucket_boundaries_advisory=TIME_TO_FIRST_TOKEN_BUCKETS_S,
+            "arrival of a generation request to its first token, for successful responses",
+            TIME_TO_FIRST_TOKEN_BUCKETS_S,
         )
-        self._time_per_output_token = meter.create_histogram(
+        self._time_per_output_token = seconds_histogram(
+            meter,
             GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
-            unit="s",
-            description="time per output token after the first, for successful responses",
-            explicit_bucket_boundaries_advisory=TIME_PER_OUTPUT_TOKEN_BUCKETS_S,
+            "time per output token after the first, for successful responses",
+            TIME_PER_OUTPUT_TOKEN_BUCKETS_S,
         )
 
     # Embeddings

@@ -75,7 +75,7 @@ from llmos.bus.subjects import (
 )
 from llmos.errors import InvalidArgument
 from llmos.natsauth import inbox_prefix
-from llmos.telemetry import CALL_DURATION_BUCKETS_S, extract_context, inject_context
+from llmos.telemetry import extract_context, inject_context, seconds_histogram
 from llmos.v1 import common_pb2, events_pb2
 
 logger = logging.getLogger(__name__)
@@ -202,17 +202,13 @@ class Bus:
         )
         self._tracer = trace.get_tracer("llmos.bus")
         meter = metrics.get_meter("llmos.bus")
-        self._duration = meter.create_histogram(
-            MESSAGING_PROCESS_DURATION,
-            unit="s",
-            description="time to handle one bus message, by subject and outcome",
-            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
+        self._duration = seconds_histogram(
+            meter, MESSAGING_PROCESS_DURATION, "time to handle one bus message, by subject and outcome"
         )
-        self._publish_duration = meter.create_histogram(
+        self._publish_duration = seconds_histogram(
+            meter,
             MESSAGING_CLIENT_OPERATION_DURATION,
-            unit="s",
-            description="time to publish one message until the stream acknowledged it, by subject",
-            explicit_bucket_boundaries_advisory=CALL_DURATION_BUCKETS_S,
+            "time to publish one message until the stream acknowledged it, by subject",
         )
         self._buckets: dict[str, KeyValue] = {}
 
