@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -45,7 +44,7 @@ import grpc
 import numpy as np
 import yaml
 
-from llmos.assertions import service_key_environment
+from bench.common import REPO, private_environment
 from llmos.audit import AuditLog
 from llmos.auth import Principal
 from llmos.clients import DialogueClient, InferenceClient, IngestClient, Metadata, RetrievalClient
@@ -54,7 +53,7 @@ from llmos.errors import LlmosError, ResourceExhausted
 from llmos.grpcutil.client import bearer, open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
-from llmos.settings import SERVICE_NAMES, load_settings
+from llmos.settings import load_settings
 from llmos.stack import Stack
 from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
@@ -67,7 +66,6 @@ from services.dialogue.sessions import SessionStore
 from services.dialogue.settings import DialogueSettings
 from services.dialogue.slots import OrderBook
 
-REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "chat.json"
 BENCH_KEY = "bench-admin-key"
 STAGES = ("intent_ms", "retrieval_ms", "evidence_ms", "verify_ms", "first_token_ms", "total_ms")
@@ -81,32 +79,6 @@ def questions(count: int) -> list[str]:
     if count > len(asked):
         raise SystemExit(f"at most {len(asked)} questions")
     return asked[:count]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def private_environment(home: Path) -> None:
-    (home / "models").symlink_to((REPO / ".llmos" / "models").resolve(), target_is_directory=True)
-    os.environ.update({
-        "LLMOS_HOME": str(home),
-        "LLMOS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
-        "LLMOS_NATS_MONITOR_PORT": str(free_port()),
-        "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
-        **service_key_environment(),
-        # Latency is measured, not limited: a slow machine must not turn into failed turns.
-        "LLMOS_DIALOGUE_CALL_TIMEOUT_S": "600",
-        # Both runs send identical prompts: without this, whichever runs second reuses the first's
-        # KV cache and its first token comes early, which says nothing about the platform.
-        "LLMOS_INFERENCE_PREFIX_CACHE_MIN_TOKENS": "1000000",
-    })
-    for name in SERVICE_NAMES:
-        os.environ[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
-    # The stack starts the HTTP gateway too; its own port, so a running `llmos up` is no obstacle.
-    os.environ["LLMOS_GATEWAY_ADDR"] = f"127.0.0.1:{free_port()}"
 
 
 async def index_kb(settings: DialogueSettings, metadata: Metadata) -> None:
@@ -277,10 +249,10 @@ def run_load(sizes: Sequence[int], deadline_s: float, drafts: bool) -> dict[str,
     """Each round of turns fired together on a private stack with `llmos up`'s settings."""
     rounds = load_questions(sizes)
     with tempfile.TemporaryDirectory(prefix="llmos-bench-chat-load-") as folder:
-        private_environment(Path(folder))
+        private_environment(Path(folder), BENCH_KEY)
         # As `llmos up` runs: the shared system prompt's KV cache reused, the usual call limit.
         for name in ("LLMOS_INFERENCE_PREFIX_CACHE_MIN_TOKENS", "LLMOS_DIALOGUE_CALL_TIMEOUT_S"):
-            os.environ.pop(name)
+            os.environ.pop(name, None)
         os.environ["LLMOS_DIALOGUE_DRAFTS"] = "true" if drafts else "false"
         settings = load_settings(DialogueSettings)
         stack = Stack(settings)
@@ -352,7 +324,8 @@ def main() -> None:
 def paired(asked: list[str]) -> dict[str, object]:
     """The paired gRPC / in-process turns on their own private stack, printed; their figures."""
     with tempfile.TemporaryDirectory(prefix="llmos-bench-chat-") as folder:
-        private_environment(Path(folder))
+        # Latency is measured, not limited: a slow machine must not turn into failed turns.
+        private_environment(Path(folder), BENCH_KEY, LLMOS_DIALOGUE_CALL_TIMEOUT_S="600")
         settings = load_settings(DialogueSettings)
         stack = Stack(settings)
         load_before = os.getloadavg()

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,41 +33,16 @@ import httpx
 import numpy as np
 import yaml
 
-from llmos.assertions import service_key_environment
+from bench.common import REPO, private_environment
 from llmos.clients import DialogueClient, InferenceClient, IngestClient, chat_messages
 from llmos.grpcutil.client import open_channel
-from llmos.settings import SERVICE_NAMES, PlatformSettings, load_settings
+from llmos.settings import PlatformSettings, load_settings
 from llmos.stack import Stack
 from llmos.v1 import common_pb2, dialogue_pb2, inference_pb2, ingest_pb2
 
-REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results" / "gateway.json"
 BENCH_KEY = "bench-admin-key"
 GENERATION_TOKENS = 48
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def private_environment(home: Path) -> None:
-    (home / "models").symlink_to((REPO / ".llmos" / "models").resolve(), target_is_directory=True)
-    os.environ.update({
-        "LLMOS_HOME": str(home),
-        "LLMOS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
-        "LLMOS_NATS_MONITOR_PORT": str(free_port()),
-        "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
-        "LLMOS_GATEWAY_ADDR": f"127.0.0.1:{free_port()}",
-        "LLMOS_DEV": "true",
-        # Both transports send identical prompts: without this, whichever runs second reuses the
-        # first's KV cache and its first token comes early, which says nothing about the gateway.
-        "LLMOS_INFERENCE_PREFIX_CACHE_MIN_TOKENS": "1000000",
-        **service_key_environment(),
-    })
-    for name in SERVICE_NAMES:
-        os.environ[f"LLMOS_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
 
 
 def questions() -> list[str]:
@@ -234,7 +208,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmos-bench-gateway-") as folder:
-        private_environment(Path(folder))
+        private_environment(Path(folder), BENCH_KEY, LLMOS_DEV="true")
         settings = load_settings(PlatformSettings)
         stack = Stack(settings)
         load_before = os.getloadavg()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,18 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.common import free_port
 from llmos.settings import SERVICE_NAMES, PlatformSettings
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_KEY = "bench-key"
 METADATA = (("authorization", f"Bearer {BENCH_KEY}"),)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -34,13 +28,13 @@ def inference_service(models_home: Path, overrides: dict[str, str]) -> Iterator[
         home = Path(folder)
         (home / "models").symlink_to(models_home.resolve() / "models", target_is_directory=True)
         (home / "logs").mkdir()
-        port, monitor = _free_port(), _free_port()
+        port, monitor = free_port(), free_port()
         nats = subprocess.Popen(nats_command(home / "jetstream", "127.0.0.1", port, monitor),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not port_open("127.0.0.1", port):
             time.sleep(0.05)
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
-        env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
+        env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES})
         env.update({
             "LLMOS_HOME": str(home), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
             "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import grpc
 import nats
 import numpy as np
 
+from bench.common import free_port
 from llmos.assertions import service_key_environment
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
@@ -45,12 +45,6 @@ BENCH_KEY = "bench-key"
 METADATA = (("authorization", f"Bearer {BENCH_KEY}"),)
 TENANT = "bench"
 TARGET_BYTES = 2048
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def documents(count: int) -> list[tuple[str, str]]:
@@ -73,13 +67,13 @@ class PrivateStack:
         (home / "models").symlink_to(models_home.resolve() / "models", target_is_directory=True)
         (home / "logs").mkdir()
         self.home = home
-        port = _free_port()
-        self.nats = subprocess.Popen(nats_command(home / "jetstream", "127.0.0.1", port, _free_port()),
+        port = free_port()
+        self.nats = subprocess.Popen(nats_command(home / "jetstream", "127.0.0.1", port, free_port()),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not port_open("127.0.0.1", port):
             time.sleep(0.05)
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
-        env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{_free_port()}" for name in SERVICE_NAMES})
+        env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES})
         # Chunk text is sealed at rest as in production: a fresh data key for this throwaway stack.
         env.update({"LLMOS_HOME": str(home), "LLMOS_ENCRYPTION_KEYS": new_key_entry("bench"), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
                     "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", **service_key_environment(),
