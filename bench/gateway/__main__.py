@@ -84,14 +84,7 @@ class Runs:
         self.embedding_model = embedding_model
 
     async def chat_http(self, question: str) -> dict[str, Any]:
-        timing = Timing()
-        body = {"model": "llmos-assistant", "messages": [{"role": "user", "content": question}], "stream": True}
-        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for chunk in sse_data(response):
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    timing.token()
-        return timing.result()
+        return await self._completions_http({"model": "llmos-assistant", "messages": [{"role": "user", "content": question}]})
 
     async def chat_grpc(self, question: str) -> dict[str, Any]:
         timing = Timing()
@@ -101,10 +94,15 @@ class Runs:
         return timing.result()
 
     async def generate_http(self, question: str) -> dict[str, Any]:
+        return await self._completions_http({
+            "model": self.model, "messages": [{"role": "user", "content": question}],
+            "max_tokens": GENERATION_TOKENS, "temperature": 0,
+        })
+
+    async def _completions_http(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One streamed POST /v1/chat/completions, timed at each chunk that carries content."""
         timing = Timing()
-        body = {"model": self.model, "messages": [{"role": "user", "content": question}], "stream": True,
-                "max_tokens": GENERATION_TOKENS, "temperature": 0}
-        async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with self.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
             response.raise_for_status()
             async for chunk in sse_data(response):
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
