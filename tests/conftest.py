@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,15 +115,22 @@ class RunningStack:
         return self.settings.service_addr(service)
 
 
-def _settings_from(env: dict[str, str]) -> PlatformSettings:
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ is exactly `env` inside (settings read only what the test gives them), restored after."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
     try:
-        return PlatformSettings(_env_file=None)  # type: ignore[call-arg]
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _settings_from(env: dict[str, str]) -> PlatformSettings:
+    with environment(env):
+        return PlatformSettings(_env_file=None)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="session")

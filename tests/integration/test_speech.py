@@ -21,7 +21,7 @@ from llmos.service import ServiceProcess
 from llmos.v1 import events_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.app import DEFINITION
 from services.speech.settings import SpeechSettings
-from tests.conftest import REPO, NatsServer, platform_environment
+from tests.conftest import REPO, NatsServer, environment, platform_environment
 from tests.fault_helpers import anon_rss_mb
 from tests.grpc_helpers import ADMIN
 from tests.integration.bus_helpers import last_message, last_sequence, messages_after
@@ -48,14 +48,8 @@ def speech_settings(nats_server: NatsServer, models_home: Path, tmp_path_factory
     (home / "models").symlink_to(models_home / "models", target_is_directory=True)
     env = platform_environment(nats_server, home)
     env["LLMOS_SPEECH_DOMAIN_SEED"] = f"{TENANT}={REPO / 'demo' / 'kb'};{REPO / 'demo' / 'intents.yaml'}"
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
+    with environment(env):
         yield SpeechSettings(_env_file=None)  # type: ignore[call-arg]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

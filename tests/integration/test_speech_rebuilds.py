@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from llmos.v1 import events_pb2
 from services.speech.app import DEFINITION
 from services.speech.domain import DomainCorpus
 from services.speech.settings import SpeechSettings
-from tests.conftest import NatsServer, platform_environment
+from tests.conftest import NatsServer, environment, platform_environment
 from tests.integration.bus_helpers import last_sequence, messages_after
 
 pytestmark = pytest.mark.integration
@@ -38,14 +37,8 @@ def rebuild_settings(nats_server: NatsServer, models_home: Path, tmp_path_factor
     env["LLMOS_SPEECH_DOMAIN_SEED"] = f"bulk={articles}"
     env["LLMOS_SPEECH_DOMAIN_LM_EXCLUDE"] = "throwaway-eval"
     env["LLMOS_SPEECH_DOMAIN_LM_SETTLE_S"] = str(SETTLE_S)
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
+    with environment(env):
         yield SpeechSettings(_env_file=None)  # type: ignore[call-arg]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ counting the Generate calls it makes.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -35,7 +34,7 @@ from services.dialogue.backends import LocalEmbedder, LocalTokenCounter
 from services.dialogue.servicer import DialogueServicer
 from services.dialogue.summarize import Summarizer
 from services.dialogue.voice import VoiceLimits, VoiceTurns
-from tests.conftest import REPO, NatsServer, platform_environment
+from tests.conftest import REPO, NatsServer, _settings_from, platform_environment
 
 pytestmark = pytest.mark.security
 
@@ -110,14 +109,7 @@ async def service(
 ) -> AsyncIterator[int]:
     """A service process (as `dialogue`) with these limits in its environment; yields its port."""
     env = {**platform_environment(nats, tmp_path), **limits, "LLMOS_API_KEYS": ",".join(KEYS)}
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        settings = PlatformSettings(_env_file=None)  # type: ignore[call-arg]
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    settings = _settings_from(env)
 
     async def build(settings: PlatformSettings, bus: Bus) -> ServiceParts:
         # Converse never synthesizes here (no turn starts): the recognizer stands in for both.
