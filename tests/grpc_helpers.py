@@ -14,8 +14,17 @@ from tests.conftest import TEST_API_KEY, RunningStack
 
 Client = TypeVar("Client", bound=ServiceClient)
 
-ADMIN = (("authorization", f"Bearer {TEST_API_KEY}"),)
-GLOBEX_USER = (("authorization", "Bearer user-key-globex"),)
+
+def bearer_of(key: str) -> Metadata:
+    """The metadata of a call made with API key `key`."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+# Callers of the keys in tests.conftest.TEST_KEYS.
+ADMIN = bearer_of(TEST_API_KEY)  # tester, admin of acme
+ACME_USER = bearer_of("user-key-acme")  # alice, user of acme
+ACME_OPERATOR = bearer_of("operator-key-acme")  # olga, operator of acme
+GLOBEX_USER = bearer_of("user-key-globex")  # bob, user of globex
 
 
 async def call_with_raw_bytes(addr: str, method: str, payload: bytes) -> grpc.aio.AioRpcError:

@@ -14,11 +14,10 @@ import pytest
 
 from llmos.v1 import dialogue_pb2, dialogue_pb2_grpc
 from tests.conftest import RunningStack
+from tests.grpc_helpers import ACME_USER, GLOBEX_USER
 
 pytestmark = pytest.mark.security
 
-ACME_USER = (("authorization", "Bearer user-key-acme"),)
-GLOBEX_USER = (("authorization", "Bearer user-key-globex"),)
 ORDER, EMAIL, POSTCODE = "NW-777001", "jonas.berg@example.com", "20095"  # demo/orders.yaml
 UNKNOWN = "NW-123457"
 STATUS_WORDS = ("Shipped", "GLS", "Fleece")  # what the order's status reply would reveal

@@ -35,14 +35,12 @@ from services.dialogue.servicer import DialogueServicer
 from services.dialogue.summarize import Summarizer
 from services.dialogue.voice import VoiceLimits, VoiceTurns
 from tests.conftest import REPO, NatsServer, _settings_from, platform_environment
+from tests.grpc_helpers import ACME_OPERATOR, ACME_USER, ADMIN, GLOBEX_USER
 
 pytestmark = pytest.mark.security
 
 PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's standard retry hint (milliseconds, decimal)
-ALICE = (("authorization", "Bearer user-key-acme"),)
-BOB = (("authorization", "Bearer user-key-globex"),)
-OLGA = (("authorization", "Bearer operator-key-acme"),)
-ADMIN = (("authorization", "Bearer test-admin-key"),)
+ALICE, BOB, OLGA = ACME_USER, GLOBEX_USER, ACME_OPERATOR
 KEYS = ("user-key-acme=alice:acme:user", "user-key-globex=bob:globex:user", "operator-key-acme=olga:acme:operator",
         "test-admin-key=tester:acme:admin")
 RATE = 16000

@@ -27,13 +27,13 @@ from llmos.v1 import (
     retrieval_pb2_grpc,
 )
 from tests.conftest import RunningStack
-from tests.grpc_helpers import ADMIN
+from tests.grpc_helpers import ACME_OPERATOR, ACME_USER, ADMIN
 
 pytestmark = pytest.mark.security
 
 Metadata = tuple[tuple[str, str], ...]
-ALICE = (("authorization", "Bearer user-key-acme"),)  # alice, user of acme
-OPERATOR = (("authorization", "Bearer operator-key-acme"),)  # olga, operator of acme
+ALICE = ACME_USER
+OPERATOR = ACME_OPERATOR
 
 
 @pytest.fixture(scope="module")

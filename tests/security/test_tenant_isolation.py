@@ -23,13 +23,10 @@ from llmos.v1 import (
     retrieval_pb2_grpc,
 )
 from tests.conftest import RunningStack
+from tests.grpc_helpers import ACME_OPERATOR, ACME_USER, ADMIN, GLOBEX_USER
 
 pytestmark = pytest.mark.security
 
-ACME_OPERATOR = (("authorization", "Bearer operator-key-acme"),)
-GLOBEX_USER = (("authorization", "Bearer user-key-globex"),)
-ADMIN = (("authorization", "Bearer test-admin-key"),)
-ACME_USER = (("authorization", "Bearer user-key-acme"),)
 CALLERS = {"acme": ACME_USER, "globex": GLOBEX_USER}
 
 
