@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,12 @@ class SecuredNats:
 
 
 @asynccontextmanager
-async def secured_nats_server(folder: Path) -> AsyncIterator[SecuredNats]:
+async def secured_nats_server(folder: Path, publishers: Mapping[str, str] | None = None) -> AsyncIterator[SecuredNats]:
+    """The server, its JetStream store in `folder`; `publishers` (user -> password) are tenant publishers."""
     credentials = new_credentials()
     port = free_port()
     process = subprocess.Popen(
-        nats_command(folder / "js", "127.0.0.1", port, free_port(), authorization_block(credentials)),
+        nats_command(folder / "js", "127.0.0.1", port, free_port(), authorization_block(credentials, publishers)),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

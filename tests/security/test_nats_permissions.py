@@ -5,10 +5,8 @@ generates)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import nats
 import pytest
@@ -19,11 +17,10 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from llmos.bus.broker import Bus, Subscription, declare_buckets, declare_streams
 from llmos.bus.subjects import DOCS_DELETED, INTERACTIVE_LANE
-from llmos.natsauth import ADMIN_USER, GRANTS, authorization_block, inbox_prefix, new_credentials
+from llmos.natsauth import ADMIN_USER, GRANTS, inbox_prefix
 from llmos.settings import SERVICE_NAMES
-from llmos.stack import nats_command, port_open
 from llmos.v1 import events_pb2
-from tests.conftest import free_port
+from tests.nats_helpers import secured_nats_server
 
 pytestmark = pytest.mark.security
 
@@ -33,25 +30,11 @@ OWN_SUBJECT = {service: GRANTS[service].publish[0] for service in SERVICE_NAMES}
 
 @pytest.fixture(scope="module")
 async def secured_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    credentials = new_credentials()
-    port = free_port()
-    process = subprocess.Popen(
-        nats_command(tmp_path_factory.mktemp("secured") / "js", "127.0.0.1", port, free_port(), authorization_block(credentials)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            if port_open("127.0.0.1", port):
-                break
-            await asyncio.sleep(0.05)
-        url = f"nats://127.0.0.1:{port}"
-        admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    async with secured_nats_server(tmp_path_factory.mktemp("secured")) as server:
+        admin = await nats.connect(server.url, user=ADMIN_USER, password=server.credentials[ADMIN_USER])
         await declare_buckets(admin.jetstream())
         await admin.close()
-        yield url, credentials
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        yield server.url, server.credentials
 
 
 async def violations(url: str, user: str, password: str, publish: list[str], subscribe: list[str]) -> list[str]:

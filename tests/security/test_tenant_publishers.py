@@ -6,7 +6,6 @@ a payload naming another tenant is dead-lettered instead of ingested for it."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,16 @@ from llmos.bus.subjects import INGEST_REQUESTED, dead_letter_subject, ingest_req
 from llmos.errors import InvalidArgument
 from llmos.natsauth import (
     ADMIN_USER,
-    authorization_block,
     inbox_prefix,
     issue_publisher,
-    new_credentials,
     publisher_user,
     read_publishers,
     revoke_publisher,
 )
-from llmos.stack import nats_command, port_open
 from llmos.v1 import events_pb2
 from services.ingest.core import IngestCore
 from services.ingest.handlers import subscriptions
-from tests.conftest import free_port
+from tests.nats_helpers import secured_nats_server
 
 pytestmark = pytest.mark.security
 
@@ -49,30 +45,13 @@ class SecuredNats:
 
 @pytest.fixture(scope="module")
 async def secured_nats(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SecuredNats]:
-    credentials = new_credentials()
     home = tmp_path_factory.mktemp("home")
     _, password = issue_publisher(home, TENANT)
-    port = free_port()
-    process = subprocess.Popen(
-        nats_command(
-            tmp_path_factory.mktemp("secured") / "js", "127.0.0.1", port, free_port(),
-            authorization_block(credentials, read_publishers(home)),
-        ),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            if port_open("127.0.0.1", port):
-                break
-            await asyncio.sleep(0.05)
-        url = f"nats://127.0.0.1:{port}"
-        admin = await nats.connect(url, user=ADMIN_USER, password=credentials[ADMIN_USER])
+    async with secured_nats_server(tmp_path_factory.mktemp("secured"), read_publishers(home)) as server:
+        admin = await nats.connect(server.url, user=ADMIN_USER, password=server.credentials[ADMIN_USER])
         await declare_streams(admin.jetstream(), update=True)
         await admin.close()
-        yield SecuredNats(url, credentials, password)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        yield SecuredNats(server.url, server.credentials, password)
 
 
 async def publisher(nats_: SecuredNats, errors: list[str]) -> nats.NATS:
