@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from llmos.bus.broker import declare_streams
 from llmos.natsauth import ADMIN_USER, authorization_block, new_credentials
@@ -58,6 +59,7 @@ REPLICAS: dict[str, int] = {
     "retrieval": 1,
 }
 READY_TIMEOUT_S = 240.0
+DECLARE_TRIES = 5
 
 
 @dataclass
@@ -143,7 +145,16 @@ async def _declare(cluster: NatsCluster, credentials: Mapping[str, str]) -> None
     """Streams and buckets at three replicas, as the admin (`llmos up` / `llmos streams`)."""
     connection = await nats.connect(cluster.urls, user=ADMIN_USER, password=credentials[ADMIN_USER])
     try:
-        await declare_streams(connection.jetstream(), update=True, replicas=JETSTREAM_REPLICAS)
+        # A cluster just formed may leave the first JetStream requests unanswered while it
+        # settles (seconds on a loaded machine): a bounded number of tries.
+        for attempt in range(DECLARE_TRIES):
+            try:
+                await declare_streams(connection.jetstream(timeout=10), update=True, replicas=JETSTREAM_REPLICAS)
+                return
+            except NatsTimeoutError:
+                if attempt == DECLARE_TRIES - 1:
+                    raise
+                await asyncio.sleep(1.0)
     finally:
         await connection.close()
 
