@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from llmos.assertions import service_key_environment
-from llmos.settings import SERVICE_NAMES
+from llmos.settings import SERVICE_NAMES, PlatformSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,6 +16,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def settings_from(env: dict[str, str]) -> PlatformSettings:
+    """The settings a service started with exactly `env` reads (this process's environment left as it was)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        return PlatformSettings(_env_file=None)  # type: ignore[call-arg]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def private_environment(home: Path, api_key: str, **variables: str) -> None:

@@ -35,18 +35,18 @@ import grpc
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from bench.common import free_port, settings_from
 from bench.inference.service import REPO, print_table, write_results
 from llmos.audit import ALLOW, DENY, audit_event
 from llmos.bus.codec import encode
 from llmos.crypto import new_key_entry
 from llmos.clients import AuditClient
 from llmos.bus.subjects import AUDIT_ALL, audit_subject, stream_for
-from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.settings import SERVICE_NAMES
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.v1 import audit_pb2, events_pb2
 from services.audit.chain import ChainKeys
 from services.audit.core import AuditStore
-from tests.conftest import free_port
 
 BENCH_KEY = "bench-key"
 METADATA = (("authorization", f"Bearer {BENCH_KEY}"),)
@@ -137,14 +137,7 @@ class AuditStack:
         self.env.update({"LLMOS_HOME": str(home), "LLMOS_NATS_URL": self.url, "LLMOS_LOG_LEVEL": "WARNING",
                          "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
                          "LLMOS_AUDIT_CHAIN_KEYS": new_key_entry(), "PYTHONPATH": str(REPO)})
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(self.env)
-        try:
-            self.settings = PlatformSettings(_env_file=None)  # type: ignore[call-arg]
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self.settings = settings_from(self.env)
         self.service: subprocess.Popen[bytes] | None = None
 
     @property

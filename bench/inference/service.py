@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import free_port
-from llmos.settings import SERVICE_NAMES, PlatformSettings
+from bench.common import free_port, settings_from
+from llmos.settings import SERVICE_NAMES
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,14 +40,7 @@ def inference_service(models_home: Path, overrides: dict[str, str]) -> Iterator[
             "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:bench:admin",
             "PYTHONPATH": str(REPO), **overrides,
         })
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            settings = PlatformSettings(_env_file=None)  # type: ignore[call-arg]
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        settings = settings_from(env)
         with (home / "logs" / "inference.log").open("wb") as log:
             service = subprocess.Popen([sys.executable, "-m", "services.inference"], cwd=home, env=env,
                                        stdout=log, stderr=subprocess.STDOUT)

@@ -27,13 +27,13 @@ import grpc
 import nats
 import numpy as np
 
-from bench.common import free_port
+from bench.common import free_port, settings_from
 from llmos.assertions import service_key_environment
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
 from llmos.clients import RetrievalClient
 from llmos.crypto import new_key_entry
-from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.settings import SERVICE_NAMES
 from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
 
@@ -78,14 +78,7 @@ class PrivateStack:
         env.update({"LLMOS_HOME": str(home), "LLMOS_ENCRYPTION_KEYS": new_key_entry("bench"), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
                     "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", **service_key_environment(),
                     "PYTHONPATH": str(REPO), **overrides})
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            self.settings = PlatformSettings(_env_file=None)  # type: ignore[call-arg]
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self.settings = settings_from(env)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         for name in SERVICES:
             with (home / "logs" / f"{name}.log").open("wb") as log:
