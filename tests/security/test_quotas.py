@@ -36,6 +36,7 @@ from services.dialogue.summarize import Summarizer
 from services.dialogue.voice import VoiceLimits, VoiceTurns
 from tests.conftest import REPO, NatsServer, _settings_from, platform_environment
 from tests.grpc_helpers import ACME_OPERATOR, ACME_USER, ADMIN, GLOBEX_USER
+from tests.voice_helpers import InterimRecognizer
 
 pytestmark = pytest.mark.security
 
@@ -77,23 +78,6 @@ class ScriptedSpeech(speech_pb2_grpc.SpeechServiceServicer):
         return speech_pb2.RecognizeResponse()
 
 
-class ScriptedRecognizer:
-    """The recognizer Converse streams the caller's audio to: an interim transcript per chunk."""
-
-    def __init__(self, transcript_chars: int) -> None:
-        self.transcript = "x" * transcript_chars
-        self.chunks_read = 0
-
-    async def recognize_stream(
-        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
-    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
-        async for _ in audio:
-            self.chunks_read += 1
-            yield speech_pb2.SpeechRecognitionResult(
-                alternatives=[speech_pb2.SpeechRecognitionAlternative(transcript=self.transcript)], is_final=False
-            )
-
-
 class NoTurns:
     """Turn logic that is never reached: the scripted transcripts are all interim."""
 
@@ -103,7 +87,7 @@ class NoTurns:
 
 @asynccontextmanager
 async def service(
-    nats: NatsServer, tmp_path: Path, limits: dict[str, str], speech: ScriptedSpeech, recognizer: ScriptedRecognizer | None = None
+    nats: NatsServer, tmp_path: Path, limits: dict[str, str], speech: ScriptedSpeech, recognizer: InterimRecognizer | None = None
 ) -> AsyncIterator[int]:
     """A service process (as `dialogue`) with these limits in its environment; yields its port."""
     env = {**platform_environment(nats, tmp_path), **limits, "LLMOS_API_KEYS": ",".join(KEYS)}
@@ -111,7 +95,7 @@ async def service(
 
     async def build(settings: PlatformSettings, bus: Bus) -> ServiceParts:
         # Converse never synthesizes here (no turn starts): the recognizer stands in for both.
-        scripted = recognizer or ScriptedRecognizer(16)
+        scripted = recognizer or InterimRecognizer("x" * 16)
         voice = VoiceTurns(NoTurns(), scripted, scripted, VoiceLimits(2, EndpointConfig(300, 0.6), 30.0))  # type: ignore[arg-type]
         return ServiceParts(grpc=[
             GrpcBinding.of(dialogue_pb2, "DialogueService", DialogueServicer(None, voice),  # type: ignore[arg-type]
@@ -152,7 +136,7 @@ async def test_a_converse_client_that_never_reads_stops_being_read(nats_server: 
     answers must find the server no longer reading its audio after a bounded number (on the previous code
     the server read all 800 and queued 50 MB of answers for a reader that never came)."""
     chunks = 800
-    recognizer = ScriptedRecognizer(transcript_chars=64_000)
+    recognizer = InterimRecognizer("x" * 64_000)
     async with service(nats_server, tmp_path, {}, ScriptedSpeech(), recognizer) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = dialogue_pb2_grpc.DialogueServiceStub(channel).Converse(metadata=ALICE, timeout=60)
         await call.write(dialogue_pb2.ConverseRequest(config=CONVERSE_CONFIG))

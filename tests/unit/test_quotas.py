@@ -30,6 +30,7 @@ from services.dialogue.slots import OrderBook
 from services.dialogue.summarize import Summarizer, pack
 from services.dialogue.voice import AUDIO_QUEUE_CHUNKS, EVENT_QUEUE_SIZE, VoiceLimits, VoiceTurns
 from tests.unit.test_dialogue import ASSISTANT, LIMITS as DIALOGUE_LIMITS, FixedRetriever, HashEmbedder, KeywordClassifier, ScriptedGenerator, WordCounter
+from tests.voice_helpers import InterimRecognizer
 
 pytestmark = pytest.mark.unit
 
@@ -180,21 +181,7 @@ async def test_summaries_generate_below_chat_in_the_inference_schedulers_order()
 # --- Converse's responses ------------------------------------------------------------------------
 
 
-class ChattyRecognizer:
-    """An interim transcript for every chunk of audio; counts the chunks it was given."""
-
-    def __init__(self) -> None:
-        self.chunks_read = 0
-
-    async def recognize_stream(
-        self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
-    ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
-        async for _ in audio:
-            self.chunks_read += 1
-            yield speech_pb2.SpeechRecognitionResult(alternatives=[speech_pb2.SpeechRecognitionAlternative(transcript="uh")])
-
-
-class FailingRecognizer(ChattyRecognizer):
+class FailingRecognizer(InterimRecognizer):
     async def recognize_stream(
         self, config: speech_pb2.StreamingRecognitionConfig, audio: AsyncIterator[bytes], timeout_s: float | None
     ) -> AsyncIterator[speech_pb2.SpeechRecognitionResult]:
@@ -211,12 +198,12 @@ CONFIG = dialogue_pb2.ConverseConfig(recognition=speech_pb2.StreamingRecognition
 SILENCE = bytes(3200)
 
 
-def voice(recognizer: ChattyRecognizer) -> VoiceTurns:
+def voice(recognizer: InterimRecognizer) -> VoiceTurns:
     return VoiceTurns(None, recognizer, None, VoiceLimits(2, EndpointConfig(300, 0.6), 10.0))  # type: ignore[arg-type]
 
 
 async def test_a_caller_that_does_not_read_is_not_read_either() -> None:
-    recognizer = ChattyRecognizer()
+    recognizer = InterimRecognizer()
     sent = 0
 
     async def audio() -> AsyncIterator[bytes]:
@@ -252,7 +239,7 @@ async def test_a_conversation_ends_after_its_last_response() -> None:
         for _ in range(EVENT_QUEUE_SIZE * 3):
             yield SILENCE
 
-    received = [response async for response in voice(ChattyRecognizer()).converse(ALICE, "acme", CONFIG, audio(), None)]
+    received = [response async for response in voice(InterimRecognizer()).converse(ALICE, "acme", CONFIG, audio(), None)]
     assert len(received) == EVENT_QUEUE_SIZE * 3
 
 
