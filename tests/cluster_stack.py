@@ -19,13 +19,14 @@ of each stateless service, each a process with its own port, metrics port and LL
   reconnects to them when its node goes.
 
 To try it: `.venv/bin/python -m tests.cluster_stack` (models built under .llmos, as for `llmos up`)
-prints every address and runs until Ctrl-C.
+prints every address and runs until Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,8 @@ def _base_env(cluster: NatsCluster, folder: Path) -> dict[str, str]:
 
 
 def main() -> None:
+    # SIGTERM (a supervisor, `kill`) stops it as Ctrl-C does: every process stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     folder = Path(tempfile.mkdtemp(prefix="llmos-cluster-"))
     models_home = Path(os.environ.get("LLMOS_TEST_MODELS_HOME", REPO / ".llmos")).resolve()
     with cluster_stack(folder, models_home) as stack:
