@@ -43,10 +43,9 @@ class NatsServer:
     store: Path
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A real `nats-server -js` on a free port in a temp folder, torn down after the session."""
-    store = tmp_path_factory.mktemp("nats") / "jetstream"
+@contextmanager
+def running_nats_server(store: Path) -> Iterator[NatsServer]:
+    """A real `nats-server -js` on free ports, its JetStream data in `store`, stopped on leaving."""
     port, monitor_port = free_port(), free_port()
     process = subprocess.Popen(
         nats_command(store, "127.0.0.1", port, monitor_port),
@@ -64,6 +63,13 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """The session's nats-server, in a temp folder."""
+    with running_nats_server(tmp_path_factory.mktemp("nats") / "jetstream") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -35,13 +35,13 @@ from llmos.grpcutil.interceptors import ServerInterceptor
 from llmos.keys import KeyAuthenticator, parse_static_keys
 from llmos.models import artefact_dir
 from llmos.settings import PlatformSettings
-from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
+from llmos.stack import stop_pids, wait_until_serving
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import events_pb2, inference_pb2, inference_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from llmos.v1 import retrieval_pb2, retrieval_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 from services.tokenizer.core import TokenizerCore
 from services.tokenizer.servicer import TokenizerServicer
-from tests.conftest import TEST_API_KEY, TEST_KEYS, NatsServer, RunningStack, _settings_from, free_port, platform_environment
+from tests.conftest import TEST_API_KEY, TEST_KEYS, NatsServer, RunningStack, _settings_from, platform_environment, running_nats_server
 from tests.integration.bus_helpers import publish
 
 pytestmark = pytest.mark.security
@@ -220,18 +220,8 @@ class Callees:
 @pytest.fixture(scope="module")
 def private_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """Its own nats-server: the ingest and retrieval started here must not share the stack's consumers."""
-    store = tmp_path_factory.mktemp("identity-nats") / "jetstream"
-    port, monitor_port = free_port(), free_port()
-    process = subprocess.Popen(nats_command(store, "127.0.0.1", port, monitor_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            if port_open("127.0.0.1", port):
-                break
-            time.sleep(0.05)
-        yield NatsServer(f"nats://127.0.0.1:{port}", monitor_port, store)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with running_nats_server(tmp_path_factory.mktemp("identity-nats") / "jetstream") as server:
+        yield server
 
 
 async def _serve(settings: PlatformSettings, name: str, recorder: Recorder, add: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:
