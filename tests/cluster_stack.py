@@ -40,10 +40,10 @@ import nats
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from llmos.bus.broker import declare_streams
+from llmos.grpcutil.health_probe import check
 from llmos.natsauth import ADMIN_USER, authorization_block, new_credentials
 from llmos.settings import SERVICE_NAMES
 from llmos.stack import stop_pids, tail
-from llmos.grpcutil.health_probe import check
 from tests.cluster_helpers import NatsCluster, nats_cluster
 from tests.conftest import REPO, NatsServer, free_port, platform_environment
 

@@ -28,7 +28,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoServersError, TimeoutError as NatsTimeoutError
+from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -76,7 +77,7 @@ class Publishes:
     repeated stage shows up here even when JetStream drops its repeated event as a duplicate."""
 
     def __init__(
-        self, message_type: type[events_pb2.DocumentIndexed] | type[events_pb2.ChunksEmbedded] | type[events_pb2.DocumentFailed]
+        self, message_type: type[events_pb2.DocumentIndexed | events_pb2.ChunksEmbedded | events_pb2.DocumentFailed]
     ) -> None:
         self.message_type = message_type
         self.per_document: Counter[str] = Counter()
@@ -297,7 +298,7 @@ async def test_an_inference_replica_killed_during_streams(stack: ClusterStack) -
         killed_at = time.monotonic()
         victim.process.wait(timeout=10)
 
-        broken = lambda: [stream for stream in streams if stream.code is not None and stream.code != grpc.StatusCode.OK]  # noqa: E731
+        broken = lambda: [stream for stream in streams if stream.code is not None and stream.code != grpc.StatusCode.OK]
         await wait_for(lambda: len(broken()) >= STREAMS // 2, 10, f"{len(broken())} streams ended after the kill")
         going = [stream for stream in streams if stream.code is None]
         # The survivor's streams go on: each produces more tokens after the kill.
