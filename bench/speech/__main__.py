@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pocketsphinx import Decoder
 
+from bench.common import private_environment
 from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, resample, samples_to_pcm
 from llmos.clients import DialogueClient, SpeechClient
 from llmos.grpcutil.client import bearer
@@ -95,7 +96,7 @@ def tts(voice: KokoroVoice | EspeakVoice, repeats: int) -> dict[str, float]:
     }
 
 
-BENCH_KEY = "bench-admin-key"  # bench.chat's private stack: tenant "bench", administrator
+BENCH_KEY = "bench-admin-key"  # the private stack's key: tenant "bench", administrator
 
 
 async def spoken_questions(settings: PlatformSettings, questions: list[str]) -> list[bytes]:
@@ -126,12 +127,13 @@ async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -
 
 
 def voice_turns(count: int) -> dict[str, object]:
-    from bench.chat.__main__ import index_kb, private_environment
+    from bench.chat.__main__ import index_kb
 
     lines = [q for q in DEMO_QUESTIONS.read_text(encoding="utf-8").splitlines() if q.strip() and not q.startswith("#")]
     questions = lines[:count]
     with tempfile.TemporaryDirectory(prefix="llmos-bench-speech-") as folder:
-        private_environment(Path(folder))
+        # Latency is measured, not limited: a slow machine must not turn into failed turns.
+        private_environment(Path(folder), BENCH_KEY, LLMOS_DIALOGUE_CALL_TIMEOUT_S="600")
         settings = load_settings(PlatformSettings)
         stack = Stack(settings)
         print(f"starting a private stack in {folder} …")
