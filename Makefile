@@ -37,7 +37,7 @@ models: install
 # development keys, which services refuse anywhere else (see README, Security).
 demo up bench-inference bench-speech bench-chat bench-ingest bench-audit bench-gateway: export LLMOS_DEV = true
 
-# The embedded default: NATS, embedded Qdrant and all seven services on this machine, then a tour.
+# The embedded default: NATS, embedded Qdrant, the seven services and the HTTP gateway on this machine, then a tour.
 demo: models
 	$(VENV)/bin/llmos demo
 

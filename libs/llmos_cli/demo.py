@@ -133,7 +133,7 @@ def run_demo(settings: PlatformSettings) -> int:
     stack = Stack(settings)
     print("starting the embedded stack …")
     elapsed = stack.start()
-    print(f"seven services SERVING after {elapsed:.1f} s")
+    print(f"the seven services and the gateway SERVING after {elapsed:.1f} s")
     try:
         asyncio.run(_tour(settings))
         time.sleep(0.6)  # let the last spans flush before the trace is read again by a user
