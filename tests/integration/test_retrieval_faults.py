@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -33,7 +33,7 @@ from llmos.v1 import common_pb2, events_pb2
 from llmos.stack import nats_command, port_open
 from services.ingest.core import chunk_id
 from services.retrieval.index import ChunkFilter, EdgeIndex, Hit
-from tests.conftest import NatsServer, free_port, platform_environment
+from tests.conftest import NatsServer, free_port, platform_environment, running_nats_server
 from tests.fault_helpers import (
     ConsumerLag,
     IndexedPublishes,
@@ -97,6 +97,15 @@ async def wait_drained(url: str, durable: str, process: subprocess.Popen[bytes],
 def start_retrieval(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
     log = (home / "retrieval.log").open("ab")
     return subprocess.Popen([sys.executable, "-m", "services.retrieval"], cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server for each test of this module, not the session's: there the test stack's own
+    retrieval would index these documents too (every one counted twice), and a backlog of
+    thousands of events on replica consumers would stay behind for the modules after it."""
+    with running_nats_server(tmp_path / "nats-store") as server:
+        yield server
 
 
 async def wait_for_consumer(url: str, durable: str, timeout_s: float = 60.0) -> None:

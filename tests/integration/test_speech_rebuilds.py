@@ -17,7 +17,7 @@ from llmos.v1 import events_pb2
 from services.speech.app import DEFINITION
 from services.speech.domain import DomainCorpus
 from services.speech.settings import SpeechSettings
-from tests.conftest import NatsServer, environment, platform_environment
+from tests.conftest import NatsServer, environment, platform_environment, running_nats_server
 from tests.integration.bus_helpers import last_sequence, messages_after
 
 pytestmark = pytest.mark.integration
@@ -27,13 +27,21 @@ SETTLE_S = 0.2
 
 
 @pytest.fixture(scope="module")
-def rebuild_settings(nats_server: NatsServer, models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechSettings]:
+def own_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server of this module's own: on the session's, the `speech` durable would first work
+    through every document event other modules published (thousands from the fault tests)."""
+    with running_nats_server(tmp_path_factory.mktemp("speech-rebuilds-nats") / "jetstream") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def rebuild_settings(own_nats_server: NatsServer, models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechSettings]:
     home = tmp_path_factory.mktemp("speech-rebuilds")
     (home / "models").symlink_to(models_home / "models", target_is_directory=True)
     articles = tmp_path_factory.mktemp("bulk-articles")
     for number in range(DOCUMENTS):
         (articles / f"doc{number:03}.txt").write_text(f"Article {number}: where is my parcel number {number}?\n")
-    env = platform_environment(nats_server, home)
+    env = platform_environment(own_nats_server, home)
     env["LLMOS_SPEECH_DOMAIN_SEED"] = f"bulk={articles}"
     env["LLMOS_SPEECH_DOMAIN_LM_EXCLUDE"] = "throwaway-eval"
     env["LLMOS_SPEECH_DOMAIN_LM_SETTLE_S"] = str(SETTLE_S)

@@ -37,7 +37,10 @@ async def test_submit_document_is_one_trace_across_ingest_tokenizer_and_audit(st
 
     by_id = {span["span_id"]: span for span in spans}
     ingest_span = next(span for span in spans if span["name"] == "llmos.v1.IngestService/SubmitDocument")
-    tokenizer_span = next(span for span in spans if span["name"] == "llmos.v1.TokenizerService/Tokenize")
+    # The tokenizer's SERVER span; ingest's CLIENT span of the same call has the same name.
+    tokenizer_span = next(
+        span for span in spans if span["name"] == "llmos.v1.TokenizerService/Tokenize" and span["service"] == "tokenizer"
+    )
     audit_span = next(span for span in spans if span["service"] == "audit")
     assert ingest_span["parent_span_id"] == format(client_span.get_span_context().span_id, "016x")
     assert by_id[tokenizer_span["parent_span_id"]]["service"] == "ingest"  # gRPC edge ingest → tokenizer
