@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,12 +27,10 @@ from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, NatsUserPassword, PullSub
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as AckPolicyJS
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import NoStreamResponseError, NotFoundError
-from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
@@ -64,6 +61,7 @@ from llmos.bus.codec import (
     encode,
 )
 from llmos.bus.kv import NatsBucket
+from llmos.bus.outage import while_leaderless
 from llmos.bus.subjects import (
     BUCKETS,
     INTERACTIVE_LANE,
@@ -89,12 +87,6 @@ SubjectHandler = Callable[[str, MessageT], Awaitable[None]]
 # Redelivery back-off after a failure: the n-th retry waits RETRY_DELAYS_S[n-1] (last one repeats).
 RETRY_DELAYS_S = (0.5, 2.0, 5.0)
 ACK_WAIT_S = 60.0
-# A stream with no leader (a cluster node lost, an election under way: seconds on a loaded
-# machine) answers no publish. The publish is sent again with the same message id, which
-# JetStream deduplicates, for up to this long, rather than failing the handler and spending the
-# message's deliveries on an outage of the bus (issue 16, item 3). Within ACK_WAIT_S.
-PUBLISH_RETRY_S = 30.0
-LEADERLESS_ERRORS = (NoRespondersError, NoStreamResponseError, NatsTimeoutError)
 
 
 @dataclass(frozen=True)
@@ -283,26 +275,16 @@ class Bus:
         ):
             inject_context(headers)
             try:
-                await self._publish_until_stored(encode(message), subject, headers)
+                data = encode(message)
+                await while_leaderless(
+                    lambda: self.broker.publish(data, subject, headers=headers, stream=stream_for(subject).name),
+                    f"publish to {subject}",
+                )
             except Exception as exc:
                 attributes[ERROR_TYPE] = type(exc).__name__
                 raise
             finally:
                 self._publish_duration.record(time.perf_counter() - started, attributes)
-
-    async def _publish_until_stored(self, data: bytes, subject: str, headers: dict[str, str]) -> None:
-        deadline = time.monotonic() + PUBLISH_RETRY_S
-        delay = 0.1
-        while True:
-            try:
-                await self.broker.publish(data, subject, headers=headers, stream=stream_for(subject).name)
-                return
-            except LEADERLESS_ERRORS as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("%s not stored (%s): publishing again in %.1f s", subject, type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     async def key_value(self, bucket: str) -> KeyValue:
         if bucket not in self._buckets:
