@@ -2,7 +2,8 @@
 
 State lives under `$LLMOS_HOME` (0700; every file the stack writes there is 0600): JetStream
 data in `data/jetstream`, one log per process in `logs/`, and the running processes in
-`run/stack.json` so `llmos down` can stop them.
+`run/stack.json` (with each one's address) so `llmos down` can stop them and `llmos status` finds
+every replica. `llmos up --cluster` is llmos.cluster, on the helpers here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class StackProcess:
     name: str
     pid: int
     log: str
+    service: str = ""  # what it is: a service's name, "nats" or "gateway"
+    address: str = ""  # where it answers: HOST:PORT, or a nats:// URL
+    config: str = ""  # a nats-server's configuration file
+
+    @property
+    def is_nats(self) -> bool:
+        return "nats" in (self.name, self.service)
 
 
 def nats_server_binary() -> str:
@@ -59,6 +67,13 @@ def nats_server_binary() -> str:
 
 def nats_port(nats_url: str) -> int:
     return urlparse(nats_url).port or 4222
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the system's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def port_open(host: str, port: int) -> bool:
@@ -118,29 +133,47 @@ def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -
 
 def reload_nats_users(settings: PlatformSettings) -> bool:
     """Write the running stack's NATS users again (the services' and the tenant publishers') and
-    have nats-server reload them (SIGHUP); False when no stack runs under this home. Only the
-    authorization block changes: the rest of the file stays as `llmos up` wrote it."""
+    have each nats-server reload them (SIGHUP); False when no stack runs under this home. Only the
+    authorization block changes: the rest of each file stays as `llmos up` wrote it."""
     credentials = read_credentials(credentials_path(settings.home))
-    running = [process for process in read_stack(settings) if process.name == "nats" and _alive(process.pid)]
-    config = settings.data_dir / "nats-server.conf"  # where nats_command wrote it
-    if credentials is None or not running or not config.exists():
+    running = [process for process in read_stack(settings) if process.is_nats and _alive(process.pid)]
+    if credentials is None:
         return False
-    text = config.read_text()
-    head = text[:text.index("authorization {")] if "authorization {" in text else text
-    fd = os.open(config, os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(head + authorization_block(credentials, read_publishers(settings.home)))
-    os.kill(running[0].pid, signal.SIGHUP)
-    return True
+    reloaded = False
+    for process in running:
+        # Where nats_command wrote it: recorded for a cluster's nodes, data/ for the one server.
+        config = Path(process.config) if process.config else settings.data_dir / "nats-server.conf"
+        if not config.exists():
+            continue
+        text = config.read_text()
+        head, authorization, rest = text.partition("authorization {")
+        # A cluster node's `server_name` and `cluster` block follow the users: kept after them.
+        tail_of_block = rest[_block_end(rest):] if authorization else ""
+        fd = os.open(config, os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(head + authorization_block(credentials, read_publishers(settings.home)) + tail_of_block)
+        os.kill(process.pid, signal.SIGHUP)
+        reloaded = True
+    return reloaded
 
 
-def _spawn(command: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+def _block_end(text: str) -> int:
+    """Where the block whose opening brace precedes `text` ends (after its closing brace)."""
+    depth = 1
+    for index, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return index + 1
+    return len(text)
+
+
+def _spawn(command: list[str], log_path: Path, env: Mapping[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
         # A new session, so Ctrl-C in the terminal reaches only `llmos up`, which stops the
         # processes in order.
         return subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True
         )
 
 
@@ -263,9 +296,8 @@ async def declare_as_admin(settings: PlatformSettings) -> None:
 def stop_stack(settings: PlatformSettings) -> list[str]:
     """Stop services first, NATS last, so in-flight bus work drains. Returns what was stopped."""
     processes = read_stack(settings)
-    services = [process for process in processes if process.name != "nats"]
-    stop_pids([process.pid for process in services], settings.shutdown_grace_s + 5)
-    stop_pids([process.pid for process in processes if process.name == "nats"], 10)
+    stop_pids([process.pid for process in processes if not process.is_nats], settings.shutdown_grace_s + 5)
+    stop_pids([process.pid for process in processes if process.is_nats], 10)
     stack_file(settings).unlink(missing_ok=True)
     credentials_path(settings.home).unlink(missing_ok=True)
     return [process.name for process in processes]
@@ -307,10 +339,18 @@ class Stack:
         return time.monotonic() - started
 
     def _record(self) -> None:
+        addresses = {
+            "nats": self.settings.nats_url,
+            GATEWAY: self.settings.gateway_addr,
+            **{name: self.settings.service_addr(name) for name in SERVICE_NAMES},
+        }
         write_stack(
             self.settings,
             [
-                StackProcess(name, process.pid, str(self.settings.logs_dir / f"{name}.log"))
+                StackProcess(
+                    name, process.pid, str(self.settings.logs_dir / f"{name}.log"), name, addresses[name],
+                    str(self.settings.data_dir / "nats-server.conf") if name == "nats" else "",
+                )
                 for name, process in self.processes.items()
             ],
         )
