@@ -36,6 +36,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from llmos.stack import Stack
 
     settings = _settings()
+    if args.cluster:
+        return _up_cluster(settings, args.detach)
     stack = Stack(settings)
     print(f"starting nats-server and {len(SERVICE_NAMES)} services (logs in {settings.logs_dir}) …")
     elapsed = stack.start()
@@ -67,6 +69,49 @@ def cmd_up(args: argparse.Namespace) -> int:
         time.sleep(0.5)
     print("stopping …")
     stack.stop()
+    return 0
+
+
+def _up_cluster(settings: PlatformSettings, detach: bool) -> int:
+    """`llmos up --cluster`: three nats-servers and replicas of the services (llmos.cluster)."""
+    from llmos.cluster import JETSTREAM_REPLICAS, NODES, REPLICAS, PlatformCluster
+
+    cluster = PlatformCluster(settings)
+    print(
+        f"starting {NODES} clustered nats-servers and {sum(REPLICAS.values())} replicas of {len(SERVICE_NAMES)} services "
+        f"(state and logs under {cluster.folder}) …"
+    )
+    elapsed = cluster.start()
+    assert cluster.stack is not None
+    print(f"all replicas SERVING after {elapsed:.1f} s; streams and buckets at {JETSTREAM_REPLICAS} replicas")
+    print(f"  {'nats':<10} {','.join(cluster.stack.nats.urls)}")
+    for name in SERVICE_NAMES:
+        print(f"  {name:<10} {cluster.stack.addr(name)}")
+    print(f"  {'gateway':<10} http://{settings.gateway_addr}  (OpenAI-compatible API and REST; docs /docs)")
+    print("clients balance over every replica with these settings (the first address alone reaches one replica):")
+    for name in SERVICE_NAMES:
+        print(f"  LLMOS_{name.upper()}_ADDR={cluster.stack.addr(name)}")
+    if detach:
+        print("running in the background; `llmos status` shows each replica, `llmos down` stops them")
+        return 0
+    print("press Ctrl-C to stop")
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    reported: set[str] = set()
+    while not stopping:
+        # A cluster is there to outlive a replica or a node: one that exits is reported, not fatal.
+        for name in sorted(set(cluster.exited()) - reported):
+            print(f"{name} exited; the others go on (its log: under {cluster.folder} or {settings.logs_dir})", file=sys.stderr)
+            reported.add(name)
+        time.sleep(0.5)
+    print("stopping …")
+    cluster.stop()
     return 0
 
 
@@ -140,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start nats-server and every service on this machine")
     up.add_argument("--detach", action="store_true", help="return once everything is SERVING")
+    up.add_argument(
+        "--cluster", action="store_true",
+        help="three clustered nats-servers (streams at 3 replicas) and two replicas of each stateless service",
+    )
     up.set_defaults(run=cmd_up)
     commands.add_parser("down", help="stop what `llmos up --detach` started").set_defaults(run=cmd_down)
     add_json_option(commands.add_parser("status", help="health of each service, streams and consumer lag")).set_defaults(run=cmd_status)

@@ -1,8 +1,14 @@
-"""`llmos status`: health of each service, and each stream's messages and consumer lag."""
+"""`llmos status`: health of each service's replicas, and each stream's messages and consumer lag.
+
+A service's replicas are the addresses its setting lists (LLMOS_<SERVICE>_ADDR, `A,B`), joined by
+those the stack running under LLMOS_HOME recorded for it when the setting names one of them: after
+`llmos up --cluster` the one-machine settings (each service's first replica) show every replica.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -11,7 +17,7 @@ from llmos.grpcutil.health_probe import check
 from llmos.grpcutil.tls import caller_credentials
 from llmos.natsauth import connect_cli
 from llmos.settings import SERVICE_NAMES, PlatformSettings
-from llmos.stack import port_open
+from llmos.stack import StackProcess, port_open, read_stack
 from llmos_cli.output import print_json, print_table
 
 
@@ -19,9 +25,31 @@ async def _quiet(error: Exception) -> None:
     """Connection errors are reported once, below, not as a traceback."""
 
 
-async def _streams(settings: PlatformSettings) -> list[dict[str, Any]]:
-    """Each stream's message count and its consumers' lag."""
-    connection = await asyncio.wait_for(connect_cli(settings, error_cb=_quiet), timeout=5)
+def _recorded(running: Sequence[StackProcess], kind: str) -> list[str]:
+    return [process.address for process in running if process.service == kind and process.address]
+
+
+def replica_addresses(settings: PlatformSettings, running: Sequence[StackProcess]) -> dict[str, list[str]]:
+    """Each service's replicas: its setting's list, and the running stack's replicas of it when
+    the setting names one of them."""
+    addresses = {}
+    for name in SERVICE_NAMES:
+        configured = [addr.strip() for addr in settings.service_addr(name).split(",")]
+        recorded = _recorded(running, name)
+        extra = [addr for addr in recorded if addr not in configured] if set(configured) & set(recorded) else []
+        addresses[name] = configured + extra
+    return addresses
+
+
+def nats_urls(settings: PlatformSettings, running: Sequence[StackProcess]) -> list[str]:
+    """LLMOS_NATS_URL, and the other nodes of the running cluster it is a node of."""
+    recorded = _recorded(running, "nats")
+    return [settings.nats_url, *(url for url in recorded if url != settings.nats_url)] if settings.nats_url in recorded else [settings.nats_url]
+
+
+async def _streams(settings: PlatformSettings, url: str) -> list[dict[str, Any]]:
+    """Each stream's message count and its consumers' lag, asked of the node at `url`."""
+    connection = await asyncio.wait_for(connect_cli(settings.model_copy(update={"nats_url": url}), error_cb=_quiet), timeout=5)
     try:
         js = connection.jetstream()
         streams = []
@@ -31,6 +59,7 @@ async def _streams(settings: PlatformSettings) -> list[dict[str, Any]]:
             streams.append({
                 "name": spec.name,
                 "messages": info.state.messages,
+                "replicas": info.config.num_replicas or 1,
                 "consumers": [
                     {"name": consumer.name, "pending": consumer.num_pending, "ack_pending": consumer.num_ack_pending}
                     for consumer in consumers
@@ -41,21 +70,51 @@ async def _streams(settings: PlatformSettings) -> list[dict[str, Any]]:
         await connection.close()
 
 
+def service_health(replicas: Sequence[dict[str, str]]) -> str:
+    """One word for a service: SERVING when every replica serves, DEGRADED when some do, else
+    what its first replica answered."""
+    serving = sum(replica["health"] == "SERVING" for replica in replicas)
+    if serving == len(replicas):
+        return "SERVING"
+    return "DEGRADED" if serving else replicas[0]["health"]
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    return port_open(parsed.hostname or "127.0.0.1", parsed.port or 4222)
+
+
 async def platform_status(settings: PlatformSettings) -> dict[str, Any]:
-    """The services' health, whether NATS answers, and the streams when it does."""
+    """Each service's replicas' health, whether NATS answers, and the streams when it does."""
+    running = read_stack(settings)
+    credentials = caller_credentials(settings)
     services = []
-    for name in SERVICE_NAMES:
-        health = await asyncio.to_thread(check, settings.service_addr(name), "", 1.0, caller_credentials(settings))
-        services.append({"name": name, "address": settings.service_addr(name), "health": health})
-    url = urlparse(settings.nats_url)
+    for name, addresses in replica_addresses(settings, running).items():
+        healths = await asyncio.gather(*(asyncio.to_thread(check, addr, "", 1.0, credentials) for addr in addresses))
+        replicas = [{"address": addr, "health": health} for addr, health in zip(addresses, healths, strict=True)]
+        services.append({"name": name, "address": ",".join(addresses), "health": service_health(replicas), "replicas": replicas})
     # nats-py keeps retrying a refused first connection, so look before connecting.
-    reachable = port_open(url.hostname or "127.0.0.1", url.port or 4222)
+    nodes = [{"url": url, "reachable": _reachable(url)} for url in nats_urls(settings, running)]
+    reachable = [node["url"] for node in nodes if node["reachable"]]
+    nats: dict[str, Any] = {"url": settings.nats_url, "reachable": bool(reachable)}
+    if len(nodes) > 1:
+        nats["nodes"] = nodes
+    every_replica = all(replica["health"] == "SERVING" for service in services for replica in service["replicas"])
     return {
-        "healthy": reachable and all(service["health"] == "SERVING" for service in services),
+        "healthy": len(reachable) == len(nodes) and every_replica,
         "services": services,
-        "nats": {"url": settings.nats_url, "reachable": reachable},
-        "streams": await _streams(settings) if reachable else [],
+        "nats": nats,
+        "streams": await _streams(settings, str(reachable[0])) if reachable else [],
     }
+
+
+def service_rows(services: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per replica: the service named on its first."""
+    return [
+        [service["name"] if index == 0 else "", replica["address"], replica["health"]]
+        for service in services
+        for index, replica in enumerate(service["replicas"])
+    ]
 
 
 async def print_status(settings: PlatformSettings, as_json: bool = False) -> int:
@@ -63,12 +122,17 @@ async def print_status(settings: PlatformSettings, as_json: bool = False) -> int
     if as_json:
         print_json(status)
         return 0 if status["healthy"] else 1
-    print_table(["service", "address", "health"], [[s["name"], s["address"], s["health"]] for s in status["services"]])
-    if not status["nats"]["reachable"]:
-        print(f"nats: unreachable at {settings.nats_url}")
+    print_table(["service", "address", "health"], service_rows(status["services"]))
+    nodes = status["nats"].get("nodes", [status["nats"]])
+    down = [node["url"] for node in nodes if not node["reachable"]]
+    if down:
+        print(f"nats: unreachable at {', '.join(down)}")
+    if len(down) == len(nodes):
         return 1
-    print_table(["stream", "messages", "consumer (pending / waiting for ack)"], [
-        [stream["name"], str(stream["messages"]),
+    if len(nodes) > 1:
+        print(f"nats: a cluster of {len(nodes)} nodes, {len(nodes) - len(down)} reachable")
+    print_table(["stream", "messages", "replicas", "consumer (pending / waiting for ack)"], [
+        [stream["name"], str(stream["messages"]), str(stream["replicas"]),
          ", ".join(f"{c['name']} {c['pending']}/{c['ack_pending']}" for c in stream["consumers"]) or "-"]
         for stream in status["streams"]
     ])
