@@ -1,12 +1,14 @@
 """Chat turn latency per stage: N questions through DialogueService.Chat over gRPC, against the same
-turns run by the dialogue core inside this process without the platform around it.
+turns run inside this process with no network hop at all.
 
-Both runs answer the same questions on the same demo knowledge base with the same classifier and
-the same retrieval and generation services. The in-process reference drops what the platform adds
-around the turn: the gRPC hop into the dialogue service with authentication and tracing, embedding
-and token counting through the inference and tokenizer services (done here with the same models in
-process), sessions in the KV bucket and events on the bus (kept in memory, not published). The
-difference between the two is the platform's own overhead.
+Both runs answer the same questions on the same demo knowledge base with the same classifier. The
+in-process reference (bench.chat.inprocess) is the dialogue core calling the inference core (built
+by the inference service's own factory, same settings) and a retrieval core whose index holds the
+very chunks and vectors the platform indexed (read back from the stack's stream); token counting
+with the same tokenizer. It drops everything the platform adds around those cores: the gRPC hops
+(client to dialogue, dialogue to inference, retrieval and tokenizer) with authentication and
+tracing, sessions in the KV bucket and events on the bus (kept in memory, not published). The
+difference between the two is the platform's overhead over the whole path.
 
 The overhead is taken per question, from the pair of runs of that question (gRPC minus in-process,
 as a share of the gRPC turn), and reported as the median and quartiles of those pairs: the
@@ -44,13 +46,14 @@ import grpc
 import numpy as np
 import yaml
 
-from bench.common import REPO, private_environment
+from bench.chat.inprocess import CoreEmbedder, CoreGenerator, CoreRetriever, inference_core, replay_indexed_chunks, retrieval_core
+from bench.common import REPO, LoadWindow, private_environment
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.clients import DialogueClient, InferenceClient, IngestClient, Metadata, RetrievalClient
+from llmos.clients import DialogueClient, IngestClient, Metadata
 from llmos.crypto import AtRest
 from llmos.errors import LlmosError, ResourceExhausted
-from llmos.grpcutil.client import bearer, open_channel
+from llmos.grpcutil.client import bearer
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.settings import load_settings
@@ -59,7 +62,7 @@ from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, dialogue_pb2, ingest_pb2
 from services.dialogue.app import limits_of
-from services.dialogue.backends import Backends, Generator, GrpcGenerator, GrpcRetriever, LocalEmbedder, LocalTokenCounter
+from services.dialogue.backends import Backends, Generator, LocalTokenCounter
 from services.dialogue.core import DialogueCore
 from services.dialogue.replies import load_assistant
 from services.dialogue.sessions import SessionStore
@@ -139,27 +142,28 @@ class CountingGenerator:
 async def run_both(settings: DialogueSettings, metadata: Metadata, asked: list[str]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """Each question once over gRPC and once in process, alternating which goes first, so neither
     run systematically meets the other's warm caches (e.g. the inference service's prompt prefixes)."""
-    # One thread: an intra-op pool here would spin between calls and take CPU from the services.
-    embedder = LocalEmbedder.from_dir(artefact_dir(settings.home, "all-minilm-l6-v2"), threads=1)
+    principal = Principal("bench", "bench", frozenset({"admin"}))
+    inference, close_inference = await inference_core()
+    embedder = CoreEmbedder(inference)
+    retrieval = retrieval_core(embedder)
+    indexed = await replay_indexed_chunks(settings, retrieval)
+    print(f"in-process reference: inference core loaded, {indexed} documents indexed in its own retrieval core")
     classifier = await ensure_intent_classifier(
         settings.home, settings.dialogue_intents_file, embedder.embed, settings.dialogue_intent_target_accuracy
     )
     tokens = LocalTokenCounter(ModelTokenizer.from_dir(artefact_dir(settings.home, "smollm2-135m-instruct")))
-    retrieval = open_channel(settings.retrieval_addr, BENCH_KEY)
-    inference = open_channel(settings.inference_addr, BENCH_KEY)
     bus = MemoryPublisher()
-    generator = CountingGenerator(GrpcGenerator(InferenceClient(inference)))
+    generator = CountingGenerator(CoreGenerator(inference, principal.tenant))
     core = DialogueCore(
         bus,
         SessionStore(MemoryBucket(), settings.dialogue_session_idle_ttl_s, AtRest(None, "bench sessions")),
         AuditLog(bus, "dialogue-bench"),
         classifier,
-        Backends(embedder, GrpcRetriever(RetrievalClient(retrieval)), generator, tokens),
+        Backends(embedder, CoreRetriever(retrieval), generator, tokens),
         OrderBook.from_file(settings.dialogue_orders_file),
         limits_of(settings),
         load_assistant(settings.dialogue_assistant_file),
     )
-    principal = Principal("bench", "bench", frozenset({"admin"}))
     grpc_rows, local_rows = [], []
     async with grpc.aio.insecure_channel(settings.dialogue_addr) as channel:
         dialogue = DialogueClient(channel, metadata)
@@ -176,8 +180,8 @@ async def run_both(settings: DialogueSettings, metadata: Metadata, asked: list[s
                 grpc_rows.append(await grpc_turn(dialogue, question))
             # Same classifier, same passages: the gRPC turn took the same path as the in-process one.
             grpc_rows[-1]["model"] = local_rows[-1]["model"] = float(generator.calls > calls)
-    await retrieval.close()
-    await inference.close()
+    retrieval.close()
+    await close_inference()
     return grpc_rows, local_rows
 
 
@@ -328,15 +332,15 @@ def paired(asked: list[str]) -> dict[str, object]:
         private_environment(Path(folder), BENCH_KEY, LLMOS_DIALOGUE_CALL_TIMEOUT_S="600")
         settings = load_settings(DialogueSettings)
         stack = Stack(settings)
-        load_before = os.getloadavg()
         print(f"starting a private stack in {folder} …")
         print(f"SERVING after {stack.start():.1f} s")
         try:
             metadata = (("authorization", bearer(BENCH_KEY)),)
             asyncio.run(index_kb(settings, metadata))
+            window = LoadWindow()
             grpc_rows, local_rows = asyncio.run(run_both(settings, metadata, asked))
+            load = window.close()
         finally:
-            load_after = os.getloadavg()
             stack.stop()
     groups = {
         "all turns": [True] * len(asked),
@@ -351,7 +355,9 @@ def paired(asked: list[str]) -> dict[str, object]:
     stages = {name: {"grpc": summary(g), "in_process": summary(local)} for name, (g, local) in grouped.items() if g}
     results = {
         "questions": len(asked), "stages": stages, "paired_overhead": overhead,
-        "load_average_1m": {"before": load_before[0], "after": load_after[0]}, "cpus": os.cpu_count(),
+        "load_average_1m": {"before": load["load_average_1m_before"], "after": load["load_average_1m_after"]},
+        "other_processes_cores": load["other_processes_cores"], "noisy": load["noisy"], "cpus": os.cpu_count(),
+        "reference": "the same turns with no network hop: dialogue, inference and retrieval cores in this process",
         "turns": [{"question": q, "grpc": g, "in_process": local} for q, g, local in zip(asked, grpc_rows, local_rows, strict=True)],
     }
     results["overhead_fraction_p50"] = overhead["all turns"]["share_p50"]
@@ -361,14 +367,16 @@ def paired(asked: list[str]) -> dict[str, object]:
         for stage in STAGES:
             g, local = by_run["grpc"][stage], by_run["in_process"][stage]
             print(f"{stage:<16} {g['p50']:>9.1f} {g['p95']:>9.1f} {local['p50']:>12.1f} {local['p95']:>12.1f}")
-    print("\nplatform overhead per question: gRPC turn minus the same turn in process (median [quartiles])")
+    print("\nplatform overhead over the whole path, per question: gRPC turn minus the same turn with no network hop"
+          " (dialogue, inference and retrieval cores in process; median [quartiles])")
     print(f"{'turns':<28} {'n':>3} {'extra ms':>24} {'share of the turn':>28}")
     for name, row in overhead.items():
         if row["turns"]:
             print(f"{name:<28} {row['turns']:>3} {row['extra_ms_p50']:>8.1f} [{row['extra_ms_q1']:>6.1f}, {row['extra_ms_q3']:>6.1f}]"
                   f" {row['share_p50']:>11.1%} [{row['share_q1']:>6.1%}, {row['share_q3']:>6.1%}]")
-    print(f"target: under 10% of turn time; 1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
-          f"on {os.cpu_count()} CPUs")
+    print(f"target: under 10% of turn time; 1-min load average {load['load_average_1m_before']:.1f} before, "
+          f"{load['load_average_1m_after']:.1f} after, other processes {load['other_processes_cores']:.2f} cores, on "
+          f"{os.cpu_count()} CPUs{'  ** NOISY: load above 1.0 **' if load['noisy'] else ''}")
     return results
 
 
