@@ -18,7 +18,6 @@ from llmos.tokenization import ModelTokenizer
 from llmos.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.batching import EmbedBatcher
 from services.inference.core import (
-    CPU,
     EMBEDDING_MODEL,
     EmbedLimits,
     GenerationCandidate,
@@ -26,20 +25,18 @@ from services.inference.core import (
     GenerationModels,
     InferenceCore,
     ServedModel,
-    execution_providers,
 )
 from services.inference.decoder import Decoder, DecoderConfig
+from services.inference.device_cache import DeviceCacheDecoder
+from services.inference.devices import CPU_GENERATION_VARIANTS, DevicePlan, check_session_provider, device_plan
 from services.inference.handlers import subscriptions
 from services.inference.scheduler import AdmissionLimits, GenerationScheduler, PrefixCache
 from services.inference.servicer import InferenceServicer
-from services.inference.settings import InferenceSettings
+from services.inference.settings import InferenceDevice, InferenceSettings
 
-# The generation engine binds its KV cache in host memory, which only the CPU provider runs in
-# place; embeddings follow LLMOS_EXECUTION_PROVIDER.
-GENERATION_VARIANT = "cpu-int4"
+# The catalog generation variant served on the CPU (LLMOS_INFERENCE_DEVICE=cpu, the default).
+GENERATION_VARIANT = CPU_GENERATION_VARIANTS[0]
 EMBEDDING_VARIANT = "fp32"
-# Variants of added models this service's CPU engine runs.
-CPU_GENERATION_VARIANTS = ("cpu-int4", "int8", "fp32")
 _FLOAT32_BYTES = 4
 
 
@@ -59,8 +56,10 @@ def has_chat_template(folder: Path) -> bool:
     return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
 
 
-def generation_candidates(settings: InferenceSettings, threads: int) -> Callable[[], dict[str, GenerationCandidate]]:
-    """The built generation models: the catalog's and those added with `llmos models add`
+def generation_candidates(
+    settings: InferenceSettings, plan: DevicePlan, threads: int
+) -> Callable[[], dict[str, GenerationCandidate]]:
+    """The built generation models the device runs: the catalog's and those added with `llmos models add`
     (read again on each call, so a model added while the service runs can be asked for)."""
 
     def candidate(name: str, variant: str, folder: Path, source: str) -> GenerationCandidate:
@@ -71,12 +70,13 @@ def generation_candidates(settings: InferenceSettings, threads: int) -> Callable
     def candidates() -> dict[str, GenerationCandidate]:
         found: dict[str, GenerationCandidate] = {}
         for spec in CATALOG.values():
-            folder = spec.folder(settings.home, GENERATION_VARIANT) if GENERATION_VARIANT in spec.variants else None
+            variant = plan.generation_variant
+            folder = spec.folder(settings.home, variant) if variant in spec.variants else None
             if spec.role is Role.GENERATION and folder is not None and not artefact_problems(folder, check_hashes=False):
-                found[spec.name] = candidate(spec.name, GENERATION_VARIANT, folder, spec.source.package)
+                found[spec.name] = candidate(spec.name, variant, folder, spec.source.package)
         for model in registered_models(settings.home).values():
             folder = model.folder(settings.home)
-            if (model.role == Role.GENERATION.value and model.variant in CPU_GENERATION_VARIANTS
+            if (model.role == Role.GENERATION.value and model.variant in plan.generation_variants
                     and not artefact_problems(folder, check_hashes=False)):
                 found[model.name] = candidate(model.name, model.variant, folder, f"{model.source_format}:{model.source}")
         return found
@@ -84,13 +84,19 @@ def generation_candidates(settings: InferenceSettings, threads: int) -> Callable
     return candidates
 
 
-def generation_loader(settings: InferenceSettings, threads: int) -> Callable[[GenerationCandidate], GenerationModel]:
+def generation_loader(
+    settings: InferenceSettings, plan: DevicePlan, threads: int
+) -> Callable[[GenerationCandidate], GenerationModel]:
+    # On CUDA the slot KV cache lives in GPU memory; on the CPU in numpy arrays the provider updates in place.
+    engine = Decoder if plan.device is InferenceDevice.CPU else DeviceCacheDecoder
+
     def load(candidate: GenerationCandidate) -> GenerationModel:
         folder = candidate.served.folder
-        decoder = Decoder(
-            folder, [CPU], settings.inference_threads, settings.inference_max_batch, settings.inference_max_context,
-            settings.inference_thread_spinning,
+        decoder = engine(
+            folder, plan.generation_providers, settings.inference_threads, settings.inference_max_batch,
+            settings.inference_max_context, settings.inference_thread_spinning,
         )
+        check_session_provider(f"generation model {candidate.served.name}", plan.generation_providers, decoder.providers)
         tokenizer = ModelTokenizer.from_dir(folder)
         scheduler = GenerationScheduler(
             decoder,
@@ -116,10 +122,11 @@ def generation_loader(settings: InferenceSettings, threads: int) -> Callable[[Ge
 async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
     threads = settings.inference_threads
     reported_threads = threads or os.cpu_count() or 1
-    providers = execution_providers(settings.execution_provider)
+    plan = device_plan(settings.inference_device, settings.execution_provider)
 
     embedding_dir = artefact_dir(settings.home, EMBEDDING_MODEL, EMBEDDING_VARIANT)
-    embedding_model = EmbeddingModel.from_dir(embedding_dir, providers, threads)
+    embedding_model = EmbeddingModel.from_dir(embedding_dir, plan.embedding_providers, threads)
+    check_session_provider(f"embedding model {EMBEDDING_MODEL}", plan.embedding_providers, embedding_model.providers)
     batcher = EmbedBatcher(
         embedding_model.embed,
         settings.inference_embed_max_batch,
@@ -130,13 +137,13 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
 
     default = settings.inference_generation_model
     if default in CATALOG:
-        artefact_dir(settings.home, default, GENERATION_VARIANT)  # not built: the error says how to build it
+        artefact_dir(settings.home, default, plan.generation_variant)  # not built: the error says how to build it
         if get_spec(default).role is not Role.GENERATION:
             raise InvalidArgument("LLMOS_INFERENCE_GENERATION_MODEL", f"{default!r} is not a generation model")
     generation = GenerationModels(
         default,
-        generation_candidates(settings, reported_threads),
-        generation_loader(settings, reported_threads),
+        generation_candidates(settings, plan, reported_threads),
+        generation_loader(settings, plan, reported_threads),
         settings.inference_generation_memory_mb << 20,
     )
     try:

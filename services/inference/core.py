@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from opentelemetry import metrics, trace
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OPERATION_NAME,
@@ -43,17 +42,15 @@ from llmos.deadline import Deadline
 from llmos.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted
 from llmos.models.manifest import read_artefact_manifest
 from llmos.ports import Publisher
-from llmos.settings import ExecutionProvider
 from llmos.telemetry import TIME_PER_OUTPUT_TOKEN_BUCKETS_S, TIME_TO_FIRST_TOKEN_BUCKETS_S, seconds_histogram
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
 from services.inference.batching import PRIORITY_NAMES, EmbedBatcher, priority_rank
+from services.inference.devices import CPU  # noqa: F401 (imported from here by the tests)
 from services.inference.scheduler import FinishReason, GenerationRequest, GenerationScheduler, SamplingConfig, StreamEvent, Usage
 
 GENERATION_MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
@@ -64,19 +61,6 @@ BUSY_MODEL_RETRY_S = 2.0
 GEN_AI_PROVIDER = "onnxruntime"
 
 CountTokens = Callable[[Sequence[str]], list[int]]
-
-
-def execution_providers(choice: ExecutionProvider) -> list[str]:
-    """ONNX Runtime providers for the configured choice: CUDA when present and asked or auto."""
-    available = ort.get_available_providers()
-    if choice is ExecutionProvider.CUDA and CUDA not in available:
-        raise FailedPrecondition(
-            "LLMOS_EXECUTION_PROVIDER=cuda but this onnxruntime has no CUDA provider; "
-            "install the `gpu` extra or set it to auto/cpu"
-        )
-    if choice is not ExecutionProvider.CPU and CUDA in available:
-        return [CUDA, CPU]
-    return [CPU]
 
 
 @dataclass(frozen=True)

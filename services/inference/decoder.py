@@ -89,14 +89,17 @@ class Decoder:
         dtype = _ORT_TYPES[inputs["past_key_values.0.key"].type]
         self.max_batch = max_batch
         self.max_context = min(max_context, self.config.context_length)
-        shape = (max_batch, self.config.kv_heads, self.max_context, self.config.head_size)
-        self.keys = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
+        self._allocate_cache((max_batch, self.config.kv_heads, self.max_context, self.config.head_size), dtype)
         # One binding per row range, made once: the KV views it binds never move, so a step only
         # rebinds its token ids, mask and the logits view.
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._logits_type = _ORT_TYPES[next(node.type for node in self.session.get_outputs() if node.name == "logits")]
         self._logits = np.empty((max_batch, self.config.vocab_size), self._logits_type)
+
+    def _allocate_cache(self, shape: tuple[int, int, int, int], dtype: type[np.generic]) -> None:
+        """The slot KV cache in host memory (services.inference.device_cache: on the provider's device)."""
+        self.keys = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(self.config.num_layers)]
 
     @property
     def providers(self) -> list[str]:

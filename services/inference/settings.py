@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import NonNegativeFloat
 
 from llmos.settings import PlatformSettings
 
 
+class InferenceDevice(StrEnum):
+    """Where the models run: `cuda` serves the `cuda-fp16` generation artefacts and embeds on the
+    CUDA execution provider (an NVIDIA GPU and the `gpu` extra); `cpu` serves the CPU variants."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 class InferenceSettings(PlatformSettings):
+    # cpu or cuda; cuda without a usable CUDA execution provider stops the service at start.
+    inference_device: InferenceDevice = InferenceDevice.CPU
     # ONNX Runtime intra-op threads per model session; 0 lets ONNX Runtime use every core.
     inference_threads: int = 0
     # Let idle ONNX Runtime workers spin for the next step: faster only on cores nothing else uses.

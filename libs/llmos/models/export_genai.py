@@ -37,8 +37,21 @@ def build_cpu_int4(source: SourceFiles, out: Path, scratch: Path, log: Log) -> N
 
 
 def build_cuda_fp16(source: SourceFiles, out: Path, scratch: Path, log: Log) -> None:
-    """Built on any machine; it can only be loaded where ORT GenAI has CUDA, so no smoke test."""
+    """Built on any machine (the builder only writes ONNX and genai_config.json); smoke-tested
+    where ORT GenAI has CUDA."""
     _build(source, out, scratch, log, precision="fp16", provider="cuda")
+    smoke_test_where_it_runs(out, log, provider="cuda")
+
+
+def smoke_test_where_it_runs(out: Path, log: Log, *, provider: str, chat: bool = True) -> None:
+    """The smoke test, unless the artefact is for CUDA and this onnxruntime-genai has none
+    (the CPU package: `onnxruntime-genai-cuda`, the `gpu` extra, has it)."""
+    import onnxruntime_genai as og
+
+    if provider == "cuda" and not og.is_cuda_available():
+        log("  no smoke test: this onnxruntime-genai has no CUDA (install the `gpu` extra on an NVIDIA machine)")
+        return
+    smoke_test(out, log, chat=chat)
 
 
 def _build(source: SourceFiles, out: Path, scratch: Path, log: Log, *, precision: str, provider: str) -> None:

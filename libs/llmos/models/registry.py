@@ -226,8 +226,7 @@ def _build(model: RegisteredModel, source: Path, out: Path, scratch: Path, log: 
         )
     else:
         export_genai.build_from_checkpoint(source, out, scratch, log, precision=precision, provider=provider)
-    if provider == "cpu":  # a CUDA artefact loads only where ORT GenAI has CUDA
-        export_genai.smoke_test(out, log, chat=model.chat_template is not None)
+    export_genai.smoke_test_where_it_runs(out, log, provider=provider, chat=model.chat_template is not None)
 
 
 def remove_model(home: Path, name: str) -> RegisteredModel:
