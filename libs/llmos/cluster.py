@@ -71,6 +71,7 @@ from llmos.stack import (
     stop_stack,
     tail,
     wait_until_answering,
+    warn_unencrypted_store,
     write_stack,
 )
 
@@ -432,6 +433,7 @@ class PlatformCluster:
                 if port_open("127.0.0.1", port)]
         if busy:
             raise RuntimeError(f"port(s) {', '.join(map(str, busy))} in use: another `llmos up` is running (try `llmos down`)")
+        warn_unencrypted_store(settings, self.folder / "nats")
         credentials = new_credentials()
         write_credentials(credentials_path(settings.home), credentials)
         cluster = new_nats_cluster(

@@ -108,17 +108,21 @@ def nats_command(
     ]
 
 
+def warn_unencrypted_store(settings: PlatformSettings, store: Path) -> None:
+    if not settings.jetstream_key:
+        print(
+            "warning: LLMOS_JETSTREAM_KEY is empty: messages waiting in streams (submitted documents, chunk text) "
+            f"are stored unencrypted under {store}",
+            file=sys.stderr,
+        )
+
+
 def start_nats(settings: PlatformSettings, log_path: Path, authorization: str) -> subprocess.Popen[bytes]:
     port = nats_port(settings.nats_url)
     host = urlparse(settings.nats_url).hostname or "127.0.0.1"
     if port_open(host, port):
         raise RuntimeError(f"port {port} is in use: another NATS or `llmos up` is running (try `llmos down`)")
-    if not settings.jetstream_key:
-        print(
-            "warning: LLMOS_JETSTREAM_KEY is empty: messages waiting in streams (submitted documents, chunk text) "
-            f"are stored unencrypted under {settings.data_dir / 'jetstream'}",
-            file=sys.stderr,
-        )
+    warn_unencrypted_store(settings, settings.data_dir / "jetstream")
     command = nats_command(
         settings.data_dir / "jetstream", host, port, settings.nats_monitor_port, authorization, settings.jetstream_key
     )
@@ -285,7 +289,15 @@ def _reap() -> None:
 async def declare_as_admin(settings: PlatformSettings) -> None:
     """Streams and buckets, existing ones brought to this version's configuration: services may
     only create what is missing (llmos.natsauth), so an upgrade's stream changes happen here, and
-    a change of LLMOS_JETSTREAM_REPLICAS (one server grown to a cluster)."""
+    a change of LLMOS_JETSTREAM_REPLICAS (one server grown to a cluster). Refused where it would
+    shrink the replicas of the cluster `llmos up --cluster` runs under this home."""
+    nodes = [process for process in read_stack(settings) if process.is_nats and _alive(process.pid)]
+    if settings.nats_url in {node.address for node in nodes} and settings.jetstream_replicas < len(nodes):
+        raise RuntimeError(
+            f"the stack under {settings.home} is a cluster of {len(nodes)} nats-servers: LLMOS_JETSTREAM_REPLICAS="
+            f"{settings.jetstream_replicas} would take its streams down to {settings.jetstream_replicas} replica(s); "
+            f"set LLMOS_JETSTREAM_REPLICAS={len(nodes)}"
+        )
     connection = await connect_cli(settings, connect_timeout=5, allow_reconnect=False)
     try:
         await declare_streams(connection.jetstream(), update=True, replicas=settings.jetstream_replicas)

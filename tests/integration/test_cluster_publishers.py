@@ -1,6 +1,7 @@
-"""`llmos keys publisher` under `llmos up --cluster` (issue 16, item 2): the tenant publisher's
-user is reloaded into every node of the cluster, whose configuration keeps its cluster block, so
-the publisher is let in (and, revoked, refused) wherever its client connects.
+"""`llmos keys publisher` and `llmos streams` under `llmos up --cluster` (issue 16, item 2): the
+tenant publisher's user is reloaded into every node of the cluster, whose configuration keeps its
+cluster block, so the publisher is let in (and, revoked, refused) wherever its client connects;
+declaring the streams at fewer replicas than the cluster has nodes is refused.
 
 Three real nats-servers on loopback, recorded in `run/stack.json` as `llmos up --cluster` records
 them."""
@@ -23,7 +24,7 @@ from llmos.natsauth import (
     write_credentials,
 )
 from llmos.settings import PlatformSettings, load_settings
-from llmos.stack import StackProcess, reload_nats_users, write_stack
+from llmos.stack import StackProcess, declare_as_admin, reload_nats_users, write_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -68,3 +69,9 @@ def test_a_tenant_publisher_reaches_every_node(tmp_path: Path, monkeypatch: pyte
 
         assert revoke_publisher(home, "acme") and reload_nats_users(settings)
         assert all(asyncio.run(comes_to(url, user, password, expected=False)) for url in cluster.urls)
+
+        # `llmos streams` with the one-server default would take the cluster's streams to R1.
+        monkeypatch.setenv("LLMOS_NATS_URL", cluster.urls[0])
+        monkeypatch.setenv("LLMOS_JETSTREAM_REPLICAS", "1")
+        with pytest.raises(RuntimeError, match="set LLMOS_JETSTREAM_REPLICAS=3"):
+            asyncio.run(declare_as_admin(load_settings(PlatformSettings)))
