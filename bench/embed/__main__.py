@@ -27,7 +27,10 @@ from llmos.clients import InferenceClient
 from llmos.embedding import EmbeddingModel
 from llmos.models.catalog import get_spec, locate_source
 from llmos.models.store import artefact_dir
+from llmos.settings import ExecutionProvider
 from llmos.v1 import common_pb2
+from services.inference.devices import device_plan
+from services.inference.settings import InferenceDevice
 
 DATA = Path("/work/shared/data")
 CALL_TEXTS = 64
@@ -70,15 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved slices (see the module docstring)")
     parser.add_argument("--home", type=Path, default=REPO / ".llmos")
+    parser.add_argument("--device", choices=[device.value for device in InferenceDevice], default="cpu",
+                        help="LLMOS_INFERENCE_DEVICE of the service and the direct path; the reference runs on cuda too when torch has it")
+    parser.add_argument("--results", default="embed", help="writes bench/results/RESULTS.json")
     args, _ = parser.parse_known_args(argv)
+    providers = device_plan(InferenceDevice(args.device), ExecutionProvider.AUTO).embedding_providers
     texts = load_texts(args.count)
 
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(args.threads)
-    reference_model = SentenceTransformer(str(locate_source(get_spec("all-minilm-l6-v2")).path), device="cpu")
-    direct_model = EmbeddingModel.from_dir(artefact_dir(args.home, "all-minilm-l6-v2"), threads=args.threads)
+    reference_device = "cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    reference_model = SentenceTransformer(str(locate_source(get_spec("all-minilm-l6-v2")).path), device=reference_device)
+    direct_model = EmbeddingModel.from_dir(artefact_dir(args.home, "all-minilm-l6-v2"), providers, threads=args.threads)
     paths: dict[str, Callable[[list[str]], np.ndarray]] = {
         "reference": lambda part: reference_model.encode(part, batch_size=64, normalize_embeddings=True),
         "direct": lambda part: direct_model.embed_sorted(part, batch_size=64),
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     seconds = dict.fromkeys([*paths, "served"], 0.0)
     vectors = {name: np.zeros((len(texts), direct_model.dimension), dtype=np.float32) for name in seconds}
-    with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads)}) as addr:
+    with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads), "LLMOS_INFERENCE_DEVICE": args.device}) as addr:
 
         async def served_rounds() -> None:
             async with grpc.aio.insecure_channel(addr) as channel:
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return float((vectors * reference).sum(axis=1).min())
 
     rows = [
-        ("sentence-transformers (torch CPU)", f"{len(texts) / reference_s:.0f}", "1.00x", "1.000000"),
+        (f"sentence-transformers (torch {reference_device})", f"{len(texts) / reference_s:.0f}", "1.00x", "1.000000"),
         ("EmbeddingModel fp32, length-sorted (no service)", f"{len(texts) / direct_s:.0f}",
          f"{reference_s / direct_s:.2f}x", f"{cosine(direct):.6f}"),
         ("inference service Embed, fp32 (served)", f"{len(texts) / served_s:.0f}",
@@ -124,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"Embeddings: {len(texts)} texts, {args.threads} threads, {args.rounds} interleaved rounds, load average "
                 f"{load_before[0]:.1f} -> {load_after[0]:.1f} (targets: served fp32 >= 1.5x at cosine >= 0.999)",
                 ("path", "sentences/s", "vs reference", "min cosine"), rows)
-    path = write_results("embed", {
+    path = write_results(args.results, {
+        "device": args.device, "reference_device": reference_device, "direct_providers": direct_model.providers,
         "texts": len(texts), "threads": args.threads, "rounds": args.rounds,
         "load_average_before": load_before[0], "load_average_after": load_after[0],
         "reference_sentences_per_s": len(texts) / reference_s,
