@@ -93,6 +93,13 @@ REPLICAS: dict[str, int] = {
 }
 READY_TIMEOUT_S = 240.0
 DECLARE_TRIES = 5
+# Starts of a replica before `llmos up --cluster` gives up: one whose start-up JetStream request
+# times out on a loaded machine (the cluster still settling) exits, and starts fine again.
+START_TRIES = 3
+
+
+class ReplicaExited(RuntimeError):
+    """A replica's process exited while it was awaited."""
 
 
 @dataclass
@@ -325,13 +332,28 @@ class ClusterStack:
 
     def start_all(self, started: Callable[[], None] = lambda: None) -> None:
         """Every replica, one service at a time, each SERVING before the next starts: a dozen
-        processes loading models at once on a small machine starve nats-server, and a service
-        whose start-up request times out exits. `started` runs after each spawn (to record it)."""
+        processes loading models at once on a small machine starve nats-server. A replica that
+        exits while starting is started again, START_TRIES times in all. `started` runs after
+        each spawn (to record it)."""
         for service in SERVICE_NAMES:
-            for replica in self.of(service):
+            replicas = self.of(service)
+            if not replicas:
+                continue
+            for replica in replicas:
                 self.start(replica)
                 started()
-            self.wait_serving(self.of(service))
+            for attempt in range(1, START_TRIES + 1):
+                try:
+                    self.wait_serving(replicas)
+                    break
+                except ReplicaExited as exc:
+                    if attempt == START_TRIES:
+                        raise
+                    print(f"{exc}\nstarting it again (try {attempt + 1} of {START_TRIES})", file=sys.stderr)
+                    for replica in replicas:
+                        if replica.process is not None and replica.process.poll() is not None:
+                            self.start(replica)
+                            started()
 
     def wait_serving(self, replicas: list[Replica] | None = None, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Until each replica's own port answers SERVING; one that exits fails at once."""
@@ -341,7 +363,7 @@ class ClusterStack:
             for replica in list(waiting):
                 assert replica.process is not None
                 if replica.process.poll() is not None:
-                    raise RuntimeError(f"{replica.name} exited ({replica.process.returncode}):\n{tail(replica.log)}")
+                    raise ReplicaExited(f"{replica.name} exited ({replica.process.returncode}):\n{tail(replica.log)}")
                 if check(replica.addr, timeout_s=0.5, credentials=self.channel_credentials) == "SERVING":
                     waiting.remove(replica)
             if waiting and time.monotonic() > deadline:
