@@ -54,11 +54,18 @@ SERVICE_CONFIG = {
         }
     ],
 }
+# A replica that went away (a restart, a crash) is dialled again after a back-off that grows
+# 1.6x per refused attempt up to this: gRPC's default (120 s, reached after a minute down) left
+# a replica that was back unused for tens of seconds, and a rolling restart then stopped the
+# other replica while the clients still knew no ready one (issue 16, item 3).
+RECONNECT_BACKOFF_MS = (100, 1000)  # first, longest
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
     ("grpc.enable_retries", 1),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
 )
 
 
