@@ -27,7 +27,9 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from llmos.errors import FailedPrecondition
 from services.inference.decoder import CachedPrefix, Decoder
+from services.inference.devices import CUDA, check_session_provider
 
 
 class CopyKind(IntEnum):
@@ -92,7 +94,11 @@ class CudaMemory:
                 return ctypes.CDLL(candidate)
             except OSError:
                 continue
-        raise OSError(f"no CUDA runtime library (tried {', '.join(candidates)}; LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')})")
+        raise FailedPrecondition(
+            f"the KV cache in GPU memory needs the CUDA runtime library, and none loads (tried {', '.join(candidates)}; "
+            f"LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')!r}): install the `gpu` extra, whose onnxruntime-gpu[cuda] "
+            "brings it, or set LLMOS_INFERENCE_DEVICE=cpu"
+        )
 
     def _check(self, status: int, call: str) -> None:
         if status != 0:
@@ -123,6 +129,8 @@ class DeviceCacheDecoder(Decoder):
         super().__init__(folder, providers, threads, max_batch, max_context, thread_spinning)
 
     def _allocate_cache(self, shape: tuple[int, int, int, int], dtype: type[np.generic]) -> None:
+        if self.memory.device == "cuda":  # before allocating: a session that fell back to the CPU says so
+            check_session_provider("generation model", (CUDA,), self.session.get_providers())
         self._dtype = dtype
         item = np.dtype(dtype).itemsize
         _, kv_heads, max_context, head_size = shape

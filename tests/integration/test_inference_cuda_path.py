@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from bench.gpu_check import exercise
 from llmos.models.catalog import get_spec, locate_source
 from llmos.models.manifest import artefact_problems
 from llmos.models.store import RegisteredModel, added_artefact_dir, artefact_dir, registered_models
@@ -75,44 +76,16 @@ def test_the_cuda_fp16_artefact_is_built_for_the_cuda_provider_with_fp16_weights
     assert model.chat_template and "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
 
 
-def decoder_run(decoder: Decoder, tokenizer: ModelTokenizer) -> tuple[list[np.ndarray], str]:
-    """Logits of every call in a scheduler-like sequence: two prompts prefilled into their rows,
-    batched steps, a prefix saved, the second row moved into the first, steps, the prefix loaded
-    back and the prompt's last token prefilled over it. Returns them and the moved row's text."""
-    first = tokenizer.encode("Once upon a time, in a small village by the sea, there lived").ids
-    second = tokenizer.encode("The capital of France is").ids
-    logits = [decoder.prefill(0, first).copy(), decoder.prefill(1, second).copy()]
-    tokens = [[int(np.argmax(logits[0]))], [int(np.argmax(logits[1]))]]
-    lengths = [len(first), len(second)]
-    for _ in range(6):
-        step = np.array(decoder.decode([row[-1] for row in tokens], lengths), dtype=np.float32)
-        logits.append(step)
-        for row in range(2):
-            tokens[row].append(int(np.argmax(step[row])))
-            lengths[row] += 1
-    prefix = decoder.save_prefix(1, second)
-    decoder.move_row(1, 0, lengths[1])
-    moved, length = tokens[1], lengths[1]
-    for _ in range(4):
-        step = np.array(decoder.decode([moved[-1]], [length]), dtype=np.float32)
-        logits.append(step)
-        moved.append(int(np.argmax(step[0])))
-        length += 1
-    decoder.load_prefix(1, prefix, len(second) - 1)
-    logits.append(decoder.prefill(1, second, cached=len(second) - 1).copy())
-    return logits, tokenizer.decode(moved)
-
-
 @pytest.mark.parametrize("variant", ["cpu-int4", "cuda-fp16"])
 def test_the_device_cache_decoder_gives_the_host_decoders_logits(
     variant: str, models_home: Path, cuda_artefact: tuple[Path, RegisteredModel]
 ) -> None:
     folder = artefact_dir(models_home, GENERATION_MODEL) if variant == "cpu-int4" else cuda_artefact[0]
     tokenizer = ModelTokenizer.from_dir(folder)
-    host, host_text = decoder_run(Decoder(folder, [CPU], 2, 2, 256), tokenizer)
+    host, host_text = exercise(Decoder(folder, [CPU], 2, 2, 256), tokenizer)
     device = DeviceCacheDecoder(folder, [CPU], 2, 2, 256, memory=HostMemory())
     assert device.providers == [CPU]
-    pointer, pointer_text = decoder_run(device, tokenizer)
+    pointer, pointer_text = exercise(device, tokenizer)
     assert pointer_text == host_text and ("Paris" in host_text or "France" in host_text)
     assert len(pointer) == len(host)
     for index, (expected, got) in enumerate(zip(host, pointer, strict=True)):

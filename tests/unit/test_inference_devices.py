@@ -4,12 +4,15 @@ messages a service asked for CUDA stops with when it cannot have it."""
 from __future__ import annotations
 
 import os
+import shutil
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
 from llmos.errors import FailedPrecondition, InvalidArgument
 from llmos.settings import ExecutionProvider, SettingsError, load_settings
+from services.inference.device_cache import CopyKind, CudaMemory
 from services.inference.devices import CPU, CUDA, check_session_provider, device_plan
 from services.inference.settings import InferenceDevice, InferenceSettings
 
@@ -80,3 +83,19 @@ def test_the_device_setting_is_typed(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("LLMOS_INFERENCE_DEVICE", "gpu")
     with pytest.raises(SettingsError, match="LLMOS_INFERENCE_DEVICE"):
         load_settings(InferenceSettings)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a machine with an NVIDIA driver")
+def test_the_gpu_cache_without_a_gpu_fails_with_the_cuda_runtimes_own_error() -> None:
+    """Where a CUDA runtime is installed but no driver (this machine: /usr/local/cuda-13.0), its calls
+    go through the ctypes bindings and fail with its message; where none is, CudaMemory says so."""
+    try:
+        memory = CudaMemory()
+    except FailedPrecondition as error:
+        assert "the KV cache in GPU memory needs the CUDA runtime library, and none loads" in error.message
+        return
+    with pytest.raises(RuntimeError, match=r"^cudaDeviceSynchronize failed: .+ \(\d+\)$"):
+        memory.synchronize()
+    source, target = np.arange(8, dtype=np.float16), np.zeros(8, dtype=np.float16)
+    with pytest.raises(RuntimeError, match=r"^cudaMemcpy2D failed: .+ \(\d+\)$"):
+        memory.copy_2d(target.ctypes.data, 4, source.ctypes.data, 4, 4, 4, CopyKind.HOST_TO_DEVICE)
