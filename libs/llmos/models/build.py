@@ -45,7 +45,9 @@ BUILDERS: dict[tuple[str, str], ArtefactBuilder] = {
 }
 
 # Versions recorded in each manifest, so an artefact can be traced to the tools that made it.
-TOOL_PACKAGES = ("torch", "transformers", "onnxruntime-genai", "onnxruntime", "onnx", "gguf", "tokenizers")
+# Where the gpu extra replaced the CPU packages, their CUDA builds are the ones installed.
+TOOL_PACKAGES = ("torch", "transformers", "onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime", "onnxruntime-gpu",
+                 "onnx", "gguf", "tokenizers")
 
 _LOCK_NAME = ".build.lock"
 _STAGING = "building"
