@@ -10,6 +10,7 @@ touch a tenant's data, are audited on `llmos.audit.gateway`, failing closed like
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -17,7 +18,7 @@ import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +50,7 @@ from services.gateway.schemas import (
 from services.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SESSION_HEADER = "X-Llmos-Session-Id"
 _CONVERTER = re.compile(r":\w+}")
@@ -200,8 +202,8 @@ def create_app(
         ),
     )
 
-    async def authorize(request: Request, permission: Permission) -> Principal:
-        """Authorize the request for the caller and audit it as the services audit an RPC."""
+    async def permitted(request: Request, permission: Permission) -> tuple[Principal, str]:
+        """The caller and the route's action, once the caller holds `permission` (a refusal is audited)."""
         principal = current_principal()
         route = request.scope.get("route")
         # The route's template without converters ({document_id:path} -> {document_id}): one name per route.
@@ -212,9 +214,25 @@ def create_app(
             denied = errors.PermissionDenied(f"{principal.subject!r} (roles: {roles}) lacks permission {permission.value!r} for {action}")
             await audit.record(principal, action, _resource(request), DENY, denied.message)
             raise denied
+        return principal, action
+
+    async def authorize(request: Request, permission: Permission) -> Principal:
+        """Authorize the request for the caller and audit it as the services audit an RPC."""
+        principal, action = await permitted(request, permission)
         if permission in DATA_PERMISSIONS:
             await audit.record(principal, action, _resource(request), ALLOW, "")
         return principal
+
+    async def audited_while(request: Request, permission: Permission, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()` run while the request's record is published, its result released only once the
+        record is stored (fail closed as `authorize`): the record's round trip to the bus no longer
+        comes before a turn's first token."""
+        principal, action = await permitted(request, permission)
+        record = asyncio.ensure_future(audit.record(principal, action, _resource(request), ALLOW, ""))
+        try:
+            return await work()
+        finally:
+            await record
 
     def allow(permission: Permission) -> Callable[[Request], Awaitable[Principal]]:
         """The route's permission, as a dependency."""
@@ -258,13 +276,18 @@ def create_app(
 
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=[Depends(allow(Permission.GENERATE))], response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        if body.model == core.assistant_model:
-            await authorize(request, Permission.CHAT)  # a turn reads the tenant's knowledge base: audited
         session_id = body.session_id or request.headers.get(SESSION_HEADER)
         if not body.stream:
             body.stream_options = StreamOptions(include_usage=True)
         chunks = core.chat_completion_chunks(body, session_id)
-        first = await anext(chunks)
+        try:
+            if body.model == core.assistant_model:  # a turn reads the tenant's knowledge base: audited
+                first = await audited_while(request, Permission.CHAT, lambda: anext(chunks))
+            else:
+                first = await anext(chunks)
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
         headers = {SESSION_HEADER: first["session_id"]} if "session_id" in first else {}
         if body.stream:
             return StreamingResponse(sse(chunks, first), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})

@@ -4,6 +4,7 @@ credentials forwarded, audit records, audio decoding."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from collections.abc import AsyncIterator, Iterator
@@ -116,14 +117,14 @@ class FakeIngest:
 
 
 class Gateway:
-    def __init__(self) -> None:
+    def __init__(self, audit: MemoryPublisher | None = None) -> None:
         self.spans = InMemorySpanExporter()
         tracing = SdkTracerProvider()
         tracing.add_span_processor(SimpleSpanProcessor(self.spans))
         self.inference = FakeInference()
         self.dialogue = FakeDialogue()
         self.speech = FakeSpeech()
-        self.audit = MemoryPublisher()
+        self.audit = audit or MemoryPublisher()
         clients = Clients(self.inference, self.dialogue, self.speech, None, FakeIngest(), None)  # type: ignore[arg-type]
         core = GatewayCore(clients, "llmos-assistant", timeout_s=5, models_ttl_s=30, max_audio_s=60)
         self.app = create_app(SETTINGS, core, KeyAuthenticator(parse_static_keys(KEYS)), GatewayAudit(self.audit), tracing)
@@ -201,6 +202,47 @@ async def test_the_assistant_model_returns_citations_and_its_session(gateway: Ga
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].model_extra is not None and chunks[-1].model_extra["citations"][0]["document_id"] == "returns"
     assert gateway.decisions() == [("POST /v1/chat/completions", ALLOW)] * 4  # each turn audited, as Chat is
+
+
+class HeldPublisher(MemoryPublisher):
+    """A bus that stores (or, `fails`, loses) each record only once `release` is set."""
+
+    def __init__(self, fails: bool) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.fails = fails
+
+    async def publish(self, subject: str, message: Any, msg_id: str | None = None) -> None:
+        await asyncio.wait_for(self.release.wait(), timeout=5)
+        if self.fails:
+            raise ConnectionError("bus gone")
+        await super().publish(subject, message, msg_id)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_turn_starts_while_its_record_is_published_and_fails_closed(fails: bool) -> None:
+    held = HeldPublisher(fails)
+    gateway = Gateway(held)
+
+    async def release_once_the_turn_started() -> bool:
+        """Whether the turn started before its record was stored (released after 2 s regardless)."""
+        for _ in range(200):
+            if gateway.dialogue.requests:
+                break
+            await asyncio.sleep(0.01)
+        held.release.set()
+        return bool(gateway.dialogue.requests)
+
+    async with gateway.http() as http:
+        releasing = asyncio.create_task(release_once_the_turn_started())
+        response = await http.post("/v1/chat/completions", json={"model": "llmos-assistant", "messages": [{"role": "user", "content": "Hi"}]})
+        assert await releasing, "the turn waited for its audit record"
+    if fails:  # the answer was ready, but without its record it is not given
+        assert response.status_code == 503 and "audit record could not be published" in response.json()["error"]["message"]
+        assert "Returns are free." not in response.text
+    else:
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "Returns are free."
+        assert gateway.decisions() == [("POST /v1/chat/completions", ALLOW)]
 
 
 async def test_embeddings_as_floats_and_as_base64(gateway: Gateway) -> None:
