@@ -9,7 +9,8 @@
   Spans and metrics (`messaging.process.duration`, `messaging.client.operation.duration`, in
   seconds) follow the OpenTelemetry messaging semantic conventions.
   A payload that does not parse, or a handler error that retrying cannot fix (InvalidArgument),
-  goes straight to `llmos.dlq.<subject>`; any other failure is retried with back-off until
+  goes straight to `llmos.dlq.<subject>`; a dependency UNAVAILABLE is waited for within the
+  delivery (llmos.bus.outage); any other failure is retried with back-off until
   `max_deliveries`, then dead-lettered. The consumer always goes on.
 - Replies (pull deliveries, KV reads, publish acknowledgements) arrive under the user's own inbox
   prefix, the only inboxes its NATS user may subscribe to (llmos.natsauth).
@@ -61,7 +62,7 @@ from llmos.bus.codec import (
     encode,
 )
 from llmos.bus.kv import NatsBucket
-from llmos.bus.outage import while_leaderless
+from llmos.bus.outage import LEADERLESS_ERRORS, retry_through, while_leaderless
 from llmos.bus.subjects import (
     BUCKETS,
     INTERACTIVE_LANE,
@@ -71,7 +72,7 @@ from llmos.bus.subjects import (
     durable_name,
     stream_for,
 )
-from llmos.errors import InvalidArgument
+from llmos.errors import InvalidArgument, Unavailable
 from llmos.natsauth import inbox_prefix
 from llmos.telemetry import extract_context, inject_context, seconds_histogram
 from llmos.v1 import common_pb2, events_pb2
@@ -317,7 +318,12 @@ class Bus:
             with trace.use_span(span, end_on_exit=True):
                 try:
                     message = decode(subscription.message_type, raw.data)
-                    await subscription.deliver(raw.subject, message)
+                    await retry_through(
+                        lambda: subscription.deliver(raw.subject, message),
+                        f"handling {raw.subject}",
+                        transient=(Unavailable, *LEADERLESS_ERRORS),
+                        waiting=raw.in_progress,
+                    )
                 except InvalidArgument as exc:
                     span.set_status(Status(StatusCode.ERROR, exc.message))
                     outcome, error_type = "dead-letter", type(exc).__name__

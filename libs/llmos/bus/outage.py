@@ -1,11 +1,12 @@
-"""Riding out a JetStream stream without a leader.
+"""Riding out outages that last seconds: a JetStream stream without a leader, a replica restarting.
 
 A cluster node lost, an election under way: for seconds on a loaded machine a stream (a KV
 bucket is one) answers no publish, and NATS says so as "no responders", "no response from
 stream" or a timeout. Writing again with the same message id (which JetStream deduplicates), or
 the same compare-and-set, is safe, so the bus and the KV buckets retry for up to
-`OUTAGE_RETRY_S` rather than fail a handler and spend its message's deliveries, and then its
-document, on an outage of the bus (issue 16, item 3).
+`OUTAGE_RETRY_S`. Likewise a bus handler whose dependency is UNAVAILABLE (every replica of a
+service restarting) is run again within the same delivery. Otherwise an outage spends the
+message's deliveries (three pass in 2.5 s) and dead-letters its document (issue 16, item 3).
 """
 
 from __future__ import annotations
@@ -29,17 +30,30 @@ LEADERLESS_ERRORS = (NoRespondersError, NoStreamResponseError, NatsTimeoutError)
 OUTAGE_RETRY_S = 30.0
 
 
-async def while_leaderless(operation: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run `operation`, again after a back-off while the stream has no leader, for up to
-    `OUTAGE_RETRY_S`; the last leaderless error is raised once that is spent."""
+async def retry_through(
+    operation: Callable[[], Awaitable[T]],
+    what: str,
+    transient: tuple[type[BaseException], ...] = LEADERLESS_ERRORS,
+    waiting: Callable[[], Awaitable[None]] | None = None,
+) -> T:
+    """Run `operation`, again after a back-off while it fails with a `transient` error, for up to
+    `OUTAGE_RETRY_S`; the last such error is raised once that is spent. `waiting` is awaited
+    before each back-off (a handler tells the server its message is still in progress)."""
     deadline = time.monotonic() + OUTAGE_RETRY_S
     delay = 0.1
     while True:
         try:
             return await operation()
-        except LEADERLESS_ERRORS as exc:
+        except transient as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            logger.warning("%s: no answer from the stream (%s): trying again in %.1f s", what, type(exc).__name__, delay)
+            logger.warning("%s: %s: trying again in %.1f s", what, type(exc).__name__, delay)
+            if waiting is not None:
+                await waiting()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def while_leaderless(operation: Callable[[], Awaitable[T]], what: str) -> T:
+    """`operation` retried while the stream it writes to has no leader."""
+    return await retry_through(operation, what)
