@@ -67,6 +67,11 @@ SYSTEM = (
     "days in Europe and up to ten days elsewhere, gift cards never expire, and orders can be changed "
     "until they are packed. Be brief, polite and precise; when you do not know, say so and offer a human. "
 ) * 3
+# Who asks in each round: a name early in the user turn makes every round's prompts new to both
+# engines' prompt caches while the question stays plain (a number there sends this small model
+# counting: "1.1.1.1").
+ASKERS = ("Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jonas",
+          "Karin", "Leo", "Maya", "Nils", "Olga", "Pablo", "Rosa", "Sven", "Tara", "Victor")
 PREFIXED = 3  # prompts after the cold one that share its system prefix
 COLD = "prefix-cold"
 
@@ -120,7 +125,7 @@ def prompt_ids(tokenizer: ModelTokenizer, messages: list[common_pb2.ChatMessage]
 def round_prompts(tokenizer: ModelTokenizer, number: int, max_new: int) -> list[Prompt]:
     """One round's prompts, the same for both engines; numbered by round so none was seen before."""
     system = f"Conversation {number}. {SYSTEM}"
-    chats = [(f"single:{i}", chat(None, f"({number}.{i}) {q}"), max_new) for i, q in enumerate(QUESTIONS)]
+    chats = [(f"single:{i}", chat(None, f"{ASKERS[number - 1]} here. {q}"), max_new) for i, q in enumerate(QUESTIONS)]
     chats.append((COLD, chat(system, QUESTIONS[0]), GREEDY_TOKENS))
     chats += [(f"prefix:{i}", chat(system, q), GREEDY_TOKENS) for i, q in enumerate(QUESTIONS[1:1 + PREFIXED], start=1)]
     return [Prompt(label, messages, prompt_ids(tokenizer, messages), budget) for label, messages, budget in chats]
@@ -347,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-thread-spinning", dest="thread_spinning", action="store_false",
                         help="stop the service's idle ONNX Runtime threads spinning (faster on oversubscribed cores)")
     args, _ = parser.parse_known_args(argv)
+    if not 0 < args.rounds <= len(ASKERS):
+        parser.error(f"--rounds must be 1..{len(ASKERS)}: each round's prompts start with a name of its own")
     if args.max_new < GREEDY_TOKENS:
         parser.error(f"--max-new must be at least {GREEDY_TOKENS}: the engines' first {GREEDY_TOKENS} greedy tokens are compared")
 

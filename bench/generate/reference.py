@@ -82,6 +82,11 @@ def build(cmake_args: str = NATIVE_CMAKE_ARGS) -> None:
          "--no-binary", "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
         env=env, check=True,
     )
+    record_build(cmake_args)
+
+
+def record_build(cmake_args: str) -> None:
+    """Note the CMake flags the installed llama-cpp-python was built with (build_info reports them)."""
     BUILD_RECORD.parent.mkdir(parents=True, exist_ok=True)
     BUILD_RECORD.write_text(json.dumps({"version": LLAMA_CPP_VERSION, "cmake_args": cmake_args}) + "\n", encoding="utf-8")
 
