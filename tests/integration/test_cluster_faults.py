@@ -9,6 +9,9 @@ three nats-servers, streams at R3, two replicas of each stateless service):
   with UNAVAILABLE within a second, the others go on, new requests are served by the other
   replica, and a dialogue turn running then is answered or fails cleanly inside its deadline.
 
+After each, the audit chain verifies, gap-free, against the checkpoint taken before the fault and
+holds every audit event published since, the test's own actions among them (tests.cluster_audit).
+
 Run alone with `pytest -m cluster`; each prints its figures (-s to see them).
 """
 
@@ -36,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llmos.bus.subjects import CHUNKS_EMBEDDED, DOCS_FAILED, DOCS_INDEXED, INGEST_REQUESTED, stream_for
 from llmos.grpcutil.client import open_channel
 from llmos.v1 import common_pb2, dialogue_pb2, dialogue_pb2_grpc, events_pb2, inference_pb2, inference_pb2_grpc
+from tests.cluster_audit import AuditTrail
 from tests.cluster_helpers import ClusterNode
 from tests.cluster_stack import ClusterStack, cluster_stack
 from tests.conftest import TEST_API_KEY
@@ -82,6 +86,7 @@ class Publishes:
         self.message_type = message_type
         self.per_document: Counter[str] = Counter()
         self.reasons: dict[str, str] = {}
+        self.first_at: dict[str, float] = {}
         self.last_at = 0.0
 
     async def subscribe(self, connection: Client, subject: str) -> None:
@@ -92,6 +97,7 @@ class Publishes:
                 if isinstance(event, events_pb2.DocumentFailed):
                     self.reasons[event.document_id] = event.reason
                 self.last_at = time.monotonic()
+                self.first_at.setdefault(event.document_id, self.last_at)
 
         await connection.subscribe(subject, cb=on_message)
 
@@ -118,32 +124,39 @@ async def stored_per_document(connection: Client, subject: str, message_type: ty
     return stored
 
 
-async def publish_documents(connection: Client, count: int) -> int:
-    """Submit `count` documents; a publish the cluster did not acknowledge (its node or the
-    stream's leader gone) is sent again with the same message id, which JetStream deduplicates.
-    Returns how many publishes were retried."""
+def document(number: int, prefix: str = "cluster") -> events_pb2.DocumentSubmitted:
+    return events_pb2.DocumentSubmitted(
+        document_id=f"{prefix}-{number}", tenant=TENANT, priority=common_pb2.PRIORITY_BATCH,
+        content=f"Document {number}. The cluster keeps every document it was given.".encode(),
+    )
+
+
+async def publish_document(connection: Client, submitted: events_pb2.DocumentSubmitted) -> int:
+    """Submit one document; a publish the cluster did not acknowledge (its node or the stream's
+    leader gone) is sent again with the same message id, which JetStream deduplicates.
+    Returns how many times it was retried."""
     js = connection.jetstream(timeout=2)
+    for attempt in range(30):
+        try:
+            await js.publish(INGEST_REQUESTED, submitted.SerializeToString(), headers={"Nats-Msg-Id": submitted.document_id})
+            return attempt
+        except (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError, NoServersError):
+            await asyncio.sleep(0.2 * min(attempt + 1, 5))
+    raise AssertionError(f"{submitted.document_id} not accepted after 30 tries")
+
+
+async def publish_documents(connection: Client, count: int) -> int:
+    """Submit `count` documents; returns how many publishes were retried."""
     retried = 0
     for number in range(count):
-        document = events_pb2.DocumentSubmitted(
-            document_id=f"cluster-{number}", tenant=TENANT, priority=common_pb2.PRIORITY_BATCH,
-            content=f"Document {number}. The cluster keeps every document it was given.".encode(),
-        )
-        for attempt in range(30):
-            try:
-                await js.publish(INGEST_REQUESTED, document.SerializeToString(), headers={"Nats-Msg-Id": document.document_id})
-                break
-            except (NatsTimeoutError, NoStreamResponseError, ServiceUnavailableError, NoServersError):
-                retried += 1
-                await asyncio.sleep(0.2 * min(attempt + 1, 5))
-        else:
-            raise AssertionError(f"{document.document_id} not accepted after 30 tries")
+        retried += await publish_document(connection, document(number))
     return retried
 
 
 @pytest.mark.timeout(PIPELINE_TIMEOUT_S + 120)
 async def test_a_nats_node_killed_while_documents_flow_loses_and_repeats_nothing(stack: ClusterStack) -> None:
     cluster = stack.nats
+    trail = await AuditTrail.begin(stack, TENANT)
     first = await connect_to(stack, cluster.nodes)
     try:
         before = await leaders(first, ("INGEST", "CHUNKS", "DOCS"))
@@ -208,6 +221,8 @@ async def test_a_nats_node_killed_while_documents_flow_loses_and_repeats_nothing
     )
     # Every document indexed, once. A `docs.failed` published while the status bucket had no
     # leader is followed by the redelivery that indexes the document: none may be left failed.
+    # The audit trail through the kill: intact, gap-free, every document's submission recorded.
+    print(await trail.check([("ingest/submit", f"document/cluster-{number}") for number in range(DOCUMENTS)]))
     assert set(failed.per_document) <= set(stored), failed.reasons
     assert set(stored) == {f"cluster-{number}" for number in range(DOCUMENTS)}
     assert all(count == 1 for count in stored.values()), {doc: count for doc, count in stored.items() if count > 1}
@@ -265,6 +280,7 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -
 @pytest.mark.timeout(360)
 async def test_an_inference_replica_killed_during_streams(stack: ClusterStack) -> None:
     victim, survivor = stack.of("inference")
+    trail = await AuditTrail.begin(stack, TENANT)
     channel = open_channel(stack.addr("inference"), TEST_API_KEY)
     dialogue_channel = open_channel(stack.addr("dialogue"), TEST_API_KEY)
     try:
@@ -281,11 +297,15 @@ async def test_an_inference_replica_killed_during_streams(stack: ClusterStack) -
         turn_started = time.monotonic()
         turn = dialogue.Chat(dialogue_pb2.ChatRequest(message="Can I return sale items?", user_id="alice"), timeout=TURN_DEADLINE_S)
 
+        session_id = ""
+
         async def read_turn() -> tuple[str, str]:
+            nonlocal session_id
             answer = []
             try:
                 async for response in turn:
                     answer.append(response.delta)
+                    session_id = response.session_id
                 return "OK", "".join(answer)
             except grpc.aio.AioRpcError as exc:
                 return exc.code().name, exc.details() or ""
@@ -337,6 +357,10 @@ async def test_an_inference_replica_killed_during_streams(stack: ClusterStack) -
         f"{STREAMS} new requests served by the survivor in {new_s:.1f} s; "
         f"dialogue turn: {outcome} after {turn_s:.1f} s ({text[:80]!r})"
     )
+    # The audit trail through the kill: intact, gap-free, the turn's call recorded, and its
+    # answer when it was answered.
+    turn_audit = [("llmos.v1.DialogueService/Chat", "user/alice")]
+    print(await trail.check(turn_audit + ([("dialogue/chat", f"session/{session_id}")] if outcome == "OK" else [])))
     assert len(failed) == STREAMS // 2, [stream.code for stream in streams]  # round_robin: half on each replica
     assert all(stream.code == grpc.StatusCode.UNAVAILABLE for stream in failed)
     assert all(stream.ended_at - killed_at <= UNAVAILABLE_WITHIN_S for stream in failed)
