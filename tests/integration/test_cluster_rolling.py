@@ -23,7 +23,11 @@ What the restarts may cost, and what the test accepts:
   durable consumer) and resumes;
 - audit runs once (one SQLite chain): its restart costs no turn; events published meanwhile wait
   in the AUDIT stream and are stored when it is back (checked below);
-- a failed turn ends UNAVAILABLE: a replica that went away, or the only retrieval down, is what
+- beside the chat, GENERATORS clients stream short generations (InferenceService Generate) to
+  see inference drain: a stream in flight on a replica that gets SIGTERM is shorter than the
+  grace and must finish; one may fail only if it was cut at the end of the grace (in flight at
+  the signal, failed no earlier than the grace after it);
+- a failed turn or stream ends UNAVAILABLE: a replica that went away, or the only retrieval down, is what
   UNAVAILABLE means, and it is what a client may retry. DEADLINE_EXCEEDED would be a turn that
   hung on a stopping replica instead of being refused or cut: not accepted, nor is any other code.
 
@@ -53,11 +57,12 @@ import pytest
 from nats.aio.client import Client
 
 from llmos.bus.subjects import DOCS_INDEXED
-from llmos.clients import DialogueClient, RetrievalClient
+from llmos.clients import DialogueClient, InferenceClient, RetrievalClient
 from llmos.errors import LlmosError, NotFound
 from llmos.grpcutil.client import RECONNECT_BACKOFF_MS, open_channel
 from llmos.grpcutil.status import status_for
-from llmos.v1 import dialogue_pb2, events_pb2
+from llmos.settings import PlatformSettings
+from llmos.v1 import dialogue_pb2, events_pb2, inference_pb2
 from tests.cluster_audit import AuditTrail
 from tests.cluster_stack import ClusterStack, Replica, cluster_stack
 from tests.conftest import TEST_API_KEY
@@ -85,6 +90,9 @@ START_TIMEOUT_S = 120.0
 PIPELINE_TIMEOUT_S = 120.0
 # What a text turn calls (services.dialogue.core.chat).
 TURN_PATH = frozenset({"dialogue", "inference", "retrieval"})
+GENERATORS = 2
+GENERATE_TOKENS = 24  # a second or two here: well inside the grace
+SHUTDOWN_GRACE_S = PlatformSettings.model_fields["shutdown_grace_s"].default
 QUESTION = "Does the cluster keep every document it was given? (question {number})"
 
 
@@ -132,6 +140,24 @@ class Turn:
         return self.started <= restart.signalled <= self.ended <= restart.exited + RELAY_S
 
 
+@dataclass
+class Generation:
+    started: float
+    ended: float = 0.0
+    code: str = ""
+    deltas: int = 0
+
+    def in_flight_at(self, moment: float) -> bool:
+        return self.started <= moment <= self.ended
+
+    def excused_by(self, restart: Restart) -> bool:
+        """Cut at the end of its inference replica's grace (see the module's docstring)."""
+        return (
+            restart.replica.service == "inference" and self.in_flight_at(restart.signalled)
+            and restart.signalled + SHUTDOWN_GRACE_S - 0.5 <= self.ended <= restart.exited + 1.0
+        )
+
+
 def wire_status(error: LlmosError) -> str:
     """The gRPC status the call failed with: the typed clients map UNKNOWN and INTERNAL to
     Unavailable (llmos.grpcutil.status.error_from_rpc), so the status is read from the call's
@@ -160,6 +186,27 @@ async def chat(client: DialogueClient, turns: list[Turn], stop: asyncio.Event) -
             turn.code, turn.detail = wire_status(exc), exc.message
         turn.ended = time.monotonic()
         if turn.code != "OK":
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+
+async def generate(client: InferenceClient, generations: list[Generation], stop: asyncio.Event) -> None:
+    """Short generations one after another until `stop`."""
+    request = inference_pb2.GenerateRequest(
+        prompt="Count: 1, 2, 3,", sampling=inference_pb2.SamplingParams(max_new_tokens=GENERATE_TOKENS)
+    )
+    while not stop.is_set():
+        generation = Generation(time.monotonic())
+        generations.append(generation)
+        try:
+            async for response in client.generate(request, timeout_s=TURN_DEADLINE_S):
+                generation.deltas += 1
+                if response.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
+                    generation.code = "OK"
+            generation.code = generation.code or "ENDED_UNFINISHED"
+        except LlmosError as exc:
+            generation.code = wire_status(exc)
+        generation.ended = time.monotonic()
+        if generation.code != "OK":
             await asyncio.sleep(RETRY_PAUSE_S)
 
 
@@ -209,7 +256,9 @@ async def test_a_rolling_restart_of_every_service_loses_no_document_and_fails_on
     publisher = await nats.connect(stack.nats.urls, **stack.admin_connect_options())
     dialogue_channel = open_channel(stack.addr("dialogue"), TEST_API_KEY)
     retrieval_channel = open_channel(stack.addr("retrieval"), TEST_API_KEY)
+    inference_channel = open_channel(stack.addr("inference"), TEST_API_KEY)
     dialogue = DialogueClient(dialogue_channel)
+    inference = InferenceClient(inference_channel)
     try:
         await warm_up(dialogue)
         trail = await AuditTrail.begin(stack, TENANT)
@@ -218,19 +267,22 @@ async def test_a_rolling_restart_of_every_service_loses_no_document_and_fails_on
         await indexed.subscribe(observer, DOCS_INDEXED)
 
         turns: list[Turn] = []
+        generations: list[Generation] = []
         restarts: list[Restart] = []
         chatting, restarts_done = asyncio.Event(), asyncio.Event()
         started = time.monotonic()
         chat_task = asyncio.create_task(chat(dialogue, turns, chatting))
+        generating = [asyncio.create_task(generate(inference, generations, chatting)) for _ in range(GENERATORS)]
         publishing = asyncio.create_task(publish(publisher, restarts_done))
         try:
             for replica in list(stack.replicas):
                 restarts.append(await restart(stack, replica))
-                assert not chat_task.done() and not (publishing.done() and publishing.exception())
+                assert not chat_task.done() and not any(task.done() for task in generating)
+                assert not (publishing.done() and publishing.exception())
         finally:
             restarts_done.set()
             chatting.set()
-            await asyncio.wait_for(chat_task, TURN_DEADLINE_S + 5)
+            await asyncio.wait_for(asyncio.gather(chat_task, *generating), TURN_DEADLINE_S + 5)
         rolled_s = time.monotonic() - started
         paced_until, retried = await asyncio.wait_for(publishing, 60)
 
@@ -261,9 +313,12 @@ async def test_a_rolling_restart_of_every_service_loses_no_document_and_fails_on
         await publisher.close()
         await dialogue_channel.close()
         await retrieval_channel.close()
+        await inference_channel.close()
 
     failed = [turn for turn in turns if turn.code != "OK"]
     unexcused = [turn for turn in failed if not any(turn.excused_by(done) for done in restarts)]
+    cut = [generation for generation in generations if generation.code != "OK"]
+    cut_unexcused = [generation for generation in cut if not any(generation.excused_by(done) for done in restarts)]
     print(f"\nrolling restart of {len(restarts)} replicas in {rolled_s:.1f} s (documents paced for {paced_until - started:.1f} s):")
     for done in restarts:
         during = [turn for turn in turns if turn.started <= done.serving and turn.ended >= done.signalled]
@@ -272,13 +327,18 @@ async def test_a_rolling_restart_of_every_service_loses_no_document_and_fails_on
             f"turns overlapping {len(during)}, failed {sum(1 for turn in during if turn.code != 'OK')}; "
             f"documents indexed meanwhile {sum(1 for at in indexed.first_at.values() if done.signalled <= at <= done.serving)}"
         )
+        if done.replica.service == "inference":
+            draining = [generation for generation in generations if generation.in_flight_at(done.signalled)]
+            print(f"    generations in flight at its SIGTERM {len(draining)}, finished {sum(1 for g in draining if g.code == 'OK')}")
     durations = sorted(turn.ended - turn.started for turn in answered)
     print(
         f"{DOCUMENTS} documents in, {len(stored)} indexed ({sum(stored.values())} docs.indexed kept, "
         f"{indexed.repeats} repeats published) in {pipeline_s:.1f} s, {len(unreadable)} unreadable; publishes retried {retried}\n"
         f"{len(turns)} turns: {len(answered)} answered ({dict(Counter(turn.path for turn in answered))}; "
         f"median {durations[len(durations) // 2] if durations else 0:.2f} s, max {durations[-1] if durations else 0:.2f} s), "
-        f"{len(failed)} failed {dict(Counter(turn.code for turn in failed))}, {len(unexcused)} outside a restart that could cut them"
+        f"{len(failed)} failed {dict(Counter(turn.code for turn in failed))}, {len(unexcused)} outside a restart that could cut them\n"
+        f"{len(generations)} generations of {GENERATE_TOKENS} tokens: {len(generations) - len(cut)} finished, "
+        f"{len(cut)} failed {dict(Counter(generation.code for generation in cut))}, {len(cut_unexcused)} not cut at the end of a grace"
     )
     for turn in failed[:20]:
         print(f"  turn {turn.number} {turn.started - started:.1f}-{turn.ended - started:.1f} s: {turn.code} {turn.detail[:120]}")
@@ -291,3 +351,10 @@ async def test_a_rolling_restart_of_every_service_loses_no_document_and_fails_on
     assert answered and all(turn.answer for turn in answered)
     assert all(turn.code == "UNAVAILABLE" for turn in failed), [(turn.number, turn.code, turn.detail) for turn in failed]
     assert not unexcused, [(turn.number, turn.started - started, turn.ended - started, turn.detail) for turn in unexcused]
+    assert all(generation.code == "UNAVAILABLE" for generation in cut), [generation.code for generation in cut]
+    assert not cut_unexcused, [(generation.started - started, generation.ended - started) for generation in cut_unexcused]
+    # The drain was seen: streams were in flight when each inference replica got SIGTERM.
+    assert all(
+        any(generation.in_flight_at(done.signalled) for generation in generations)
+        for done in restarts if done.replica.service == "inference"
+    )
