@@ -6,6 +6,13 @@ processes. A bulk load of documents (~2 KB each, SciFact abstracts) is published
 While it runs, single documents are published at interactive priority, one at a time, and each
 one's publish → searchable latency (until RetrievalService.Search returns it) is recorded.
 
+Where the bulk load's time went, per stage, is read from what the services export to anyone on
+their Prometheus ports (LLMOS_<SERVICE>_METRICS_ADDR), scraped before and after the load:
+`llmos.ingest.stage.duration` (extract, redact, tokenize, chunk, status, publish, audit),
+`llmos.inference.embed.duration` (model calls), `llmos.retrieval.index.duration` (encode, store),
+the bus's `messaging.process.duration` per service and subject and `messaging.client.operation.duration`
+(publishes); with each process's CPU seconds (its worker processes included) and the load window.
+
     python -m bench.ingest [--documents 200] [--full] [--live 20] [--set LLMOS_NAME=VALUE ...]
 
 `--full` is the issue's size, 1,000 documents. Writes bench/results/ingest.json.
@@ -21,13 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 import grpc
 import nats
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import free_port, settings_from
+from bench.common import LoadWindow, _process_tree_cpu_s, free_port, settings_from
 from llmos.assertions import service_key_environment
 from llmos.bus.follow import follow, last_sequence
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED, DOCS_INDEXED, INGEST_REQUESTED
@@ -74,6 +84,8 @@ class PrivateStack:
             time.sleep(0.05)
         env = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_")}
         env.update({f"LLMOS_{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES})
+        self.metrics_addrs = {name: f"127.0.0.1:{free_port()}" for name in SERVICES}
+        env.update({f"LLMOS_{name.upper()}_METRICS_ADDR": addr for name, addr in self.metrics_addrs.items()})
         # Chunk text is sealed at rest as in production: a fresh data key for this throwaway stack.
         env.update({"LLMOS_HOME": str(home), "LLMOS_ENCRYPTION_KEYS": new_key_entry("bench"), "LLMOS_NATS_URL": f"nats://127.0.0.1:{port}", "LLMOS_LOG_LEVEL": "WARNING",
                     "LLMOS_API_KEYS": f"{BENCH_KEY}=bench:{TENANT}:admin", **service_key_environment(),
@@ -98,6 +110,28 @@ class PrivateStack:
                 if line.startswith("VmHWM:"):
                     peaks[name] = int(line.split()[1]) / 1024
         return peaks
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds each service (with its worker processes) and nats-server used so far."""
+        return {name: _process_tree_cpu_s(process.pid) for name, process in {**self.processes, "nats": self.nats}.items()}
+
+    def metric_totals(self) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[float, float]]:
+        """(service, histogram, labels) → (count, sum) of every histogram the services export now."""
+        totals: dict[tuple[str, str, tuple[tuple[str, str], ...]], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for service, addr in self.metrics_addrs.items():
+            with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                if family.type != "histogram":
+                    continue
+                for sample in family.samples:
+                    suffix = sample.name.removeprefix(family.name)
+                    if suffix not in ("_count", "_sum"):
+                        continue
+                    labels = tuple(sorted((key, value) for key, value in sample.labels.items()
+                                          if not key.startswith("otel_scope") and key != "le"))
+                    totals[(service, family.name, labels)][suffix == "_sum"] += sample.value
+        return {key: (count, total) for key, (count, total) in totals.items()}
 
     def stop(self) -> None:
         stop_pids([process.pid for process in self.processes.values()], timeout_s=15)
@@ -134,6 +168,46 @@ async def watch_stages(connection: nats.NATS, seen: dict[tuple[str, str], float]
         await connection.subscribe(subject, cb=on_event)
 
 
+MetricTotals = dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[float, float]]
+_INGEST_STAGES = {"extract": "extract", "extract.wait": "extract", "redact": "redact", "tokenize": "tokenize/chunk",
+                  "chunk": "tokenize/chunk", "status": "events", "publish": "events", "audit": "events"}
+
+
+def _stage_of(histogram: str, labels: dict[str, str]) -> str:
+    """The issue's stage a histogram row belongs to; `handler` rows are whole bus handlers (they overlap the stages)."""
+    if histogram == "llmos_ingest_stage_duration_seconds":
+        return _INGEST_STAGES.get(labels.get("llmos_ingest_stage", ""), "other")
+    if histogram == "llmos_inference_embed_duration_seconds":
+        return "embed"
+    if histogram == "llmos_retrieval_index_duration_seconds":
+        return "upsert"
+    if histogram == "messaging_client_operation_duration_seconds":
+        return "events"
+    if histogram == "messaging_process_duration_seconds":
+        return "handler"
+    return "other"
+
+
+def stage_profile(before: MetricTotals, after: MetricTotals, documents: int) -> list[dict[str, object]]:
+    """Each histogram row that moved during the bulk load: its stage, calls, seconds, and ms per bulk document.
+
+    Seconds are wall time summed over calls: stages run concurrently, so they add up to more than the
+    elapsed time; the CPU seconds per process say where the cores went."""
+    rows = []
+    for (service, histogram, labels), (count, total) in sorted(after.items()):
+        count_before, total_before = before.get((service, histogram, labels), (0.0, 0.0))
+        if count - count_before <= 0:
+            continue
+        named = dict(labels)
+        what = histogram.removesuffix("_seconds") + "".join(
+            f" {value}" for key, value in labels if key in ("llmos_ingest_stage", "step", "messaging_destination_name", "priority",
+                                                              "llmos_bus_outcome"))
+        rows.append({"stage": _stage_of(histogram, named), "service": service, "what": what, "calls": int(count - count_before),
+                     "seconds": total - total_before, "ms_per_document": (total - total_before) * 1000 / documents})
+    order = ("extract", "redact", "tokenize/chunk", "embed", "upsert", "events", "handler", "other")
+    return sorted(rows, key=lambda row: (order.index(str(row["stage"])), str(row["service"]), -float(row["seconds"])))  # type: ignore[arg-type]
+
+
 async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout_s: float) -> dict[str, object]:
     connection = await nats.connect(stack.settings.nats_url)
     js = connection.jetstream()
@@ -144,6 +218,7 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
     retrieval = RetrievalClient(channel, METADATA)
     try:
         bulk = documents(bulk_count)
+        metrics_before, cpu_before, load = stack.metric_totals(), stack.cpu_seconds(), LoadWindow()
         started = time.perf_counter()
         for number, (title, text) in enumerate(bulk):
             document = events_pb2.DocumentSubmitted(document_id=f"bulk-{number}", tenant=TENANT, title=title,
@@ -181,6 +256,10 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
             await asyncio.sleep(1.0)
         await bulk_done
         elapsed = time.perf_counter() - started
+        load_window = load.close()
+        cpu_after = stack.cpu_seconds()
+        await asyncio.sleep(0.5)  # the last handlers record their durations after publishing
+        profile = stage_profile(metrics_before, stack.metric_totals(), bulk_count)
     finally:
         await channel.close()
         await connection.close()
@@ -196,6 +275,12 @@ async def measure(stack: PrivateStack, bulk_count: int, live_count: int, timeout
         # Publish → each stage's event, p50 and p95, to show where a slow live update waited.
         "live_stage_ms": {stage: {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
                           for stage, values in stage_ms.items() if values},
+        **load_window,
+        # CPU seconds per process during the bulk load, and per bulk document: on two cores, where the cores went.
+        "cpu_seconds": {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
+        "cpu_ms_per_document": {name: (cpu_after[name] - cpu_before[name]) * 1000 / bulk_count for name in cpu_after},
+        "cores_busy": sum(cpu_after[name] - cpu_before[name] for name in cpu_after) / elapsed,
+        "stage_profile": profile,
     }
 
 
@@ -225,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(target p95 <= 1000 ms; {result['live_documents']} documents)")
     for stage, figures in result["live_stage_ms"].items():  # type: ignore[union-attr]
         print(f"{'  publish → ' + stage:<34}{figures['p50']:>10.0f} ms p50   {figures['p95']:.0f} ms p95")
+    print(f"load average {result['load_average_1m_before']:.1f} → {result['load_average_1m_after']:.1f}, other processes "
+          f"{result['other_processes_cores']:.2f} cores{' (noisy)' if result['noisy'] else ''}; services {result['cores_busy']:.2f} cores")
+    print(f"\n{'CPU per bulk document':<34}" + "   ".join(f"{name} {ms:.0f} ms" for name, ms in result["cpu_ms_per_document"].items()))  # type: ignore[union-attr]
+    print(f"\n{'stage':<16}{'service':<11}{'what':<62}{'calls':>7}{'seconds':>9}{'ms/doc':>8}")
+    for row in result["stage_profile"]:  # type: ignore[union-attr]
+        print(f"{row['stage']:<16}{row['service']:<11}{row['what']:<62}{row['calls']:>7}{row['seconds']:>9.2f}{row['ms_per_document']:>8.1f}")
     for name, peak in result["peak_rss_mb"].items():  # type: ignore[union-attr]
         print(f"{'peak RSS ' + name:<34}{peak:>10.0f} MB")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 from opentelemetry import metrics
 
 from llmos.errors import ResourceExhausted
+from llmos.telemetry import seconds_histogram
 from llmos.v1 import common_pb2
 
 # Scheduling order: lower runs first. PRIORITY_UNSPECIFIED counts as standard.
@@ -84,6 +85,7 @@ class EmbedBatcher:
         self._queue_time = meter.create_histogram(
             "llmos.inference.embed.queue_time", unit="ms", description="time a text waited for its batch"
         )
+        self._call_duration = seconds_histogram(meter, "llmos.inference.embed.duration", "time one embedding model call took")
 
     @property
     def waiting(self) -> int:
@@ -196,6 +198,7 @@ class EmbedBatcher:
                         item.future.set_exception(exc)
                 continue
             elapsed = time.perf_counter() - started
+            self._call_duration.record(elapsed, {"priority": PRIORITY_NAMES[rank]})
             self._seconds_per_text = 0.8 * self._seconds_per_text + 0.2 * elapsed / len(batch)
             for item, vector in zip(batch, vectors, strict=True):
                 if not item.future.done():

@@ -13,12 +13,15 @@ forward, for the content it was about only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import metrics
 
 from llmos.audit import AuditLog
 from llmos.auth import Principal, acting_as
@@ -26,6 +29,7 @@ from llmos.bus.subjects import CHUNKS_CREATED, DOCS_DELETED, DOCS_FAILED
 from llmos.errors import InvalidArgument, LlmosError, NotFound, Unimplemented
 from llmos.pii import PiiPolicy
 from llmos.ports import Bucket, Publisher, VersionedStore
+from llmos.telemetry import seconds_histogram
 from llmos.v1 import common_pb2, events_pb2, ingest_pb2
 from services.ingest.chunking import chunk_spans
 from services.ingest.extract import SUPPORTED_MIME_TYPES, ExtractionLimits, extract_text
@@ -44,6 +48,12 @@ _PIPELINE_ORDER = (
 )
 
 TokenOffsets = Callable[[str], Awaitable[Sequence[tuple[int, int]]]]
+
+# The metric and attribute of the time a submission spends in each of its stages: extract and
+# redact (in the worker process), extract.wait (waiting for a free worker and the pipe), tokenize
+# (the tokenizer RPC), chunk, status (KV reads and writes), publish (chunks.created) and audit.
+STAGE_DURATION = "llmos.ingest.stage.duration"
+STAGE_ATTRIBUTE = "llmos.ingest.stage"
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,20 @@ class IngestCore:
         self._pii = pii
         self._run = workers.run if workers is not None else in_thread
         self._extract = extract
+        self._stage_duration = seconds_histogram(
+            metrics.get_meter("llmos.ingest"), STAGE_DURATION, "time one document spent in a stage of its submission"
+        )
+
+    def _record(self, stage: str, seconds: float) -> None:
+        self._stage_duration.record(seconds, {STAGE_ATTRIBUTE: stage})
+
+    @contextlib.contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._record(stage, time.perf_counter() - started)
 
     def _validate(self, document: events_pb2.DocumentSubmitted) -> None:
         limits = self._limits
@@ -207,6 +231,7 @@ class IngestCore:
         self._validate(document)
         # Parsing and redaction are CPU work on the sender's input: off the event loop, in a
         # worker process killed when it runs past the time limit (services.ingest.worker).
+        started = time.perf_counter()
         prepared: Prepared = await self._run(
             prepare,
             self._extract,
@@ -215,6 +240,9 @@ class IngestCore:
             self._limits.extraction,
             self._pii.redactor(document.tenant),
         )
+        self._record("extract", prepared.extract_s)
+        self._record("redact", prepared.redact_s)
+        self._record("extract.wait", max(0.0, time.perf_counter() - started - prepared.extract_s - prepared.redact_s))
         return prepared.text, prepared.redacted
 
     async def submit(self, principal: Principal, document: events_pb2.DocumentSubmitted) -> SubmitResult:
@@ -223,7 +251,8 @@ class IngestCore:
         try:
             text, redacted = await self._text(document)
             content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-            previous = await self._statuses.get(document.tenant, document.document_id)
+            with self._stage("status"):
+                previous = await self._statuses.get(document.tenant, document.document_id)
             if previous is not None and previous.content_hash == content_hash and previous.stage not in (
                 common_pb2.DOCUMENT_STAGE_RECEIVED,
                 common_pb2.DOCUMENT_STAGE_FAILED,
@@ -238,39 +267,50 @@ class IngestCore:
             raise
         # RECEIVED with the new hash first: reports about this content that come back before
         # the CHUNKED update below then already find it (and a failed publish is redone).
-        await self._statuses.put(
-            ingest_pb2.DocumentStatus(
-                document_id=document.document_id,
-                tenant=document.tenant,
-                stage=common_pb2.DOCUMENT_STAGE_RECEIVED,
-                chunk_count=len(chunks),
-                content_hash=content_hash,
+        with self._stage("status"):
+            await self._statuses.put(
+                ingest_pb2.DocumentStatus(
+                    document_id=document.document_id,
+                    tenant=document.tenant,
+                    stage=common_pb2.DOCUMENT_STAGE_RECEIVED,
+                    chunk_count=len(chunks),
+                    content_hash=content_hash,
+                )
             )
-        )
-        await self._publisher.publish(
-            CHUNKS_CREATED,
-            events_pb2.ChunksCreated(
-                document_id=document.document_id,
-                tenant=document.tenant,
-                content_hash=content_hash,
-                chunks=chunks,
-                priority=document.priority,
-                submitted_at=document.submitted_at if document.HasField("submitted_at") else now(),
-            ),
-            msg_id=f"{document.tenant}/{document.document_id}/{content_hash}",
-        )
-        await self.advance(document.tenant, document.document_id, content_hash, common_pb2.DOCUMENT_STAGE_CHUNKED, len(chunks))
-        await self._audit.record(
-            principal,
-            document.tenant,
-            "ingest/submit",
-            f"document/{document.document_id}",
-            reason=f"{redacted} personal data findings redacted" if redacted else "",
-        )
+        with self._stage("publish"):
+            await self._publisher.publish(
+                CHUNKS_CREATED,
+                events_pb2.ChunksCreated(
+                    document_id=document.document_id,
+                    tenant=document.tenant,
+                    content_hash=content_hash,
+                    chunks=chunks,
+                    priority=document.priority,
+                    submitted_at=document.submitted_at if document.HasField("submitted_at") else now(),
+                ),
+                msg_id=f"{document.tenant}/{document.document_id}/{content_hash}",
+            )
+        with self._stage("status"):
+            await self.advance(document.tenant, document.document_id, content_hash, common_pb2.DOCUMENT_STAGE_CHUNKED, len(chunks))
+        with self._stage("audit"):
+            await self._audit.record(
+                principal,
+                document.tenant,
+                "ingest/submit",
+                f"document/{document.document_id}",
+                reason=f"{redacted} personal data findings redacted" if redacted else "",
+            )
         return SubmitResult(document.document_id, content_hash, common_pb2.DOCUMENT_STAGE_CHUNKED, unchanged=False)
 
     async def _chunks(self, document: events_pb2.DocumentSubmitted, text: str) -> list[common_pb2.Chunk]:
-        offsets = await self._token_offsets(text)
+        with self._stage("tokenize"):
+            offsets = await self._token_offsets(text)
+        with self._stage("chunk"):
+            return self._chunks_at(document, text, offsets)
+
+    def _chunks_at(
+        self, document: events_pb2.DocumentSubmitted, text: str, offsets: Sequence[tuple[int, int]]
+    ) -> list[common_pb2.Chunk]:
         spans = chunk_spans(text, offsets, self._chunk_tokens, self._overlap_tokens)
         return [
             common_pb2.Chunk(

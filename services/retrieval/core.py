@@ -28,8 +28,10 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import metrics
 
 from llmos.errors import InvalidArgument, NotFound
+from llmos.telemetry import seconds_histogram
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
 from services.retrieval.index import ChunkFilter, ChunkIndex, Hit, IndexedChunk, SparseVector
 from services.retrieval.profiles import ProfileStore
@@ -125,6 +127,11 @@ class RetrievalCore:
         self._limits = limits
         # One thread owns the index: the engines are blocking, and local mode is not thread-safe.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdrant")
+        # Indexing's steps: encode (validation and BM25 sparse vectors) and store (the index
+        # thread's reads and writes: tombstone and version checks, upsert, stale chunks removed).
+        self._index_duration = seconds_histogram(
+            metrics.get_meter("llmos.retrieval"), "llmos.retrieval.index.duration", "time one indexing step took"
+        )
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
@@ -155,6 +162,7 @@ class RetrievalCore:
 
     async def index_embedded(self, message: events_pb2.ChunksEmbedded) -> events_pb2.DocumentIndexed | None:
         """Store a document's embedded chunks; the event to publish, or None for a stale message."""
+        started = time.perf_counter()
         self._validate(message)
         submitted_at = _seconds(message.submitted_at) if message.HasField("submitted_at") else 0.0
         items = [
@@ -162,6 +170,7 @@ class RetrievalCore:
             for embedded in message.chunks
         ]
         where = ChunkFilter(message.tenant, document_ids=(message.document_id,))
+        self._index_duration.record(time.perf_counter() - started, {"step": "encode"})
 
         def store() -> int | None:
             deleted_at = self._deleted_at(message.tenant, message.document_id)
@@ -176,7 +185,9 @@ class RetrievalCore:
             self._index.delete_document(message.tenant, message.document_id, keep_content_hash=message.content_hash)
             return self._index.count(where)
 
+        started = time.perf_counter()
         chunk_count = await self._run(store)
+        self._index_duration.record(time.perf_counter() - started, {"step": "store"})
         if chunk_count is None:
             return None
         return events_pb2.DocumentIndexed(
