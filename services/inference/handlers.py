@@ -13,5 +13,13 @@ from llmos.v1 import events_pb2
 from services.inference.core import InferenceCore
 
 
+# Messages the bulk lane fetches per pull request: one round trip to NATS per message (the
+# default) cost the server and the service CPU that the embedding model needs.
+BULK_PULL = 16
+
+
 def subscriptions(core: InferenceCore, bulk_workers: int) -> list[Subscription[events_pb2.ChunksCreated]]:
-    return priority_lanes(CHUNKS_CREATED, events_pb2.ChunksCreated, core.embed_chunks, bulk_workers=bulk_workers)
+    return priority_lanes(
+        CHUNKS_CREATED, events_pb2.ChunksCreated, core.embed_chunks, bulk_workers=bulk_workers,
+        bulk_batch_size=min(BULK_PULL, bulk_workers),
+    )

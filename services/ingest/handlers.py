@@ -37,6 +37,11 @@ def publishing_tenant(subject: str, document: events_pb2.DocumentSubmitted) -> s
     return tenant
 
 
+# Documents the bulk lane fetches per pull request (at most its workers): one round trip per document
+# otherwise.
+BULK_PULL = 16
+
+
 def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]]:
     async def submit_as_admin(document: events_pb2.DocumentSubmitted) -> None:
         # Only the admin user may publish here (llmos.natsauth): it acts for any tenant.
@@ -58,10 +63,11 @@ def subscriptions(core: IngestCore, bulk_workers: int) -> list[Subscription[Any]
         )
 
     return [
-        *priority_lanes(INGEST_REQUESTED, events_pb2.DocumentSubmitted, submit_as_admin, bulk_workers=bulk_workers),
+        *priority_lanes(INGEST_REQUESTED, events_pb2.DocumentSubmitted, submit_as_admin, bulk_workers=bulk_workers,
+                        bulk_batch_size=min(BULK_PULL, bulk_workers)),
         *priority_lanes(
             INGEST_REQUESTED_BY_TENANT, events_pb2.DocumentSubmitted, subject_handler=submit_for_tenant,
-            bulk_workers=bulk_workers,
+            bulk_workers=bulk_workers, bulk_batch_size=min(BULK_PULL, bulk_workers),
         ),
         Subscription(CHUNKS_EMBEDDED, events_pb2.ChunksEmbedded, on_embedded, batch_size=16, max_workers=4),
         Subscription(DOCS_INDEXED, events_pb2.DocumentIndexed, on_indexed, batch_size=16, max_workers=4),
