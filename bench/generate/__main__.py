@@ -177,12 +177,14 @@ def reference_round(reference: Reference, prompts: list[Prompt]) -> dict[str, St
 async def concurrent_round(inference: InferenceClient, tokenizer: ModelTokenizer, number: int, args: argparse.Namespace,
                            log: PromptLog, min_tokens: int) -> dict[str, Any]:
     """8 requests one after another, 8 together, `--wide` together: each set on prompts of its own."""
-    def requests(kind: str, count: int) -> list[list[common_pb2.ChatMessage]]:
-        return [chat(None, f"({kind}{number}.{i}) {CONCURRENT_QUESTIONS[i % len(CONCURRENT_QUESTIONS)]}") for i in range(count)]
+    def requests(set_name: str, count: int) -> list[list[common_pb2.ChatMessage]]:
+        # What tells the prompts apart comes first (request, set, round), right after the template's head.
+        return [chat(None, f"#{i}{set_name}{number} {CONCURRENT_QUESTIONS[i % len(CONCURRENT_QUESTIONS)]}")
+                for i in range(count)]
 
     out: dict[str, Any] = {"prefix_cache": {}}
     for kind, count, together in (("sequential8", 8, False), ("concurrent8", 8, True), (f"concurrent{args.wide}", args.wide, True)):
-        chats = requests(kind[0] + str(count), count)
+        chats = requests(kind[0] + ("w" if count == args.wide and together else ""), count)
         out["prefix_cache"][kind] = log.exposure([prompt_ids(tokenizer, m) for m in chats], min_tokens)
         started = time.perf_counter()
         if together:
@@ -249,6 +251,11 @@ async def run(addr: str, reference: Reference | None, tokenizer: ModelTokenizer,
                 ours, theirs = engines[PLATFORM][prompt.label].token_ids, engines["reference"][prompt.label].token_ids
                 position = first_divergence(ours, theirs)
                 row: dict[str, Any] = {"round": number, "prompt": prompt.label, "first_divergence": position}
+                if position is not None and position < min(len(ours), len(theirs)) and reference is not None:
+                    # A near tie in llama.cpp's own logits says the engines part on quantization noise.
+                    probe = reference.probe([*prompt.ids, *theirs[:position]], ours[position], theirs[position])
+                    row["reference_logit_gap"] = probe["reference_logit"] - probe["platform_logit"]
+                    row["platform_token_rank_in_reference"] = probe["platform_token_rank"]
                 if number == 1:
                     row |= {"platform_text": tokenizer.decode(ours[:GREEDY_TOKENS]), "reference_text": tokenizer.decode(theirs[:GREEDY_TOKENS])}
                 greedy.append(row)
@@ -285,7 +292,17 @@ def summarize(measured: dict[str, Any], wide: int) -> dict[str, Any]:
             total["longest_shared_prefix_tokens"] = max(total["longest_shared_prefix_tokens"], found["longest_shared_prefix_tokens"])
     return {"platform": per_engine[PLATFORM], "llama_cpp": per_engine["reference"], "ratios": ratios,
             "concurrent": concurrent, "prefix_cache_exposure": exposure,
-            "greedy_agreement": agreement(row["first_divergence"] for row in measured["greedy"])}
+            "greedy_agreement": {**agreement(row["first_divergence"] for row in measured["greedy"]), **near_ties(measured["greedy"])}}
+
+
+def near_ties(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the engines part: how far the platform's token trails llama.cpp's in llama.cpp's own logits."""
+    probed = [row for row in rows if "reference_logit_gap" in row]
+    return {
+        "probed": len(probed),
+        "platform_token_second_in_reference": sum(1 for row in probed if row["platform_token_rank_in_reference"] == 1),
+        "reference_logit_gap_median": float(np.median([row["reference_logit_gap"] for row in probed])) if probed else None,
+    }
 
 
 def cell(figure: dict[str, float], digits: int = 1) -> str:
@@ -332,6 +349,10 @@ def report(summary: dict[str, Any], measured: dict[str, Any], run_load: dict[str
     greedy = summary["greedy_agreement"]
     print(f"\ngreedy tokens: {greedy['agree_fully']} of {greedy['prompts']} prompts agree on the first {GREEDY_TOKENS} tokens;"
           f" the others first differ at {greedy['first_divergence_positions']}")
+    if greedy["probed"]:
+        print(f"  there, the platform's token is llama.cpp's second choice in {greedy['platform_token_second_in_reference']} of"
+              f" {greedy['probed']}, a median {greedy['reference_logit_gap_median']:.2f} logits below its first"
+              " (the ONNX int4 weights are requantized from the Q4_1 GGUF)")
     print("prefix cache: the service exports no hit count; prompts sharing >= the cache's minimum prefix with an earlier one:")
     for kind, found in summary["prefix_cache_exposure"].items():
         print(f"  {kind:<16} {found['could_hit']} of {found['prompts']} (longest shared prefix {found['longest_shared_prefix_tokens']} tokens)")
@@ -352,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-thread-spinning", dest="thread_spinning", action="store_false",
                         help="stop the service's idle ONNX Runtime threads spinning (faster on oversubscribed cores)")
     args, _ = parser.parse_known_args(argv)
+    if args.wide == 8:
+        parser.error("--wide must differ from 8: the 8-stream run is always measured")
     if not 0 < args.rounds <= len(ASKERS):
         parser.error(f"--rounds must be 1..{len(ASKERS)}: each round's prompts start with a name of its own")
     if args.max_new < GREEDY_TOKENS:

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from bench.common import REPO
 
 LLAMA_CPP_VERSION = "0.3.36"
@@ -131,6 +133,14 @@ class Reference:
             pass  # _read reports how the child ended
         return self._read()
 
+    def probe(self, prompt_ids: Sequence[int], platform_token: int, reference_token: int) -> dict[str, Any]:
+        """At a first divergence: llama.cpp's logits after `prompt_ids` (the prompt and the tokens
+        both engines chose), for its own token and the platform's, and the platform's token's rank."""
+        assert self._child.stdin is not None
+        self._child.stdin.write(json.dumps({"probe": list(prompt_ids), "tokens": [platform_token, reference_token]}) + "\n")
+        self._child.stdin.flush()
+        return self._read()
+
     def close(self) -> None:
         if self._child.stdin:
             self._child.stdin.close()
@@ -156,6 +166,13 @@ def serve(model: Path, threads: int, requests: IO[str], answers: IO[str]) -> Non
     answer({"ready": True, **build_info()})
     for line in requests:
         request = json.loads(line)
+        if "probe" in request:
+            llm.reset()
+            llm.eval(request["probe"])
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            ours, theirs = (float(logits[token]) for token in request["tokens"])
+            answer({"platform_logit": ours, "reference_logit": theirs, "platform_token_rank": int((logits > ours).sum())})
+            continue
         if request["reset"]:
             llm.reset()
         tokens: list[int] = []
