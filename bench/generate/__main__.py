@@ -39,7 +39,7 @@ import grpc
 import numpy as np
 
 from bench.common import LoadWindow, spread
-from bench.generate.reference import Reference, ReferenceUnavailable
+from bench.generate.reference import Reference, ReferenceUnavailable, ensure_native
 from bench.generate.rounds import GREEDY_TOKENS, PLATFORM, agreement, first_divergence, interleaved_order, prefix_cache_exposure
 from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
 from llmos.clients import InferenceClient
@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-tokens", type=int, default=32)
     parser.add_argument("--settle-s", type=float, default=1.0, help="pause before each engine's turn")
     parser.add_argument("--omp-wait-policy", default="", help="llama.cpp's OMP_WAIT_POLICY (default: its own, spinning)")
+    parser.add_argument("--no-build-reference", dest="build_reference", action="store_false",
+                        help="use the installed llama-cpp-python as it is (default: build it for this CPU first when it "
+                             "is missing or lacks an instruction set this CPU has; minutes)")
     parser.add_argument("--no-thread-spinning", dest="thread_spinning", action="store_false",
                         help="stop the service's idle ONNX Runtime threads spinning (faster on oversubscribed cores)")
     args, _ = parser.parse_known_args(argv)
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = ModelTokenizer.from_dir(artefact_dir(args.home, MODEL))
     gguf = locate_source(get_spec(MODEL)).path
     reference: Reference | None = None
+    if args.build_reference:
+        ensure_native()
     try:
         reference = Reference(gguf, args.threads, args.omp_wait_policy)
         reference_info: dict[str, Any] = {**reference.info, "omp_wait_policy": args.omp_wait_policy or "default"}

@@ -33,6 +33,8 @@ from bench.common import REPO
 
 LLAMA_CPP_VERSION = "0.3.36"
 NATIVE_CMAKE_ARGS = "-DGGML_NATIVE=ON"
+# llama-cpp-python 0.3.36's requirements (its pyproject.toml).
+LLAMA_CPP_DEPENDENCIES = ("typing-extensions>=4.5.0", "numpy>=1.20.0", "diskcache>=5.6.1", "jinja2>=2.11.3")
 BUILD_RECORD = REPO / ".llmos" / "bench" / "llama-cpp-build.json"
 # ggml's name for an instruction set (llama_print_system_info) -> the /proc/cpuinfo flag.
 CPU_FEATURES = {
@@ -79,6 +81,8 @@ def build(cmake_args: str = NATIVE_CMAKE_ARGS) -> None:
     """Build and install llama-cpp-python from source for this CPU; record the flags."""
     env = {**os.environ, "CMAKE_ARGS": cmake_args, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
     print(f"building llama-cpp-python {LLAMA_CPP_VERSION} with CMAKE_ARGS={cmake_args!r} (minutes on a few cores) …")
+    # Its dependencies as they are (a forced reinstall would rebuild numpy & co. too), then it.
+    subprocess.run([sys.executable, "-m", "pip", "install", *LLAMA_CPP_DEPENDENCIES], check=True)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-cache-dir",
          "--no-binary", "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
@@ -203,11 +207,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.build:
         build(args.cmake_args)
-    # Reported from a fresh process: a library built for other CPU features dies here, not in the bench.
-    report = "import json; from bench.generate.reference import build_info; print(json.dumps(build_info(), indent=2))"
+    installed = installed_build()
+    print(json.dumps(installed, indent=2) if isinstance(installed, dict) else installed)
+    return 0 if isinstance(installed, dict) else 1
+
+
+def installed_build() -> dict[str, Any] | str:
+    """build_info of the installed llama-cpp-python, or why it cannot be used. Asked in a fresh
+    process: a library built for other CPU features dies there (SIGILL), not in the caller."""
+    report = "import json; from bench.generate.reference import build_info; print(json.dumps(build_info()))"
     child = subprocess.run([sys.executable, "-c", report], cwd=REPO, capture_output=True, text=True, check=False)
-    print(child.stdout or f"llama-cpp-python unusable here (exit {child.returncode}): {child.stderr.strip()[-400:]}")
-    return child.returncode
+    if child.returncode != 0:
+        return f"llama-cpp-python unusable here (exit {child.returncode}): {child.stderr.strip()[-400:]}"
+    return dict(json.loads(child.stdout.strip().splitlines()[-1]))
+
+
+def ensure_native() -> dict[str, Any] | str:
+    """Build llama-cpp-python for this CPU unless the installed one already uses every instruction
+    set of this CPU that ggml can; what is installed then (build_info, or why it is unusable)."""
+    installed = installed_build()
+    if isinstance(installed, dict) and not installed["cpu_features_missing"]:
+        return installed
+    print(f"llama.cpp reference not built for this CPU ({installed if isinstance(installed, str) else installed['cpu_features_missing']})")
+    try:
+        build()
+    except subprocess.CalledProcessError as exc:
+        return f"building llama-cpp-python for this CPU failed (exit {exc.returncode}); see pip's output above"
+    return installed_build()
 
 
 if __name__ == "__main__":

@@ -103,3 +103,23 @@ def test_a_build_without_avx512_is_not_native_on_an_avx512_cpu() -> None:
     assert missing_features(NATIVE, flags) == []
     assert "OPENMP" in compiled_features(NATIVE)
     assert "AVX512" not in compiled_features("CPU : AVX512 = 0 | AVX2 = 1 |")
+
+
+@pytest.mark.parametrize(
+    ("installed", "builds"),
+    [
+        ({"cpu_features_missing": []}, False),
+        ({"cpu_features_missing": ["AVX512", "AVX512_VNNI"]}, True),  # built with AVX-512 off
+        ("llama-cpp-python unusable here (exit 1): No module named 'llama_cpp'", True),
+    ],
+)
+def test_the_bench_builds_the_reference_unless_it_is_native(
+    monkeypatch: pytest.MonkeyPatch, installed: dict[str, list[str]] | str, builds: bool
+) -> None:
+    from bench.generate import reference
+
+    built: list[str] = []
+    monkeypatch.setattr(reference, "installed_build", lambda: installed)
+    monkeypatch.setattr(reference, "build", lambda cmake_args=reference.NATIVE_CMAKE_ARGS: built.append(cmake_args))
+    reference.ensure_native()
+    assert built == (["-DGGML_NATIVE=ON"] if builds else [])
