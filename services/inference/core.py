@@ -1,19 +1,18 @@
 """Inference logic shared by the gRPC API and the `llmos.chunks.created` consumer.
 
-Embeddings go through the dynamic batcher; generation through the continuous-batching
-scheduler of the model a request names (GenerationModels: several models, loaded on first use
-within a memory budget, the least recently used idle one unloaded to make room). Validation
-happens here so both transports reject the same input the same way.
+Embeddings go through the dynamic batcher of the model a request names, generation through
+the continuous-batching scheduler of the model a request names: each role keeps several models
+(EmbeddingModels, GenerationModels), loaded on first use within a memory budget, the least
+recently used idle one unloaded to make room. Chunks are embedded with the default embedding
+model only: the knowledge base's index holds its vectors, and another model's do not compare
+with them. Validation happens here so both transports reject the same input the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from opentelemetry import metrics, trace
@@ -39,14 +38,15 @@ from opentelemetry.trace import Status, StatusCode
 
 from llmos.bus.subjects import CHUNKS_EMBEDDED
 from llmos.deadline import Deadline
-from llmos.errors import FailedPrecondition, InvalidArgument, LlmosError, ResourceExhausted
-from llmos.models.manifest import read_artefact_manifest
+from llmos.embedding import EmbeddingModel
+from llmos.errors import InvalidArgument, LlmosError
 from llmos.ports import Publisher
 from llmos.telemetry import TIME_PER_OUTPUT_TOKEN_BUCKETS_S, TIME_TO_FIRST_TOKEN_BUCKETS_S, seconds_histogram
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
 from services.inference.batching import PRIORITY_NAMES, EmbedBatcher, priority_rank
 from services.inference.devices import CPU  # noqa: F401 (imported from here by the tests)
+from services.inference.model_pool import ModelPool, ServedModel
 from services.inference.scheduler import FinishReason, GenerationRequest, GenerationScheduler, SamplingConfig, StreamEvent, Usage
 
 GENERATION_MODEL = "smollm2-135m-instruct"
@@ -54,47 +54,9 @@ EMBEDDING_MODEL = "all-minilm-l6-v2"
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
 MAX_TEMPERATURE = 2.0
-# When every loaded model is busy and another must load, about one short generation's time.
-BUSY_MODEL_RETRY_S = 2.0
 # gen_ai.provider.name of what this service serves: the conventions list hosted APIs only, so the
 # runtime that runs the models names it.
 GEN_AI_PROVIDER = "onnxruntime"
-
-CountTokens = Callable[[Sequence[str]], list[int]]
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What ListModels reports about one model (its provider and threads once loaded)."""
-
-    name: str
-    role: inference_pb2.ModelRole.ValueType
-    variant: str
-    folder: Path
-    execution_provider: str
-    context_length: int
-    dimensions: int
-    threads: int
-    source: str  # the package of a catalog model, gguf:/hf:<path> of an added one
-
-    def info(self, state: inference_pb2.ModelState.ValueType = inference_pb2.MODEL_STATE_LOADED) -> inference_pb2.ModelInfo:
-        try:
-            files = read_artefact_manifest(self.folder).files
-        except (OSError, ValueError):  # unreadable now: the model was loaded, or listed, from it before
-            files = ()
-        sha256 = next((entry.sha256 for entry in files if entry.path == "model.onnx"), "")
-        return inference_pb2.ModelInfo(
-            name=self.name,
-            role=self.role,
-            variant=self.variant,
-            execution_provider=self.execution_provider,
-            context_length=self.context_length,
-            dimensions=self.dimensions,
-            intra_op_threads=self.threads,
-            source_package=self.source,
-            sha256=sha256,
-            state=state,
-        )
 
 
 @dataclass(frozen=True)
@@ -105,108 +67,51 @@ class GenerationModel:
     scheduler: GenerationScheduler
     tokenizer: ModelTokenizer
     chat: bool  # has a chat template; a base model answers plain prompts only
-    nbytes: int
+    nbytes: int  # estimated: weights, KV cache, logits
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+
+class GenerationModels(ModelPool[GenerationModel]):
+    """Generation models by name; the default (the dialogue's) is loaded at start but may be
+    unloaded like any other when idle."""
+
+    ROLE = "generation"
+    BUDGET_SETTING = "LLMOS_INFERENCE_GENERATION_MEMORY_MB"
 
 
 @dataclass(frozen=True)
-class GenerationCandidate:
-    """A built generation model the service may load: what ListModels says before it is loaded."""
+class LoadedEmbeddingModel:
+    """An embedding model in memory: its session (tokenizer, pooling) and its own batcher."""
 
     served: ServedModel
-    nbytes: int  # estimated memory once loaded: weights, KV cache, logits
+    model: EmbeddingModel
+    batcher: EmbedBatcher
+    nbytes: int  # estimated: weights, one call's activations per batcher lane
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
 
 
-class GenerationModels:
-    """Generation models by name, loaded on first use within `budget_bytes`.
+class EmbeddingModels(ModelPool[LoadedEmbeddingModel]):
+    """Embedding models by name: the catalog's (the default, kept loaded: the knowledge base's
+    index is made of its vectors) and those added with `llmos models add --role embedding`,
+    loaded on first use within their own budget."""
 
-    When a model does not fit beside the loaded ones, the least recently used model that no
-    stream is using is unloaded (its scheduler stopped, its decoder freed); when every loaded
-    model is in use, the request is refused with RESOURCE_EXHAUSTED rather than waiting.
-    `default` is loaded at start and serves requests that name no model.
-    """
-
-    def __init__(
-        self,
-        default: str,
-        candidates: Callable[[], dict[str, GenerationCandidate]],
-        load: Callable[[GenerationCandidate], GenerationModel],
-        budget_bytes: int,
-    ) -> None:
-        self.default = default
-        self._candidates = candidates
-        self._load = load
-        self._budget_bytes = budget_bytes
-        self._loaded: OrderedDict[str, GenerationModel] = OrderedDict()  # least recently used first
-        self._in_use: Counter[str] = Counter()
-        self._lock = asyncio.Lock()
-
-    @property
-    def loaded(self) -> dict[str, GenerationModel]:
-        return dict(self._loaded)
-
-    def _candidate(self, name: str) -> GenerationCandidate:
-        candidates = self._candidates()
-        if name not in candidates:
-            raise InvalidArgument("model", f"unknown model {name!r}; generation models: {', '.join(sorted(candidates))}")
-        return candidates[name]
-
-    async def load(self, name: str) -> GenerationModel:
-        """`name` in memory (loading it, and unloading others to make room, if need be)."""
-        async with self._lock:
-            model = self._loaded.get(name)
-            if model is None:
-                candidate = self._candidate(name)
-                if candidate.nbytes > self._budget_bytes:
-                    raise FailedPrecondition(
-                        f"model {name!r} needs about {candidate.nbytes >> 20} MiB, more than the whole generation "
-                        f"memory budget of {self._budget_bytes >> 20} MiB (LLMOS_INFERENCE_GENERATION_MEMORY_MB)"
-                    )
-                await self._make_room(name, candidate.nbytes)
-                model = await asyncio.to_thread(self._load, candidate)
-                model.scheduler.start()
-                self._loaded[name] = model
-            self._loaded.move_to_end(name)
-            return model
-
-    async def _make_room(self, name: str, nbytes: int) -> None:
-        while sum(model.nbytes for model in self._loaded.values()) + nbytes > self._budget_bytes:
-            idle = next((loaded for loaded in self._loaded if not self._in_use[loaded]), None)
-            if idle is None:
-                raise ResourceExhausted(
-                    f"model {name!r} does not fit in the generation memory budget while "
-                    f"{', '.join(self._loaded)} serve other requests",
-                    BUSY_MODEL_RETRY_S,
-                )
-            await self._loaded.pop(idle).scheduler.stop()
-
-    @asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[GenerationModel]:
-        """The model named (empty: the default), kept loaded while the caller holds it."""
-        name = name or self.default
-        model = await self.load(name)
-        self._in_use[name] += 1
-        try:
-            yield model
-        finally:
-            self._in_use[name] -= 1
-
-    def infos(self) -> list[inference_pb2.ModelInfo]:
-        loaded = [model.served.info(inference_pb2.MODEL_STATE_LOADED) for model in self._loaded.values()]
-        available = [
-            candidate.served.info(inference_pb2.MODEL_STATE_AVAILABLE)
-            for name, candidate in sorted(self._candidates().items())
-            if name not in self._loaded
-        ]
-        return loaded + available
-
-    async def close(self) -> None:
-        async with self._lock:
-            while self._loaded:
-                await self._loaded.popitem()[1].scheduler.stop()
+    ROLE = "embedding"
+    BUDGET_SETTING = "LLMOS_INFERENCE_EMBEDDING_MEMORY_MB"
 
 
 @dataclass(frozen=True)
 class EmbedResult:
+    model: str  # the model that made the vectors
     vectors: np.ndarray
     prompt_tokens: int
 
@@ -217,28 +122,19 @@ class EmbedLimits:
     max_text_chars: int
 
 
-def _check_model(field: str, requested: str, served: str) -> None:
-    if requested and requested != served:
-        raise InvalidArgument(field, f"unknown model {requested!r}; this service serves {served!r}")
-
-
 class InferenceCore:
     def __init__(
         self,
         publisher: Publisher,
-        embedder: EmbedBatcher,
-        count_embedding_tokens: CountTokens,
+        embeddings: EmbeddingModels,
         embed_limits: EmbedLimits,
-        embedding: ServedModel,
         generation: GenerationModels,
         max_new_tokens: int,
         default_max_new_tokens: int,
     ) -> None:
         self._publisher = publisher
-        self._embedder = embedder
-        self._count_embedding_tokens = count_embedding_tokens
         self._embed_limits = embed_limits
-        self.embedding = embedding
+        self.embeddings = embeddings
         self.generation = generation
         self._max_new_tokens = max_new_tokens
         self._default_max_new_tokens = default_max_new_tokens
@@ -260,7 +156,7 @@ class InferenceCore:
     # Embeddings
 
     async def embed(self, model: str, texts: Sequence[str], priority: int) -> EmbedResult:
-        _check_model("model", model, self.embedding.name)
+        """Vectors of `texts` by the embedding model named (empty: the default)."""
         limits = self._embed_limits
         if not texts:
             raise InvalidArgument("texts", f"at least 1 text is required (at most {limits.max_texts})")
@@ -273,9 +169,10 @@ class InferenceCore:
                 raise InvalidArgument(
                     f"texts[{index}]", f"{len(text)} characters is over the limit of {limits.max_text_chars}"
                 )
-        tokens = await asyncio.to_thread(self._count_embedding_tokens, texts)
-        vectors = await self._embedder.embed(texts, tokens, priority)
-        return EmbedResult(vectors, sum(tokens))
+        async with self.embeddings.use(model) as embedding:
+            tokens = await asyncio.to_thread(embedding.model.count_tokens, texts)
+            vectors = await embedding.batcher.embed(texts, tokens, priority)
+        return EmbedResult(embedding.served.name, vectors, sum(tokens))
 
     async def embed_chunks(self, created: events_pb2.ChunksCreated) -> None:
         """Embed a document's chunks and publish them on `llmos.chunks.embedded`.
@@ -297,13 +194,14 @@ class InferenceCore:
             unique.setdefault(chunk.chunk_id, chunk)
         chunks = list(unique.values())
         texts = [chunk.text for chunk in chunks]
-        tokens = await asyncio.to_thread(self._count_embedding_tokens, texts)
-        vectors = await self._embedder.embed(texts, tokens, created.priority, bounded=False)
+        embedding = self.embeddings.default_model  # the index's model, kept loaded
+        tokens = await asyncio.to_thread(embedding.model.count_tokens, texts)
+        vectors = await embedding.batcher.embed(texts, tokens, created.priority, bounded=False)
         embedded = events_pb2.ChunksEmbedded(
             document_id=created.document_id,
             tenant=created.tenant,
             content_hash=created.content_hash,
-            model=self.embedding.name,
+            model=embedding.served.name,
             chunks=[
                 events_pb2.EmbeddedChunk(chunk=chunk, vector=vector.tolist())
                 for chunk, vector in zip(chunks, vectors, strict=True)
@@ -443,5 +341,5 @@ class InferenceCore:
             self._time_per_output_token.record(usage.time_per_output_token_ms / 1000, attributes)
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
-        return [*self.generation.infos(), self.embedding.info()]
+        return [*self.generation.infos(), *self.embeddings.infos()]
 

@@ -54,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         effective_tenant(request.tenant)  # refuses a tenant the caller may not act for
         result = await self._core.embed(request.model, list(request.texts), request.priority)
         return inference_pb2.EmbedResponse(
-            model=self._core.embedding.name,
+            model=result.model,
             dimensions=int(result.vectors.shape[1]),
             embeddings=[inference_pb2.Embedding(values=vector.tolist()) for vector in result.vectors],
             prompt_tokens=result.prompt_tokens,

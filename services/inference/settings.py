@@ -33,6 +33,9 @@ class InferenceSettings(PlatformSettings):
     inference_embed_max_text_chars: int = 32_768
     inference_embed_queue_size: int = 4096        # texts waiting; beyond it RESOURCE_EXHAUSTED
     inference_chunk_workers: int = 32             # chunks.created messages embedded at once (bulk lane)
+    # Memory the loaded added embedding models may take together (weights, a call's activations);
+    # the default one (the knowledge base's) is always loaded and not counted.
+    inference_embedding_memory_mb: int = 1024
 
     # Generation models: the one requests without a model name get (the dialogue's, loaded at
     # start), and the memory the loaded ones may take together (weights, KV cache, logits); a

@@ -9,7 +9,8 @@ import pytest
 
 from llmos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmos.v1 import inference_pb2
-from services.inference.core import GenerationCandidate, GenerationModel, GenerationModels, ServedModel
+from services.inference.core import GenerationModel, GenerationModels
+from services.inference.model_pool import ModelCandidate, ServedModel
 
 pytestmark = pytest.mark.unit
 
@@ -35,11 +36,11 @@ def served(name: str) -> ServedModel:
 
 class Models:
     def __init__(self, sizes_mib: dict[str, int]) -> None:
-        self.candidates = {name: GenerationCandidate(served(name), size * MIB) for name, size in sizes_mib.items()}
+        self.candidates = {name: ModelCandidate(served(name), size * MIB) for name, size in sizes_mib.items()}
         self.loads: list[str] = []
         self.schedulers: dict[str, Scheduler] = {}
 
-    def load(self, candidate: GenerationCandidate) -> GenerationModel:
+    def load(self, candidate: ModelCandidate) -> GenerationModel:
         self.loads.append(candidate.served.name)
         scheduler = self.schedulers[candidate.served.name] = Scheduler()
         return GenerationModel(candidate.served, scheduler, None, True, candidate.nbytes)  # type: ignore[arg-type]
