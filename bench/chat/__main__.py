@@ -50,10 +50,10 @@ from bench.chat.inprocess import CoreEmbedder, CoreGenerator, CoreRetriever, inf
 from bench.common import REPO, LoadWindow, private_environment
 from llmos.audit import AuditLog
 from llmos.auth import Principal
-from llmos.clients import DialogueClient, IngestClient, Metadata
+from llmos.clients import DialogueClient, IngestClient, Metadata, RetrievalClient
 from llmos.crypto import AtRest
 from llmos.errors import LlmosError, ResourceExhausted
-from llmos.grpcutil.client import bearer
+from llmos.grpcutil.client import bearer, open_channel
 from llmos.intents import ensure_intent_classifier
 from llmos.models import artefact_dir
 from llmos.settings import load_settings
@@ -62,7 +62,7 @@ from llmos.testing import MemoryBucket, MemoryPublisher
 from llmos.tokenization import ModelTokenizer
 from llmos.v1 import common_pb2, dialogue_pb2, ingest_pb2
 from services.dialogue.app import limits_of
-from services.dialogue.backends import Backends, Generator, LocalTokenCounter
+from services.dialogue.backends import Backends, Generator, GrpcRetriever, LocalTokenCounter
 from services.dialogue.core import DialogueCore
 from services.dialogue.replies import load_assistant
 from services.dialogue.sessions import SessionStore
@@ -180,6 +180,14 @@ async def run_both(settings: DialogueSettings, metadata: Metadata, asked: list[s
                 grpc_rows.append(await grpc_turn(dialogue, question))
             # Same classifier, same passages: the gRPC turn took the same path as the in-process one.
             grpc_rows[-1]["model"] = local_rows[-1]["model"] = float(generator.calls > calls)
+    # The reference's index against the service's: the same passages for every question.
+    remote = open_channel(settings.retrieval_addr, BENCH_KEY)
+    for question, row in zip(asked, local_rows, strict=True):
+        vector = (await embedder.embed([question]))[0].tolist()
+        ours = await CoreRetriever(retrieval).search(principal.tenant, question, 5, 60, vector)
+        served = await GrpcRetriever(RetrievalClient(remote)).search(principal.tenant, question, 5, 60, vector)
+        row["same_passages"] = float([p.chunk_id for p in ours] == [p.chunk_id for p in served])
+    await remote.close()
     retrieval.close()
     await close_inference()
     return grpc_rows, local_rows
@@ -362,6 +370,7 @@ def paired(asked: list[str]) -> dict[str, object]:
         "turns": [{"question": q, "grpc": g, "in_process": local} for q, g, local in zip(asked, grpc_rows, local_rows, strict=True)],
     }
     results["overhead_fraction_p50"] = overhead["all turns"]["share_p50"]
+    results["same_passages"] = {"questions": len(local_rows), "same": int(sum(row["same_passages"] for row in local_rows))}
     for name, by_run in stages.items():
         print(f"\nchat turn latency, {name} ({overhead[name]['turns']} of {len(asked)} questions; ms)")
         print(f"{'stage':<16} {'gRPC p50':>9} {'gRPC p95':>9} {'in-proc p50':>12} {'in-proc p95':>12}")
@@ -375,6 +384,8 @@ def paired(asked: list[str]) -> dict[str, object]:
         if row["turns"]:
             print(f"{name:<28} {row['turns']:>3} {row['extra_ms_p50']:>8.1f} [{row['extra_ms_q1']:>6.1f}, {row['extra_ms_q3']:>6.1f}]"
                   f" {row['share_p50']:>11.1%} [{row['share_q1']:>6.1%}, {row['share_q3']:>6.1%}]")
+    print(f"the in-process retrieval core found the service's top 5 passages for {results['same_passages']['same']} of"
+          f" {len(local_rows)} questions")
     print(f"target: under 10% of turn time; 1-min load average {load['load_average_1m_before']:.1f} before, "
           f"{load['load_average_1m_after']:.1f} after, other processes {load['other_processes_cores']:.2f} cores, on "
           f"{os.cpu_count()} CPUs{'  ** NOISY: load above 1.0 **' if load['noisy'] else ''}")
