@@ -32,10 +32,6 @@ class EmbeddingModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        # Idle intra-op threads sleep instead of spinning between operators: on two cores the spin
-        # cost a third of an embedding call's CPU (MiniLM, 4 texts of 256 tokens: 120 ms CPU per
-        # text spinning, 90 ms not) and took the cores from the other services of the pipeline.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=list(providers))
         return cls(session, Tokenizer.from_file(str(folder / "tokenizer.json")), PoolingConfig.load(folder))
 
