@@ -30,7 +30,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import metrics
 
-from llmos.errors import InvalidArgument, NotFound
+from llmos.errors import InvalidArgument, LlmosError, NotFound
 from llmos.telemetry import seconds_histogram
 from llmos.v1 import common_pb2, events_pb2, retrieval_pb2
 from services.retrieval.index import ChunkFilter, ChunkIndex, Hit, IndexedChunk, SparseVector
@@ -162,41 +162,71 @@ class RetrievalCore:
 
     async def index_embedded(self, message: events_pb2.ChunksEmbedded) -> events_pb2.DocumentIndexed | None:
         """Store a document's embedded chunks; the event to publish, or None for a stale message."""
-        started = time.perf_counter()
-        self._validate(message)
-        submitted_at = _seconds(message.submitted_at) if message.HasField("submitted_at") else 0.0
-        items = [
-            IndexedChunk(embedded.chunk, message.content_hash, submitted_at, list(embedded.vector), self._bm25.document(embedded.chunk.text))
-            for embedded in message.chunks
-        ]
-        where = ChunkFilter(message.tenant, document_ids=(message.document_id,))
-        self._index_duration.record(time.perf_counter() - started, {"step": "encode"})
+        (result,) = await self.index_embedded_many([message])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-        def store() -> int | None:
+    async def index_embedded_many(
+        self, messages: Sequence[events_pb2.ChunksEmbedded]
+    ) -> list[events_pb2.DocumentIndexed | None | LlmosError]:
+        """`index_embedded` for several documents (each at most once) in one trip to the index
+        thread and one upsert: per message its event, None when stale, or the error that refuses it."""
+        started = time.perf_counter()
+        results: list[events_pb2.DocumentIndexed | None | LlmosError] = [None] * len(messages)
+        accepted: list[tuple[int, events_pb2.ChunksEmbedded, float, list[IndexedChunk]]] = []
+        for position, message in enumerate(messages):
+            try:
+                self._validate(message)
+            except LlmosError as exc:
+                results[position] = exc
+                continue
+            submitted_at = _seconds(message.submitted_at) if message.HasField("submitted_at") else 0.0
+            items = [
+                IndexedChunk(embedded.chunk, message.content_hash, submitted_at, list(embedded.vector),
+                             self._bm25.document(embedded.chunk.text))
+                for embedded in message.chunks
+            ]
+            accepted.append((position, message, submitted_at, items))
+        self._index_duration.record(time.perf_counter() - started, {"step": "encode"})
+        if not accepted:
+            return results
+
+        def current(message: events_pb2.ChunksEmbedded, submitted_at: float) -> bool:
+            """Whether this version is still the one to index (clearing a tombstone it outlives)."""
             deleted_at = self._deleted_at(message.tenant, message.document_id)
             if deleted_at is not None:
                 if deleted_at >= submitted_at:
-                    return None  # this version was deleted while it was being embedded
+                    return False  # this version was deleted while it was being embedded
                 self._index.delete_document(TOMBSTONE_TENANT, _tombstone_key(message.tenant, message.document_id))
-            (stored,) = self._index.chunks(where, limit=1) or (None,)
-            if stored is not None and stored.content_hash != message.content_hash and stored.submitted_at > submitted_at:
-                return None  # a newer version is already indexed
-            self._index.upsert(items)
-            self._index.delete_document(message.tenant, message.document_id, keep_content_hash=message.content_hash)
-            return self._index.count(where)
+            (stored,) = self._index.chunks(ChunkFilter(message.tenant, document_ids=(message.document_id,)), limit=1) or (None,)
+            # Not when a newer version is already indexed.
+            return stored is None or stored.content_hash == message.content_hash or stored.submitted_at <= submitted_at
+
+        def store() -> list[tuple[int, int]]:
+            fresh = [(position, message, items) for position, message, submitted_at, items in accepted
+                     if current(message, submitted_at)]
+            if fresh:
+                self._index.upsert([item for _, _, items in fresh for item in items])
+            counts = []
+            for position, message, _ in fresh:
+                self._index.delete_document(message.tenant, message.document_id, keep_content_hash=message.content_hash)
+                counts.append((position, self._index.count(ChunkFilter(message.tenant, document_ids=(message.document_id,)))))
+            return counts
 
         started = time.perf_counter()
-        chunk_count = await self._run(store)
+        counts = await self._run(store)
         self._index_duration.record(time.perf_counter() - started, {"step": "store"})
-        if chunk_count is None:
-            return None
-        return events_pb2.DocumentIndexed(
-            document_id=message.document_id,
-            tenant=message.tenant,
-            content_hash=message.content_hash,
-            chunk_count=chunk_count,
-            indexed_at=now(),
-        )
+        for position, chunk_count in counts:
+            message = messages[position]
+            results[position] = events_pb2.DocumentIndexed(
+                document_id=message.document_id,
+                tenant=message.tenant,
+                content_hash=message.content_hash,
+                chunk_count=chunk_count,
+                indexed_at=now(),
+            )
+        return results
 
     def _deleted_at(self, tenant: str, document_id: str) -> float | None:
         """When the document was last deleted, if no later version has been indexed since."""
