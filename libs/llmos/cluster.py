@@ -22,7 +22,8 @@ replicas of each stateless service, each a process with its own port, metrics po
   reconnects to them when its node goes.
 
 Under `llmos up --cluster` the cluster lives in `$LLMOS_HOME/cluster` (the nodes' stores in
-`nats/n1..n3`, each replica's home in `homes/<service>-<n>`, its log in that home's `logs/`);
+`nats/n1..n3`, each replica's home in `homes/<service>-<n>`, its log in that home's `logs/`,
+its spans in the platform's `telemetry/spans.jsonl` with every other process's);
 the first node and each service's first replica take the configured addresses (LLMOS_NATS_URL,
 LLMOS_<SERVICE>_ADDR), so a client configured for one machine reaches the cluster too.
 """
@@ -293,18 +294,24 @@ class ClusterStack:
         models_dir: Path,
         replicas: Mapping[str, int] = REPLICAS,
         ports: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+        telemetry_dir: Path | None = None,
     ) -> None:
         """Add `replicas[service]` replicas of each service, their homes under `folder/homes`
         with `models_dir` linked in, and set every LLMOS_<SERVICE>_ADDR to the list of its
         replicas. `ports[service]` gives (port, metrics port) of its first replicas; the rest
-        take free ports, as does the address of a service with no replica."""
+        take free ports, as does the address of a service with no replica. `telemetry_dir`
+        (default `folder/telemetry`) is every home's telemetry folder: the replicas append to one
+        span file, so `llmos trace` follows a call across replicas."""
+        shared_telemetry = telemetry_dir or folder / "telemetry"
+        shared_telemetry.mkdir(parents=True, exist_ok=True)
         for service in SERVICE_NAMES:
             wanted = (ports or {}).get(service, ())
             for index in range(replicas.get(service, 0)):
                 home = folder / "homes" / f"{service}-{index + 1}"
                 home.mkdir(parents=True, exist_ok=True)
-                if not (home / "models").is_symlink():
-                    (home / "models").symlink_to(models_dir, target_is_directory=True)
+                for name, target in (("models", models_dir), ("telemetry", shared_telemetry)):
+                    if not (home / name).is_symlink():
+                        (home / name).symlink_to(target, target_is_directory=True)
                 port, metrics_port = wanted[index] if index < len(wanted) else (free_port(), free_port())
                 seed = self.nats.urls[len(self.replicas) % len(self.nats.urls)]
                 self.replicas.append(Replica(service, index + 1, port, metrics_port, home, seed))
@@ -470,7 +477,7 @@ class PlatformCluster:
             cluster.start_all()
             self._record()
             asyncio.run(declare_replicated(cluster, credentials))
-            self.stack.plan(self.folder, settings.models_dir.resolve(), self.replicas, ports)
+            self.stack.plan(self.folder, settings.models_dir.resolve(), self.replicas, ports, settings.telemetry_dir.resolve())
             self.stack.start_all(self._record)
             self.gateway = _spawn(
                 [sys.executable, "-m", f"services.{GATEWAY}"], settings.logs_dir / f"{GATEWAY}.log", self._gateway_env()

@@ -71,3 +71,14 @@ def test_a_replica_that_keeps_exiting_fails_the_start(tmp_path: Path) -> None:
         assert stack.starts.count("tokenizer-1") == START_TRIES
     finally:
         stack.stop()
+
+
+def test_every_replica_writes_its_spans_to_the_one_telemetry_folder(tmp_path: Path) -> None:
+    """`llmos trace` reads one span file: the replicas' homes share the platform's telemetry folder."""
+    stack = FlakyStarts(new_nats_cluster(tmp_path / "nats", 1), {})
+    (tmp_path / "models").mkdir()
+    platform_telemetry = tmp_path / "home" / "telemetry"
+    stack.plan(tmp_path / "cluster", tmp_path / "models", {"tokenizer": 2, "ingest": 1}, telemetry_dir=platform_telemetry)
+    homes = [replica.home for replica in stack.replicas]
+    assert len(homes) == 3 and platform_telemetry.is_dir()
+    assert {(home / "telemetry").resolve() for home in homes} == {platform_telemetry.resolve()}
