@@ -27,6 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 
 import numpy as np
 
@@ -42,6 +43,23 @@ _SENTENCE_END = re.compile(r"[.!?:)\"']$")
 SAME_TOPIC = 0.7
 TYPO_SIMILARITY = 0.75  # difflib ratio at which a question word is taken for a passage word
 MAX_UNCOUNTED_WORD_CHARS = 3  # shorter words ("u", "wat") neither match nor count as unknown
+# Source sentences whose words and facts are remembered: the knowledge base's sentences come back
+# turn after turn, and reading them again (regular expressions, number words) was most of a
+# turn's CPU, spent on the event loop every concurrent turn shares.
+SENTENCE_FEATURE_ENTRIES = 16384
+
+
+@dataclass(frozen=True)
+class SentenceFeatures:
+    normalized: str
+    words: frozenset[str]  # content words
+    facts: frozenset[str]
+
+
+@lru_cache(maxsize=SENTENCE_FEATURE_ENTRIES)
+def features(text: str) -> SentenceFeatures:
+    """The normalized text, content words and facts of a source sentence (computed once per text)."""
+    return SentenceFeatures(normalize(text), frozenset(content_words(text)), frozenset(facts(text)))
 
 
 class AnswerType(StrEnum):
@@ -132,8 +150,8 @@ class Evidence:
     answer_facts: frozenset[str] = frozenset()  # the facts of that kind in it: an answer must keep them
 
     @property
-    def facts(self) -> set[str]:
-        return facts(self.text)
+    def facts(self) -> frozenset[str]:
+        return features(self.text).facts
 
 
 @dataclass(frozen=True)
@@ -212,11 +230,12 @@ def asked_words(question: str, vocabulary: set[str]) -> tuple[set[str], float]:
     return mapped, unknown / counted if counted else 0.0
 
 
+@lru_cache(maxsize=SENTENCE_FEATURE_ENTRIES)
 def _answer_facts(text: str, kind: AnswerType) -> frozenset[str]:
     """The facts of `text` of the kind asked for ("3" of "valid for three years" for how long)."""
     if kind in (AnswerType.ANY, AnswerType.POLICY, AnswerType.PLACE):
         return frozenset()
-    return frozenset().union(*(facts(match.group()) for match in _FACT_PATTERNS[kind].finditer(normalize(text))))
+    return frozenset().union(*(facts(match.group()) for match in _FACT_PATTERNS[kind].finditer(features(text).normalized)))
 
 
 def select_evidence(
@@ -236,12 +255,12 @@ def select_evidence(
     if not found:
         return []
     kind = kind or answer_type(question)
-    words = [content_words(candidate.text) for candidate in found]
+    words = [features(candidate.text).words for candidate in found]
     vocabulary = set().union(*words) | set().union(*(content_words(candidate.passage.title) for candidate in found))
     asked, unknown = asked_words(question, vocabulary)
     cosine = vectors @ question_vector
     answer_facts = [_answer_facts(candidate.text, kind) for candidate in found]
-    typed = [kind is not AnswerType.ANY and bool(_FACT_PATTERNS[kind].search(normalize(c.text))) for c in found]
+    typed = [kind is not AnswerType.ANY and bool(_FACT_PATTERNS[kind].search(features(c.text).normalized)) for c in found]
     base = [
         float(similarity) + weights.passage * candidate.passage.score - weights.unknown * unknown
         for candidate, similarity in zip(found, cosine, strict=True)
@@ -292,10 +311,11 @@ def _disagree(first: Candidate | Evidence, second: Candidate | Evidence) -> bool
     """Two articles stating different facts (none in common) in sentences about the same thing."""
     if first.passage.document_id == second.passage.document_id:
         return False
-    first_facts, second_facts = facts(first.text), facts(second.text)
+    first_features, second_features = features(first.text), features(second.text)
+    first_facts, second_facts = first_features.facts, second_features.facts
     if not first_facts or not second_facts or first_facts & second_facts:
         return False
-    first_words, second_words = content_words(first.text) - first_facts, content_words(second.text) - second_facts
+    first_words, second_words = first_features.words - first_facts, second_features.words - second_facts
     return len(first_words & second_words) >= SAME_TOPIC * max(1, len(first_words | second_words))
 
 
