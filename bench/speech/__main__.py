@@ -22,22 +22,25 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pocketsphinx import Decoder
 
-from bench.common import private_environment
+from bench.common import NOISY_LOAD, private_environment
 from llmos.audio import Encoding, EndpointConfig, decode_clip, encode_wav, pcm_to_samples, resample, samples_to_pcm
 from llmos.clients import DialogueClient, SpeechClient
 from llmos.grpcutil.client import bearer
 from llmos.models import artefact_dir
 from llmos.settings import PlatformSettings, load_settings
 from llmos.stack import Stack
+from llmos.telemetry import SPAN_FILE, read_spans
+from llmos.utterances import split_for_speech
 from llmos.v1 import speech_pb2
 from llmos_cli.client import channel
 from llmos_cli.speech import DEMO_QUESTIONS, VoiceTurn, audio_request_bytes, voice_turn
+from services.dialogue.voice import FIRST_AUDIO, FIRST_DELTA, FIRST_PIECE, VOICE_TURN_SPAN
 from services.speech.asr import AsrEngine, recognize_clip
-from llmos.utterances import split_for_speech
 from services.speech.tts import EspeakVoice, KokoroModel, KokoroVoice
 
 RESULTS = Path("bench/results/speech.json")
@@ -114,7 +117,8 @@ async def spoken_questions(settings: PlatformSettings, questions: list[str]) -> 
     return recordings
 
 
-async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -> list[VoiceTurn]:
+async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -> list[tuple[VoiceTurn, float, float]]:
+    """Each turn with the wall-clock window (ns) of its call, to find its span in the stack's span file."""
     metadata = (("authorization", bearer(BENCH_KEY)),)
     turns = []
     async with channel(settings, "dialogue") as dialogue_channel:
@@ -122,8 +126,48 @@ async def run_voice_turns(settings: PlatformSettings, recordings: list[bytes]) -
         for recording in recordings:
             # Hanging up at the first answer audio cancels the rest of the turn, so one turn's long
             # answer does not slow the next one down.
-            turns.append(await voice_turn(dialogue, recording, until_first_audio=True))
+            called = time.time_ns()
+            turn = await voice_turn(dialogue, recording, until_first_audio=True)
+            turns.append((turn, called, time.time_ns()))
     return turns
+
+
+# A voice turn's marks in the order they happen, in seconds from the end of speech: the caller's
+# (final transcript, first answer audio) and the dialogue service's span events (VOICE_TURN_SPAN).
+# A stage is the time from the mark before it.
+VOICE_MARKS = (
+    "final_transcript", "intent", "retrieval", "evidence", "generation", "first_answer_text",
+    "first_piece_complete", "first_piece_synthesized", "first_answer_audio",
+)
+SPAN_EVENTS = {"intent": "intent", "retrieval": "retrieval", "evidence": "evidence", "generation": "generation",
+               FIRST_DELTA: "first_answer_text", FIRST_PIECE: "first_piece_complete", FIRST_AUDIO: "first_piece_synthesized"}
+
+
+def turn_marks(turn: VoiceTurn, window: tuple[float, float], spans: list[dict[str, Any]]) -> dict[str, float]:
+    """The marks of one turn: the caller's, and those of the last voice-turn span started in its call,
+    placed after the final transcript as the service saw them (its span starts on that transcript)."""
+    marks = {"final_transcript": turn.final_transcript_s, "first_answer_audio": turn.first_answer_audio_s}
+    inside = [span for span in spans if window[0] <= span["start_ns"] <= window[1]]
+    if inside and turn.final_transcript_s is not None:
+        span = max(inside, key=lambda record: record["start_ns"])
+        for event in span["events"]:
+            if event["name"] in SPAN_EVENTS:
+                marks[SPAN_EVENTS[event["name"]]] = turn.final_transcript_s + (event["time_ns"] - span["start_ns"]) / 1e9
+        if FIRST_AUDIO in {event["name"] for event in span["events"]}:
+            marks["first_piece_synthesis_ms"] = next(
+                event["attributes"]["synthesis_ms"] for event in span["events"] if event["name"] == FIRST_AUDIO
+            ) / 1000
+    return {name: value for name, value in marks.items() if value is not None}
+
+
+def turn_stages(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds each stage took: from the previous mark the turn has to this one."""
+    stages, previous = {}, 0.0
+    for name in VOICE_MARKS:
+        if name in marks:
+            stages[name] = marks[name] - previous
+            previous = marks[name]
+    return stages
 
 
 def voice_turns(count: int) -> dict[str, object]:
@@ -141,24 +185,54 @@ def voice_turns(count: int) -> dict[str, object]:
         try:
             asyncio.run(index_kb(settings, (("authorization", bearer(BENCH_KEY)),)))
             recordings = asyncio.run(spoken_questions(settings, questions))
-            turns = asyncio.run(run_voice_turns(settings, recordings))
+            load_before = os.getloadavg()[0]
+            timed = asyncio.run(run_voice_turns(settings, recordings))
+            load_after = os.getloadavg()[0]
         finally:
-            stack.stop()
+            stack.stop()  # the services flush their spans as they stop
+        spans = [record for record in read_spans(Path(folder) / "telemetry" / SPAN_FILE) if record["name"] == VOICE_TURN_SPAN]
+    turns = [turn for turn, _, _ in timed]
+    marks = [turn_marks(turn, (called, returned), spans) for turn, called, returned in timed]
+    stages = [turn_stages(turn) for turn in marks]
 
     def percentiles(values: list[float | None]) -> dict[str, float]:
         seen = [value for value in values if value is not None]
+        if not seen:
+            return {"p50": float("nan"), "p95": float("nan"), "count": 0}
         return {"p50": float(np.percentile(seen, 50)), "p95": float(np.percentile(seen, 95)), "count": len(seen)}
 
     return {
         "turns": len(turns),
+        "load_average_1m": [load_before, load_after],
+        "noisy": max(load_before, load_after) > NOISY_LOAD,
         "final_transcript_s": percentiles([t.final_transcript_s for t in turns]),
         "first_answer_text_s": percentiles([t.first_answer_text_s for t in turns]),
         "first_answer_audio_s": percentiles([t.first_answer_audio_s for t in turns]),
+        # Per stage, seconds from the end of speech to its mark, and the stage's own time.
+        "marks_s": {name: percentiles([m.get(name) for m in marks]) for name in VOICE_MARKS},
+        "stages_s": {name: percentiles([s.get(name) for s in stages]) for name in VOICE_MARKS},
+        "first_piece_synthesis_s": percentiles([m.get("first_piece_synthesis_ms") for m in marks]),
         "detail": [
-            {"question": q, "heard": t.transcript, "answer_start": t.answer, "first_answer_audio_s": t.first_answer_audio_s}
-            for q, t in zip(questions, turns, strict=True)
+            {"question": q, "heard": t.transcript, "answer_start": t.answer, "first_answer_audio_s": t.first_answer_audio_s,
+             "marks_s": m}
+            for q, t, m in zip(questions, turns, marks, strict=True)
         ],
     }
+
+
+def print_voice_turns(voice: dict[str, Any]) -> None:
+    noisy = " (noisy: load above 1)" if voice["noisy"] else ""
+    print(f"\nvoice turns through Converse, {voice['turns']} spoken questions, seconds from the end of speech; "
+          f"load {voice['load_average_1m'][0]:.1f}-{voice['load_average_1m'][1]:.1f}{noisy}")
+    print(f"{'mark':<26} {'p50':>7} {'p95':>7} {'stage p50':>10} {'stage p95':>10}")
+    for name in VOICE_MARKS:
+        mark, stage = voice["marks_s"][name], voice["stages_s"][name]
+        if mark["count"]:
+            print(f"{name.replace('_', ' '):<26} {mark['p50']:>7.2f} {mark['p95']:>7.2f} {stage['p50']:>10.2f} {stage['p95']:>10.2f}")
+    synthesis = voice["first_piece_synthesis_s"]
+    if synthesis["count"]:
+        print(f"{'(synthesis call, 1st piece)':<26} {'':>7} {'':>7} {synthesis['p50']:>10.2f} {synthesis['p95']:>10.2f}")
+    print("reference: Pipecat / LiveKit voice agents aim at 0.5-0.8 s voice-to-voice on GPUs; target p50 <= 1.5 s, p95 <= 2.0 s")
 
 
 def main() -> None:
@@ -169,10 +243,21 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=Path(".llmos"))
     parser.add_argument("--tts-threads", type=int, default=0, help="ONNX Runtime threads for Kokoro (0: one per logical CPU), as LLMOS_SPEECH_TTS_THREADS")
     parser.add_argument("--voice-turns", type=int, default=10, help="voice turns through a private stack (0: skip)")
+    parser.add_argument("--voice-only", action="store_true",
+                        help="only the voice turns: the ASR and TTS engine figures already in --results are kept")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    if args.voice_only:
+        results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
+        results["voice_turns"] = voice = voice_turns(args.voice_turns)
+        print_voice_turns(voice)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.results}")
+        return
     # Timings on a shared two-core machine say little without how busy it was.
-    results: dict[str, object] = {"load_average_1m_at_start": os.getloadavg()[0], "asr": asr(args.data, args.clips)}
+    results = {"load_average_1m_at_start": os.getloadavg()[0], "asr": asr(args.data, args.clips)}
     model = KokoroModel(artefact_dir(args.home, "kokoro-82m"), ["CPUExecutionProvider"], args.tts_threads)
     results["kokoro_jm_kumo"] = tts(KokoroVoice(model, "jm_kumo"), args.repeats)
     results["espeak_ng"] = tts(EspeakVoice(), args.repeats)
@@ -189,16 +274,12 @@ def main() -> None:
     print("reference: plain whole-clip PocketSphinx decode of the same clips in this run")
     if args.voice_turns:
         results["voice_turns"] = voice = voice_turns(args.voice_turns)
-        print(f"\nvoice turns through Converse, {voice['turns']} spoken questions, seconds from the end of speech")
-        print(f"{'event':<28} {'p50':>7} {'p95':>7}")
-        for key in ("final_transcript_s", "first_answer_text_s", "first_answer_audio_s"):
-            print(f"{key.removesuffix('_s').replace('_', ' '):<28} {voice[key]['p50']:>7.2f} {voice[key]['p95']:>7.2f}")
-        print("reference: Pipecat / LiveKit voice agents aim at 0.5-0.8 s voice-to-voice on GPUs")
+        print_voice_turns(voice)
     results["load_average_1m_at_end"] = os.getloadavg()[0]
     print(f"load average (1 min) at start {results['load_average_1m_at_start']:.1f}, at end {results['load_average_1m_at_end']:.1f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from llmos.audit import DENY, AuditLog
 from llmos.auth import Principal
@@ -82,6 +83,7 @@ class TurnTimer:
         current = time.perf_counter()
         self.stages[stage] = self.stages.get(stage, 0.0) + (current - self.mark) * 1000
         self.mark = current
+        trace.get_current_span().add_event(stage)  # a voice turn's span times its stages by these
 
     def since_start_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

@@ -31,6 +31,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from llmos.audio import Encoding, Endpointer, EndpointConfig, PcmStream, Resampler, SpeechStart
 from llmos.auth import Principal
 from llmos.deadline import Deadline, timeout_within
@@ -39,6 +41,12 @@ from llmos.utterances import UtteranceChunker
 from llmos.v1 import dialogue_pb2, speech_pb2
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("llmos.dialogue.voice")
+
+# Span of one voice turn, from its final transcript; its events mark the stages up to the first
+# answer audio (the turn logic adds intent, retrieval, evidence and generation).
+VOICE_TURN_SPAN = "dialogue.voice_turn"
+FIRST_DELTA, FIRST_PIECE, FIRST_AUDIO = "first_answer_text", "first_piece_complete", "first_answer_audio"
 
 MAX_VOICE_NAME_CHARS = 64
 AUDIO_QUEUE_CHUNKS = 64  # chunks waiting for the recognizer before the caller is slowed down
@@ -262,6 +270,11 @@ class _Conversation:
     # -- one turn ---------------------------------------------------------------------------
 
     async def _answer(self, text: str) -> None:
+        # The span is current in both tasks below, so the turn logic's stages and calls fall under it.
+        with tracer.start_as_current_span(VOICE_TURN_SPAN):
+            await self._answer_in_span(text)
+
+    async def _answer_in_span(self, text: str) -> None:
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         generator = asyncio.create_task(self._generate(text, pieces))
         speaker = asyncio.create_task(self._speak(pieces))
@@ -285,19 +298,30 @@ class _Conversation:
         chunker = UtteranceChunker()
         intent = dialogue_pb2.Intent()
         final = dialogue_pb2.ChatResponse()
+        span = trace.get_current_span()
+        first_delta = first_piece = True
         try:
             async for response in self._voice.turns.chat(self._principal, self._tenant, request, self._deadline):
                 self._turn_session_id = response.session_id
                 if response.HasField("intent"):
                     intent.CopyFrom(response.intent)
                 if response.delta:
+                    if first_delta:
+                        span.add_event(FIRST_DELTA)
+                        first_delta = False
                     await self._emit(answer_delta=response.delta)
                     for piece in chunker.feed(response.delta):
+                        if first_piece:
+                            span.add_event(FIRST_PIECE, {"characters": len(piece)})
+                            first_piece = False
                         pieces.put_nowait(piece)
                 if response.final:
                     final.CopyFrom(response)
                     self._session_id = response.session_id  # saved before the final message
             for piece in chunker.flush():
+                if first_piece:
+                    span.add_event(FIRST_PIECE, {"characters": len(piece)})
+                    first_piece = False
                 pieces.put_nowait(piece)
         finally:
             pieces.put_nowait(None)
@@ -306,12 +330,19 @@ class _Conversation:
 
     async def _speak(self, pieces: asyncio.Queue[str | None]) -> None:
         loop = asyncio.get_running_loop()
+        span = trace.get_current_span()
+        first_audio = True
         while (piece := await pieces.get()) is not None:
             request = speech_pb2.SynthesizeSpeechRequest(
                 text=piece, voice_name=self._config.voice_name, sample_rate_hz=self._config.output_sample_rate_hz,
                 encoding=speech_pb2.AUDIO_ENCODING_LINEAR_PCM, tenant=self._tenant,
             )
             timeout_s = timeout_within(self._deadline, self._voice.limits.call_timeout_s)
+            requested = time.perf_counter()
             async for audio in self._voice.synthesizer.synthesize_stream(request, timeout_s):
+                if first_audio:
+                    synthesis_ms = (time.perf_counter() - requested) * 1000
+                    span.add_event(FIRST_AUDIO, {"synthesis_ms": synthesis_ms, "characters": len(piece)})
+                    first_audio = False
                 self._playing_until = max(self._playing_until, loop.time()) + audio.duration_ms / 1000
                 await self._emit(audio=audio)
