@@ -226,6 +226,8 @@ def _build(model: RegisteredModel, source: Path, out: Path, scratch: Path, log: 
         )
     else:
         export_genai.build_from_checkpoint(source, out, scratch, log, precision=precision, provider=provider)
+        if model.chat_template is not None:  # transformers 5 saves it beside, in chat_template.jinja
+            export_genai.ensure_chat_template(out, model.chat_template)
     export_genai.smoke_test_where_it_runs(out, log, provider=provider, chat=model.chat_template is not None)
 
 
