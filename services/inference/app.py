@@ -33,7 +33,7 @@ from services.inference.device_cache import DeviceCacheDecoder
 from services.inference.devices import CPU_GENERATION_VARIANTS, DevicePlan, check_session_provider, device_plan
 from services.inference.handlers import subscriptions
 from services.inference.model_pool import ModelCandidate, ServedModel
-from services.inference.scheduler import AdmissionLimits, GenerationScheduler, PrefixCache
+from services.inference.scheduler import PREFILL_CHUNK_TOKENS, AdmissionLimits, GenerationScheduler, PrefixCache
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import InferenceDevice, InferenceSettings
 
@@ -52,11 +52,14 @@ def _files_size(folder: Path) -> int:
 
 def generation_footprint(folder: Path, max_batch: int, max_context: int) -> int:
     """Bytes a loaded generation model takes: its files (weights), the slot KV cache the decoder
-    preallocates (float32, every layer), and one decode step's logits."""
+    preallocates (float32, every layer), and the logits buffer: the graph gives logits for every
+    position it runs, so a prompt piece of PREFILL_CHUNK_TOKENS needs that many rows (with Gemma 3's
+    262k vocabulary, 268 MB), more than a decode step's `max_batch`."""
     config = DecoderConfig.load(folder)
     context = min(max_context, config.context_length)
     kv_cache = 2 * config.num_layers * max_batch * config.kv_heads * context * config.head_size * _FLOAT32_BYTES
-    return _files_size(folder) + kv_cache + max_batch * config.vocab_size * _FLOAT32_BYTES
+    logits_rows = max(max_batch, PREFILL_CHUNK_TOKENS)
+    return _files_size(folder) + kv_cache + logits_rows * config.vocab_size * _FLOAT32_BYTES
 
 
 def embedding_footprint(folder: Path, max_batch_tokens: int) -> int:
