@@ -9,6 +9,7 @@ the same composer; a spoken answer is shorter and unframed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -81,24 +82,43 @@ class Answer:
 
 
 class SentenceVectors:
-    """Embeddings of source sentences, remembered: the knowledge base repeats across questions."""
+    """Embeddings of source sentences, remembered: the knowledge base repeats across questions.
+
+    Concurrent turns share the embedding of a sentence already on its way: a burst of questions
+    about the same articles embeds each of their sentences once, not once per turn.
+    """
 
     def __init__(self, embedder: Embedder, entries: int = SENTENCE_VECTOR_ENTRIES) -> None:
         self._embedder = embedder
         self._entries = entries
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._embedding: dict[str, asyncio.Task[dict[str, np.ndarray]]] = {}
 
     async def of(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
-        missing = list(dict.fromkeys(text for text in texts if text not in self._vectors))
-        if missing:
-            for text, vector in zip(missing, await self._embedder.embed(missing, timeout_s), strict=True):
-                self._vectors[text] = vector
-        for text in texts:
+        wanted = list(dict.fromkeys(texts))
+        found = {text: self._vectors[text] for text in wanted if text in self._vectors}
+        for text in found:
             self._vectors.move_to_end(text)
-        rows = [self._vectors[text] for text in texts]
+        missing = [text for text in wanted if text not in found and text not in self._embedding]
+        if missing:
+            task = asyncio.ensure_future(self._embed(missing, timeout_s))
+            self._embedding.update(dict.fromkeys(missing, task))
+        # Shielded: a turn that goes away does not cancel the sentences other turns wait for.
+        calls = {self._embedding[text] for text in wanted if text not in found}
+        for embedded in await asyncio.gather(*(asyncio.shield(call) for call in calls)):
+            found.update(embedded)
         while len(self._vectors) > self._entries:
             self._vectors.popitem(last=False)
-        return np.array(rows, dtype=np.float32)
+        return np.array([found[text] for text in texts], dtype=np.float32)
+
+    async def _embed(self, texts: list[str], timeout_s: float) -> dict[str, np.ndarray]:
+        try:
+            embedded = dict(zip(texts, await self._embedder.embed(texts, timeout_s), strict=True))
+        finally:
+            for text in texts:
+                del self._embedding[text]
+        self._vectors.update(embedded)
+        return embedded
 
 
 def grounded(text: str, shown: str, evidence: Evidence, support: float) -> AnswerSentence:

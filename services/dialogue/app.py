@@ -48,6 +48,7 @@ def limits_of(settings: DialogueSettings) -> DialogueLimits:
         ),
         script_confidence=settings.dialogue_script_confidence,
         strong_evidence_margin=settings.dialogue_strong_evidence_margin,
+        max_turn_wait_s=settings.dialogue_max_turn_wait_s or None,
     )
 
 

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from llmos.intents import OUT_OF_SCOPE, IntentClassifier
 from llmos.ports import Publisher
 from llmos.users import acting_user, check_owner
 from llmos.v1 import dialogue_pb2, events_pb2
+from services.dialogue.admission import TurnAdmission
 from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
 from services.dialogue.backends import Backends, Passage
 from services.dialogue.grounding import Question, standalone
@@ -71,6 +73,7 @@ class DialogueLimits:
     grounding: GroundingLimits
     script_confidence: float  # an intent this confident runs its script ...
     strong_evidence_margin: float  # ... unless the evidence scores this much above the minimum
+    max_turn_wait_s: float | None = None  # longest expected wait behind the turns in flight (None: deadlines only)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class DialogueCore:
         )
         self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
+        self.admission = TurnAdmission(limits.max_turn_wait_s)
 
     def _timeout(self, deadline: Deadline | None) -> float:
         return timeout_within(deadline, self._limits.call_timeout_s)
@@ -203,9 +207,20 @@ class DialogueCore:
         return text
 
     async def chat(
-        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None
+        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, deadline: Deadline | None,
+        refusable: bool = False,
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
+        """One turn. `refusable`: refused at once (RESOURCE_EXHAUSTED) when the turns in flight would
+        make it wait too long or finish past its deadline (the Chat RPC; a voice turn is always taken)."""
         message = self._validate(request.message)
+        with self.admission.turn(deadline, refusable):
+            async with aclosing(self._turn(principal, tenant, request, message, deadline)) as responses:
+                async for response in responses:
+                    yield response
+
+    async def _turn(
+        self, principal: Principal, tenant: str, request: dialogue_pb2.ChatRequest, message: str, deadline: Deadline | None
+    ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
         stored = await self._open(principal, tenant, request)
         session = stored.session
         timer = TurnTimer()

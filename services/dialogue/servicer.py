@@ -4,6 +4,7 @@ the core checks the session's user against the caller (`llmos.users`)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
@@ -23,8 +24,10 @@ class DialogueServicer(dialogue_pb2_grpc.DialogueServiceServicer):
     async def Chat(
         self, request: dialogue_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dialogue_pb2.ChatResponse]:
-        async for response in self._core.chat(current_principal(), effective_tenant(request.tenant), request, Deadline.of(context)):
-            yield response
+        turn = self._core.chat(current_principal(), effective_tenant(request.tenant), request, Deadline.of(context), refusable=True)
+        async with aclosing(turn) as responses:
+            async for response in responses:
+                yield response
 
     async def Converse(
         self, request_iterator: AsyncIterator[dialogue_pb2.ConverseRequest], context: grpc.aio.ServicerContext

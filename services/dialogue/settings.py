@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import PositiveInt, field_validator
+from pydantic import NonNegativeFloat, PositiveInt, field_validator
 
 from llmos.settings import PlatformSettings
 
@@ -42,6 +42,10 @@ class DialogueSettings(PlatformSettings):
     dialogue_strong_evidence_margin: float = 0.3
     # Limit of each call to another service when the client set no deadline (else: its deadline).
     dialogue_call_timeout_s: float = 60.0
+    # A Chat turn expected to wait longer than this behind the turns in flight (from their measured
+    # pace) is refused at once with RESOURCE_EXHAUSTED and a retry hint, as is one expected to finish
+    # after its deadline; 0: only deadlines refuse.
+    dialogue_max_turn_wait_s: NonNegativeFloat = 10.0
     # Summaries: default length, and the longest text accepted.
     dialogue_summary_words: int = 60
     dialogue_max_summary_source_chars: int = 400_000
