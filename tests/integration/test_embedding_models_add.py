@@ -32,7 +32,7 @@ from services.inference.core import EMBEDDING_MODEL
 from services.inference.settings import InferenceSettings
 from tests.conftest import NatsServer, RunningStack
 from tests.grpc_helpers import connected
-from tests.integration.test_inference_embed import start_inference
+from tests.integration.test_inference_embed import reference_vectors, start_inference
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -102,13 +102,6 @@ async def client(served: RunningStack) -> AsyncIterator[InferenceClient]:
         yield inference_client
 
 
-def reference_vectors(folder: Path, texts: list[str]) -> np.ndarray:
-    """What sentence-transformers itself makes of the folder."""
-    from sentence_transformers import SentenceTransformer
-
-    return np.asarray(SentenceTransformer(str(folder), device="cpu").encode(texts), dtype=np.float32)
-
-
 async def embedding_models(client: InferenceClient) -> dict[str, inference_pb2.ModelInfo]:
     return {info.name: info for info in await client.models(timeout_s=30) if info.role == inference_pb2.MODEL_ROLE_EMBEDDING}
 
@@ -135,7 +128,7 @@ async def test_added_embedding_models_are_listed_and_serve_on_first_use_within_t
         hidden = ENCODERS[name][0]
         assert (response.model, response.dimensions, len(response.embeddings)) == (name, hidden, len(TEXTS))
         vectors = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
-        np.testing.assert_allclose(vectors, reference_vectors(folders[name], TEXTS), atol=1e-4)
+        np.testing.assert_allclose(vectors, reference_vectors(folders[name], TEXTS, ENCODERS[name][3]), atol=1e-4)
         states = await embedding_models(client)
         assert states[name].state == inference_pb2.MODEL_STATE_LOADED
         assert states[name].execution_provider == "CPUExecutionProvider"

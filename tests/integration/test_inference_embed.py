@@ -15,6 +15,7 @@ import pytest
 from llmos.bus.subjects import CHUNKS_CREATED, CHUNKS_EMBEDDED
 from llmos.clients import InferenceClient
 from llmos.errors import InvalidArgument, PermissionDenied
+from llmos.models.catalog import get_spec, locate_source
 from llmos.models.store import artefact_dir
 from llmos.stack import stop_pids, wait_until_serving
 from llmos.v1 import common_pb2, events_pb2, inference_pb2
@@ -61,17 +62,15 @@ async def client(inference: RunningStack) -> AsyncIterator[InferenceClient]:
         yield inference_client
 
 
-def reference_vectors(models_home: Path, texts: list[str]) -> np.ndarray:
-    """Mean-pooled, normalized vectors from the checkpoint itself (its tokenizer, torch)."""
+def reference_vectors(source: Path, texts: list[str], max_length: int = 256) -> np.ndarray:
+    """Mean-pooled, normalized vectors from a sentence-transformers checkpoint folder itself (its
+    tokenizer, torch), as sentence-transformers computes them for all-MiniLM-L6-v2's modules."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from llmos.models.catalog import get_spec, locate_source
-
-    source = locate_source(get_spec("all-minilm-l6-v2")).path
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModel.from_pretrained(source).eval()
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -79,13 +78,13 @@ def reference_vectors(models_home: Path, texts: list[str]) -> np.ndarray:
     return torch.nn.functional.normalize(pooled, dim=1).numpy()
 
 
-async def test_embed_matches_the_checkpoint(client: InferenceClient, models_home: Path) -> None:
+async def test_embed_matches_the_checkpoint(client: InferenceClient) -> None:
     response = await client.embed_response(SENTENCES, timeout_s=60)
     assert response.model == "all-minilm-l6-v2" and response.dimensions == 384
     vectors = np.array([embedding.values for embedding in response.embeddings], dtype=np.float32)
     assert vectors.shape == (len(SENTENCES), 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    reference = reference_vectors(models_home, SENTENCES)
+    reference = reference_vectors(locate_source(get_spec("all-minilm-l6-v2")).path, SENTENCES)
     cosine = (vectors * reference).sum(axis=1)
     assert cosine.min() > 0.9999, cosine
     assert response.prompt_tokens > len(SENTENCES)
