@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 
 from bench.common import LoadWindow, spread
+from bench.generate.bandwidth import decode_limit, read_bandwidth_gb_s, weights_bytes
 from bench.generate.reference import Reference, ReferenceUnavailable, ensure_native
 from bench.generate.rounds import GREEDY_TOKENS, PLATFORM, agreement, first_divergence, interleaved_order, prefix_cache_exposure
 from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
@@ -319,6 +320,9 @@ def report(summary: dict[str, Any], measured: dict[str, Any], run_load: dict[str
     rows = [
         ("single stream decode tokens/s", cell(ours["single_decode_tps"]), cell(theirs["single_decode_tps"]),
          ratio_cell(ratios["single_decode_tps"]), ">= 1.4x"),
+        ("single stream decode, share of the memory-bandwidth limit",
+         f"{summary['bandwidth']['single_decode_fraction_of_limit']:.0%} of {summary['bandwidth']['limit_tps']:.0f}",
+         "-", "-", f"report ({summary['bandwidth']['read_bandwidth_gb_s']:.1f} GB/s / {summary['bandwidth']['weights_mb']:.0f} MB)"),
         ("single stream TTFT ms", cell(ours["single_ttft_ms"]), cell(theirs["single_ttft_ms"]), ratio_cell(ratios["single_ttft_ms"]), "-"),
         ("TTFT ms, repeated ~300-token prefix (llama: prompt cache)", cell(ours["prefix_ttft_ms"]), cell(theirs["prefix_ttft_ms"]),
          ratio_cell(ratios["prefix_ttft_ms"]), "<= 1.0x"),
@@ -384,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-new must be at least {GREEDY_TOKENS}: the engines' first {GREEDY_TOKENS} greedy tokens are compared")
 
     run_window = LoadWindow()
+    bandwidth = read_bandwidth_gb_s(args.threads)  # before anything else runs
     tokenizer = ModelTokenizer.from_dir(artefact_dir(args.home, MODEL))
     gguf = locate_source(get_spec(MODEL)).path
     reference: Reference | None = None
@@ -407,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     run_load = run_window.close()
     run_load["noisy"] = run_load["noisy"] or any(item["noisy"] for item in measured["rounds"] + measured["concurrent"])
     summary = summarize(measured, args.wide)
+    summary["bandwidth"] = decode_limit(bandwidth, weights_bytes(artefact_dir(args.home, MODEL)),
+                                        summary["platform"]["single_decode_tps"]["median"])
     report(summary, measured, run_load, args)
     path = write_results("generate", {
         "threads": args.threads, "max_new_tokens": args.max_new, "thread_spinning": args.thread_spinning,

@@ -123,3 +123,13 @@ def test_the_bench_builds_the_reference_unless_it_is_native(
     monkeypatch.setattr(reference, "build", lambda cmake_args=reference.NATIVE_CMAKE_ARGS: built.append(cmake_args))
     reference.ensure_native()
     assert built == (["-DGGML_NATIVE=ON"] if builds else [])
+
+
+def test_the_bandwidth_limit_of_one_stream() -> None:
+    """issue 15's own example: 38 GB/s over 86 MB of int4 weights is about 442 tokens/s."""
+    from bench.generate.bandwidth import decode_limit, read_bandwidth_gb_s
+
+    limit = decode_limit(38.0, 86_000_000, 221.0)
+    assert round(limit["limit_tps"]) == 442 and round(limit["single_decode_fraction_of_limit"], 2) == 0.5
+    measured = read_bandwidth_gb_s(threads=2, array_bytes=64 << 20, passes=2)
+    assert 0.5 < measured < 2000  # a real read of 64 MiB in GB/s, whatever the machine
