@@ -1,8 +1,11 @@
 """Turn-level admission: a chat turn that cannot be answered in time is refused at once.
 
 The dialogue knows its turns in flight and measures their pace: the busy seconds (some turn in
-flight) per turn that left, over the last `horizon_s` seconds. Turns in flight share the
-process and the services behind it, so a new turn is expected to finish after about
+flight) per turn that left, over the last `horizon_s` seconds, counting only the departures of
+turns that had company (under load, that is the time the service needs per turn: 16 turns that
+came together and left 2 s later took 1/8 s each; a lone turn's time is mostly waiting on other
+services, which turns together overlap, and would overstate it many times). Turns in flight
+share the process and the services behind it, so a new turn is expected to finish after about
 (turns in flight + 1) × that pace, having waited the part the others take. A turn expected to
 wait longer than the longest wait allowed, or to finish after its caller's deadline, is refused
 with RESOURCE_EXHAUSTED and a retry hint (`errors.ResourceExhausted`, mapped to gRPC's
@@ -17,11 +20,17 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from llmos.deadline import Deadline
 from llmos.errors import ResourceExhausted
 
 PACE_HORIZON_S = 30.0
+
+
+@dataclass
+class _Turn:
+    shared: bool = False  # another turn was in flight at some time during this one
 
 
 class TurnAdmission:
@@ -33,15 +42,19 @@ class TurnAdmission:
         self._max_wait_s = max_wait_s
         self._horizon_s = horizon_s
         self._clock = clock
-        self.in_flight = 0
         self._busy_from = 0.0  # the busy time to the next departure counts from here
+        self._flying: list[_Turn] = []
         self._busy_s = 0.0  # busy seconds and departures, each decayed by its age (horizon_s)
         self._departures = 0.0
         self._updated = 0.0
 
     @property
+    def in_flight(self) -> int:
+        return len(self._flying)
+
+    @property
     def seconds_per_turn(self) -> float | None:
-        """Busy seconds per turn that left, lately; None until one has."""
+        """Busy seconds per turn that left in company, lately; None until one has."""
         return self._busy_s / self._departures if self._departures else None
 
     def expected_s(self) -> tuple[float, float] | None:
@@ -81,16 +94,22 @@ class TurnAdmission:
         now = self._clock()
         if not self.in_flight:
             self._busy_from = now
-        self.in_flight += 1
+        turn = _Turn()
+        self._flying.append(turn)
+        if len(self._flying) > 1:
+            for other in self._flying:
+                other.shared = True
         try:
             yield
         finally:
-            self._leave()
+            self._leave(turn)
 
-    def _leave(self) -> None:
+    def _leave(self, turn: _Turn) -> None:
         now = self._clock()
-        decay = math.exp(-(now - self._updated) / self._horizon_s)
-        self._busy_s = self._busy_s * decay + (now - self._busy_from)
-        self._departures = self._departures * decay + 1.0
-        self._updated = self._busy_from = now
-        self.in_flight -= 1
+        self._flying.remove(turn)
+        if turn.shared:
+            decay = math.exp(-(now - self._updated) / self._horizon_s)
+            self._busy_s = self._busy_s * decay + (now - self._busy_from)
+            self._departures = self._departures * decay + 1.0
+            self._updated = now
+        self._busy_from = now

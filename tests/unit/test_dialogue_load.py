@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from llmos.errors import ResourceExhausted
 from llmos.v1 import dialogue_pb2
 from services.dialogue.admission import TurnAdmission
 from services.dialogue.answers import SentenceVectors
-from tests.unit.test_dialogue import ADMIN, LIMITS, RETURNS, ScriptedGenerator, make_core
+from tests.unit.test_dialogue import ADMIN, RETURNS, ScriptedGenerator, make_core
 
 pytestmark = pytest.mark.unit
 
@@ -72,8 +71,8 @@ class Clock:
 def test_admission_refuses_a_turn_expected_past_its_deadline_with_the_time_to_wait() -> None:
     clock = Clock()
     admission = TurnAdmission(max_wait_s=None, clock=clock)
-    with admission.turn(None):
-        clock.now += 0.5  # a lone turn: 0.5 s a turn
+    with admission.turn(None), admission.turn(None):
+        clock.now += 1.0  # two together in a second: 0.5 s a turn
     assert admission.seconds_per_turn == pytest.approx(0.5)
     turns = [admission.turn(None) for _ in range(3)]
     for turn in turns:
@@ -95,8 +94,8 @@ def test_admission_refuses_a_turn_expected_past_its_deadline_with_the_time_to_wa
 def test_admission_refuses_a_wait_longer_than_the_longest_allowed() -> None:
     clock = Clock()
     admission = TurnAdmission(max_wait_s=1.0, clock=clock)
-    with admission.turn(None):
-        clock.now += 0.4
+    with admission.turn(None), admission.turn(None):
+        clock.now += 0.8
     turns = [admission.turn(None) for _ in range(3)]
     for turn in turns[:2]:
         turn.__enter__()
@@ -118,8 +117,11 @@ def test_admission_measures_busy_time_per_turn_over_a_burst() -> None:
         turn.__exit__(None, None, None)
     assert admission.seconds_per_turn == pytest.approx(1.0 / 8)
     clock.now += 60.0  # idle time is not busy time
+    with admission.turn(None), admission.turn(None):
+        clock.now += 0.25
+    assert admission.seconds_per_turn == pytest.approx(0.125)
     with admission.turn(None):
-        clock.now += 0.125
+        clock.now += 3.0  # a lone turn's time is mostly waiting on other services: not its cost under load
     assert admission.seconds_per_turn == pytest.approx(0.125)
 
 
@@ -129,18 +131,27 @@ def test_nothing_is_refused_before_a_pace_is_measured_or_with_no_turn_in_flight(
     held = admission.turn(None)
     held.__enter__()
     admission.check(Deadline(clock.now + 0.001))  # no turn has finished yet: nothing known
-    fresh = TurnAdmission(max_wait_s=0.001, clock=clock)
-    with fresh.turn(None):
+    clock.now += 5.0
+    held.__exit__(None, None, None)
+    with admission.turn(None):
         clock.now += 5.0
-    fresh.check(Deadline(clock.now + 0.001))  # alone: nothing would make it faster
+    assert admission.seconds_per_turn is None  # lone turns measure nothing
+    with admission.turn(None):
+        admission.check(Deadline(clock.now + 0.001))
+    with admission.turn(None), admission.turn(None):
+        clock.now += 5.0
+    admission.check(Deadline(clock.now + 0.001))  # alone: nothing would make it faster
 
 
 async def test_a_chat_turn_is_refused_at_once_and_leaves_no_turn_counted() -> None:
     core, bus, retriever = make_core(ScriptedGenerator(""), [RETURNS])
-    core._limits = replace(LIMITS, max_turn_wait_s=None)
     request = dialogue_pb2.ChatRequest(message="How long do I have to return an item?")
-    answered = [response async for response in core.chat(ADMIN, "acme", request, None, refusable=True)]
-    assert answered[-1].final and core.admission.in_flight == 0
+
+    async def answer() -> list[dialogue_pb2.ChatResponse]:
+        return [response async for response in core.chat(ADMIN, "acme", request, None, refusable=True)]
+
+    answered = await asyncio.gather(answer(), answer())  # two together: a pace is measured
+    assert all(responses[-1].final for responses in answered) and core.admission.in_flight == 0
     assert core.admission.seconds_per_turn is not None
     # Hold one turn in flight at its first message: a second with no time left is refused before any work.
     held = core.chat(ADMIN, "acme", request, None, refusable=True)
