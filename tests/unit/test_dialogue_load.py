@@ -144,7 +144,7 @@ def test_nothing_is_refused_before_a_pace_is_measured_or_with_no_turn_in_flight(
 
 
 async def test_a_chat_turn_is_refused_at_once_and_leaves_no_turn_counted() -> None:
-    core, bus, retriever = make_core(ScriptedGenerator(""), [RETURNS])
+    core, _, retriever = make_core(ScriptedGenerator(""), [RETURNS])
     request = dialogue_pb2.ChatRequest(message="How long do I have to return an item?")
 
     async def answer() -> list[dialogue_pb2.ChatResponse]:
