@@ -9,6 +9,13 @@ Language models: the general en-us trigram model that ships with PocketSphinx, a
 a domain model built from its knowledge base (services.speech.domain). A domain decode whose
 confidence falls under a threshold is decoded again with the general model and the more
 confident of the two is kept (fallback by confidence).
+
+The final result waits for the end of a segment (the stop window of silence, 700 ms by
+default), but its decode need not: a segment is decoded up to CLOSING_SILENCE_MS after its last
+speech, and once that much silence has followed the speech, the segment so far is decoded on a
+free decoder in the background. If the segment then ends with no more speech, that decode is
+its final result, ready or nearly so when the end is detected; speech before the end throws it
+away. Either way the same audio is decoded, so the result does not depend on a free decoder.
 """
 
 from __future__ import annotations
@@ -16,21 +23,25 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pocketsphinx import Decoder, NGramModel
+from pocketsphinx import Decoder, NGramModel, Vad
 
-from llmos.audio import Endpointer, EndpointConfig, Resampler, SpeechAudio, SpeechEnd, SpeechStart, samples_to_pcm
+from llmos.audio import FRAME_MS, Endpointer, EndpointConfig, Resampler, SpeechAudio, SpeechEnd, SpeechStart, samples_to_pcm
 from llmos.errors import ResourceExhausted
 
 SAMPLE_RATE = Endpointer.SAMPLE_RATE
 FRAMES_PER_S = 100  # PocketSphinx's feature frame rate
 GENERAL = "general"
 DOMAIN = "domain"
+# Silence after the last speech that a segment's final decode includes, and after which that
+# decode starts in the background: shorter than the stop window, long enough that most pauses
+# between words do not start one.
+CLOSING_SILENCE_MS = 250
 # Words of the decoder's output that are not words of the transcript.
 _FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "[BREATH]", "[COUGH]", "[UH]", "[UM]")
 
@@ -98,10 +109,11 @@ class AsrEngine:
             return _search_name(tenant) in self._domain_models
 
     @contextmanager
-    def decoder(self, tenant: str | None) -> Iterator[tuple[Decoder, str, str | None]]:
-        """A decoder for one segment, its general search, and `tenant`'s domain search (or None)."""
+    def decoder(self, tenant: str | None, wait: bool = True) -> Iterator[tuple[Decoder, str, str | None]]:
+        """A decoder for one segment, its general search, and `tenant`'s domain search (or None).
+        `wait` False: only a decoder free now (else ResourceExhausted at once)."""
         try:
-            pooled = self._pool.get(timeout=self._acquire_timeout_s)
+            pooled = self._pool.get(timeout=self._acquire_timeout_s) if wait else self._pool.get_nowait()
         except queue.Empty:
             raise ResourceExhausted("every speech decoder is busy", retry_after_s=1.0) from None
         try:
@@ -131,6 +143,45 @@ def _decode(decoder: Decoder, search: str, audio: np.ndarray) -> tuple[str, floa
     decoder.process_raw(samples_to_pcm(audio), full_utt=True)
     decoder.end_utt()
     return _result(decoder)
+
+
+# A segment's final decode: text, confidence, [(word, start frame, end frame, confidence)], model.
+FinalDecode = tuple[str, float, list[tuple[str, int, int, float]], str]
+
+
+def _final_decode(
+    decoder: Decoder, general: str, domain: str | None, audio: np.ndarray, min_confidence: float
+) -> FinalDecode:
+    """A whole segment decoded with the domain model if any, else (or when that is not confident
+    enough and the general model is more so) the general one: (text, confidence, words, model)."""
+    text, confidence, words = _decode(decoder, domain or general, audio)
+    model = DOMAIN if domain else GENERAL
+    if domain and confidence < min_confidence:
+        general_result = _decode(decoder, general, audio)
+        if general_result[1] > confidence:
+            (text, confidence, words), model = general_result, GENERAL
+    return text, confidence, words, model
+
+
+class _Speculation:
+    """A segment's final decode, run in a background thread (on a decoder free at the time)."""
+
+    def __init__(self, decode: Callable[[], FinalDecode | None]) -> None:
+        self._decode = decode
+        self._result: FinalDecode | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="asr-speculation", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._decode()
+        finally:
+            self._done.set()
+
+    def result(self) -> FinalDecode | None:
+        """The decode, waited for; None when it failed or found no free decoder."""
+        self._done.wait()
+        return self._result
 
 
 def _result(decoder: Decoder) -> tuple[str, float, list[tuple[str, int, int, float]]]:
@@ -178,6 +229,12 @@ class StreamingRecognizer:
         self._decoder: Decoder | None = None
         self._general = ""
         self._domain_search: str | None = None
+        self._vad = Vad(vad_mode, SAMPLE_RATE, FRAME_MS / 1000)
+        self._frame = self._vad.frame_bytes // 2
+        self._silent_ms = 0  # unvoiced audio since the segment's last voiced frame
+        self._samples = 0  # in the segment so far
+        self._closing: int | None = None  # samples of the segment up to its closing silence, once heard
+        self._speculation: _Speculation | None = None
 
     @property
     def processed_ms(self) -> int:
@@ -214,6 +271,10 @@ class StreamingRecognizer:
         self._segment_start_ms = start_ms
         self._since_interim = 0
         self._previous_interim = []
+        self._silent_ms = 0
+        self._samples = 0
+        self._closing = None
+        self._speculation = None
         if self._interim_results:
             self._acquire()
             assert self._decoder is not None
@@ -225,6 +286,7 @@ class StreamingRecognizer:
 
     def _audio(self, samples: np.ndarray) -> Recognition | None:
         self._segment.append(samples)
+        self._speculate(samples)
         if self._decoder is None:
             return None
         self._decoder.process_raw(samples_to_pcm(samples), full_utt=False)
@@ -247,26 +309,60 @@ class StreamingRecognizer:
         self._previous_interim = words
         return Recognition(" ".join(words), 0.0, (), False, stability, self.processed_ms)
 
+    def _speculate(self, samples: np.ndarray) -> None:
+        """Track the silence after the speech; once CLOSING_SILENCE_MS of it are heard, decode the
+        segment so far in the background. Speech again throws that decode away (its thread frees
+        its decoder) and the segment goes on."""
+        self._samples += len(samples)
+        if len(samples) != self._frame:
+            self._silent_ms = 0  # the start window (many frames, speech) or a stream's last scrap
+        elif self._vad.is_speech(samples_to_pcm(samples)):
+            self._silent_ms = 0
+            self._closing = None
+            self._speculation = None
+        else:
+            self._silent_ms += FRAME_MS
+        if self._closing is None and self._silent_ms >= CLOSING_SILENCE_MS:
+            self._closing = self._samples
+            audio = np.concatenate(self._segment)
+            engine, tenant = self._engine, self._tenant
+
+            def decode() -> FinalDecode | None:
+                try:
+                    with engine.decoder(tenant, wait=False) as (decoder, general, domain):
+                        return _final_decode(decoder, general, domain, audio, engine.domain_min_confidence)
+                except ResourceExhausted:
+                    return None  # no decoder free: the segment is decoded when it ends, as usual
+
+            self._speculation = _Speculation(decode)
+
     def _end(self) -> Recognition:
         """The final result of a segment: the whole segment decoded at once.
 
         Live decoding (for interim results) normalizes features with a running estimate; a
         whole-segment decode normalizes over the segment and is more accurate, so finals come
-        from it whether or not interim results were asked for.
+        from it whether or not interim results were asked for. It covers the segment up to its
+        closing silence; the speculative decode of that audio, when there is one, is that decode.
         """
-        if self._decoder is None:
-            self._acquire()
+        speculated = self._speculation.result() if self._speculation is not None else None
+        self._speculation = None
+        if speculated is not None:
+            if self._decoder is not None:
+                self._decoder.end_utt()
+            text, confidence, words, model = speculated
         else:
-            self._decoder.end_utt()
-        decoder = self._decoder
-        assert decoder is not None
-        audio = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
-        text, confidence, words = _decode(decoder, self._domain_search or self._general, audio)
-        model = DOMAIN if self._domain_search else GENERAL
-        if self._domain_search and confidence < self._engine.domain_min_confidence:
-            general = _decode(decoder, self._general, audio)
-            if general[1] > confidence:
-                (text, confidence, words), model = general, GENERAL
+            if self._decoder is None:
+                self._acquire()
+            else:
+                self._decoder.end_utt()
+            decoder = self._decoder
+            assert decoder is not None
+            audio = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
+            if self._closing is not None:
+                audio = audio[:self._closing]  # the silence after the closing silence is not decoded
+            text, confidence, words, model = _final_decode(
+                decoder, self._general, self._domain_search, audio, self._engine.domain_min_confidence
+            )
         self._release()
         return Recognition(" ".join(w[0] for w in words) if words else text, confidence,
                            self._offsets(words), True, 1.0, self.processed_ms, model)
