@@ -48,6 +48,16 @@ tracer = trace.get_tracer("llmos.dialogue.voice")
 VOICE_TURN_SPAN = "dialogue.voice_turn"
 FIRST_DELTA, FIRST_PIECE, FIRST_AUDIO = "first_answer_text", "first_piece_complete", "first_answer_audio"
 
+# The first piece is what the caller waits for, and synthesis takes about as long as the piece is
+# long: a first piece longer than FIRST_PIECE_WORDS is cut before the first word that opens a
+# phrase, once it has MIN_FIRST_PIECE_WORDS and before MAX_FIRST_PIECE_WORDS, and spoken with a
+# clause's open intonation (a comma); the rest follows as the next piece.
+FIRST_PIECE_WORDS = 6
+MIN_FIRST_PIECE_WORDS, MAX_FIRST_PIECE_WORDS = 3, 8
+PHRASE_OPENERS = frozenset({
+    "and", "but", "or", "so", "because", "if", "unless", "when", "while", "where", "which", "who", "until",
+    "after", "before", "since", "in", "on", "at", "to", "for", "with", "within", "without", "from", "by", "during", "via",
+})
 MAX_VOICE_NAME_CHARS = 64
 AUDIO_QUEUE_CHUNKS = 64  # chunks waiting for the recognizer before the caller is slowed down
 EVENT_QUEUE_SIZE = 64  # responses waiting for the caller to read them before the conversation waits
@@ -148,6 +158,19 @@ class SpeechDetector:
         for event in self._endpointer.process(self._resampler.process(samples)):
             if isinstance(event, SpeechStart):
                 yield event
+
+
+def first_pieces(piece: str) -> list[str]:
+    """The answer's first piece, cut before a phrase when it is long (FIRST_PIECE_WORDS)."""
+    words = piece.split()
+    if len(words) <= FIRST_PIECE_WORDS:
+        return [piece]
+    for index in range(MIN_FIRST_PIECE_WORDS, min(MAX_FIRST_PIECE_WORDS, len(words) - 2) + 1):
+        before, opener = words[index - 1], words[index].lower()
+        # "4 to 8 days" is one phrase; a word already ending in punctuation is a boundary the chunker saw.
+        if opener in PHRASE_OPENERS and before[-1].isalpha() and not (opener == "to" and any(c.isdigit() for c in before)):
+            return [" ".join(words[:index]) + ",", " ".join(words[index:])]
+    return [piece]
 
 
 class _Conversation:
@@ -311,22 +334,26 @@ class _Conversation:
                         first_delta = False
                     await self._emit(answer_delta=response.delta)
                     for piece in chunker.feed(response.delta):
-                        if first_piece:
-                            span.add_event(FIRST_PIECE, {"characters": len(piece)})
-                            first_piece = False
-                        pieces.put_nowait(piece)
+                        first_piece = self._queue_piece(piece, first_piece, pieces)
                 if response.final:
                     final.CopyFrom(response)
                     self._session_id = response.session_id  # saved before the final message
             for piece in chunker.flush():
-                if first_piece:
-                    span.add_event(FIRST_PIECE, {"characters": len(piece)})
-                    first_piece = False
-                pieces.put_nowait(piece)
+                first_piece = self._queue_piece(piece, first_piece, pieces)
         finally:
             pieces.put_nowait(None)
         final.intent.CopyFrom(intent)  # the whole turn in one message: intent, citations, latency
         return final
+
+    @staticmethod
+    def _queue_piece(piece: str, first: bool, pieces: asyncio.Queue[str | None]) -> bool:
+        """Queue a speakable piece for synthesis (the first one cut short); False once one is queued."""
+        parts = first_pieces(piece) if first else [piece]
+        if first:
+            trace.get_current_span().add_event(FIRST_PIECE, {"characters": len(parts[0])})
+        for part in parts:
+            pieces.put_nowait(part)
+        return False
 
     async def _speak(self, pieces: asyncio.Queue[str | None]) -> None:
         loop = asyncio.get_running_loop()

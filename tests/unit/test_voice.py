@@ -16,7 +16,7 @@ from llmos.auth import Principal
 from llmos.deadline import Deadline
 from llmos.errors import InvalidArgument
 from llmos.v1 import dialogue_pb2, speech_pb2
-from services.dialogue.voice import SpeechDetector, VoiceLimits, VoiceTurns
+from services.dialogue.voice import SpeechDetector, VoiceLimits, VoiceTurns, first_pieces
 from services.speech.asr import AsrEngine, StreamingRecognizer
 from services.speech.tts import EspeakVoice, VoiceCatalog, espeak_available
 
@@ -224,3 +224,18 @@ async def test_a_failed_synthesis_ends_the_turn_at_once() -> None:
         async for _ in voice_turns(answers).converse(PRINCIPAL, "acme", config, audio(), None):
             pass
     assert answers.cancelled_at, "generation stopped when the first piece could not be spoken"
+
+
+@pytest.mark.parametrize(("piece", "expected"), [
+    ("Once the status changes to Packing or Shipped,", ["Once the status changes,", "to Packing or Shipped,"]),
+    ("Express delivery arrives the next working day in most EU countries and costs 12 EUR.",
+     ["Express delivery arrives the next working day,", "in most EU countries and costs 12 EUR."]),
+    ("Standard delivery takes three working days,", ["Standard delivery takes three working days,"]),  # short enough
+    ("Delivery outside the EU takes 4 to 8 working days and costs 14 EUR;",  # "4 to 8" is not cut; "and" comes too late
+     ["Delivery outside the EU takes 4 to 8 working days and costs 14 EUR;"]),
+    ("I'm sorry, our help centre does not say.", ["I'm sorry, our help centre does not say."]),  # no phrase opener
+])
+def test_a_long_first_piece_is_cut_before_a_phrase(piece: str, expected: list[str]) -> None:
+    pieces = first_pieces(piece)
+    assert pieces == expected
+    assert " ".join(pieces).replace(",", "").split() == piece.replace(",", "").split()  # the same words, in order
