@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 GET_DOCUMENT_TIMEOUT_S = 30.0
 KOKORO = "kokoro-82m"
+WARM_UP_TEXT = "Thank you for calling, how can I help?"
 
 
 def parse_seed(spec: str) -> dict[str, list[Path]]:
@@ -65,7 +66,11 @@ def voice_catalog(settings: SpeechSettings) -> VoiceCatalog:
     model.warm_up()
     logger.info("kokoro on %s", ", ".join(model.providers))
     voices = [KokoroVoice(model, name) for name in sorted(model.styles)]
-    return VoiceCatalog([*voices, EspeakVoice("en-us"), EspeakVoice("en-gb")], settings.speech_default_voice)
+    catalog = VoiceCatalog([*voices, EspeakVoice("en-us"), EspeakVoice("en-gb")], settings.speech_default_voice)
+    # The default voice speaks once, espeak-ng's phonemes included, so the first caller's first piece
+    # is not the one that loads espeak-ng's data and sizes the model's buffers for a clause.
+    catalog.get("").speak(WARM_UP_TEXT, 1.0)
+    return catalog
 
 
 def shared_domain_text(settings: SpeechSettings) -> str:
@@ -111,6 +116,7 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
     ).validated()
     engine = AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence)
+    engine.warm_up()
     with engine.decoder(None) as (decoder, general_search, _):
         background = general_unigrams(decoder, general_search)
     core = SpeechCore(
