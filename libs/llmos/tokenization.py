@@ -31,6 +31,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 # template writes), marking where each message's content goes.
 _CONTENT_MARK = "\ue000{}\ue001"
 _CONTENT_MARKS = re.compile("\ue000(\\d+)\ue001")
+# What a decoder writes for bytes that are not (yet) a whole UTF-8 character.
+_INCOMPLETE_CHARACTER = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -155,3 +157,39 @@ class ModelTokenizer:
                 "this model's chat template changes message contents, so they cannot be tokenized apart from its markup"
             )
         return ChatPrompt(prompt, ids)
+
+
+class TextStream:
+    """The text of a growing sequence of token ids, decoding only the newest few at each token.
+
+    Decoding the whole sequence at every token costs time that grows with its length. This keeps
+    the text of the tokens read so far and decodes a window: from the token where the text last
+    ended on a complete character (one step of context) to the newest. Decoders that treat the
+    start of a text specially (SentencePiece drops its leading space) treat both decodes of the
+    window alike, so their difference is the new text. `text` equals decoding every id at once,
+    a trailing incomplete character (U+FFFD) included while its remaining bytes are still to come.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._window_start = 0  # the window's first token: context for the decoder
+        self._read = 0  # tokens whose text is in `_complete`
+        self._window_head = ""  # the text of ids[_window_start:_read], decoded as the window's start
+        self._complete = ""
+        self._pending = ""  # text of the tokens after `_read`: may end in an incomplete character
+
+    @property
+    def text(self) -> str:
+        return self._complete + self._pending
+
+    def add(self, token_id: int) -> None:
+        self._ids.append(token_id)
+        window = self._tokenizer.decode(self._ids[self._window_start:])
+        self._pending = window[len(self._window_head):]
+        if self._pending.endswith(_INCOMPLETE_CHARACTER):
+            return
+        self._complete += self._pending
+        self._pending = ""
+        self._window_start, self._read = self._read, len(self._ids)
+        self._window_head = self._tokenizer.decode(self._ids[self._window_start:self._read])

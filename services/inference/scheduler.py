@@ -40,7 +40,7 @@ from opentelemetry import metrics
 
 from llmos.deadline import Deadline
 from llmos.errors import DeadlineExceeded, LlmosError, ResourceExhausted, Unavailable
-from llmos.tokenization import ModelTokenizer
+from llmos.tokenization import ModelTokenizer, TextStream
 from services.inference.batching import PRIORITY_NAMES, priority_rank
 from services.inference.decoder import CachedPrefix, Decoder
 
@@ -55,6 +55,9 @@ MIN_PREFILL_PIECE = 2
 INCOMPLETE_CHARACTER = "\ufffd"
 INTERACTIVE_RANK = 0
 BATCH_RANK = 2
+# Where a turn of the scheduler thread goes: admitting and prefilling prompts, the decode step's
+# model run, sampling the step's tokens, and detokenizing and handing them to their streams.
+PHASES = ("admit", "decode", "sample", "deliver")
 
 
 class FinishReason(enum.Enum):
@@ -118,6 +121,40 @@ def sample(logits: np.ndarray, config: SamplingConfig, rng: np.random.Generator)
         keep = order[: int(np.searchsorted(np.cumsum(probs[order]), config.top_p)) + 1]
         candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
     return int(rng.choice(candidates, p=probs))
+
+
+@dataclass
+class StepProfile:
+    """The scheduler thread's time per phase since it started: wall and thread-CPU seconds, and the
+    decode steps and the rows they ran (their mean is the batch the model really got)."""
+
+    steps: int = 0
+    rows: int = 0
+    wall_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    cpu_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+class _PhaseClock:
+    """Laps of the scheduler thread: each `lap` charges the time since the last one to a phase."""
+
+    def __init__(self) -> None:
+        self.profile = StepProfile()
+        self.turn_wall_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.turn_cpu_s: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._wall = self._cpu = 0.0
+
+    def start_turn(self) -> None:
+        for phase in PHASES:
+            self.turn_wall_s[phase] = self.turn_cpu_s[phase] = 0.0
+        self._wall, self._cpu = time.perf_counter(), time.thread_time()
+
+    def lap(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.turn_wall_s[phase] += wall - self._wall
+        self.turn_cpu_s[phase] += cpu - self._cpu
+        self.profile.wall_s[phase] += wall - self._wall
+        self.profile.cpu_s[phase] += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
 
 
 @dataclass(frozen=True)
@@ -233,6 +270,7 @@ class _Sequence:
     arrived: float
     rng: np.random.Generator
     deadline: float | None  # time.monotonic() seconds (Deadline.at)
+    text: TextStream  # the generated text, detokenized as the tokens come
     rank: int = 1
     cancelled: bool = False
     row: int = -1
@@ -353,6 +391,29 @@ class GenerationScheduler:
             "llmos.inference.refusals", unit="{request}",
             description="requests refused at admission (reason: queue_full or expected_wait)",
         )
+        self._step_time = meter.create_histogram(
+            "llmos.inference.step_time", unit="ms", description="wall time of one decode step's model run"
+        )
+        # Read at export time from the running totals, so a step pays nothing for them.
+        self._clock = _PhaseClock()
+        meter.create_observable_counter(
+            "llmos.inference.scheduler_time",
+            callbacks=[lambda _: [metrics.Observation(seconds, {"phase": phase})
+                                  for phase, seconds in self._clock.profile.wall_s.items()]],
+            unit="s", description="wall time of the scheduler thread per phase: admit (admission and prefill), "
+                                  "decode (the step's model run), sample, deliver (detokenize and hand to the stream)",
+        )
+        meter.create_observable_counter(
+            "llmos.inference.scheduler_cpu_time",
+            callbacks=[lambda _: [metrics.Observation(seconds, {"phase": phase})
+                                  for phase, seconds in self._clock.profile.cpu_s.items()]],
+            unit="s", description="CPU time of the scheduler thread per phase (ONNX Runtime's worker threads not included)",
+        )
+        meter.create_observable_counter(
+            "llmos.inference.decode_rows",
+            callbacks=[lambda _: [metrics.Observation(self._clock.profile.rows)]],
+            unit="{row}", description="rows run by decode steps (over llmos.inference.batch_size's count: the mean batch)",
+        )
         meter.create_observable_gauge(
             "llmos.inference.requests_running",
             callbacks=[lambda _: [metrics.Observation(len(self._running))]],
@@ -363,6 +424,11 @@ class GenerationScheduler:
             callbacks=[lambda _: [metrics.Observation(len(self._waiting))]],
             description="requests waiting for a decode slot",
         )
+
+    def profile(self) -> StepProfile:
+        """A copy of the scheduler thread's running totals per phase."""
+        totals = self._clock.profile
+        return StepProfile(totals.steps, totals.rows, dict(totals.wall_s), dict(totals.cpu_s))
 
     @property
     def running(self) -> int:
@@ -394,6 +460,7 @@ class GenerationScheduler:
             arrived=now,
             rng=np.random.default_rng(request.sampling.seed),
             deadline=request.deadline.at if request.deadline is not None else None,
+            text=TextStream(self._tokenizer),
             rank=priority_rank(request.priority),
         )
         with self._condition:
@@ -486,16 +553,25 @@ class GenerationScheduler:
                 if self._stopping:
                     break
             try:
+                self._clock.start_turn()
                 self._retire_gone()
                 self._admit()
+                self._clock.lap("admit")
                 if any(not sequence.prefilling for sequence in self._running):
                     self._step()
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("turn: %d running, %d waiting; ms %s; thread cpu ms %s", len(self._running),
+                                 len(self._waiting), self._format(self._clock.turn_wall_s), self._format(self._clock.turn_cpu_s))
             except Exception:  # noqa: BLE001 - fail the requests in flight, keep serving
                 logger.exception("generation step failed")
                 for sequence in list(self._running):
                     sequence.send(Unavailable("generation failed; retry the request"))
                     self._remove(sequence)
         self._cancel_all()
+
+    @staticmethod
+    def _format(seconds: dict[str, float]) -> str:
+        return " ".join(f"{phase}={value * 1000:.2f}" for phase, value in seconds.items())
 
     def _admit(self) -> None:
         """Give free slots to waiting requests, one decision at a time, and move prefills on.
@@ -620,18 +696,39 @@ class GenerationScheduler:
     def _step(self) -> None:
         running = list(self._running)
         self._batch_size.record(len(running))
-        started = time.monotonic()
         logits = self._decoder.decode(
             [sequence.next_token for sequence in running], [sequence.length for sequence in running]
         )
-        self.estimator.observe_step(len(running), time.monotonic() - started)
-        decoded = [(sequence, row_logits) for sequence, row_logits in zip(running, logits, strict=True)
-                   if not sequence.prefilling]
+        self._clock.lap("decode")
+        step_s = self._clock.turn_wall_s["decode"]
+        self._step_time.record(step_s * 1000)
+        self.estimator.observe_step(len(running), step_s)
+        self._clock.profile.steps += 1
+        self._clock.profile.rows += len(running)
+        rows = [row for row, sequence in enumerate(running) if not sequence.prefilling]
         # Every row's cache grew by this step before any finish moves a later row into a freed slot.
-        for sequence, _ in decoded:
-            sequence.length += 1
-        for sequence, row_logits in decoded:
-            self._accept(sequence, sample(row_logits, sequence.request.sampling, sequence.rng))
+        for row in rows:
+            running[row].length += 1
+        tokens = self._sample_rows(logits, [running[row] for row in rows], rows)
+        self._clock.lap("sample")
+        for row, token in zip(rows, tokens, strict=True):
+            self._accept(running[row], token)
+        self._clock.lap("deliver")
+
+    @staticmethod
+    def _sample_rows(logits: np.ndarray, sequences: list[_Sequence], rows: list[int]) -> list[int]:
+        """The next token of each of `sequences` (rows `rows` of `logits`): the greedy ones by one
+        argmax over the batch, the others each by their own sampling."""
+        tokens = [0] * len(rows)
+        greedy = [index for index, sequence in enumerate(sequences) if sequence.request.sampling.temperature == 0.0]
+        if greedy:
+            greedy_logits = logits if len(greedy) == logits.shape[0] else logits[[rows[index] for index in greedy]]
+            for index, token in zip(greedy, np.argmax(greedy_logits, axis=1).tolist(), strict=True):
+                tokens[index] = token
+        for index, sequence in enumerate(sequences):
+            if sequence.request.sampling.temperature != 0.0:
+                tokens[index] = sample(logits[rows[index]], sequence.request.sampling, sequence.rng)
+        return tokens
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         """Record a sampled token, stream what text is final, and finish the sequence if done."""
@@ -650,7 +747,8 @@ class GenerationScheduler:
             sequence.generated.append(token)
             sequence.unsent_ids.append(token)
             sequence.next_token = token
-        text = self._tokenizer.decode(sequence.generated)
+            sequence.text.add(token)
+        text = sequence.text.text
         stop_at = min((i for i in (text.find(stop, max(0, sequence.sent_chars - len(stop))) for stop in config.stop) if i >= 0), default=-1)
         if stop_at >= 0:
             text, finish = text[:stop_at], FinishReason.STOP

@@ -123,6 +123,36 @@ async def test_generation_stops_before_a_stop_string_without_leaking_it() -> Non
     await engine.stop()
 
 
+async def test_batched_rows_sample_as_alone_and_the_step_profile_counts_what_ran() -> None:
+    decoder = CountingDecoder(4)
+    engine = scheduler(decoder)
+    seeded = SamplingConfig(4, temperature=1.0, seed=7)
+    # A sampled row between greedy rows: the greedy ones take one argmax over the batch, it its own draw.
+    streams = [asyncio.ensure_future(run(engine, [20], max_new=4)),
+               asyncio.ensure_future(engine_events(engine, GenerationRequest([10], seeded, "u", common_pb2.PRIORITY_STANDARD))),
+               asyncio.ensure_future(run(engine, [30], max_new=4))]
+    await asyncio.sleep(0.01)
+    engine.start()
+    greedy_a, sampled, greedy_b = await asyncio.gather(*streams)
+    assert max(decoder.batch_sizes) == 3
+    assert "".join(e.delta for e in greedy_a) == "w21 w22 w23 w24" and "".join(e.delta for e in greedy_b) == "w31 w32 w33 w34"
+    engine_alone = scheduler(CountingDecoder(4))
+    engine_alone.start()
+    alone = await engine_events(engine_alone, GenerationRequest([10], seeded, "t", common_pb2.PRIORITY_STANDARD))
+    assert [t for e in sampled for t in e.token_ids] == [t for e in alone for t in e.token_ids]
+    profile = engine.profile()
+    assert (profile.steps, profile.rows) == (len(decoder.batch_sizes), sum(decoder.batch_sizes))
+    # The fake decoder sleeps 1 ms a step: the decode phase holds at least that, in wall time.
+    assert profile.wall_s["decode"] >= 0.001 * profile.steps
+    assert all(profile.wall_s[phase] > 0 for phase in ("admit", "sample", "deliver"))
+    await engine.stop()
+    await engine_alone.stop()
+
+
+async def engine_events(engine: GenerationScheduler, request: GenerationRequest) -> list[StreamEvent]:
+    return [event async for event in engine.submit(request)]
+
+
 async def test_priority_then_fair_share_decide_admission() -> None:
     decoder = CountingDecoder(2)
     engine = scheduler(decoder)
