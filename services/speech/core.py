@@ -129,6 +129,7 @@ class SpeechCore:
         self._rebuild_locks: dict[str, asyncio.Lock] = {}
         self._domain_policy = domain_policy
         self._rebuilds = CoalescedRebuilds(self._rebuild, domain_policy.settle_s)
+        self._publishes: set[asyncio.Task[None]] = set()  # recognition events still being published
 
     # -- recognition ----------------------------------------------------------------------
 
@@ -211,21 +212,32 @@ class SpeechCore:
                     ))
                 results = await stream.feed(samples)
                 if results:
-                    await self._recognized(tenant, request_id, results, 0, started)
+                    published = self._publishing(tenant, request_id, results, started)
                     yield speech_pb2.StreamingRecognizeResponse(
                         results=[_proto_result(r, recognition.enable_word_time_offsets) for r in results]
                     )
+                    await published
             if stream is None:
                 raise InvalidArgument("audio_content", "the stream ended before any audio")
             results = await stream.finish()
             if results:
-                await self._recognized(tenant, request_id, results, 0, started)
+                published = self._publishing(tenant, request_id, results, started)
                 yield speech_pb2.StreamingRecognizeResponse(
                     results=[_proto_result(r, recognition.enable_word_time_offsets) for r in results]
                 )
+                await published
         finally:
             if stream is not None:
                 await asyncio.shield(stream.close())
+
+    def _publishing(self, tenant: str, request_id: str, results: list[Recognition], started: float) -> asyncio.Task[None]:
+        """The final results' events, published while their response goes out: the caller (a voice
+        turn waiting on its transcript) does not wait for the bus. The task is kept until it is
+        done, so a caller who hangs up meanwhile does not lose the events."""
+        task = asyncio.create_task(self._recognized(tenant, request_id, results, 0, started))
+        self._publishes.add(task)
+        task.add_done_callback(self._publishes.discard)
+        return task
 
     async def _recognized(self, tenant: str, request_id: str, results: list[Recognition], audio_ms: int, started: float) -> None:
         for index, result in enumerate(r for r in results if r.is_final):
