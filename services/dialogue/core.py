@@ -11,6 +11,7 @@ not say" with a hand-off. The session is saved in the KV bucket and
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -214,6 +215,9 @@ class DialogueCore:
         make it wait too long or finish past its deadline (the Chat RPC; a voice turn is always taken)."""
         message = self._validate(request.message)
         with self.admission.turn(deadline, refusable):
+            # Turns that arrive together each meet admission before any of them starts its work,
+            # so a refused one hears it at once, not after the first steps of all the others.
+            await asyncio.sleep(0)
             async with aclosing(self._turn(principal, tenant, request, message, deadline)) as responses:
                 async for response in responses:
                     yield response
