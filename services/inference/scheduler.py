@@ -271,6 +271,7 @@ class _Sequence:
     rng: np.random.Generator
     deadline: float | None  # time.monotonic() seconds (Deadline.at)
     text: TextStream  # the generated text, detokenized as the tokens come
+    outbox: list[tuple[_Sequence, StreamEvent | LlmosError]]  # the scheduler's: events not yet handed over
     rank: int = 1
     cancelled: bool = False
     row: int = -1
@@ -287,7 +288,8 @@ class _Sequence:
     sent_chars: int = 0
 
     def send(self, event: StreamEvent | LlmosError) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """Post `event` to the outbox; the scheduler hands it over with the rest of its turn's."""
+        self.outbox.append((self, event))
 
     def work(self) -> QueuedWork:
         prompt = len(self.request.prompt_ids)
@@ -297,6 +299,12 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.prompt_done < len(self.request.prompt_ids)
+
+
+def _put_all(events: list[tuple[_Sequence, StreamEvent | LlmosError]]) -> None:
+    """On a stream's event loop: queue each event for its stream, in order."""
+    for sequence, event in events:
+        sequence.events.put_nowait(event)
 
 
 class PrefixCache:
@@ -364,6 +372,7 @@ class GenerationScheduler:
         )
         self._waiting: list[_Sequence] = []
         self._running: list[_Sequence] = []  # running[i].row == i
+        self._outbox: list[tuple[_Sequence, StreamEvent | LlmosError]] = []
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -461,6 +470,7 @@ class GenerationScheduler:
             rng=np.random.default_rng(request.sampling.seed),
             deadline=request.deadline.at if request.deadline is not None else None,
             text=TextStream(self._tokenizer),
+            outbox=self._outbox,
             rank=priority_rank(request.priority),
         )
         with self._condition:
@@ -556,6 +566,7 @@ class GenerationScheduler:
                 self._clock.start_turn()
                 self._retire_gone()
                 self._admit()
+                self._hand_over()  # first tokens go out before the step
                 self._clock.lap("admit")
                 if any(not sequence.prefilling for sequence in self._running):
                     self._step()
@@ -567,7 +578,24 @@ class GenerationScheduler:
                 for sequence in list(self._running):
                     sequence.send(Unavailable("generation failed; retry the request"))
                     self._remove(sequence)
+                self._hand_over()
         self._cancel_all()
+
+    def _hand_over(self) -> None:
+        """Give the outbox's events to their streams: one wake-up of each event loop for all of them.
+
+        A wake-up per token would make the loop's thread take the GIL from this one for every
+        token; handed over at once, just before the next model run (which releases the GIL), the
+        loop streams them while the model runs.
+        """
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, StreamEvent | LlmosError]]] = {}
+        for sequence, event in self._outbox:
+            by_loop.setdefault(sequence.loop, []).append((sequence, event))
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, events)
 
     @staticmethod
     def _format(seconds: dict[str, float]) -> str:
@@ -713,6 +741,7 @@ class GenerationScheduler:
         self._clock.lap("sample")
         for row, token in zip(rows, tokens, strict=True):
             self._accept(running[row], token)
+        self._hand_over()
         self._clock.lap("deliver")
 
     @staticmethod
@@ -816,3 +845,4 @@ class GenerationScheduler:
                 len(sequence.request.prompt_ids), len(sequence.generated), sequence.cached_tokens,
                 0.0, 0.0, 0.0,
             )))
+        self._hand_over()
