@@ -8,20 +8,29 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from nats.aio.client import Client
 
 from llmos.bus.broker import Bus, Subscription
 from llmos.bus.subjects import DOCS_INDEXED, dead_letter_subject
 from llmos.errors import Unavailable
 from llmos.v1 import events_pb2
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, running_nats_server
 from tests.integration.bus_helpers import last_sequence, publish
 
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = 4.0  # longer than the 2.5 s in which three deliveries used to pass
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A server of its own: on the session's, a new durable consumer would first read every
+    docs.indexed event other tests published, and other services would handle this one too."""
+    with running_nats_server(tmp_path / "jetstream") as server:
+        yield server
 
 
 async def test_an_outage_of_a_dependency_spends_no_deliveries(nats_server: NatsServer) -> None:
