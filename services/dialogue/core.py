@@ -36,6 +36,7 @@ from services.dialogue.admission import TurnAdmission
 from services.dialogue.answers import Answer, AnswerComposer, AnswerSentence, GroundingLimits
 from services.dialogue.backends import Backends, Passage
 from services.dialogue.grounding import Question, standalone
+from services.dialogue.intent_batch import CoalescingClassifier
 from services.dialogue.replies import SMALL_TALK, Assistant
 from services.dialogue.sessions import SessionStore, StoredSession
 from services.dialogue.slots import ORDER_NUMBER, ORDER_PROOF, OrderBook, extract_order_number, extract_order_proofs
@@ -140,7 +141,7 @@ class DialogueCore:
         self._bus = bus
         self._sessions = sessions
         self._audit = audit
-        self._classifier = classifier
+        self._classifier = CoalescingClassifier(classifier)
         self._backends = backends
         self._orders = orders
         self._limits = limits
@@ -231,7 +232,7 @@ class DialogueCore:
         question = standalone(message, _last_question(session))
         texts = [message] if question.text == message else [message, question.text]
         vectors = await self._backends.embedder.embed(texts, self._timeout(deadline))
-        prediction = self._classifier.predict([message], vectors[:1])[0]
+        prediction = await self._classifier.predict(message, vectors[0])
         timer.lap("intent")
         intent = dialogue_pb2.Intent(name=prediction.intent, confidence=prediction.confidence)
         reply = await self._reply(tenant, session, message, question, vectors[-1], intent, timer, deadline, request.spoken)

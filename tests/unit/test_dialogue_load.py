@@ -1,9 +1,11 @@
 """Many chat turns at once (issue 15, item 5): source sentences embedded once for concurrent turns,
-and turn-level admission that refuses a turn the turns in flight would make too late."""
+the messages of concurrent turns classified in one call, and turn-level admission that refuses a
+turn the turns in flight would make too late."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 
 from llmos.deadline import Deadline
 from llmos.errors import ResourceExhausted
+from llmos.intents import Prediction
 from llmos.v1 import dialogue_pb2
 from services.dialogue.admission import TurnAdmission
 from services.dialogue.answers import SentenceVectors
+from services.dialogue.intent_batch import CoalescingClassifier
 from tests.unit.test_dialogue import ADMIN, RETURNS, ScriptedGenerator, make_core
 
 pytestmark = pytest.mark.unit
@@ -162,3 +166,36 @@ async def test_a_chat_turn_is_refused_at_once_and_leaves_no_turn_counted() -> No
     assert retriever.searches == searches and core.admission.in_flight == 1
     await held.aclose()
     assert core.admission.in_flight == 0
+
+
+class HeldClassifier:
+    """Names each message's intent after the message; each call waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.release = threading.Event()
+
+    def predict(self, texts: Sequence[str], vectors: np.ndarray) -> list[Prediction]:
+        self.calls.append(list(texts))
+        if not self.release.wait(timeout=10):
+            raise RuntimeError("never released")
+        if "fail" in texts:
+            raise ValueError("the classifier failed")
+        return [Prediction(text, float(vector[0]), text) for text, vector in zip(texts, vectors, strict=True)]
+
+
+async def test_messages_that_arrive_while_the_classifier_runs_go_in_one_call() -> None:
+    held = HeldClassifier()
+    classifier = CoalescingClassifier(held)
+    first = asyncio.create_task(classifier.predict("a", np.array([1.0, 0.0])))
+    while not held.calls:
+        await asyncio.sleep(0.001)
+    others = [asyncio.create_task(classifier.predict(text, np.array([float(n), 0.0]))) for n, text in enumerate("bcd", 2)]
+    await asyncio.sleep(0.01)
+    held.release.set()
+    assert (await first).intent == "a"
+    assert [(p.intent, p.confidence) for p in await asyncio.gather(*others)] == [("b", 2.0), ("c", 3.0), ("d", 4.0)]
+    assert held.calls == [["a"], ["b", "c", "d"]]
+    with pytest.raises(ValueError, match="failed"):
+        await classifier.predict("fail", np.array([0.0, 0.0]))
+    assert (await classifier.predict("e", np.array([5.0, 0.0]))).intent == "e"  # a failed call leaves it working
