@@ -3,8 +3,9 @@
 The caller's audio goes to the speech service's StreamingRecognize; its interim and final
 transcripts are passed on. Each final transcript is one turn of the same turn logic as Chat
 (`DialogueCore.chat`): its answer deltas are passed on and cut into speakable pieces (the first
-clause, then sentences; llmos.utterances), each synthesized as soon as it is complete, so the
-answer is heard while it is still being generated.
+clause, then sentences; llmos.utterances; a long first clause cut again before a phrase), each
+synthesized as soon as it is complete, so the answer is heard while it is still being generated.
+Each turn is a `dialogue.voice_turn` span whose events time its stages up to the first audio.
 
 Barge-in: the audio is also watched here by the same voice-activity endpointer the recognizer
 uses (llmos.audio), so user speech is noticed the moment its start window fills, without waiting
