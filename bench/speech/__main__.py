@@ -153,10 +153,11 @@ def turn_marks(turn: VoiceTurn, window: tuple[float, float], spans: list[dict[st
         for event in span["events"]:
             if event["name"] in SPAN_EVENTS:
                 marks[SPAN_EVENTS[event["name"]]] = turn.final_transcript_s + (event["time_ns"] - span["start_ns"]) / 1e9
-        if FIRST_AUDIO in {event["name"] for event in span["events"]}:
-            marks["first_piece_synthesis_ms"] = next(
-                event["attributes"]["synthesis_ms"] for event in span["events"] if event["name"] == FIRST_AUDIO
-            ) / 1000
+        for event in span["events"]:
+            if event["name"] == FIRST_AUDIO:
+                marks["first_piece_synthesis_s"] = event["attributes"]["synthesis_ms"] / 1000
+            elif event["name"] == FIRST_PIECE:
+                marks["first_piece_characters"] = event["attributes"]["characters"]
     return {name: value for name, value in marks.items() if value is not None}
 
 
@@ -211,7 +212,8 @@ def voice_turns(count: int) -> dict[str, object]:
         # Per stage, seconds from the end of speech to its mark, and the stage's own time.
         "marks_s": {name: percentiles([m.get(name) for m in marks]) for name in VOICE_MARKS},
         "stages_s": {name: percentiles([s.get(name) for s in stages]) for name in VOICE_MARKS},
-        "first_piece_synthesis_s": percentiles([m.get("first_piece_synthesis_ms") for m in marks]),
+        "first_piece_synthesis_s": percentiles([m.get("first_piece_synthesis_s") for m in marks]),
+        "first_piece_characters": percentiles([m.get("first_piece_characters") for m in marks]),
         "detail": [
             {"question": q, "heard": t.transcript, "answer_start": t.answer, "first_answer_audio_s": t.first_answer_audio_s,
              "marks_s": m}
@@ -231,7 +233,8 @@ def print_voice_turns(voice: dict[str, Any]) -> None:
             print(f"{name.replace('_', ' '):<26} {mark['p50']:>7.2f} {mark['p95']:>7.2f} {stage['p50']:>10.2f} {stage['p95']:>10.2f}")
     synthesis = voice["first_piece_synthesis_s"]
     if synthesis["count"]:
-        print(f"{'(synthesis call, 1st piece)':<26} {'':>7} {'':>7} {synthesis['p50']:>10.2f} {synthesis['p95']:>10.2f}")
+        print(f"{'(synthesis call, 1st piece)':<26} {'':>7} {'':>7} {synthesis['p50']:>10.2f} {synthesis['p95']:>10.2f}"
+              f"   first piece {voice['first_piece_characters']['p50']:.0f} characters (p50)")
     print("reference: Pipecat / LiveKit voice agents aim at 0.5-0.8 s voice-to-voice on GPUs; target p50 <= 1.5 s, p95 <= 2.0 s")
 
 
