@@ -566,7 +566,7 @@ class GenerationScheduler:
                 self._clock.start_turn()
                 self._retire_gone()
                 self._admit()
-                self._hand_over()  # first tokens go out before the step
+                self._hand_over()  # what admission refused or expired goes out before the step
                 self._clock.lap("admit")
                 if any(not sequence.prefilling for sequence in self._running):
                     self._step()
@@ -719,6 +719,7 @@ class GenerationScheduler:
         if len(prompt) >= self._prefix_cache.min_tokens and sequence.cached_tokens < len(prompt) - MIN_PREFILL_PIECE:
             self._prefix_cache.add(sequence.request.tenant, self._decoder.save_prefix(sequence.row, prompt))
         self._accept(sequence, sample(logits, sequence.request.sampling, sequence.rng))
+        self._hand_over()  # its first token, before the next prompt is read
         return done - started
 
     def _step(self) -> None:

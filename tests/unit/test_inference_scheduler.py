@@ -149,6 +149,24 @@ async def test_batched_rows_sample_as_alone_and_the_step_profile_counts_what_ran
     await engine_alone.stop()
 
 
+async def test_a_prompt_s_first_token_goes_out_before_the_next_prompt_is_read() -> None:
+    decoder = CountingDecoder(3, prefill_s=0.1)
+    engine = scheduler(decoder)
+    arrived: dict[int, float] = {}
+
+    async def first_token_time(prompt: int) -> None:
+        async for _ in engine.submit(GenerationRequest([prompt], SamplingConfig(2), "t", common_pb2.PRIORITY_STANDARD)):
+            arrived.setdefault(prompt, time.monotonic())
+
+    streams = [asyncio.ensure_future(first_token_time(prompt)) for prompt in (1, 2, 3)]
+    await asyncio.sleep(0.01)  # all three wait: one admission prefills them one after another
+    engine.start()
+    await asyncio.gather(*streams)
+    first, _, last = sorted(arrived.values())
+    assert last - first >= 0.15  # the first stream did not wait for the two prompts after its own
+    await engine.stop()
+
+
 async def engine_events(engine: GenerationScheduler, request: GenerationRequest) -> list[StreamEvent]:
     return [event async for event in engine.submit(request)]
 
