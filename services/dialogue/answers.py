@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmos.errors import DeadlineExceeded
 from llmos.text import sentence_spans
 from llmos.v1 import dialogue_pb2
 from services.dialogue.backends import Embedder, Generator, Passage
@@ -85,11 +86,16 @@ class SentenceVectors:
     """Embeddings of source sentences, remembered: the knowledge base repeats across questions.
 
     Concurrent turns share the embedding of a sentence already on its way: a burst of questions
-    about the same articles embeds each of their sentences once, not once per turn.
+    about the same articles embeds each of their sentences once, not once per turn. That call has
+    its own limit (`fill_timeout_s`), not the deadline of the turn that started it: a turn whose
+    deadline passes first fails, the sentences are still remembered, and the next turns find them
+    (bound to short deadlines, a burst of cold turns would fail again and again, none of them
+    ever filling the cache).
     """
 
-    def __init__(self, embedder: Embedder, entries: int = SENTENCE_VECTOR_ENTRIES) -> None:
+    def __init__(self, embedder: Embedder, fill_timeout_s: float, entries: int = SENTENCE_VECTOR_ENTRIES) -> None:
         self._embedder = embedder
+        self._fill_timeout_s = fill_timeout_s
         self._entries = entries
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._embedding: dict[str, asyncio.Task[dict[str, np.ndarray]]] = {}
@@ -101,12 +107,16 @@ class SentenceVectors:
             self._vectors.move_to_end(text)
         missing = [text for text in wanted if text not in found and text not in self._embedding]
         if missing:
-            task = asyncio.ensure_future(self._embed(missing, timeout_s))
+            task = asyncio.ensure_future(self._embed(missing, self._fill_timeout_s))
             self._embedding.update(dict.fromkeys(missing, task))
         # Shielded: a turn that goes away does not cancel the sentences other turns wait for.
         calls = {self._embedding[text] for text in wanted if text not in found}
-        for embedded in await asyncio.gather(*(asyncio.shield(call) for call in calls)):
-            found.update(embedded)
+        try:
+            embedded = await asyncio.wait_for(asyncio.gather(*(asyncio.shield(call) for call in calls)), timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded("inference: the source sentences were not embedded within the request's deadline") from None
+        for vectors in embedded:
+            found.update(vectors)
         while len(self._vectors) > self._entries:
             self._vectors.popitem(last=False)
         return np.array([found[text] for text in texts], dtype=np.float32)
@@ -142,9 +152,11 @@ class AnswerComposer:
     limits: GroundingLimits
     brand: str
     weights: EvidenceWeights = field(default_factory=EvidenceWeights)
+    # Limit of the embedding call of source sentences that turns share (not one turn's deadline).
+    sentence_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        self._sentence_vectors = SentenceVectors(self.embedder)
+        self._sentence_vectors = SentenceVectors(self.embedder, self.sentence_timeout_s)
 
     async def evidence(
         self, question: Question, question_vector: np.ndarray, passages: Sequence[Passage], spoken: bool, timeout_s: float

@@ -151,7 +151,9 @@ class DialogueCore:
             backends.embedder, backends.summary_generator or backends.generator, backends.tokens, limits.context_tokens,
             limits.grounding.min_support, limits.summary_max_generate_calls,
         )
-        self._composer = AnswerComposer(backends.embedder, backends.generator, limits.grounding, assistant.brand)
+        self._composer = AnswerComposer(
+            backends.embedder, backends.generator, limits.grounding, assistant.brand, sentence_timeout_s=limits.call_timeout_s
+        )
         self.search_cache = SearchCache(SEARCH_CACHE_ENTRIES)
         self.admission = TurnAdmission(limits.max_turn_wait_s)
 

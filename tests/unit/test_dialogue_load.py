@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmos.deadline import Deadline
-from llmos.errors import ResourceExhausted
+from llmos.errors import DeadlineExceeded, ResourceExhausted
 from llmos.intents import Prediction
 from llmos.v1 import dialogue_pb2
 from services.dialogue.admission import TurnAdmission
@@ -38,7 +38,7 @@ class GatedEmbedder:
 
 async def test_concurrent_turns_embed_each_source_sentence_once() -> None:
     embedder = GatedEmbedder()
-    vectors = SentenceVectors(embedder)
+    vectors = SentenceVectors(embedder, fill_timeout_s=10)
     first = asyncio.create_task(vectors.of(["a b", "c d e"], 10))
     second = asyncio.create_task(vectors.of(["c d e", "f", "a b"], 10))
     await asyncio.sleep(0)
@@ -53,7 +53,7 @@ async def test_concurrent_turns_embed_each_source_sentence_once() -> None:
 
 async def test_a_turn_that_goes_away_leaves_the_shared_embedding_to_the_others() -> None:
     embedder = GatedEmbedder()
-    vectors = SentenceVectors(embedder)
+    vectors = SentenceVectors(embedder, fill_timeout_s=10)
     leaving = asyncio.create_task(vectors.of(["a b"], 10))
     await asyncio.sleep(0)
     staying = asyncio.create_task(vectors.of(["a b"], 10))
@@ -61,6 +61,17 @@ async def test_a_turn_that_goes_away_leaves_the_shared_embedding_to_the_others()
     leaving.cancel()
     embedder.gate.set()
     assert (await staying)[:, 0].tolist() == [3.0]
+    assert len(embedder.calls) == 1
+
+
+async def test_a_turn_out_of_time_fails_and_the_sentences_are_still_remembered() -> None:
+    embedder = GatedEmbedder()
+    vectors = SentenceVectors(embedder, fill_timeout_s=10)
+    with pytest.raises(DeadlineExceeded, match="inference"):
+        await vectors.of(["a b", "c d e"], 0.01)  # its own deadline; the shared call goes on
+    embedder.gate.set()
+    await asyncio.sleep(0.01)
+    assert (await vectors.of(["c d e"], 0.01))[:, 0].tolist() == [5.0]
     assert len(embedder.calls) == 1
 
 
