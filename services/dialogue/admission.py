@@ -1,8 +1,10 @@
 """Turn-level admission: a chat turn that cannot be answered in time is refused at once.
 
 The dialogue knows its turns in flight and measures their pace: the busy seconds (some turn in
-flight) per turn that left, over the last `horizon_s` seconds, counting only the departures of
-turns that had company (under load, that is the time the service needs per turn: 16 turns that
+flight) per turn answered, over the last `horizon_s` seconds (the busy time of a turn that
+failed or went away counts towards the next one answered: at a deadline too short for the
+work, failed turns leaving early would otherwise look like fast ones), counting only turns that
+had company (under load, that is the time the service needs per turn: 16 turns that
 came together and left 2 s later took 1/8 s each; a lone turn's time is mostly waiting on other
 services, which turns together overlap, and would overstate it many times). Turns in flight
 share the process and the services behind it, so a new turn is expected to finish after about
@@ -54,7 +56,7 @@ class TurnAdmission:
 
     @property
     def seconds_per_turn(self) -> float | None:
-        """Busy seconds per turn that left in company, lately; None until one has."""
+        """Busy seconds per turn answered in company, lately; None until one has been."""
         return self._busy_s / self._departures if self._departures else None
 
     def expected_s(self) -> tuple[float, float] | None:
@@ -101,10 +103,12 @@ class TurnAdmission:
                 other.shared = True
         try:
             yield
-        finally:
-            self._leave(turn)
+        except BaseException:
+            self._flying.remove(turn)
+            raise
+        self._answered(turn)
 
-    def _leave(self, turn: _Turn) -> None:
+    def _answered(self, turn: _Turn) -> None:
         now = self._clock()
         self._flying.remove(turn)
         if turn.shared:
@@ -112,4 +116,4 @@ class TurnAdmission:
             self._busy_s = self._busy_s * decay + (now - self._busy_from)
             self._departures = self._departures * decay + 1.0
             self._updated = now
-        self._busy_from = now
+            self._busy_from = now

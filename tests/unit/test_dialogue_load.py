@@ -210,3 +210,19 @@ async def test_messages_that_arrive_while_the_classifier_runs_go_in_one_call() -
     with pytest.raises(ValueError, match="failed"):
         await classifier.predict("fail", np.array([0.0, 0.0]))
     assert (await classifier.predict("e", np.array([5.0, 0.0]))).intent == "e"  # a failed call leaves it working
+
+
+def test_the_time_of_turns_that_failed_counts_towards_the_next_one_answered() -> None:
+    clock = Clock()
+    admission = TurnAdmission(max_wait_s=None, clock=clock)
+    answered = admission.turn(None)
+    answered.__enter__()
+    for _ in range(3):  # three fail at their deadline, a second in: no faster than the work they left undone
+        with pytest.raises(ValueError), admission.turn(None):
+            clock.now += 1.0 / 3
+            raise ValueError("deadline")
+    assert admission.seconds_per_turn is None
+    clock.now += 1.0
+    answered.__exit__(None, None, None)
+    assert admission.seconds_per_turn == pytest.approx(2.0)  # 2 s busy, one turn answered
+    assert admission.in_flight == 0
