@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from llmos.deadline import Deadline
 from llmos.errors import ResourceExhausted
 
-PACE_HORIZON_S = 30.0
+# Recent enough to forget a cold start (a process's first questions about an article embed its
+# sentences, several times slower than later ones) within seconds, long enough to span many turns.
+PACE_HORIZON_S = 10.0
 
 
 @dataclass
