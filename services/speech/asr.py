@@ -42,6 +42,8 @@ DOMAIN = "domain"
 # decode starts in the background: shorter than the stop window, long enough that most pauses
 # between words do not start one.
 CLOSING_SILENCE_MS = 250
+# A longer segment is not decoded speculatively: each pause would decode it all again.
+MAX_SPECULATIVE_SEGMENT_MS = 15_000
 # Words of the decoder's output that are not words of the transcript.
 _FILLERS = ("<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "[BREATH]", "[COUGH]", "[UH]", "[UM]")
 
@@ -226,8 +228,12 @@ class StreamingRecognizer:
         interim_results: bool = False,
         interim_interval_ms: int = 300,
         vad_mode: int = 2,
+        speculate: bool = True,
     ) -> None:
+        """`speculate`: decode a segment in its closing silence (a live stream); off when the
+        whole audio is at hand, where the end follows at once."""
         self._engine = engine
+        self._speculate_finals = speculate
         self._tenant = tenant
         self._resampler = Resampler(source_rate, SAMPLE_RATE)
         self._endpointer = Endpointer(endpointing, vad_mode)
@@ -336,6 +342,8 @@ class StreamingRecognizer:
             self._silent_ms += FRAME_MS
         if self._closing is None and self._silent_ms >= CLOSING_SILENCE_MS:
             self._closing = self._samples
+            if not self._speculate_finals or self._samples > MAX_SPECULATIVE_SEGMENT_MS * SAMPLE_RATE // 1000:
+                return
             audio = np.concatenate(self._segment)
             engine, tenant = self._engine, self._tenant
 
@@ -400,7 +408,7 @@ class StreamingRecognizer:
 def recognize_clip(engine: AsrEngine, samples: np.ndarray, sample_rate: int, endpointing: EndpointConfig,
                    tenant: str | None = None, vad_mode: int = 2) -> list[Recognition]:
     """Final results of a whole clip, one per speech segment."""
-    recognizer = StreamingRecognizer(engine, sample_rate, endpointing, tenant=tenant, vad_mode=vad_mode)
+    recognizer = StreamingRecognizer(engine, sample_rate, endpointing, tenant=tenant, vad_mode=vad_mode, speculate=False)
     try:
         return recognizer.feed(samples) + recognizer.finish()
     finally:

@@ -11,7 +11,7 @@ import pytest
 
 import services.speech.asr as asr
 from llmos.audio import EndpointConfig, Encoding, decode_clip, resample
-from services.speech.asr import AsrEngine, Recognition, StreamingRecognizer
+from services.speech.asr import AsrEngine, Recognition, StreamingRecognizer, recognize_clip
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +78,11 @@ def test_speech_after_a_short_pause_throws_the_speculative_decode_away(decoded_i
     # whole segment, is the final.
     assert decoded_in == ["asr-speculation", "asr-speculation"]
     assert len(results[0].transcript.split()) >= 12  # both sentences' words
+
+
+@pytest.mark.skipif(not SPEECH.exists(), reason="needs the shared recordings")
+def test_a_whole_clip_is_not_decoded_speculatively(decoded_in: list[str]) -> None:
+    # Recognize has all the audio: a background decode in a pause would only be thrown away.
+    audio = np.concatenate([silence(300), recording("ljspeech_coqui-ai_TTS/LJ001-0002.wav"), silence(1200)])
+    results = recognize_clip(AsrEngine(2, 10.0, 0.5), audio, RATE, EndpointConfig())
+    assert decoded_in == ["MainThread"] and len(results) == 1
