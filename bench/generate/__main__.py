@@ -17,6 +17,9 @@ Then the service alone:
    prompts no request before used, so the prefix cache has nothing to reuse but the chat template's
    head; what a cache could have reused is computed from the prompts and reported beside the figures
    (the service exports no prefix-cache metric: cached prompt tokens are only a span attribute);
+   for each set, the scheduler's per-step profile from the service's metrics (bench.generate.profile:
+   decode steps, mean batch, mean step time, the scheduler thread's wall and CPU seconds in admission
+   and prefill, the model's decode runs, sampling and delivery), in the JSON per concurrent round;
 4. fairness: tenant A floods batch requests while tenant B sends interactive ones.
 
 Load: for the run and for each round, the 1-minute load average before and after, and the cores
@@ -38,8 +41,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import LoadWindow, spread
+from bench.common import LoadWindow, free_port, spread
 from bench.generate.bandwidth import decode_limit, read_bandwidth_gb_s, weights_bytes
+from bench.generate.profile import PHASES, scrape, step_profile
 from bench.generate.reference import Reference, ReferenceUnavailable, ensure_native
 from bench.generate.rounds import GREEDY_TOKENS, PLATFORM, agreement, first_divergence, interleaved_order, prefix_cache_exposure
 from bench.inference.service import METADATA, REPO, inference_service, print_table, write_results
@@ -176,7 +180,7 @@ def reference_round(reference: Reference, prompts: list[Prompt]) -> dict[str, St
 
 
 async def concurrent_round(inference: InferenceClient, tokenizer: ModelTokenizer, number: int, args: argparse.Namespace,
-                           log: PromptLog, min_tokens: int) -> dict[str, Any]:
+                           log: PromptLog, min_tokens: int, metrics_addr: str) -> dict[str, Any]:
     """8 requests one after another, 8 together, `--wide` together: each set on prompts of its own."""
     def requests(set_name: str, count: int) -> list[list[common_pb2.ChatMessage]]:
         # What tells the prompts apart comes first (request, set, round), right after the template's head.
@@ -187,12 +191,14 @@ async def concurrent_round(inference: InferenceClient, tokenizer: ModelTokenizer
     for kind, count, together in (("sequential8", 8, False), ("concurrent8", 8, True), (f"concurrent{args.wide}", args.wide, True)):
         chats = requests(kind[0] + ("w" if count == args.wide and together else ""), count)
         out["prefix_cache"][kind] = log.exposure([prompt_ids(tokenizer, m) for m in chats], min_tokens)
+        scheduler_before = scrape(metrics_addr)
         started = time.perf_counter()
         if together:
             results = await asyncio.gather(*(stream(inference, m, args.max_new) for m in chats))
         else:
             results = [await stream(inference, m, args.max_new) for m in chats]
         out[f"{kind}_tps"] = sum(r.tokens for r in results) / (time.perf_counter() - started)
+        out[f"{kind}_scheduler"] = step_profile(scheduler_before, scrape(metrics_addr))
         out[f"{kind}_p95_ttft_ms"] = float(np.percentile([r.ttft_s for r in results], 95)) * 1000
     out["concurrent8_vs_sequential8"] = out["concurrent8_tps"] / out["sequential8_tps"]
     out[f"concurrent{args.wide}_vs_sequential8"] = out[f"concurrent{args.wide}_tps"] / out["sequential8_tps"]
@@ -213,7 +219,8 @@ async def fairness(inference: InferenceClient, args: argparse.Namespace) -> dict
             "b_loaded_p95_ttft_ms": float(np.percentile([r.ttft_s for r in loaded], 95)) * 1000}
 
 
-async def run(addr: str, reference: Reference | None, tokenizer: ModelTokenizer, args: argparse.Namespace) -> dict[str, Any]:
+async def run(addr: str, metrics_addr: str, reference: Reference | None, tokenizer: ModelTokenizer,
+              args: argparse.Namespace) -> dict[str, Any]:
     min_tokens = InferenceSettings.model_fields["inference_prefix_cache_min_tokens"].default
     log = PromptLog()
     rounds: list[dict[str, Any]] = []
@@ -263,7 +270,7 @@ async def run(addr: str, reference: Reference | None, tokenizer: ModelTokenizer,
         concurrent = []
         for number in range(1, args.concurrent_rounds + 1):
             window = LoadWindow()
-            concurrent.append({"round": number, **await concurrent_round(inference, tokenizer, number, args, log, min_tokens),
+            concurrent.append({"round": number, **await concurrent_round(inference, tokenizer, number, args, log, min_tokens, metrics_addr),
                                **window.close()})
         fair: dict[str, Any] = {}
         if args.flood:
@@ -357,6 +364,14 @@ def report(summary: dict[str, Any], measured: dict[str, Any], run_load: dict[str
         print(f"  there, the platform's token is llama.cpp's second choice in {greedy['platform_token_second_in_reference']} of"
               f" {greedy['probed']}, a median {greedy['reference_logit_gap_median']:.2f} logits below its first"
               " (the ONNX int4 weights are requantized from the Q4_1 GGUF)")
+    if measured["concurrent"]:
+        last = measured["concurrent"][-1]
+        print(f"\nscheduler per-step profile, concurrent round {last['round']} (scheduler thread: wall s / CPU s per phase)")
+        for kind in ("sequential8", "concurrent8", f"concurrent{args.wide}"):
+            profile = last[f"{kind}_scheduler"]
+            phases = "  ".join(f"{phase} {profile['wall_s'][phase]:.2f}/{profile['thread_cpu_s'][phase]:.2f}" for phase in PHASES)
+            print(f"  {kind:<14} {profile['decode_steps']:>4} steps, mean batch {profile['mean_batch']:.2f}, "
+                  f"step {profile['step_ms_mean']:.1f} ms; {phases}")
     print("prefix cache: the service exports no hit count; prompts sharing >= the cache's minimum prefix with an earlier one:")
     for kind, found in summary["prefix_cache_exposure"].items():
         print(f"  {kind:<16} {found['could_hit']} of {found['prompts']} (longest shared prefix {found['longest_shared_prefix_tokens']} tokens)")
@@ -402,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp reference unavailable: {exc} (build it: python -m bench.generate.reference --build)")
         reference_info = {"unavailable": str(exc)}
     try:
+        metrics_addr = f"127.0.0.1:{free_port()}"
         with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads),
+                                           "LLMOS_INFERENCE_METRICS_ADDR": metrics_addr,
                                            "LLMOS_INFERENCE_THREAD_SPINNING": str(args.thread_spinning).lower(),
                                            "LLMOS_INFERENCE_QUEUE_SIZE": str(max(64, args.flood + args.wide))}) as addr:
-            measured = asyncio.run(run(addr, reference, tokenizer, args))
+            measured = asyncio.run(run(addr, metrics_addr, reference, tokenizer, args))
     finally:
         if reference is not None:
             reference.close()
