@@ -20,12 +20,15 @@ load average before and after is recorded: on a busy machine the figures are noi
 It starts a private embedded stack (free ports, temporary home sharing the built models), indexes
 `demo/kb`, runs both, prints the table and writes bench/results/chat.json.
 
-Load (`--load 16,64`): on a second private stack with the settings `llmos up` runs with (prompt
+Load (`--load 16,16,64`): on a second private stack with the settings `llmos up` runs with (prompt
 prefix cache on), N turns fired together, each a different question with a client deadline of
-`--turn-deadline-s`; per N: turns/s (turns answered / the wall time until the last ended),
-first-token p50/p95 of the answered turns, refusals (RESOURCE_EXHAUSTED: admission expected a
-wait past the deadline or the longest wait) with the time from the call to the refusal and the
-retry hint, and other failures. `--drafts` lets the model draft answers (LLMOS_DIALOGUE_DRAFTS):
+`--turn-deadline-s`; per round: turns/s (turns answered / the wall time until the last ended),
+first-token p50/p95 of the answered turns and the p50/p95 of the service's own stages (intent,
+retrieval, evidence), refusals (RESOURCE_EXHAUSTED: admission expected a wait past the deadline
+or the longest wait) with the time from the call to the refusal and the retry hint, and other
+failures. The first round meets a dialogue that has embedded no source sentence yet (after one
+warm-up turn); a round of a size already run is recorded as `16#2`: the same load once the
+articles' sentences are known. `--drafts` lets the model draft answers (LLMOS_DIALOGUE_DRAFTS):
 without it a turn quotes the evidence and makes no generation call, as `llmos up` does by default.
 `--questions 0` runs the load alone; the load figures go beside the others in chat.json (under
 `load`, or `load_with_drafts`).
@@ -230,6 +233,9 @@ async def load_round(dialogue: DialogueClient, asked: list[str], deadline_s: flo
     percentiles = lambda values, q: float(np.percentile(values, q)) if values else None  # noqa: E731
     first = [float(row["first_token_ms"]) for row in answered]
     refusal_ms = [float(row["ended_ms"]) for row in refused]
+    stages = {stage: {"p50": percentiles([float(row[stage]) for row in answered], 50),
+                      "p95": percentiles([float(row[stage]) for row in answered], 95)}
+              for stage in ("intent_ms", "retrieval_ms", "evidence_ms")}
     return {
         "turns": len(asked), "answered": len(answered), "refused": len(refused),
         "failed": {kind: sum(1 for row in rows if row["outcome"] == kind)
@@ -240,6 +246,7 @@ async def load_round(dialogue: DialogueClient, asked: list[str], deadline_s: flo
                      "p95": percentiles([float(row["total_ms"]) for row in answered], 95)},
         "refusal_ms": {"p50": percentiles(refusal_ms, 50), "max": max(refusal_ms, default=None)},
         "retry_after_s_p50": percentiles([float(row["retry_after_s"]) for row in refused], 50),
+        "stages_ms": stages,
     }
 
 
@@ -281,7 +288,10 @@ def run_load(sizes: Sequence[int], deadline_s: float, drafts: bool) -> dict[str,
                     results: dict[str, object] = {}
                     for asked in rounds:
                         load = os.getloadavg()[0]
-                        results[str(len(asked))] = {**await load_round(dialogue, asked, deadline_s), "load_average_1m_before": load}
+                        name = str(len(asked))
+                        while name in results:  # the same size again: `16#2`
+                            name = f"{len(asked)}#{int(name.partition('#')[2] or 1) + 1}"
+                        results[name] = {**await load_round(dialogue, asked, deadline_s), "load_average_1m_before": load}
                         await asyncio.sleep(2.0)  # the next round starts on an empty queue
                     return results
 
@@ -293,12 +303,13 @@ def run_load(sizes: Sequence[int], deadline_s: float, drafts: bool) -> dict[str,
 
 def print_load(load: dict[str, object]) -> None:
     print(f"\nturns fired together (drafts {'on' if load['drafts'] else 'off'}, client deadline {load['turn_deadline_s']} s)")
-    print(f"{'N':>3} {'answered':>8} {'refused':>7} {'failed':>6} {'turns/s':>8} {'1st tok p50':>11} {'p95 ms':>8}"
-          f" {'refusal ms p50':>14} {'max':>6} {'load':>5}")
+    print(f"{'N':>5} {'answered':>8} {'refused':>7} {'failed':>6} {'turns/s':>8} {'1st tok p50':>11} {'p95 ms':>8}"
+          f" {'evidence p50':>12} {'p95':>6} {'refusal ms p50':>14} {'max':>6} {'load':>5}")
     for size, row in load["concurrent"].items():  # type: ignore[attr-defined]
         fmt = lambda value: "-" if value is None else f"{value:.0f}"  # noqa: E731
-        print(f"{size:>3} {row['answered']:>8} {row['refused']:>7} {sum(row['failed'].values()):>6} {row['turns_per_s']:>8.2f}"
+        print(f"{size:>5} {row['answered']:>8} {row['refused']:>7} {sum(row['failed'].values()):>6} {row['turns_per_s']:>8.2f}"
               f" {fmt(row['first_token_ms']['p50']):>11} {fmt(row['first_token_ms']['p95']):>8}"
+              f" {fmt(row['stages_ms']['evidence_ms']['p50']):>12} {fmt(row['stages_ms']['evidence_ms']['p95']):>6}"
               f" {fmt(row['refusal_ms']['p50']):>14} {fmt(row['refusal_ms']['max']):>6} {row['load_average_1m_before']:>5.1f}")
 
 
@@ -312,7 +323,7 @@ def summary(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=50, help="paired turns (0: the load alone)")
-    parser.add_argument("--load", default="16,64", help="turns fired together, per round (empty: no load)")
+    parser.add_argument("--load", default="16,16,64", help="turns fired together, per round (empty: no load)")
     parser.add_argument("--turn-deadline-s", type=float, default=30.0, help="each load turn's client deadline")
     parser.add_argument("--drafts", action="store_true", help="the model drafts answers during the load")
     args = parser.parse_args()
