@@ -43,7 +43,7 @@ class CoalescingClassifier:
                     predictions = await asyncio.to_thread(
                         self._classifier.predict, [message for message, _, _ in batch], np.stack([vector for _, vector, _ in batch])
                     )
-                except Exception as error:  # each turn of the call fails with it
+                except Exception as error:  # noqa: BLE001 - each turn of the call fails with it, none swallowed
                     for _, _, future in batch:
                         if not future.done():
                             future.set_exception(error)
