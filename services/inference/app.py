@@ -39,7 +39,6 @@ from services.inference.settings import InferenceDevice, InferenceSettings
 
 # The catalog generation variant served on the CPU (LLMOS_INFERENCE_DEVICE=cpu, the default).
 GENERATION_VARIANT = CPU_GENERATION_VARIANTS[0]
-EMBEDDING_VARIANT = "fp32"
 _FLOAT32_BYTES = 4
 # Float32 activations an encoder layer keeps live per token, in hidden widths: the feed-forward
 # layer's 4x, queries, keys, values, attention output and residuals, with margin.
@@ -139,8 +138,9 @@ def generation_loader(
 
 
 def embedding_candidates(settings: InferenceSettings, threads: int) -> Callable[[], dict[str, ModelCandidate]]:
-    """The built embedding models: the catalog's fp32 one and those added with `llmos models add
-    --role embedding` (read again on each call, like generation_candidates)."""
+    """The built embedding models: the catalog's one, in the variant of
+    LLMOS_INFERENCE_EMBEDDING_VARIANT, and those added with `llmos models add --role embedding`
+    (read again on each call, like generation_candidates)."""
 
     def candidate(name: str, variant: str, folder: Path, source: str) -> ModelCandidate:
         pooling = PoolingConfig.load(folder)
@@ -151,10 +151,11 @@ def embedding_candidates(settings: InferenceSettings, threads: int) -> Callable[
 
     def candidates() -> dict[str, ModelCandidate]:
         found: dict[str, ModelCandidate] = {}
+        variant = settings.inference_embedding_variant.value
         for spec in CATALOG.values():
-            folder = spec.folder(settings.home, EMBEDDING_VARIANT) if EMBEDDING_VARIANT in spec.variants else None
+            folder = spec.folder(settings.home, variant) if variant in spec.variants else None
             if spec.role is Role.EMBEDDING and folder is not None and not artefact_problems(folder, check_hashes=False):
-                found[spec.name] = candidate(spec.name, EMBEDDING_VARIANT, folder, spec.source.package)
+                found[spec.name] = candidate(spec.name, variant, folder, spec.source.package)
         for model in registered_models(settings.home).values():
             folder = model.folder(settings.home)
             if model.role == Role.EMBEDDING.value and not artefact_problems(folder, check_hashes=False):
@@ -187,7 +188,7 @@ async def build(settings: InferenceSettings, bus: Bus) -> ServiceParts:
     reported_threads = settings.inference_threads or os.cpu_count() or 1
     plan = device_plan(settings.inference_device, settings.execution_provider)
 
-    artefact_dir(settings.home, EMBEDDING_MODEL, EMBEDDING_VARIANT)  # not built: the error says how to build it
+    artefact_dir(settings.home, EMBEDDING_MODEL, settings.inference_embedding_variant.value)  # not built: the error says how to build it
     embeddings = EmbeddingModels(
         EMBEDDING_MODEL,
         embedding_candidates(settings, reported_threads),

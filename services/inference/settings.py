@@ -15,6 +15,16 @@ class InferenceDevice(StrEnum):
     CUDA = "cuda"
 
 
+class EmbeddingVariant(StrEnum):
+    """The artefact of the knowledge base's embedding model (all-MiniLM-L6-v2) that is served:
+    `fp32`, or `int8` (dynamic int8, the feed-forward down projections kept fp32; built by
+    `llmos models build --int8`). Their vectors of SciFact's abstracts agree to a cosine of at
+    least 0.99, so either answers queries against an index built with the other."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
 class InferenceSettings(PlatformSettings):
     # cpu or cuda; cuda without a usable CUDA execution provider stops the service at start.
     inference_device: InferenceDevice = InferenceDevice.CPU
@@ -22,6 +32,9 @@ class InferenceSettings(PlatformSettings):
     inference_threads: int = 0
     # Let idle ONNX Runtime workers spin for the next step: faster only on cores nothing else uses.
     inference_thread_spinning: bool = True
+
+    # fp32 by default: `llmos models build` makes the int8 artefact only with --int8.
+    inference_embedding_variant: EmbeddingVariant = EmbeddingVariant.FP32
 
     # Embeddings: dynamic batching.
     inference_embed_max_batch: int = 64           # texts per model call
