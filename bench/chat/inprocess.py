@@ -31,8 +31,8 @@ from services.dialogue.backends import Passage
 from services.inference.app import build as build_inference
 from services.inference.core import InferenceCore
 from services.inference.settings import InferenceSettings
-from services.retrieval.app import open_index
-from services.retrieval.core import RetrievalCore, SearchLimits
+from services.retrieval.app import open_index, search_limits
+from services.retrieval.core import RetrievalCore
 from services.retrieval.index import SealedTextIndex
 from services.retrieval.profiles import KvProfileStore
 from services.retrieval.settings import RetrievalSettings
@@ -124,15 +124,7 @@ def retrieval_core(embedder: CoreEmbedder) -> RetrievalCore:
         CoreQueryEmbedder(embedder),
         KvProfileStore(MemoryBucket(), settings.retrieval_profile_items),
         settings.retrieval_dimensions,
-        SearchLimits(
-            default_top_k=settings.retrieval_default_top_k,
-            max_top_k=settings.retrieval_max_top_k,
-            candidates=settings.retrieval_candidates,
-            rrf_k=settings.retrieval_rrf_k,
-            max_query_chars=settings.retrieval_max_query_chars,
-            page_size=settings.retrieval_page_size,
-            max_page_size=settings.retrieval_max_page_size,
-        ),
+        search_limits(settings),
     )
 
 

@@ -51,25 +51,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         print("running in the background; stop with `llmos down`")
         return 0
-    print("press Ctrl-C to stop")
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    while not stopping:
+    def watch() -> int | None:
         exited = stack.exited()
         if exited:
             print(f"stopping: {', '.join(exited)} exited; see {settings.logs_dir}", file=sys.stderr)
-            stack.stop()
             return 1
-        time.sleep(0.5)
-    print("stopping …")
+        return None
+
+    code = _until_stopped(watch)
     stack.stop()
-    return 0
+    return code
 
 
 def _up_cluster(settings: PlatformSettings, detach: bool) -> int:
@@ -94,6 +85,22 @@ def _up_cluster(settings: PlatformSettings, detach: bool) -> int:
     if detach:
         print("running in the background; `llmos status` shows each replica, `llmos down` stops them")
         return 0
+    reported: set[str] = set()
+
+    def watch() -> int | None:
+        # A cluster is there to outlive a replica or a node: one that exits is reported, not fatal.
+        for name in sorted(set(cluster.exited()) - reported):
+            print(f"{name} exited; the others go on (its log: under {cluster.folder} or {settings.logs_dir})", file=sys.stderr)
+            reported.add(name)
+        return None
+
+    code = _until_stopped(watch)
+    cluster.stop()
+    return code
+
+
+def _until_stopped(watch: Callable[[], int | None]) -> int:
+    """Run `watch` every half second until Ctrl-C or SIGTERM (0) or until it returns an exit code."""
     print("press Ctrl-C to stop")
     stopping = False
 
@@ -103,15 +110,12 @@ def _up_cluster(settings: PlatformSettings, detach: bool) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    reported: set[str] = set()
     while not stopping:
-        # A cluster is there to outlive a replica or a node: one that exits is reported, not fatal.
-        for name in sorted(set(cluster.exited()) - reported):
-            print(f"{name} exited; the others go on (its log: under {cluster.folder} or {settings.logs_dir})", file=sys.stderr)
-            reported.add(name)
+        code = watch()
+        if code is not None:
+            return code
         time.sleep(0.5)
     print("stopping …")
-    cluster.stop()
     return 0
 
 

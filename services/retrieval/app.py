@@ -44,6 +44,18 @@ def consumer_replica(settings: RetrievalSettings) -> str:
     return "" if settings.qdrant_url else re.sub(r"[^A-Za-z0-9_-]", "_", f"replica-{settings.retrieval_replica}")
 
 
+
+def search_limits(settings: RetrievalSettings) -> SearchLimits:
+    return SearchLimits(
+        default_top_k=settings.retrieval_default_top_k,
+        max_top_k=settings.retrieval_max_top_k,
+        candidates=settings.retrieval_candidates,
+        rrf_k=settings.retrieval_rrf_k,
+        max_query_chars=settings.retrieval_max_query_chars,
+        page_size=settings.retrieval_page_size,
+        max_page_size=settings.retrieval_max_page_size,
+    )
+
 async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
     channel = service_channel(settings, "retrieval", "inference")
     core = RetrievalCore(
@@ -52,15 +64,7 @@ async def build(settings: RetrievalSettings, bus: Bus) -> ServiceParts:
         InferenceEmbedder(InferenceClient(channel), settings.retrieval_dimensions, settings.retrieval_embed_timeout_s),
         KvProfileStore(bus.bucket(PROFILES_BUCKET), settings.retrieval_profile_items),
         settings.retrieval_dimensions,
-        SearchLimits(
-            default_top_k=settings.retrieval_default_top_k,
-            max_top_k=settings.retrieval_max_top_k,
-            candidates=settings.retrieval_candidates,
-            rrf_k=settings.retrieval_rrf_k,
-            max_query_chars=settings.retrieval_max_query_chars,
-            page_size=settings.retrieval_page_size,
-            max_page_size=settings.retrieval_max_page_size,
-        ),
+        search_limits(settings),
     )
 
     async def close() -> None:
