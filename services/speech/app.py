@@ -116,7 +116,6 @@ async def build(settings: SpeechSettings, bus: Bus) -> ServiceParts:
         settings.speech_stop_history_ms, settings.speech_stop_threshold, settings.speech_max_segment_ms,
     ).validated()
     engine = AsrEngine(settings.speech_decoders, settings.speech_decoder_wait_s, settings.speech_domain_min_confidence)
-    engine.warm_up()
     with engine.decoder(None) as (decoder, general_search, _):
         background = general_unigrams(decoder, general_search)
     core = SpeechCore(

@@ -97,18 +97,6 @@ class AsrEngine:
         self._domain_models: dict[str, tuple[Path, int]] = {}  # search name -> (path, version)
         self._lock = threading.Lock()
 
-    def warm_up(self) -> None:
-        """One short utterance through each decoder at start: its first decode allocates its
-        search and feature buffers, not a caller's."""
-        noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE // 2) * 300).astype(np.int16)
-        decoders = [self._pool.get() for _ in range(self._pool.qsize())]
-        try:
-            for pooled in decoders:
-                _decode(pooled.decoder, pooled.general_search, noise)
-        finally:
-            for pooled in decoders:
-                self._pool.put(pooled)
-
     def set_domain_model(self, tenant: str, path: Path | None) -> None:
         """Use the ARPA model at `path` for `tenant` from the next segment on (None: forget it)."""
         name = _search_name(tenant)
