@@ -366,8 +366,11 @@ class StreamingRecognizer:
             decoder = self._decoder
             assert decoder is not None
             audio = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
-            if self._closing is not None:
-                audio = audio[:self._closing]  # the silence after the closing silence is not decoded
+            if self._closing is not None and self._speculate_finals:
+                # A live segment's final covers what its speculative decode would have: the
+                # silence after the closing silence is not decoded. A whole clip keeps all of it
+                # (trimmed, "gift cards are valid for three years" came back "... advantage for two years").
+                audio = audio[:self._closing]
             text, confidence, words, model = _final_decode(
                 decoder, self._general, self._domain_search, audio, self._engine.domain_min_confidence
             )
