@@ -52,13 +52,19 @@ FIRST_DELTA, FIRST_PIECE, FIRST_AUDIO = "first_answer_text", "first_piece_comple
 # The first piece is what the caller waits for, and synthesis takes about as long as the piece is
 # long: a first piece longer than FIRST_PIECE_WORDS is cut before the first word that opens a
 # phrase, once it has MIN_FIRST_PIECE_WORDS and before MAX_FIRST_PIECE_WORDS, and spoken with a
-# clause's open intonation (a comma); the rest follows as the next piece.
+# clause's open intonation (a comma); the rest follows as the next piece. Any shorter first piece
+# is heard sooner: a clause of 11 words with its numbers read out ("4 to 8 working days and costs
+# 14 EUR") took 2.3 s to synthesize against 0.6-0.9 s for the usual 3-6 words.
 FIRST_PIECE_WORDS = 6
-MIN_FIRST_PIECE_WORDS, MAX_FIRST_PIECE_WORDS = 3, 8
+MIN_FIRST_PIECE_WORDS, MAX_FIRST_PIECE_WORDS = 3, 12
 PHRASE_OPENERS = frozenset({
     "and", "but", "or", "so", "because", "if", "unless", "when", "while", "where", "which", "who", "until",
     "after", "before", "since", "in", "on", "at", "to", "for", "with", "within", "without", "from", "by", "during", "via",
 })
+# "to" after a number joins a range ("4 to 8", "four to eight days"): not a phrase of its own.
+NUMBER_WORDS = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve fifteen twenty thirty forty fifty hundred".split()
+)
 MAX_VOICE_NAME_CHARS = 64
 AUDIO_QUEUE_CHUNKS = 64  # chunks waiting for the recognizer before the caller is slowed down
 EVENT_QUEUE_SIZE = 64  # responses waiting for the caller to read them before the conversation waits
@@ -168,8 +174,9 @@ def first_pieces(piece: str) -> list[str]:
         return [piece]
     for index in range(MIN_FIRST_PIECE_WORDS, min(MAX_FIRST_PIECE_WORDS, len(words) - 2) + 1):
         before, opener = words[index - 1], words[index].lower()
-        # "4 to 8 days" is one phrase; a word already ending in punctuation is a boundary the chunker saw.
-        if opener in PHRASE_OPENERS and before[-1].isalpha() and not (opener == "to" and any(c.isdigit() for c in before)):
+        # A word already ending in punctuation is a boundary the chunker saw.
+        number = any(c.isdigit() for c in before) or before.lower() in NUMBER_WORDS
+        if opener in PHRASE_OPENERS and before[-1].isalpha() and not (opener == "to" and number):
             return [" ".join(words[:index]) + ",", " ".join(words[index:])]
     return [piece]
 
