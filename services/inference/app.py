@@ -51,9 +51,10 @@ def _files_size(folder: Path) -> int:
 
 def generation_footprint(folder: Path, max_batch: int, max_context: int) -> int:
     """Bytes a loaded generation model takes: its files (weights), the slot KV cache the decoder
-    preallocates (float32, every layer), and the logits buffer: the graph gives logits for every
-    position it runs, so a prompt piece of PREFILL_CHUNK_TOKENS needs that many rows (with Gemma 3's
-    262k vocabulary, 268 MB), more than a decode step's `max_batch`."""
+    preallocates (float32, every layer), and the logits buffer. Counted for the worst case: a graph
+    built before its logits were cut to the last position gives logits for every position it runs,
+    so a prompt piece of PREFILL_CHUNK_TOKENS needs that many rows (with Gemma 3's 262k vocabulary,
+    268 MB), more than a decode step's `max_batch`."""
     config = DecoderConfig.load(folder)
     context = min(max_context, config.context_length)
     kv_cache = 2 * config.num_layers * max_batch * config.kv_heads * context * config.head_size * _FLOAT32_BYTES

@@ -93,7 +93,11 @@ class Decoder:
         # One binding per row range, made once: the KV views it binds never move, so a step only
         # rebinds its token ids, mask and the logits view.
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
-        self._logits_type = _ORT_TYPES[next(node.type for node in self.session.get_outputs() if node.name == "logits")]
+        logits = next(node for node in self.session.get_outputs() if node.name == "logits")
+        self._logits_type = _ORT_TYPES[logits.type]
+        # Artefacts built since llmos.models.export_genai.logits_of_last_position project the last
+        # position only; older ones (and a folder built elsewhere) give logits for every position.
+        self._last_position_only = logits.shape[1] == 1
         self._logits = np.empty((max_batch, self.config.vocab_size), self._logits_type)
 
     def _allocate_cache(self, shape: tuple[int, int, int, int], dtype: type[np.generic]) -> None:
@@ -126,8 +130,11 @@ class Decoder:
         return binding
 
     def _run(self, rows: slice, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Run rows `rows` on (n, t) new tokens; returns the (n, t, vocab) logits, valid until the next run."""
+        """Run rows `rows` on (n, t) new tokens; returns the (n, t, vocab) logits (t = 1 when the graph
+        projects the last position only), valid until the next run."""
         n, t = input_ids.shape
+        if self._last_position_only:
+            t = 1
         if self._logits.size < n * t * self.config.vocab_size:
             # At least doubled: prompts of growing lengths would otherwise map (and fault in) a
             # new buffer at each one.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from llmos.clients import InferenceClient
@@ -279,3 +281,34 @@ async def test_bad_generate_requests_are_invalid_argument(client: InferenceClien
     with pytest.raises(InvalidArgument) as error:
         await collect(client, inference_pb2.GenerateRequest(**request_fields))
     assert field in error.value.message
+
+
+def test_the_served_graph_projects_the_last_position_only(models_home: Path, tmp_path: Path) -> None:
+    """The build slices the hidden states before the vocabulary projection; the logits it gives
+    are those of the builder's whole-sequence graph at the last position, alone and in a batch."""
+    import onnx
+
+    folder = artefact_dir(models_home, GENERATION_MODEL, GENERATION_VARIANT)
+    served = onnx.load(folder / "model.onnx", load_external_data=False)
+    assert [dim.dim_value for dim in next(o for o in served.graph.output if o.name == "logits").type.tensor_type.shape.dim][1] == 1
+
+    # The builder's graph back: the projection reads the hidden states of every position again.
+    whole = tmp_path / "whole"
+    shutil.copytree(folder, whole)  # ONNX Runtime refuses weights linked from outside the model's folder
+    sliced = next(node for node in served.graph.node if node.op_type == "Slice" and node.output[0].endswith("/last_position"))
+    projection = next(node for node in served.graph.node if sliced.output[0] in node.input)
+    projection.input[0] = sliced.input[0]
+    served.graph.node.remove(sliced)
+    logits = next(o for o in served.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+    onnx.save(served, whole / "model.onnx")
+
+    tokenizer = ModelTokenizer.from_dir(folder)
+    prompts = [tokenizer.encode(text).ids for text in ("What is the capital of France?", f"{NOTES}\nSummary of the notes:")]
+    last_only, every = Decoder(folder, [CPU], 2, 2, 1024), Decoder(whole, [CPU], 2, 2, 1024)
+    for row, prompt in enumerate(prompts):
+        expected = every.prefill(row, prompt)
+        assert np.allclose(last_only.prefill(row, prompt), expected, atol=1e-4)
+    next_tokens = [int(np.argmax(last_only.prefill(row, prompt))) for row, prompt in enumerate(prompts)]
+    lengths = [len(prompt) for prompt in prompts]
+    assert np.allclose(last_only.decode(next_tokens, lengths), every.decode(next_tokens, lengths), atol=1e-4)

@@ -75,6 +75,48 @@ def build_from_gguf(
 def build_from_checkpoint(hf_dir: Path, out: Path, scratch: Path, log: Log, *, precision: str, provider: str) -> None:
     check_builder_architecture(hf_dir)
     run_model_builder(hf_dir, out, scratch / "cache", precision=precision, provider=provider, log=log)
+    logits_of_last_position(out / "model.onnx", log)
+
+
+def logits_of_last_position(model_path: Path, log: Log) -> None:
+    """Make the graph compute logits for the last position only (shape batch x 1 x vocab).
+
+    Sampling reads only the next token's logits, but the builder's graph projects every prompt
+    position onto the vocabulary: for SmolLM2 that is a 576 x 49,152 matrix per prompt token, a
+    fifth of a prefill's work, and (Gemma 3, 262k vocabulary) a 268 MB logits buffer for a
+    256-token prompt. A Slice before the vocabulary projection keeps the last position; a decode
+    step (one position) is unchanged. onnxruntime-genai reads such logits as they are.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(model_path, load_external_data=False)
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    projection = producers.get("logits")
+    # Logits may pass through a cast or a soft cap after the projection: walk back to the MatMul.
+    while projection is not None and not projection.op_type.startswith("MatMul"):
+        projection = producers.get(projection.input[0])
+    if projection is None:
+        raise BuildFailed(f"{model_path}: no vocabulary projection (MatMul) found before the logits output")
+    hidden = projection.input[0]
+    if hidden.endswith("/last_position"):
+        return  # already sliced
+    sliced = f"{hidden}/last_position"
+    constants = [
+        helper.make_tensor(f"{sliced}/{name}", TensorProto.INT64, [1], [value])
+        for name, value in (("starts", -1), ("ends", 2**63 - 1), ("axes", 1))
+    ]
+    graph.initializer.extend(constants)
+    slice_node = helper.make_node("Slice", [hidden, *(c.name for c in constants)], [sliced], name=f"{projection.name}/last_position")
+    graph.node.insert(list(graph.node).index(projection), slice_node)
+    projection.input[0] = sliced
+    logits = next(output for output in graph.output if output.name == "logits")
+    sequence = logits.type.tensor_type.shape.dim[1]
+    sequence.ClearField("dim_param")
+    sequence.dim_value = 1
+    onnx.save(model, model_path)
+    log("  logits of the last position only (a Slice before the vocabulary projection)")
 
 
 def builder_architectures() -> frozenset[str]:
