@@ -62,8 +62,13 @@ test-e2e: models
 test-security: models
 	$(PYTHON) -m pytest -m security
 
-# Benchmarks: each prints a table and writes bench/results/<area>.json.
-bench-inference: models
+# Benchmarks: each prints a table and writes bench/results/<area>.json. The embedding reference
+# (sentence-transformers, the `bench` extra); bench.generate builds llama.cpp for this CPU itself.
+$(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet $$($(PYTHON) -m bench.requirements)
+	touch $@
+
+bench-inference: models $(VENV)/.bench-installed
 	$(PYTHON) -m bench.inference
 
 bench-speech: models
