@@ -418,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         reference_info = {"unavailable": str(exc)}
     try:
         metrics_addr = f"127.0.0.1:{free_port()}"
+        # The wide run's streams decode together: the platform's default is 8 slots (at 2,048
+        # tokens of context, 94 MB of KV cache each); the bench's prompts fit in 1,024.
         with inference_service(args.home, {"LLMOS_INFERENCE_THREADS": str(args.threads),
+                                           "LLMOS_INFERENCE_MAX_BATCH": str(max(8, args.wide)),
+                                           "LLMOS_INFERENCE_MAX_CONTEXT": "1024",
                                            "LLMOS_INFERENCE_METRICS_ADDR": metrics_addr,
                                            "LLMOS_INFERENCE_THREAD_SPINNING": str(args.thread_spinning).lower(),
                                            "LLMOS_INFERENCE_QUEUE_SIZE": str(max(64, args.flood + args.wide))}) as addr:
