@@ -10,7 +10,8 @@ in each round both run, on prompts new to the round (numbered, so no prompt cach
 Each ratio is taken per round and reported as its spread over the rounds (min, median, max; p5/p95
 in the JSON). The first 32 greedy tokens of the two engines are compared on every prompt: the
 served int4 ONNX model is requantized from the Q4_1 GGUF llama.cpp reads, so the two may part after
-some tokens; how many prompts agree, and where the others first differ, is reported, not failed.
+some tokens; how many prompts agree, and where the others first differ, is reported, not failed
+(bench.generate.fidelity scores each served variant against the GGUF's own weights).
 
 Then the service alone:
 3. concurrent rounds: 8 requests one after another, 8 together and `--wide` together, each on
