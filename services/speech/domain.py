@@ -272,32 +272,54 @@ class DomainModelPolicy:
 class CoalescedRebuilds:
     """Rebuilds of each tenant's model, debounced: at most one in flight per tenant.
 
-    A request starts a rebuild `settle_s` later; requests that arrive before it starts join it,
-    and requests that arrive while it runs cause exactly one more rebuild after it. A rebuild
-    reads every document of the tenant, so one per change made a bulk ingest quadratic.
+    A rebuild reads every document of the tenant, so one per change made a bulk ingest quadratic.
+    A rebuild starts once the tenant's changes have settled (`settle_s` without a new request);
+    while changes keep coming (a bulk ingest), once REBUILD_SPACING times the tenant's last rebuild
+    has passed since the first change it answers. Requests that arrive before it starts join it;
+    requests that arrive while it runs cause exactly one more rebuild after it. Spaced so, rebuilds
+    take at most about 1/(1 + REBUILD_SPACING) of a core during a bulk ingest: started one after
+    another, each thrown away by the next, they took 0.64 cores for the 9 minutes of indexing
+    SciFact's 5,183 abstracts (a rebuild took 11 s at 3,700 documents).
     """
+
+    REBUILD_SPACING = 10.0
 
     def __init__(self, rebuild: Callable[[str], Awaitable[None]], settle_s: float) -> None:
         self._rebuild = rebuild
         self._settle_s = settle_s
-        self._requested: set[str] = set()
+        self._last_request: dict[str, float] = {}  # tenants with a change not yet rebuilt: its latest time
+        self._first_request: dict[str, float] = {}  # ... and the earliest
+        self._last_rebuild_s: dict[str, float] = {}
         self._running: dict[str, asyncio.Task[None]] = {}
 
     def request(self, tenant: str) -> None:
-        self._requested.add(tenant)
+        now = asyncio.get_running_loop().time()
+        self._last_request[tenant] = now
+        self._first_request.setdefault(tenant, now)
         if tenant not in self._running:
             self._running[tenant] = asyncio.create_task(self._run(tenant), name=f"domain-lm-rebuild-{tenant}")
 
+    def _due_in(self, tenant: str) -> float:
+        """Seconds until the tenant's pending changes are rebuilt (0: now)."""
+        spacing = max(self._settle_s, self.REBUILD_SPACING * self._last_rebuild_s.get(tenant, 0.0))
+        due = min(self._last_request[tenant] + self._settle_s, self._first_request[tenant] + spacing)
+        return max(0.0, due - asyncio.get_running_loop().time())
+
     async def _run(self, tenant: str) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while tenant in self._requested:
-                await asyncio.sleep(self._settle_s)
-                self._requested.discard(tenant)  # requests from here on need a rebuild after this one
+            while tenant in self._last_request:
+                while (wait := self._due_in(tenant)) > 0:
+                    await asyncio.sleep(wait)
+                # Requests from here on need a rebuild after this one.
+                del self._last_request[tenant], self._first_request[tenant]
+                started = loop.time()
                 try:
                     await self._rebuild(tenant)
                 except Exception:
                     # The text is stored: the next change, or the next start, builds the model.
                     logger.exception("domain language model of tenant %s failed to rebuild", tenant)
+                self._last_rebuild_s[tenant] = loop.time() - started
         finally:
             del self._running[tenant]
 

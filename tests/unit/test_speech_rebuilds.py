@@ -104,6 +104,32 @@ async def test_changes_during_a_rebuild_cause_exactly_one_more() -> None:
     assert started == ["acme", "globex", "acme"]
 
 
+async def test_changes_that_keep_coming_space_the_rebuilds_by_their_cost() -> None:
+    """A bulk ingest changes the tenant every few ms for longer than a rebuild takes: rebuilds are
+    spaced by REBUILD_SPACING times the last one's duration, not run back to back, and the last
+    one comes after the last change."""
+    rebuild_s, settle_s = 0.02, 0.05
+    rebuilt_at: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def rebuild(tenant: str) -> None:
+        await asyncio.sleep(rebuild_s)
+        rebuilt_at.append(loop.time())
+
+    rebuilds = CoalescedRebuilds(rebuild, settle_s)
+    started = loop.time()
+    while loop.time() - started < 0.6:
+        rebuilds.request("eval")
+        await asyncio.sleep(0.01)
+    last_change = loop.time()
+    await rebuilds.settled()
+    # Back to back (settle, rebuild, settle, ...) that was one rebuild every 0.07 s: 9 or more.
+    assert 2 <= len(rebuilt_at) <= 5
+    gaps = [later - earlier for earlier, later in zip(rebuilt_at, rebuilt_at[1:-1])]
+    assert all(gap >= CoalescedRebuilds.REBUILD_SPACING * rebuild_s for gap in gaps)
+    assert rebuilt_at[-1] >= last_change + settle_s
+
+
 async def test_a_failed_rebuild_does_not_stop_later_ones() -> None:
     attempts: list[str] = []
 
