@@ -4,7 +4,6 @@ busy the machine was while they ran."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +12,9 @@ import numpy as np
 
 from llmos.assertions import service_key_environment
 from llmos.settings import SERVICE_NAMES, PlatformSettings
+from llmos.stack import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_from(env: dict[str, str]) -> PlatformSettings:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from llmos.assertions import service_key_environment
 from llmos.crypto import new_key_entry
 from llmos.settings import SERVICE_NAMES, PlatformSettings
-from llmos.stack import nats_command, port_open, stop_pids, wait_until_serving
+from llmos.stack import free_port, nats_command, port_open, stop_pids, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-admin-key"
@@ -28,12 +27,6 @@ TEST_KEYS = {
     "operator-key-acme": "olga:acme:operator",
     "user-key-globex": "bob:globex:user",
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -69,9 +70,36 @@ def nats_port(nats_url: str) -> int:
     return urlparse(nats_url).port or 4222
 
 
+# Ports handed out for services to listen on are picked from here up to the system's ephemeral
+# range, never from it: a port the system picks (bind to 0) comes from the range that outgoing
+# connections take their local ports from, and one of those took a port handed to a service before
+# it bound it (CI: "Failed to bind to address 127.0.0.1:59019").
+LISTEN_PORTS_FROM = 20_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default; other systems start higher
+
+
 def free_port() -> int:
-    """A port nothing listens on now (the system's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port nothing listens on now, below the ephemeral range, not handed out before by this process."""
+    below = _ephemeral_ports_start()
+    for _ in range(200 if below > LISTEN_PORTS_FROM else 0):
+        port = random.randrange(LISTEN_PORTS_FROM, below)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no such range here: the system's pick
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Sequence
 
@@ -110,14 +111,29 @@ async def test_a_full_queue_refuses_with_a_retry_hint_but_the_bus_path_waits() -
     await batcher.stop()
 
 
+class HeldModel(RecordingModel):
+    """A model call that runs until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = super().__call__(texts)
+        self.release.wait(timeout=10)
+        return vectors
+
+
 async def test_a_cancelled_caller_s_texts_are_not_embedded() -> None:
-    model = RecordingModel(delay_s=0.05)
+    model = HeldModel()
     batcher = await make_batcher(model, max_batch=1, delay_s=0.0)
     running = asyncio.ensure_future(embed(batcher, ["running"], common_pb2.PRIORITY_STANDARD))
-    await asyncio.sleep(0.01)
+    while not model.batches:  # the lane is busy with "running" ...
+        await asyncio.sleep(0.001)
     gone = asyncio.ensure_future(embed(batcher, ["gone"], common_pb2.PRIORITY_STANDARD))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # ... so "gone" waits in the queue when its caller goes away
     gone.cancel()
+    model.release.set()
     await running
     await embed(batcher, ["after"], common_pb2.PRIORITY_STANDARD)
     assert ["gone"] not in model.batches
